@@ -1,0 +1,964 @@
+/**
+ * ambassador — a small HTTP ambassador sidecar.
+ *
+ * The app talks plain HTTP to the ambassador on localhost; the ambassador forwards every request to one
+ * upstream and deals with the network on the app's behalf: retries with backoff and a retry budget,
+ * per-try and per-request timeouts, hop-by-hop hygiene, request ids, structured logs, health endpoints on
+ * a separate admin port, and a graceful drain on SIGTERM/SIGINT.
+ *
+ * Run it:
+ *   Node:   npm run build && UPSTREAM_URL=http://127.0.0.1:9000 node dist/ambassador.mjs
+ *   Deno:   UPSTREAM_URL=http://127.0.0.1:9000 deno run --allow-net --allow-env ambassador.ts
+ *   Binary: deno task compile && UPSTREAM_URL=http://127.0.0.1:9000 ./bin/ambassador
+ *
+ * This file imports only `hono` and, on Node only and dynamically, `@hono/node-server`, so it can be
+ * copied into another project as it is.
+ *
+ * | variable                 | default     | meaning                                                             |
+ * |--------------------------|-------------|---------------------------------------------------------------------|
+ * | UPSTREAM_URL             | (required)  | http:// or https:// base URL; the request path and query are appended |
+ * | HOST / PORT              | 127.0.0.1 / 8080 | proxy listener; loopback so only the pod's app can use it; 0 = any free port |
+ * | ADMIN_HOST / ADMIN_PORT  | 0.0.0.0 / 9901 | /healthz and /readyz, apart from every upstream path; 0 = any free port |
+ * | RETRY_ATTEMPTS           | 3           | attempts in all, the first included; 1 = no retries                 |
+ * | RETRY_BACKOFF_MS         | 100         | base of the exponential backoff (full jitter) between attempts      |
+ * | RETRY_BACKOFF_MAX_MS     | 2000        | cap of one backoff delay                                            |
+ * | RETRY_BUDGET_PERCENT     | 20          | retries allowed, as a percentage of requests over the last 10 s     |
+ * | RETRY_BUDGET_MIN_PER_SEC | 10          | retries per second always allowed, whatever the percentage says     |
+ * | RETRY_BODY_MAX_BYTES     | 65536       | largest request body kept in memory for replay; 0 = never replay a body |
+ * | TRY_TIMEOUT_MS           | 5000        | one attempt's limit until response headers; 0 = none                |
+ * | REQUEST_TIMEOUT_MS       | 15000       | the whole request's limit until response headers, retries included; 0 = none |
+ * | DRAIN_TIMEOUT_MS         | 20000       | the longest a drain may take before what is left is cut off         |
+ * | DRAIN_GRACE_MS           | 0           | after SIGTERM, keep accepting new requests this long (older clusters) |
+ * | LOG_FORMAT               | json        | json (one object per line) or text                                  |
+ * | LOG_LEVEL                | info        | debug, info (one line per request), warn (failures only) or error   |
+ */
+
+import { Hono } from 'hono';
+import type { Context } from 'hono';
+
+// ---------------------------------------------------------------------------------------------------------
+// Constants
+// ---------------------------------------------------------------------------------------------------------
+
+const VERSION = '0.1.0';
+const VIA = '1.1 ambassador';
+
+/** Hop-by-hop headers (RFC 9110 §7.6.1, https://www.rfc-editor.org/rfc/rfc9110#section-7.6.1), plus the
+ * obsolete ones Go's ReverseProxy also drops; any header named in `Connection` is hop-by-hop too. */
+const HOP_BY_HOP = [
+  'connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'proxy-authorization',
+  'te', 'trailer', 'transfer-encoding', 'upgrade',
+];
+
+/** RFC 9110 §9.2.2: a client may repeat these without changing the outcome. TRACE is idempotent too, but
+ * fetch refuses to send it, so the ambassador refuses it (see `refusal`). */
+const IDEMPOTENT = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE']);
+
+/** Methods fetch cannot send (Fetch standard "forbidden method"): answered 405 rather than guessed at. */
+const REFUSED_METHODS = new Set(['CONNECT', 'TRACE', 'TRACK']);
+
+/** Statuses that mean "the upstream, or what is in front of it, could not serve this now". */
+const RETRYABLE_STATUS = new Set([502, 503, 504]);
+
+/** Node's fetch decodes these content codings but keeps the `content-encoding` header; Deno leaves the
+ * body alone when the request says `identity`. Only Node's response headers need mending. */
+const NODE_FETCH_DECODES = new Set(['gzip', 'x-gzip', 'deflate', 'br']);
+
+/** Statuses whose response has no body (RFC 9110 §6.4.1); `new Response` refuses a body with them. */
+const NULL_BODY_STATUS = new Set([101, 103, 204, 205, 304]);
+
+const BUDGET_WINDOW_SECONDS = 10;
+
+// ---------------------------------------------------------------------------------------------------------
+// Types
+// ---------------------------------------------------------------------------------------------------------
+
+export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
+export type LogFormat = 'json' | 'text';
+
+export interface Config {
+  readonly upstream: URL;
+  readonly host: string;
+  readonly port: number;
+  readonly adminHost: string;
+  readonly adminPort: number;
+  readonly retryAttempts: number;
+  readonly retryBackoffMs: number;
+  readonly retryBackoffMaxMs: number;
+  readonly retryBudgetPercent: number;
+  readonly retryBudgetMinPerSec: number;
+  readonly retryBodyMaxBytes: number;
+  readonly tryTimeoutMs: number;
+  readonly requestTimeoutMs: number;
+  readonly drainTimeoutMs: number;
+  readonly drainGraceMs: number;
+  readonly logFormat: LogFormat;
+  readonly logLevel: LogLevel;
+}
+
+/** Why an attempt produced no usable response. `refused` and `dns` mean the upstream cannot have seen
+ * the request; every other kind means it may have. */
+export type FailureKind = 'refused' | 'dns' | 'reset' | 'timeout' | 'tls' | 'protocol' | 'other';
+
+/** What one attempt came to: a response status, or a failure. */
+export type AttemptOutcome = { status: number } | { failure: FailureKind };
+
+export type SkipReason = 'attempts' | 'method' | 'body' | 'deadline' | 'budget';
+
+export type RetryDecision =
+  | { retry: true; delayMs: number }
+  | { retry: false; reason: 'final' | SkipReason };
+
+export interface Logger {
+  (level: LogLevel, msg: string, fields?: Record<string, unknown>): void;
+}
+
+/** What the handler reports; the log (and, later, metrics) subscribe. Policies never log. */
+export interface Events {
+  attemptFailed(e: { id: string; attempt: number; error: string; kind: FailureKind | 'status'; status?: number; next: RetryDecision }): void;
+  requestDone(e: RequestRecord): void;
+}
+
+export interface RequestRecord {
+  id: string;
+  method: string;
+  path: string;
+  status: number;
+  attempts: number;
+  durationMs: number;
+  upstreamMs: number | null;
+  bytesIn: number;
+  bytesOut: number;
+  error?: string;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Configuration: parsed once, by a pure function, into a frozen object — or one error naming every bad
+// variable, its value and what was expected.
+// ---------------------------------------------------------------------------------------------------------
+
+export class ConfigError extends Error {
+  constructor(readonly problems: string[]) {
+    super(`invalid configuration:\n  ${problems.join('\n  ')}`);
+    this.name = 'ConfigError';
+  }
+}
+
+export function loadConfig(env: Record<string, string | undefined>): Config {
+  const problems: string[] = [];
+  const bad = (name: string, value: string, expected: string) => {
+    problems.push(`${name}=${JSON.stringify(value)}: expected ${expected}`);
+  };
+  const read = (name: string) => {
+    const v = env[name];
+    return v === undefined || v.trim() === '' ? undefined : v.trim();
+  };
+  const int = (name: string, fallback: number, min: number, max = Number.MAX_SAFE_INTEGER) => {
+    const v = read(name);
+    if (v === undefined) return fallback;
+    const n = Number(v);
+    if (!/^\d+$/.test(v) || !Number.isSafeInteger(n) || n < min || n > max) {
+      bad(name, v, `a whole number from ${min} to ${max === Number.MAX_SAFE_INTEGER ? 'any size' : max}`);
+      return fallback;
+    }
+    return n;
+  };
+  const oneOf = <T extends string>(name: string, fallback: T, allowed: readonly T[]): T => {
+    const v = read(name);
+    if (v === undefined) return fallback;
+    if (!(allowed as readonly string[]).includes(v.toLowerCase())) {
+      bad(name, v, `one of ${allowed.join(', ')}`);
+      return fallback;
+    }
+    return v.toLowerCase() as T;
+  };
+
+  let upstream = new URL('http://invalid.invalid/');
+  const rawUpstream = read('UPSTREAM_URL');
+  if (rawUpstream === undefined) {
+    problems.push('UPSTREAM_URL is not set: expected the upstream base URL, e.g. http://inventory-service:9000');
+  } else {
+    const expected = 'an http:// or https:// URL with a host and no credentials, query or fragment';
+    try {
+      const u = new URL(rawUpstream);
+      if ((u.protocol !== 'http:' && u.protocol !== 'https:') || !u.hostname || u.username || u.password ||
+        u.search || u.hash) {
+        bad('UPSTREAM_URL', rawUpstream, expected);
+      } else upstream = u;
+    } catch {
+      bad('UPSTREAM_URL', rawUpstream, expected);
+    }
+  }
+
+  const config: Config = {
+    upstream,
+    host: read('HOST') ?? '127.0.0.1',
+    port: int('PORT', 8080, 0, 65535),
+    adminHost: read('ADMIN_HOST') ?? '0.0.0.0',
+    adminPort: int('ADMIN_PORT', 9901, 0, 65535),
+    retryAttempts: int('RETRY_ATTEMPTS', 3, 1, 100),
+    retryBackoffMs: int('RETRY_BACKOFF_MS', 100, 0),
+    retryBackoffMaxMs: int('RETRY_BACKOFF_MAX_MS', 2000, 0),
+    retryBudgetPercent: int('RETRY_BUDGET_PERCENT', 20, 0, 100),
+    retryBudgetMinPerSec: int('RETRY_BUDGET_MIN_PER_SEC', 10, 0),
+    retryBodyMaxBytes: int('RETRY_BODY_MAX_BYTES', 64 * 1024, 0),
+    tryTimeoutMs: int('TRY_TIMEOUT_MS', 5000, 0),
+    requestTimeoutMs: int('REQUEST_TIMEOUT_MS', 15000, 0),
+    drainTimeoutMs: int('DRAIN_TIMEOUT_MS', 20000, 0),
+    drainGraceMs: int('DRAIN_GRACE_MS', 0, 0),
+    logFormat: oneOf<LogFormat>('LOG_FORMAT', 'json', ['json', 'text']),
+    logLevel: oneOf<LogLevel>('LOG_LEVEL', 'info', ['debug', 'info', 'warn', 'error']),
+  };
+  if (config.port !== 0 && config.port === config.adminPort && config.host === config.adminHost) {
+    problems.push(`ADMIN_PORT=${JSON.stringify(String(config.adminPort))}: expected a port other than PORT`);
+  }
+  if (config.retryBackoffMaxMs < config.retryBackoffMs) {
+    bad('RETRY_BACKOFF_MAX_MS', String(config.retryBackoffMaxMs),
+      `a value at least RETRY_BACKOFF_MS (${config.retryBackoffMs})`);
+  }
+  if (problems.length > 0) throw new ConfigError(problems);
+  return Object.freeze(config);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Pure policies: no I/O, no clock, no randomness of their own — `now` and `random` come in as arguments.
+// ---------------------------------------------------------------------------------------------------------
+
+/** Exponential backoff with full jitter (AWS Architecture Blog, "Exponential Backoff and Jitter"):
+ * a random delay in [0, min(cap, base·2^(retry-1))). Spreads the retries of many clients apart. */
+export function backoffDelay(retry: number, baseMs: number, capMs: number, random: number): number {
+  const ceiling = Math.min(capMs, baseMs * 2 ** Math.max(0, retry - 1));
+  return Math.floor(random * ceiling);
+}
+
+/** Retry-After (RFC 9110 §10.2.3) as a delay in ms: delta-seconds or an HTTP-date. `undefined` when
+ * absent or unreadable, so the caller falls back to its own backoff. */
+export function parseRetryAfter(value: string | null, nowMs: number): number | undefined {
+  if (value === null) return undefined;
+  const v = value.trim();
+  if (/^\d+$/.test(v)) return Number(v) * 1000;
+  // All three HTTP-date forms start with a day name; Date.parse alone would take "-1" for a year.
+  const date = /^[A-Za-z]{3}/.test(v) ? Date.parse(v) : NaN;
+  if (Number.isNaN(date)) return undefined;
+  return Math.max(0, date - nowMs);
+}
+
+/** May a request with this method be sent again after this outcome? Unsafe methods are repeated only
+ * when the upstream cannot have received them, so a POST is never duplicated (Envoy and nginx users have
+ * seen POSTs run several times after a timeout). An `Idempotency-Key` makes any method repeatable. */
+export function isRetryableOutcome(outcome: AttemptOutcome, method: string, idempotencyKey: boolean): boolean {
+  if ('status' in outcome) return RETRYABLE_STATUS.has(outcome.status) && (IDEMPOTENT.has(method) || idempotencyKey);
+  const neverReached = outcome.failure === 'refused' || outcome.failure === 'dns';
+  if (neverReached) return true;
+  if (outcome.failure === 'tls' || outcome.failure === 'other') return false;
+  return IDEMPOTENT.has(method) || idempotencyKey;
+}
+
+export interface RetryInput {
+  outcome: AttemptOutcome;
+  method: string;
+  idempotencyKey: boolean;
+  attempt: number; // the attempt that just ended, from 1
+  maxAttempts: number;
+  bodyReplayable: boolean;
+  budgetAvailable: boolean;
+  retryAfterMs: number | undefined;
+  backoffMs: number;
+  remainingMs: number; // until the request's deadline; Infinity when there is none
+}
+
+/** The whole retry decision in one place. The order matters for what is reported: a request that was not
+ * retryable anyway is `final`; one that would have been retried says what stopped it. */
+export function decideRetry(i: RetryInput): RetryDecision {
+  const retryableStatus = 'status' in i.outcome && RETRYABLE_STATUS.has(i.outcome.status);
+  const retryableFailure = 'failure' in i.outcome && i.outcome.failure !== 'tls' && i.outcome.failure !== 'other';
+  if (!retryableStatus && !retryableFailure) return { retry: false, reason: 'final' };
+  if (i.attempt >= i.maxAttempts) return { retry: false, reason: 'attempts' };
+  if (!isRetryableOutcome(i.outcome, i.method, i.idempotencyKey)) return { retry: false, reason: 'method' };
+  if (!i.bodyReplayable) return { retry: false, reason: 'body' };
+  // Retry-After is the upstream telling us when it can take the request again: honour it when it fits.
+  const delayMs = i.retryAfterMs ?? i.backoffMs;
+  if (delayMs >= i.remainingMs) return { retry: false, reason: 'deadline' };
+  if (!i.budgetAvailable) return { retry: false, reason: 'budget' };
+  return { retry: true, delayMs };
+}
+
+/** A retry budget (after Linkerd's and Envoy's): retries may be at most `percent` of the requests of the
+ * last ten seconds, plus `minPerSec` per second, so a dead upstream never sees 3× its normal load
+ * (envoy#9069 is the retry storm this prevents). Counts live in one-second buckets; `now` is passed in. */
+export class RetryBudget {
+  private readonly requests = new Array<number>(BUDGET_WINDOW_SECONDS).fill(0);
+  private readonly retries = new Array<number>(BUDGET_WINDOW_SECONDS).fill(0);
+  private second = 0;
+
+  constructor(private readonly percent: number, private readonly minPerSec: number) {}
+
+  private advance(nowMs: number): number {
+    const s = Math.floor(nowMs / 1000);
+    if (s - this.second >= BUDGET_WINDOW_SECONDS) {
+      this.requests.fill(0);
+      this.retries.fill(0);
+    } else {
+      for (let t = this.second + 1; t <= s; t++) {
+        this.requests[t % BUDGET_WINDOW_SECONDS] = 0;
+        this.retries[t % BUDGET_WINDOW_SECONDS] = 0;
+      }
+    }
+    if (s > this.second) this.second = s;
+    return this.second % BUDGET_WINDOW_SECONDS;
+  }
+
+  recordRequest(nowMs: number): void {
+    this.requests[this.advance(nowMs)]++;
+  }
+
+  canRetry(nowMs: number): boolean {
+    this.advance(nowMs);
+    const requests = this.requests.reduce((a, b) => a + b, 0);
+    const retries = this.retries.reduce((a, b) => a + b, 0);
+    const allowed = (requests * this.percent) / 100 + this.minPerSec * BUDGET_WINDOW_SECONDS;
+    return retries + 1 <= allowed;
+  }
+
+  recordRetry(nowMs: number): void {
+    this.retries[this.advance(nowMs)]++;
+  }
+}
+
+/** Names the failure behind a rejected fetch. Node's fetch wraps a system error code in `cause`; Deno
+ * says it in the message. Both are read, so the same kinds come out on either runtime. */
+export function classifyFailure(err: unknown): FailureKind {
+  const parts: string[] = [];
+  for (let e: unknown = err, depth = 0; e && depth < 5; e = (e as { cause?: unknown }).cause, depth++) {
+    const { code, name, message } = e as { code?: unknown; name?: unknown; message?: unknown };
+    parts.push(String(code ?? ''), String(name ?? ''), String(message ?? e));
+  }
+  const text = parts.join(' ');
+  if (/TimeoutError|UND_ERR_CONNECT_TIMEOUT|UND_ERR_HEADERS_TIMEOUT|ETIMEDOUT/i.test(text)) return 'timeout';
+  if (/ECONNREFUSED|Connection refused|EHOSTUNREACH|ENETUNREACH/i.test(text)) return 'refused';
+  if (/ENOTFOUND|EAI_AGAIN|dns error|failed to lookup address/i.test(text)) return 'dns';
+  if (/CERT|certificate|SSL|TLS|handshake/i.test(text)) return 'tls';
+  if (/ECONNRESET|EPIPE|UND_ERR_SOCKET|other side closed|connection reset|connection closed|broken pipe|closed before/i.test(text)) return 'reset';
+  if (/HPE_|UND_ERR_INFO|invalid HTTP|parse|UND_ERR_HEADERS_OVERFLOW/i.test(text)) return 'protocol';
+  return 'other';
+}
+
+/** One short line for logs and error bodies, in the spirit of Go's `dial tcp: connection refused`. */
+export function describeFailure(err: unknown): string {
+  const cause = (err as { cause?: { code?: string; message?: string } }).cause;
+  if (cause?.code && cause.message) return cause.message.includes(cause.code) ? cause.message : `${cause.code} ${cause.message}`;
+  if (cause?.message) return cause.message;
+  return err instanceof Error ? err.message : String(err);
+}
+
+/** Removes hop-by-hop headers (and every header `Connection` names), in place. */
+export function stripHopByHop(headers: Headers): void {
+  const named = headers.get('connection');
+  if (named) for (const name of named.split(',')) headers.delete(name.trim());
+  for (const name of HOP_BY_HOP) headers.delete(name);
+}
+
+/** The upstream URL for a request: the upstream's base path, then the request's path and query exactly
+ * as they were sent (percent-encoding kept). Never the request's own host: the ambassador is no open proxy. */
+export function upstreamUrl(base: URL, pathAndQuery: string): string {
+  const basePath = base.pathname.endsWith('/') ? base.pathname.slice(0, -1) : base.pathname;
+  return `${base.origin}${basePath}${pathAndQuery}`;
+}
+
+/** The request headers the upstream gets. */
+export function forwardHeaders(incoming: Headers, id: string, clientAddress: string | undefined): Headers {
+  const headers = new Headers(incoming);
+  stripHopByHop(headers);
+  const host = headers.get('host');
+  // fetch sets Host from the upstream URL, so the upstream sees its own authority.
+  headers.delete('host');
+  // The ambassador has already answered `100 Continue` to the app (Node's fetch refuses to send Expect).
+  headers.delete('expect');
+  // Ask for the body as it is: fetch would otherwise decode it, and the app's client decodes nothing then.
+  headers.set('accept-encoding', 'identity');
+  headers.set('x-request-id', id);
+  if (clientAddress) {
+    const prior = headers.get('x-forwarded-for');
+    headers.set('x-forwarded-for', prior ? `${prior}, ${clientAddress}` : clientAddress);
+  }
+  if (!headers.has('x-forwarded-proto')) headers.set('x-forwarded-proto', 'http');
+  if (host && !headers.has('x-forwarded-host')) headers.set('x-forwarded-host', host);
+  const via = headers.get('via');
+  headers.set('via', via ? `${via}, ${VIA}` : VIA);
+  return headers;
+}
+
+/** The response headers the app gets. */
+export function responseHeaders(upstream: Headers, id: string, onNode: boolean): Headers {
+  const headers = new Headers(upstream);
+  stripHopByHop(headers);
+  const encoding = headers.get('content-encoding');
+  if (onNode && encoding && encoding.split(',').every((c) => NODE_FETCH_DECODES.has(c.trim().toLowerCase()))) {
+    // Node's fetch has already decoded this body: the old coding and length would both be lies.
+    headers.delete('content-encoding');
+    headers.delete('content-length');
+  }
+  headers.set('x-request-id', id);
+  const via = headers.get('via');
+  headers.set('via', via ? `${via}, ${VIA}` : VIA);
+  return headers;
+}
+
+/** One place maps a failure to what the app receives: 502 when the upstream could not be reached or
+ * answered nonsense, 504 when it was too slow, 503 while the ambassador refuses work. Plain text, short,
+ * saying what failed and after how many attempts. */
+export function failureResponse(kind: FailureKind | 'draining', detail: string, attempts: number, id: string): Response {
+  const status = kind === 'timeout' ? 504 : kind === 'draining' ? 503 : 502;
+  const tries = attempts === 1 ? '1 attempt' : `${attempts} attempts`;
+  return new Response(`ambassador: upstream ${kind === 'timeout' ? 'timed out' : 'failed'}: ${detail} (${tries})\n`, {
+    status,
+    headers: { 'content-type': 'text/plain; charset=utf-8', 'x-request-id': id, 'via': VIA },
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Logging: one line per event, JSON or text, to stdout.
+// ---------------------------------------------------------------------------------------------------------
+
+const LEVELS: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 40 };
+
+export function createLogger(format: LogFormat, minLevel: LogLevel, write: (line: string) => void = console.log): Logger {
+  const min = LEVELS[minLevel];
+  return (level, msg, fields = {}) => {
+    if (LEVELS[level] < min) return;
+    const time = new Date().toISOString();
+    if (format === 'json') {
+      write(JSON.stringify({ time, level, msg, ...fields }));
+    } else {
+      const rest = Object.entries(fields).map(([k, v]) => `${k}=${typeof v === 'string' ? v : JSON.stringify(v)}`);
+      write(`${time} ${level.toUpperCase().padEnd(5)} ${msg}${rest.length ? ' ' + rest.join(' ') : ''}`);
+    }
+  };
+}
+
+function logEvents(log: Logger): Events {
+  return {
+    attemptFailed(e) {
+      const then = e.next.retry ? `retrying in ${e.next.delayMs} ms` : `giving up (${e.next.reason})`;
+      log('warn', `attempt ${e.attempt} failed: ${e.error}; ${then}`, {
+        id: e.id, attempt: e.attempt, kind: e.kind, status: e.status,
+        ...(e.next.retry ? { retry_in_ms: e.next.delayMs } : { skip: e.next.reason }),
+      });
+    },
+    requestDone(r) {
+      log(r.status >= 500 ? 'warn' : 'info', 'request', {
+        id: r.id, method: r.method, path: r.path, status: r.status, attempts: r.attempts,
+        duration_ms: round(r.durationMs), upstream_ms: r.upstreamMs === null ? null : round(r.upstreamMs),
+        bytes_in: r.bytesIn, bytes_out: r.bytesOut, ...(r.error ? { error: r.error } : {}),
+      });
+    },
+  };
+}
+
+const round = (ms: number) => Math.round(ms * 100) / 100;
+
+// ---------------------------------------------------------------------------------------------------------
+// Bodies: a request body is kept for replay only when it is small; a response body is always streamed.
+// ---------------------------------------------------------------------------------------------------------
+
+interface ForwardBody {
+  /** what to hand fetch for one attempt */
+  take(): Uint8Array | ReadableStream<Uint8Array> | null;
+  replayable: boolean;
+  bytes(): number;
+}
+
+/** Reads at most `limit` bytes of a request body. Small bodies are kept whole and can be sent again; a
+ * larger one goes on as a stream (what was read, then the rest), sent once (Envoy's silent skip is
+ * envoy#29386: here the log says so). */
+async function prepareBody(body: ReadableStream<Uint8Array> | null, declared: number | undefined, limit: number): Promise<ForwardBody> {
+  if (body === null) return { take: () => null, replayable: true, bytes: () => 0 };
+  let streamed = 0;
+  const counted = (stream: ReadableStream<Uint8Array>): ReadableStream<Uint8Array> =>
+    stream.pipeThrough(new TransformStream({ transform(chunk, c) { streamed += chunk.byteLength; c.enqueue(chunk); } }));
+  if (declared !== undefined && declared > limit) {
+    return { take: once(counted(body)), replayable: false, bytes: () => streamed };
+  }
+  const reader = body.getReader();
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    chunks.push(value);
+    size += value.byteLength;
+    if (size > limit) {
+      const rest = new ReadableStream<Uint8Array>({
+        start(c) { for (const chunk of chunks) c.enqueue(chunk); },
+        async pull(c) {
+          const next = await reader.read();
+          if (next.done) c.close();
+          else c.enqueue(next.value);
+        },
+        cancel(reason) { return reader.cancel(reason); },
+      }, { highWaterMark: 0 });
+      return { take: once(counted(rest)), replayable: false, bytes: () => streamed };
+    }
+  }
+  const whole = chunks.length === 1 ? chunks[0] : concat(chunks, size);
+  return { take: () => whole, replayable: true, bytes: () => size };
+}
+
+function once<T>(value: T): () => T | null {
+  let used = false;
+  return () => (used ? null : ((used = true), value));
+}
+
+function concat(chunks: Uint8Array[], size: number): Uint8Array {
+  const out = new Uint8Array(size);
+  let at = 0;
+  for (const c of chunks) {
+    out.set(c, at);
+    at += c.byteLength;
+  }
+  return out;
+}
+
+/** Passes a response body through chunk by chunk (highWaterMark 0: nothing is read ahead, so server-sent
+ * events reach the app as the upstream sends them), counting bytes and telling how it ended. An upstream
+ * error mid-body errors this stream, so the app sees a broken response, never a short one that looks whole. */
+function trackBody(body: ReadableStream<Uint8Array>, done: (bytes: number, error?: string) => void): ReadableStream<Uint8Array> {
+  const reader = body.getReader();
+  let bytes = 0;
+  let ended = false;
+  const end = (error?: string) => {
+    if (!ended) (ended = true), done(bytes, error);
+  };
+  return new ReadableStream<Uint8Array>({
+    async pull(c) {
+      try {
+        const next = await reader.read();
+        if (next.done) {
+          c.close();
+          end();
+        } else {
+          bytes += next.value.byteLength;
+          c.enqueue(next.value);
+        }
+      } catch (err) {
+        end(`upstream body failed: ${describeFailure(err)}`);
+        c.error(err);
+      }
+    },
+    cancel(reason) {
+      end('client went away during the response body');
+      return reader.cancel(reason);
+    },
+  }, { highWaterMark: 0 });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The proxy handler: retry( timeout( fetch ) ), written out.
+// ---------------------------------------------------------------------------------------------------------
+
+/** What the runtime adapters pass as Hono's `env`: the raw request target and the peer's address. */
+export interface Bindings {
+  incoming?: { url?: string; socket?: { remoteAddress?: string } }; // @hono/node-server
+  remoteAddr?: string; // Deno adapter
+}
+
+export interface Clock {
+  now(): number;
+  random(): number;
+}
+
+const systemClock: Clock = { now: () => performance.timeOrigin + performance.now(), random: Math.random };
+
+interface InFlight {
+  method: string;
+  path: string;
+  started: number;
+}
+
+export interface Ambassador {
+  /** The proxy app (listens on HOST:PORT). */
+  proxy: Hono<{ Bindings: Bindings }>;
+  /** The admin app (listens on ADMIN_HOST:ADMIN_PORT). */
+  admin: Hono;
+  /** Requests not yet answered in full, by request id. */
+  inFlight: Map<string, InFlight>;
+  markReady(): void;
+  startDrain(): void;
+  readonly draining: boolean;
+}
+
+class TimeoutError extends Error {
+  override name = 'TimeoutError';
+}
+
+/** Sleeps `ms`, or until `signal` aborts. */
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal.aborted) return resolve();
+    const onAbort = () => {
+      clearTimeout(timer);
+      resolve();
+    };
+    const timer = setTimeout(() => {
+      signal.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    signal.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+export function createAmbassador(config: Config, options: { log?: Logger; clock?: Clock; events?: Events } = {}): Ambassador {
+  const log = options.log ?? createLogger(config.logFormat, config.logLevel);
+  const clock = options.clock ?? systemClock;
+  const events = options.events ?? logEvents(log);
+  const onNode = typeof (globalThis as { Deno?: unknown }).Deno === 'undefined';
+  const budget = new RetryBudget(config.retryBudgetPercent, config.retryBudgetMinPerSec);
+  const inFlight = new Map<string, InFlight>();
+  let ready = false;
+  let draining = false;
+
+  /** One attempt: fetch until response headers arrive or `limitMs` passes. The client's abort reaches the
+   * upstream through the same controller, before and after the headers. */
+  async function attempt(url: string, init: RequestInit, limitMs: number, client: AbortSignal): Promise<Response> {
+    const controller = new AbortController();
+    const onClientAbort = () => controller.abort(client.reason);
+    if (client.aborted) onClientAbort();
+    else client.addEventListener('abort', onClientAbort, { once: true });
+    const timer = Number.isFinite(limitMs)
+      ? setTimeout(() => controller.abort(new TimeoutError(`no response headers within ${Math.round(limitMs)} ms`)), limitMs)
+      : undefined;
+    try {
+      return await fetch(url, { ...init, signal: controller.signal });
+    } catch (err) {
+      client.removeEventListener('abort', onClientAbort);
+      // fetch rejects with a generic AbortError; the reason says whether it was our timer.
+      throw controller.signal.aborted ? controller.signal.reason : err;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  async function handle(c: Context<{ Bindings: Bindings }>): Promise<Response> {
+    const req = c.req.raw;
+    const started = clock.now();
+    const id = req.headers.get('x-request-id') || crypto.randomUUID();
+    const rawTarget = c.env?.incoming?.url;
+    const url = new URL(req.url);
+    const pathAndQuery = rawTarget?.startsWith('/') ? rawTarget : url.pathname + url.search;
+
+    const refused = refusal(req, rawTarget, url);
+    if (refused) {
+      const res = new Response(`ambassador: ${refused.reason}\n`, {
+        status: refused.status,
+        headers: { 'content-type': 'text/plain; charset=utf-8', 'x-request-id': id, ...refused.headers },
+      });
+      events.requestDone({ id, method: req.method, path: url.pathname, status: refused.status, attempts: 0,
+        durationMs: clock.now() - started, upstreamMs: null, bytesIn: 0, bytesOut: 0, error: refused.reason });
+      return res;
+    }
+
+    inFlight.set(id, { method: req.method, path: url.pathname, started });
+    const record: RequestRecord = { id, method: req.method, path: url.pathname, status: 0, attempts: 0,
+      durationMs: 0, upstreamMs: null, bytesIn: 0, bytesOut: 0 };
+    // One listener on the app's signal per request, removed when the response is done: Deno aborts
+    // request.signal after a successful response too, and that must not reach a finished exchange.
+    const gone = new AbortController();
+    const onGone = () => gone.abort(req.signal.reason);
+    req.signal.addEventListener('abort', onGone, { once: true });
+    const finish = (bytesOut: number, error?: string) => {
+      req.signal.removeEventListener('abort', onGone);
+      inFlight.delete(id);
+      record.durationMs = clock.now() - started;
+      record.bytesOut = bytesOut;
+      if (error && !record.error) record.error = error;
+      events.requestDone(record);
+    };
+
+    try {
+      const res = await forward(req, gone.signal, id, pathAndQuery, started, clientAddress(c), record);
+      if (draining) res.headers.set('connection', 'close'); // the app opens a fresh connection for its next call
+      record.status = res.status;
+      if (res.body === null) {
+        finish(0);
+        return res;
+      }
+      return new Response(trackBody(res.body, finish), { status: res.status, statusText: res.statusText, headers: res.headers });
+    } catch (err) {
+      // Only a client that went away gets here: everything else became a response in `forward`.
+      record.status = 499;
+      finish(0, `client went away: ${describeFailure(err)}`);
+      return new Response(null, { status: 499 });
+    }
+  }
+
+  async function forward(req: Request, gone: AbortSignal, id: string, pathAndQuery: string, started: number, client: string | undefined,
+    record: RequestRecord): Promise<Response> {
+    const target = upstreamUrl(config.upstream, pathAndQuery);
+    const method = req.method;
+    const idempotencyKey = req.headers.has('idempotency-key');
+    const declared = req.headers.get('content-length');
+    const body = await prepareBody(req.body, declared === null ? undefined : Number(declared), config.retryBodyMaxBytes);
+    const headers = forwardHeaders(req.headers, id, client);
+    const deadline = config.requestTimeoutMs > 0 ? started + config.requestTimeoutMs : Infinity;
+    budget.recordRequest(clock.now());
+
+    for (let n = 1; ; n++) {
+      record.attempts = n;
+      const remaining = deadline - clock.now();
+      const limit = Math.min(config.tryTimeoutMs > 0 ? config.tryTimeoutMs : Infinity, remaining);
+      const tryStarted = clock.now();
+      let res: Response | undefined;
+      let failure: FailureKind | undefined;
+      let error = '';
+      try {
+        // `duplex: 'half'` lets Node's fetch send a streamed body; Deno ignores it.
+        res = await attempt(target, { method, headers, body: body.take(), redirect: 'manual', duplex: 'half' } as RequestInit,
+          limit, gone);
+        record.upstreamMs = clock.now() - tryStarted;
+      } catch (err) {
+        if (gone.aborted) throw err;
+        failure = classifyFailure(err);
+        error = failure === 'timeout' ? `timeout: ${describeFailure(err)}` : describeFailure(err);
+      }
+      record.bytesIn = body.bytes();
+      const outcome: AttemptOutcome = res ? { status: res.status } : { failure: failure! };
+      if (res && !RETRYABLE_STATUS.has(res.status)) return reply(res, method, id);
+
+      const now = clock.now();
+      const next = decideRetry({
+        outcome, method, idempotencyKey, attempt: n, maxAttempts: config.retryAttempts,
+        bodyReplayable: body.replayable, budgetAvailable: budget.canRetry(now),
+        retryAfterMs: res ? parseRetryAfter(res.headers.get('retry-after'), Date.now()) : undefined,
+        backoffMs: backoffDelay(n, config.retryBackoffMs, config.retryBackoffMaxMs, clock.random()),
+        remainingMs: deadline - now,
+      });
+      events.attemptFailed({ id, attempt: n, error: res ? `upstream answered ${res.status}` : error,
+        kind: res ? 'status' : failure!, status: res?.status, next });
+      if (!next.retry) {
+        if (res) return reply(res, method, id); // the upstream's own last answer says more than ours would
+        record.error = error;
+        return failureResponse(failure!, error, n, id);
+      }
+      budget.recordRetry(now);
+      await res?.body?.cancel().catch(() => {}); // frees the connection for the next attempt
+      await sleep(next.delayMs, gone);
+      if (gone.aborted) throw gone.reason;
+    }
+  }
+
+  function reply(res: Response, method: string, id: string): Response {
+    const headers = responseHeaders(res.headers, id, onNode);
+    const noBody = method === 'HEAD' || NULL_BODY_STATUS.has(res.status);
+    if (noBody) res.body?.cancel().catch(() => {});
+    return new Response(noBody ? null : res.body, { status: res.status, statusText: res.statusText, headers });
+  }
+
+  const proxy = new Hono<{ Bindings: Bindings }>();
+  proxy.all('*', handle);
+  proxy.onError((err, c) => {
+    log('error', `unexpected error: ${describeFailure(err)}`, { path: c.req.path });
+    return c.text('ambassador: internal error\n', 500);
+  });
+
+  const admin = new Hono();
+  admin.get('/healthz', (c) => c.text('ok\n'));
+  admin.get('/readyz', (c) => (ready && !draining ? c.text('ready\n') : c.text(draining ? 'draining\n' : 'starting\n', 503)));
+
+  return {
+    proxy,
+    admin,
+    inFlight,
+    markReady: () => void (ready = true),
+    startDrain: () => void (draining = true),
+    get draining() {
+      return draining;
+    },
+  };
+}
+
+/** Requests the ambassador answers itself rather than forward: it only ever talks to UPSTREAM_URL. */
+function refusal(req: Request, rawTarget: string | undefined, url: URL): { status: number; reason: string; headers?: Record<string, string> } | undefined {
+  if (REFUSED_METHODS.has(req.method)) {
+    return { status: 405, reason: `method ${req.method} is not forwarded`, headers: { allow: 'GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS' } };
+  }
+  // An absolute-form target (`GET http://other-host/ HTTP/1.1`) asks for a forward proxy. Node hands us
+  // the raw target; elsewhere the URL's authority differs from the Host header.
+  const absolute = rawTarget !== undefined ? !rawTarget.startsWith('/') && rawTarget !== '*' : url.host !== req.headers.get('host');
+  if (absolute) return { status: 400, reason: 'absolute-form request targets are refused: this is not a forward proxy' };
+  return undefined;
+}
+
+function clientAddress(c: Context<{ Bindings: Bindings }>): string | undefined {
+  return c.env?.incoming?.socket?.remoteAddress ?? c.env?.remoteAddr;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Runtime adapters: listen, stop accepting, cut off — on Node (@hono/node-server) and on Deno (Deno.serve).
+// ---------------------------------------------------------------------------------------------------------
+
+interface Listener {
+  port: number;
+  /** Stops accepting and resolves once every connection has ended. */
+  close(): Promise<void>;
+  /** Ends every connection now. */
+  cutOff(): void;
+}
+
+type FetchHandler = (req: Request, env: Bindings) => Response | Promise<Response>;
+
+interface DenoLike {
+  serve(options: {
+    hostname: string; port: number; signal: AbortSignal; onListen?: (addr: unknown) => void;
+    handler: (req: Request, info: { remoteAddr: { hostname: string } }) => Response | Promise<Response>;
+  }): { addr: { port: number }; shutdown(): Promise<void>; finished: Promise<void> };
+  addSignalListener(signal: string, handler: () => void): void;
+  env: { toObject(): Record<string, string> };
+  exit(code: number): never;
+  mainModule: string;
+}
+
+const deno = (globalThis as { Deno?: DenoLike }).Deno;
+
+async function listenNode(fetchHandler: FetchHandler, host: string, port: number): Promise<Listener> {
+  const { createAdaptorServer } = await import('@hono/node-server');
+  const server = createAdaptorServer({ fetch: fetchHandler as never, hostname: host }) as import('node:http').Server;
+  // Longer than the idle timeouts of common clients (Go keeps idle connections 90 s, Node's agents
+  // less), so the app is not the one reusing a connection the ambassador is closing.
+  server.keepAliveTimeout = 65_000;
+  server.headersTimeout = 66_000;
+  server.requestTimeout = 0; // a large upload may take longer than Node's default 5 minutes
+  // Node does not route CONNECT to the request handler; answer it rather than drop the socket.
+  server.on('connect', (_req: unknown, socket: { end(data: string): void }) => {
+    socket.end('HTTP/1.1 405 Method Not Allowed\r\nconnection: close\r\ncontent-length: 0\r\n\r\n');
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+  const address = server.address();
+  return {
+    port: typeof address === 'object' && address ? address.port : port,
+    close: () => new Promise<void>((resolve) => {
+      // A connection turns idle only after its last response, so closing idle ones once is not enough.
+      const sweep = setInterval(() => server.closeIdleConnections(), 50);
+      server.close(() => {
+        clearInterval(sweep);
+        resolve();
+      });
+      server.closeIdleConnections();
+    }),
+    cutOff: () => server.closeAllConnections(),
+  };
+}
+
+function listenDeno(d: DenoLike, fetchHandler: FetchHandler, host: string, port: number): Listener {
+  const abort = new AbortController();
+  const server = d.serve({
+    hostname: host, port, signal: abort.signal, onListen: () => {},
+    handler: (req, info) => fetchHandler(req, { remoteAddr: info.remoteAddr.hostname }),
+  });
+  return {
+    port: server.addr.port,
+    close: () => server.shutdown(),
+    cutOff: () => abort.abort(),
+  };
+}
+
+function listen(fetchHandler: FetchHandler, host: string, port: number): Promise<Listener> {
+  return deno ? Promise.resolve(listenDeno(deno, fetchHandler, host, port)) : listenNode(fetchHandler, host, port);
+}
+
+function exit(code: number): never {
+  if (deno) return deno.exit(code);
+  return process.exit(code);
+}
+
+function onSignals(handler: (signal: string) => void): void {
+  for (const signal of ['SIGTERM', 'SIGINT']) {
+    if (deno) deno.addSignalListener(signal, () => handler(signal));
+    else process.on(signal, () => handler(signal));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// main: configure, listen, drain on SIGTERM.
+// ---------------------------------------------------------------------------------------------------------
+
+export async function main(env: Record<string, string | undefined>): Promise<void> {
+  let config: Config;
+  try {
+    config = loadConfig(env);
+  } catch (err) {
+    console.error(`ambassador: ${err instanceof Error ? err.message : String(err)}`);
+    return exit(2);
+  }
+  const log = createLogger(config.logFormat, config.logLevel);
+  const amb = createAmbassador(config, { log });
+
+  let proxy: Listener;
+  let admin: Listener;
+  try {
+    proxy = await listen(amb.proxy.fetch as FetchHandler, config.host, config.port);
+    admin = await listen(amb.admin.fetch as FetchHandler, config.adminHost, config.adminPort);
+  } catch (err) {
+    log('error', `cannot listen: ${describeFailure(err)}`, { host: config.host, port: config.port,
+      admin_host: config.adminHost, admin_port: config.adminPort });
+    return exit(1);
+  }
+  amb.markReady();
+  log('info', 'listening', {
+    version: VERSION, runtime: deno ? 'deno' : 'node', port: proxy.port, admin_port: admin.port,
+    config: { ...config, upstream: config.upstream.href },
+  });
+
+  onSignals((signal) => {
+    if (amb.draining) {
+      log('warn', `second ${signal}: exiting now`, { in_flight: amb.inFlight.size });
+      return exit(1);
+    }
+    void drain(signal, config, amb, proxy, admin, log);
+  });
+}
+
+/** The drain, as Kubernetes needs it: not ready at once; still serving for DRAIN_GRACE_MS (an app that
+ * is itself draining may still call out); then no new connections, busy ones closed after their
+ * response, idle ones closed again and again; exit 0 once nothing is left, or at DRAIN_TIMEOUT_MS. */
+async function drain(signal: string, config: Config, amb: Ambassador, proxy: Listener, admin: Listener, log: Logger) {
+  amb.startDrain();
+  log('info', `${signal}: drain started, /readyz now answers 503`, {
+    in_flight: amb.inFlight.size, grace_ms: config.drainGraceMs, timeout_ms: config.drainTimeoutMs,
+  });
+  let timedOut = false;
+  const deadline = new Promise<void>((resolve) => setTimeout(() => {
+    timedOut = true;
+    resolve();
+  }, config.drainTimeoutMs));
+  if (config.drainGraceMs > 0) {
+    await Promise.race([new Promise((r) => setTimeout(r, Math.min(config.drainGraceMs, config.drainTimeoutMs))), deadline]);
+  }
+  log('info', 'drain: no longer accepting connections', { in_flight: amb.inFlight.size });
+  await Promise.race([proxy.close(), deadline]);
+  if (timedOut) {
+    const cut = [...amb.inFlight].map(([id, r]) => ({ id, method: r.method, path: r.path }));
+    log('warn', `drain: timed out after ${config.drainTimeoutMs} ms, cutting off ${cut.length} request(s)`, { cut_off: cut });
+    proxy.cutOff();
+  }
+  admin.cutOff();
+  log('info', 'drain complete, exiting', { exit_code: 0 });
+  exit(0);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Entry: run main() only when this file is the program, not when a test imports it.
+// ---------------------------------------------------------------------------------------------------------
+
+function isEntry(): boolean {
+  if (deno) return (import.meta as { main?: boolean }).main === true;
+  const script = process.argv[1];
+  return script !== undefined && decodeURIComponent(new URL(import.meta.url).pathname) === script;
+}
+
+if (isEntry()) void main(deno ? deno.env.toObject() : process.env);

@@ -1,0 +1,209 @@
+/** Real servers and real processes for the tests: an upstream that records what it received, the
+ * ambassador started as a child process (Node bundle or Deno), and a port nothing listens on. */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+export const BUNDLE = path.join(ROOT, 'dist', 'ambassador.mjs');
+export const DENO = path.join(ROOT, 'node_modules', '.bin', 'deno');
+
+export interface Seen {
+  method: string;
+  url: string;
+  headers: http.IncomingHttpHeaders;
+  rawHeaders: string[];
+  body: Buffer;
+}
+
+export type UpstreamHandler = (req: http.IncomingMessage, res: http.ServerResponse, seen: Seen, n: number) => void;
+
+export interface Upstream {
+  url: string;
+  port: number;
+  seen: Seen[];
+  server: http.Server;
+  close(): Promise<void>;
+}
+
+/** A node:http upstream on 127.0.0.1:0 that records every request (body included) before handing it on. */
+export async function startUpstream(handler: UpstreamHandler = (_q, res) => res.end('ok'), opts: { readBody?: boolean } = {}): Promise<Upstream> {
+  const seen: Seen[] = [];
+  const server = http.createServer((req, res) => {
+    const record: Seen = { method: req.method ?? '', url: req.url ?? '', headers: req.headers, rawHeaders: req.rawHeaders, body: Buffer.alloc(0) };
+    seen.push(record);
+    const n = seen.length;
+    if (opts.readBody === false) return handler(req, res, record, n);
+    const chunks: Buffer[] = [];
+    req.on('data', (c: Buffer) => chunks.push(c));
+    req.on('end', () => {
+      record.body = Buffer.concat(chunks);
+      handler(req, res, record, n);
+    });
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const port = (server.address() as net.AddressInfo).port;
+  return {
+    url: `http://127.0.0.1:${port}`, port, seen, server,
+    close: () => new Promise<void>((r) => {
+      server.closeAllConnections();
+      server.close(() => r());
+    }),
+  };
+}
+
+/** A port on which nothing listens: bound, then closed (connections to it are refused). */
+export async function deadPort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
+  const port = (s.address() as net.AddressInfo).port;
+  await new Promise<void>((r) => s.close(() => r()));
+  return port;
+}
+
+export type Runtime = 'node' | 'deno';
+
+/** Runtimes the behavioural suite runs against. Deno comes from the npm package `deno`. */
+export const RUNTIMES: Runtime[] = ['node', 'deno'];
+
+export function command(runtime: Runtime, file = 'ambassador'): string[] {
+  if (runtime === 'node') {
+    const bundle = path.join(ROOT, 'dist', `${file}.mjs`);
+    if (!existsSync(bundle)) throw new Error(`${bundle} is missing: run \`npm run build\` first`);
+    return [process.execPath, bundle];
+  }
+  const source = file === 'ambassador' ? path.join(ROOT, 'ambassador.ts') : path.join(ROOT, 'services', `${file}.ts`);
+  return [DENO, 'run', '--quiet', '--allow-net', '--allow-env', '--allow-read', source];
+}
+
+export interface Proc {
+  child: ChildProcess;
+  pid: number;
+  lines: string[];
+  stderr: string[];
+  /** Parsed JSON log lines. */
+  logs(): Array<Record<string, unknown>>;
+  waitForLine(pred: (line: string) => boolean, timeoutMs?: number): Promise<string>;
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  kill(signal?: NodeJS.Signals): void;
+}
+
+export function startProcess(argv: string[], env: Record<string, string>): Proc {
+  const child = spawn(argv[0], argv.slice(1), {
+    env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', DENO_NO_UPDATE_CHECK: '1', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const lines: string[] = [];
+  const stderr: string[] = [];
+  const waiters: Array<{ pred: (l: string) => boolean; resolve: (l: string) => void }> = [];
+  const feed = (into: string[]) => {
+    let buf = '';
+    return (chunk: Buffer) => {
+      buf += chunk.toString();
+      let i: number;
+      while ((i = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, i);
+        buf = buf.slice(i + 1);
+        into.push(line);
+        for (const w of [...waiters]) if (w.pred(line)) {
+          waiters.splice(waiters.indexOf(w), 1);
+          w.resolve(line);
+        }
+      }
+    };
+  };
+  child.stdout!.on('data', feed(lines));
+  child.stderr!.on('data', feed(stderr));
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
+    child.on('exit', (code, signal) => resolve({ code, signal }));
+  });
+  return {
+    child, pid: child.pid!, lines, stderr,
+    logs: () => lines.flatMap((l) => {
+      try {
+        return [JSON.parse(l) as Record<string, unknown>];
+      } catch {
+        return [];
+      }
+    }),
+    waitForLine(pred, timeoutMs = 15_000) {
+      const found = [...lines, ...stderr].find(pred);
+      if (found !== undefined) return Promise.resolve(found);
+      return new Promise((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`no matching line within ${timeoutMs} ms; stdout:\n${lines.join('\n')}\nstderr:\n${stderr.join('\n')}`)), timeoutMs);
+        waiters.push({ pred, resolve: (l) => {
+          clearTimeout(timer);
+          resolve(l);
+        } });
+        void exited.then(() => setTimeout(() => {
+          clearTimeout(timer);
+          reject(new Error(`process exited; stdout:\n${lines.join('\n')}\nstderr:\n${stderr.join('\n')}`));
+        }, 50));
+      });
+    },
+    exited,
+    kill: (signal = 'SIGTERM') => {
+      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+    },
+  };
+}
+
+export interface AmbassadorProc extends Proc {
+  url: string;
+  adminUrl: string;
+  port: number;
+  adminPort: number;
+  stop(): Promise<void>;
+}
+
+/** Starts the ambassador on ephemeral ports and waits for its `listening` line. */
+export async function startAmbassador(runtime: Runtime, env: Record<string, string>): Promise<AmbassadorProc> {
+  const proc = startProcess(command(runtime), { PORT: '0', ADMIN_PORT: '0', ADMIN_HOST: '127.0.0.1', RETRY_BACKOFF_MS: '10', ...env });
+  const line = await proc.waitForLine((l) => l.includes('"msg":"listening"') || l.includes(' listening '));
+  const { port, admin_port: adminPort } = JSON.parse(line) as { port: number; admin_port: number };
+  return Object.assign(proc, {
+    url: `http://127.0.0.1:${port}`, adminUrl: `http://127.0.0.1:${adminPort}`, port, adminPort,
+    async stop() {
+      proc.kill('SIGKILL');
+      await proc.exited;
+    },
+  });
+}
+
+/** A raw HTTP/1.1 exchange over TCP, for requests fetch will not make (absolute-form, smuggling shapes). */
+export function rawRequest(port: number, text: string, timeoutMs = 5000): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(port, '127.0.0.1');
+    let out = '';
+    const timer = setTimeout(() => {
+      socket.destroy();
+      resolve(out);
+    }, timeoutMs);
+    socket.on('data', (d) => {
+      out += d.toString('latin1');
+    });
+    socket.on('close', () => {
+      clearTimeout(timer);
+      resolve(out);
+    });
+    socket.on('error', (e) => {
+      clearTimeout(timer);
+      if (out) resolve(out);
+      else reject(e);
+    });
+    socket.write(text);
+  });
+}
+
+/** Peak and current resident memory of a process, in MiB (Linux /proc). */
+export async function memoryOf(pid: number): Promise<{ rssMiB: number; peakMiB: number }> {
+  const { readFile } = await import('node:fs/promises');
+  const status = await readFile(`/proc/${pid}/status`, 'utf8');
+  const kb = (key: string) => Number(new RegExp(`${key}:\\s+(\\d+)`).exec(status)?.[1] ?? NaN);
+  return { rssMiB: kb('VmRSS') / 1024, peakMiB: kb('VmHWM') / 1024 };
+}
+
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
