@@ -1,0 +1,172 @@
+/** Every retry rule, proved by counting requests at a real upstream (or, for a dead port, in the log). */
+import { afterEach, describe, expect, it } from 'vitest';
+import { RUNTIMES, deadPort, startAmbassador, startUpstream, type AmbassadorProc, type Upstream } from './helpers.ts';
+
+describe.each(RUNTIMES)('retries (%s)', (runtime) => {
+  let upstream: Upstream | undefined;
+  let amb: AmbassadorProc | undefined;
+  afterEach(async () => {
+    await amb?.stop();
+    await upstream?.close();
+    amb = upstream = undefined;
+  });
+  const attemptLines = (a: AmbassadorProc) => a.logs().filter((l) => typeof l.msg === 'string' && /^attempt \d+ failed/.test(l.msg));
+
+  it('retries a GET after 503 and honours Retry-After', async () => {
+    upstream = await startUpstream((_q, res, _s, n) => {
+      if (n === 1) {
+        res.writeHead(503, { 'retry-after': '1' });
+        return res.end('busy');
+      }
+      res.end('fine');
+    });
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
+    const t0 = performance.now();
+    const res = await fetch(`${amb.url}/a`);
+    expect(await res.text()).toBe('fine');
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(950);
+    expect(upstream.seen.length).toBe(2);
+    const [line] = attemptLines(amb);
+    expect(line).toMatchObject({ level: 'warn', attempt: 1, kind: 'status', status: 503, retry_in_ms: 1000 });
+  });
+
+  it('retries a GET on connection refused, logs each failed attempt, then answers 502 saying why', async () => {
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: `http://127.0.0.1:${await deadPort()}` });
+    const res = await fetch(`${amb.url}/inventory`);
+    expect(res.status).toBe(502);
+    expect(await res.text()).toMatch(/^ambassador: upstream failed: .*(refused|ECONNREFUSED).*\(3 attempts\)/i);
+    const lines = attemptLines(amb);
+    expect(lines.map((l) => l.attempt)).toEqual([1, 2, 3]);
+    expect(lines.every((l) => l.kind === 'refused')).toBe(true);
+    expect(String(lines[0].msg)).toMatch(/^attempt 1 failed: .*refused/i);
+    expect(lines[2]).toMatchObject({ skip: 'attempts' });
+  });
+
+  it('retries a GET after a per-try timeout, and the upstream sees both attempts', async () => {
+    upstream = await startUpstream((_q, res, _s, n) => {
+      if (n === 1) return; // never answers
+      res.end('second');
+    });
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, TRY_TIMEOUT_MS: '300' });
+    const res = await fetch(`${amb.url}/slow`);
+    expect(await res.text()).toBe('second');
+    expect(upstream.seen.length).toBe(2);
+    expect(attemptLines(amb)[0]).toMatchObject({ kind: 'timeout' });
+  });
+
+  it('never repeats a POST after a 503: the upstream sees it once and the app gets its answer', async () => {
+    upstream = await startUpstream((_q, res) => {
+      res.writeHead(503);
+      res.end('upstream says no');
+    });
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
+    const res = await fetch(`${amb.url}/orders`, { method: 'POST', body: '{"n":1}' });
+    expect(res.status).toBe(503);
+    expect(await res.text()).toBe('upstream says no');
+    expect(upstream.seen.length).toBe(1);
+    expect(attemptLines(amb)[0]).toMatchObject({ skip: 'method' });
+  });
+
+  it('never repeats a POST after a timeout, and answers 504', async () => {
+    upstream = await startUpstream(() => {});
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, TRY_TIMEOUT_MS: '300' });
+    const res = await fetch(`${amb.url}/orders`, { method: 'POST', body: 'x' });
+    expect(res.status).toBe(504);
+    expect(await res.text()).toMatch(/timed out.*\(1 attempt\)/);
+    expect(upstream.seen.length).toBe(1);
+  });
+
+  it('repeats a POST that carries an Idempotency-Key, with the same body', async () => {
+    upstream = await startUpstream((_q, res, _s, n) => {
+      res.writeHead(n === 1 ? 503 : 201);
+      res.end();
+    });
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
+    const res = await fetch(`${amb.url}/orders`, { method: 'POST', body: 'same body', headers: { 'idempotency-key': 'k1' } });
+    expect(res.status).toBe(201);
+    expect(upstream.seen.map((s) => s.body.toString())).toEqual(['same body', 'same body']);
+  });
+
+  it('repeats a POST the upstream cannot have received (connection refused)', async () => {
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: `http://127.0.0.1:${await deadPort()}` });
+    const res = await fetch(`${amb.url}/orders`, { method: 'POST', body: 'x' });
+    expect(res.status).toBe(502);
+    expect(attemptLines(amb).map((l) => l.attempt)).toEqual([1, 2, 3]);
+  });
+
+  it('streams a body larger than RETRY_BODY_MAX_BYTES once, and logs that the retry was skipped', async () => {
+    upstream = await startUpstream((_q, res) => {
+      res.writeHead(503);
+      res.end();
+    });
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, RETRY_BODY_MAX_BYTES: '1024' });
+    const body = 'b'.repeat(5000);
+    const res = await fetch(`${amb.url}/big`, { method: 'PUT', body });
+    expect(res.status).toBe(503);
+    expect(upstream.seen.length).toBe(1);
+    expect(upstream.seen[0].body.toString()).toBe(body);
+    expect(attemptLines(amb)[0]).toMatchObject({ skip: 'body' });
+    expect(String(attemptLines(amb)[0].msg)).toContain('giving up (body)');
+  });
+
+  it('replays a small body on every attempt', async () => {
+    upstream = await startUpstream((_q, res, _s, n) => {
+      res.writeHead(n < 3 ? 502 : 200);
+      res.end();
+    });
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
+    const res = await fetch(`${amb.url}/put`, { method: 'PUT', body: 'v1' });
+    expect(res.status).toBe(200);
+    expect(upstream.seen.map((s) => s.body.toString())).toEqual(['v1', 'v1', 'v1']);
+  });
+
+  it('passes the upstream\'s own last answer through when every attempt got a 503', async () => {
+    upstream = await startUpstream((_q, res, _s, n) => {
+      res.writeHead(503, { 'x-try': String(n) });
+      res.end(`busy ${n}`);
+    });
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
+    const res = await fetch(`${amb.url}/x`);
+    expect(res.status).toBe(503);
+    expect(res.headers.get('x-try')).toBe('3');
+    expect(await res.text()).toBe('busy 3');
+    expect(upstream.seen.length).toBe(3);
+  });
+
+  it('keeps the whole request within REQUEST_TIMEOUT_MS, retries included', async () => {
+    upstream = await startUpstream(() => {});
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, TRY_TIMEOUT_MS: '300', REQUEST_TIMEOUT_MS: '500', RETRY_ATTEMPTS: '5' });
+    const t0 = performance.now();
+    const res = await fetch(`${amb.url}/x`);
+    const took = performance.now() - t0;
+    expect(res.status).toBe(504);
+    expect(took).toBeLessThan(1500);
+    expect(upstream.seen.length).toBeLessThanOrEqual(2);
+  });
+
+  it('does not wait for a Retry-After that would pass the deadline', async () => {
+    upstream = await startUpstream((_q, res) => {
+      res.writeHead(503, { 'retry-after': '30' });
+      res.end();
+    });
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, REQUEST_TIMEOUT_MS: '2000' });
+    const t0 = performance.now();
+    const res = await fetch(`${amb.url}/x`);
+    expect(res.status).toBe(503);
+    expect(performance.now() - t0).toBeLessThan(1000);
+    expect(upstream.seen.length).toBe(1);
+    expect(attemptLines(amb)[0]).toMatchObject({ skip: 'deadline' });
+  });
+
+  it('keeps retries within the budget when the upstream keeps failing', async () => {
+    upstream = await startUpstream((_q, res) => {
+      res.writeHead(503);
+      res.end();
+    });
+    // No percentage, a floor of 1 retry/s: at most 10 retries in the 10 s window.
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, RETRY_BUDGET_PERCENT: '0', RETRY_BUDGET_MIN_PER_SEC: '1', RETRY_BACKOFF_MS: '0', RETRY_BACKOFF_MAX_MS: '0' });
+    for (let i = 0; i < 20; i++) await (await fetch(`${amb.url}/x`)).text();
+    expect(upstream.seen.length).toBe(20 + 10);
+    expect(attemptLines(amb).some((l) => l.skip === 'budget')).toBe(true);
+  });
+});
