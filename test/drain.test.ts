@@ -1,0 +1,101 @@
+/** SIGTERM as Kubernetes sends it: not ready at once, in-flight requests finish, idle keep-alive
+ * connections do not hold the exit, and DRAIN_TIMEOUT_MS bounds it all. Real processes, real signals. */
+import http from 'node:http';
+import { afterEach, describe, expect, it } from 'vitest';
+import { RUNTIMES, sleep, startAmbassador, startUpstream, type AmbassadorProc, type Upstream } from './helpers.ts';
+
+function get(url: string, agent?: http.Agent): Promise<{ status: number; body: string; headers: http.IncomingHttpHeaders }> {
+  return new Promise((resolve, reject) => {
+    http.get(url, { agent }, (res) => {
+      let body = '';
+      res.on('data', (c) => (body += c));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body, headers: res.headers }));
+      res.on('error', reject);
+    }).on('error', reject);
+  });
+}
+
+describe.each(RUNTIMES)('drain on SIGTERM (%s)', (runtime) => {
+  let upstream: Upstream | undefined;
+  let amb: AmbassadorProc | undefined;
+  afterEach(async () => {
+    await amb?.stop();
+    await upstream?.close();
+    amb = upstream = undefined;
+  });
+
+  it('turns /readyz 503 at once, finishes the request in flight, then exits 0', async () => {
+    upstream = await startUpstream((_q, res) => setTimeout(() => res.end('finished'), 1000));
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
+    const inFlight = get(`${amb.url}/slow`);
+    await sleep(200);
+    expect(upstream.seen.length).toBe(1);
+    amb.kill('SIGTERM');
+    await amb.waitForLine((l) => l.includes('drain started'));
+    expect((await fetch(`${amb.adminUrl}/readyz`)).status).toBe(503);
+    expect((await fetch(`${amb.adminUrl}/healthz`)).status).toBe(200);
+    const res = await inFlight;
+    expect(res).toMatchObject({ status: 200, body: 'finished' });
+    expect(res.headers.connection).toBe('close');
+    const { code } = await amb.exited;
+    expect(code).toBe(0);
+    const stages = amb.logs().map((l) => String(l.msg));
+    expect(stages.some((m) => m.startsWith('SIGTERM: drain started'))).toBe(true);
+    expect(stages).toContain('drain: no longer accepting connections');
+    expect(stages).toContain('drain complete, exiting');
+  });
+
+  it('refuses a request sent after the drain began cleanly, never leaving it hanging', async () => {
+    upstream = await startUpstream((_q, res) => setTimeout(() => res.end('finished'), 800));
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
+    const inFlight = get(`${amb.url}/slow`);
+    await sleep(200);
+    amb.kill('SIGTERM');
+    await amb.waitForLine((l) => l.includes('no longer accepting'));
+    await sleep(100);
+    const late = await get(`${amb.url}/late`).then((r) => `answered ${r.status}`, (e: NodeJS.ErrnoException) => e.code);
+    expect(['ECONNREFUSED', 'answered 200']).toContain(late);
+    expect((await inFlight).status).toBe(200);
+    expect((await amb.exited).code).toBe(0);
+  });
+
+  it('does not wait on idle keep-alive connections', async () => {
+    upstream = await startUpstream();
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
+    const agent = new http.Agent({ keepAlive: true });
+    expect((await get(`${amb.url}/a`, agent)).status).toBe(200);
+    const t0 = performance.now();
+    amb.kill('SIGTERM');
+    expect((await amb.exited).code).toBe(0);
+    expect(performance.now() - t0).toBeLessThan(2000);
+    agent.destroy();
+  });
+
+  it('keeps serving new requests during DRAIN_GRACE_MS, for an app that is itself draining', async () => {
+    upstream = await startUpstream();
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, DRAIN_GRACE_MS: '1500' });
+    amb.kill('SIGTERM');
+    await amb.waitForLine((l) => l.includes('drain started'));
+    await sleep(500);
+    const res = await get(`${amb.url}/during-grace`);
+    expect(res.status).toBe(200);
+    expect(res.headers.connection).toBe('close');
+    expect((await amb.exited).code).toBe(0);
+  });
+
+  it('cuts off what is left at DRAIN_TIMEOUT_MS, logs it, and still exits 0', async () => {
+    upstream = await startUpstream(() => {}); // never answers
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, DRAIN_TIMEOUT_MS: '700', TRY_TIMEOUT_MS: '0', REQUEST_TIMEOUT_MS: '0' });
+    const stuck = get(`${amb.url}/stuck`).catch((e: Error) => e.message);
+    await sleep(200);
+    const t0 = performance.now();
+    amb.kill('SIGTERM');
+    expect((await amb.exited).code).toBe(0);
+    const took = performance.now() - t0;
+    expect(took).toBeGreaterThanOrEqual(650);
+    expect(took).toBeLessThan(2500);
+    await stuck;
+    const cut = amb.logs().find((l) => String(l.msg).includes('cutting off'));
+    expect(cut?.cut_off).toEqual([expect.objectContaining({ method: 'GET', path: '/stuck' })]);
+  });
+});
