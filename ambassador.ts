@@ -998,18 +998,17 @@ export async function main(env: Record<string, string | undefined>): Promise<voi
       admin_host: config.adminHost, admin_port: config.adminPort });
     return exit(1);
   }
-  amb.markReady();
-  log('info', 'listening', {
-    version: VERSION, runtime: deno ? 'deno' : 'node', port: proxy.port, admin_port: admin.port,
-    config: { ...config, upstream: config.upstream.href },
-  });
-
   onSignals((signal) => {
     if (amb.draining) {
       log('warn', `second ${signal}: exiting now`, { in_flight: amb.inFlight.size });
       return exit(1);
     }
     void drain(signal, config, amb, proxy, admin, log);
+  });
+  amb.markReady();
+  log('info', 'listening', {
+    version: VERSION, runtime: deno ? 'deno' : 'node', port: proxy.port, admin_port: admin.port,
+    config: { ...config, upstream: config.upstream.href },
   });
 }
 

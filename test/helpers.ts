@@ -69,9 +69,11 @@ export type Runtime = 'node' | 'deno';
 /** Runtimes the behavioural suite runs against. Deno comes from the npm package `deno`. */
 export const RUNTIMES: Runtime[] = ['node', 'deno'];
 
-export function command(runtime: Runtime, file = 'ambassador'): string[] {
+export type Program = 'ambassador' | 'order-service' | 'inventory-service';
+
+export function command(runtime: Runtime, file: Program = 'ambassador'): string[] {
   if (runtime === 'node') {
-    const bundle = path.join(ROOT, 'dist', `${file}.mjs`);
+    const bundle = path.join(ROOT, 'dist', file === 'ambassador' ? 'ambassador.mjs' : `services/${file}.mjs`);
     if (!existsSync(bundle)) throw new Error(`${bundle} is missing: run \`npm run build\` first`);
     return [process.execPath, bundle];
   }
@@ -159,10 +161,32 @@ export interface AmbassadorProc extends Proc {
   stop(): Promise<void>;
 }
 
+export interface ServiceProc extends Proc {
+  url: string;
+  port: number;
+  stop(): Promise<void>;
+}
+
+/** Starts a demo service (on PORT=0 unless told) and waits for its `listening` line. `prefix` runs it
+ * through another command, such as `ip netns exec NS`. */
+export async function startService(runtime: Runtime, program: Program, env: Record<string, string>, prefix: string[] = []): Promise<ServiceProc> {
+  const proc = startProcess([...prefix, ...command(runtime, program)], { PORT: '0', HOST: '127.0.0.1', ...env });
+  const line = await proc.waitForLine((l) => l.includes('"msg":"listening"'));
+  const { port } = JSON.parse(line) as { port: number };
+  const host = env.HOST && env.HOST !== '0.0.0.0' ? env.HOST : '127.0.0.1';
+  return Object.assign(proc, {
+    url: `http://${host}:${port}`, port,
+    async stop() {
+      proc.kill('SIGKILL');
+      await proc.exited;
+    },
+  });
+}
+
 /** Starts the ambassador on ephemeral ports and waits for its `listening` line. */
-export async function startAmbassador(runtime: Runtime, env: Record<string, string>): Promise<AmbassadorProc> {
-  const proc = startProcess(command(runtime), { PORT: '0', ADMIN_PORT: '0', ADMIN_HOST: '127.0.0.1', RETRY_BACKOFF_MS: '10', ...env });
-  const line = await proc.waitForLine((l) => l.includes('"msg":"listening"') || l.includes(' listening '));
+export async function startAmbassador(runtime: Runtime, env: Record<string, string>, prefix: string[] = []): Promise<AmbassadorProc> {
+  const proc = startProcess([...prefix, ...command(runtime)], { PORT: '0', ADMIN_PORT: '0', ADMIN_HOST: '127.0.0.1', RETRY_BACKOFF_MS: '10', ...env });
+  const line = await proc.waitForLine((l) => l.includes('"msg":"listening"'));
   const { port, admin_port: adminPort } = JSON.parse(line) as { port: number; admin_port: number };
   return Object.assign(proc, {
     url: `http://127.0.0.1:${port}`, adminUrl: `http://127.0.0.1:${adminPort}`, port, adminPort,

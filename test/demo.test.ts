@@ -1,0 +1,47 @@
+/** `npm start`'s runner: the three processes come up, the chain answers, and one Ctrl-C (SIGINT) stops
+ * all of them, leaving no process behind and every port free. */
+import { existsSync } from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { ROOT, deadPort, startProcess } from './helpers.ts';
+
+const alive = (pid: number) => {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+};
+const listening = (port: number) => new Promise<boolean>((resolve) => {
+  const s = net.connect(port, '127.0.0.1');
+  s.on('connect', () => {
+    s.destroy();
+    resolve(true);
+  });
+  s.on('error', () => resolve(false));
+});
+
+describe('npm start (the demo runner)', () => {
+  it('runs the chain, prints what to try, and stops all three on Ctrl-C', async () => {
+    const demo = path.join(ROOT, 'dist', 'scripts', 'demo.mjs');
+    expect(existsSync(demo), 'run `npm run build` first').toBe(true);
+    const ports = { ORDER_PORT: await deadPort(), AMBASSADOR_PORT: await deadPort(), ADMIN_PORT: await deadPort(), INVENTORY_PORT: await deadPort() };
+    const p = startProcess([process.execPath, demo], Object.fromEntries(Object.entries(ports).map(([k, v]) => [k, String(v)])));
+    await p.waitForLine((l) => l.includes('Ctrl-C stops all three'));
+    expect(p.lines.join('\n')).toContain(`curl http://localhost:${ports.ORDER_PORT}/order`);
+    const res = await fetch(`http://127.0.0.1:${ports.ORDER_PORT}/order`);
+    expect(await res.text()).toBe('Order received. Inventory says: {"item":"widget","stock":42}');
+    await p.waitForLine((l) => l.startsWith('[ambassador]') && l.includes('path=/inventory status=200'));
+
+    const children = (await import('node:child_process')).execFileSync('pgrep', ['-P', String(p.pid)]).toString().trim().split('\n').map(Number);
+    expect(children).toHaveLength(3);
+    p.kill('SIGINT');
+    const { code } = await p.exited;
+    expect(code).toBe(0);
+    for (const pid of children) expect(alive(pid), `child ${pid} still running`).toBe(false);
+    for (const port of Object.values(ports)) expect(await listening(port), `port ${port} still open`).toBe(false);
+    expect(p.lines.filter((l) => /exited \(code 0\)/.test(l))).toHaveLength(3);
+  });
+});
