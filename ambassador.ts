@@ -70,6 +70,8 @@ const BUDGET_WINDOW_SECONDS = 10;
 // ---------------------------------------------------------------------------------------------------------
 
 export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
+/** `notice` is for the lifecycle (start-up, drain stages): written whatever LOG_LEVEL says. */
+type LineLevel = LogLevel | 'notice';
 export type LogFormat = 'json' | 'text';
 
 export interface Config {
@@ -106,11 +108,13 @@ export type RetryDecision =
   | { retry: false; reason: 'final' | SkipReason };
 
 export interface Logger {
-  (level: LogLevel, msg: string, fields?: Record<string, unknown>): void;
+  (level: LineLevel, msg: string, fields?: Record<string, unknown>): void;
 }
 
 /** What the handler reports; the log (and, later, metrics) subscribe. Policies never log. */
 export interface Events {
+  /** response headers arrived from the upstream, `seconds` after the attempt began */
+  attemptResponded(e: { id: string; attempt: number; status: number; seconds: number }): void;
   attemptFailed(e: { id: string; attempt: number; error: string; kind: FailureKind | 'status'; status?: number; next: RetryDecision }): void;
   requestDone(e: RequestRecord): void;
 }
@@ -411,7 +415,7 @@ export function failureResponse(kind: FailureKind | 'draining', detail: string, 
 // Logging: one line per event, JSON or text, to stdout.
 // ---------------------------------------------------------------------------------------------------------
 
-const LEVELS: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 40 };
+const LEVELS: Record<LineLevel, number> = { debug: 10, info: 20, warn: 30, error: 40, notice: 100 };
 
 export function createLogger(format: LogFormat, minLevel: LogLevel, write: (line: string) => void = console.log): Logger {
   const min = LEVELS[minLevel];
@@ -422,13 +426,16 @@ export function createLogger(format: LogFormat, minLevel: LogLevel, write: (line
       write(JSON.stringify({ time, level, msg, ...fields }));
     } else {
       const rest = Object.entries(fields).map(([k, v]) => `${k}=${typeof v === 'string' ? v : JSON.stringify(v)}`);
-      write(`${time} ${level.toUpperCase().padEnd(5)} ${msg}${rest.length ? ' ' + rest.join(' ') : ''}`);
+      write(`${time} ${level.toUpperCase().padEnd(6)} ${msg}${rest.length ? ' ' + rest.join(' ') : ''}`);
     }
   };
 }
 
 function logEvents(log: Logger): Events {
   return {
+    attemptResponded(e) {
+      log('debug', 'upstream responded', { id: e.id, attempt: e.attempt, status: e.status, upstream_ms: round(e.seconds * 1000) });
+    },
     attemptFailed(e) {
       const then = e.next.retry ? `retrying in ${e.next.delayMs} ms` : `giving up (${e.next.reason})`;
       log('warn', `attempt ${e.attempt} failed: ${e.error}; ${then}`, {
@@ -447,6 +454,133 @@ function logEvents(log: Logger): Events {
 }
 
 const round = (ms: number) => Math.round(ms * 100) / 100;
+
+// ---------------------------------------------------------------------------------------------------------
+// Metrics: counters and histograms fed by the same events as the log, written out in the Prometheus text
+// format (or OpenMetrics when the scraper asks). Names follow Prometheus practice and echo Envoy's
+// `upstream_rq_*` and Linkerd's `response_total`, so an operator finds what they expect.
+// ---------------------------------------------------------------------------------------------------------
+
+/** Seconds: from a sub-millisecond loopback hop to a multi-second timeout. */
+const BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
+
+/** A small fixed set of method labels: anything else is `other`, so a client cannot grow the series. */
+const METHOD_LABELS = new Set(['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS']);
+
+class Histogram {
+  readonly counts = new Array<number>(BUCKETS.length).fill(0);
+  sum = 0;
+  count = 0;
+  observe(seconds: number): void {
+    const i = BUCKETS.findIndex((b) => seconds <= b);
+    if (i >= 0) this.counts[i]++;
+    this.sum += seconds;
+    this.count++;
+  }
+}
+
+/** Live values the metrics read when scraped, rather than keep up to date. */
+export interface Gauges {
+  inFlight(): number;
+  draining(): boolean;
+  connections?(): number; // Node only: Deno.serve does not expose its connections
+}
+
+export class Metrics {
+  readonly requests = new Map<string, number>(); // `${method} ${code}`
+  readonly duration = new Histogram();
+  readonly upstreamTime = new Histogram();
+  readonly attemptFailures = new Map<string, number>();
+  readonly retriesSkipped = new Map<string, number>();
+  retries = 0;
+  eventLoopLagSeconds = 0;
+  gauges: Gauges = { inFlight: () => 0, draining: () => false };
+
+  constructor(readonly info: { version: string; runtime: string; startTimeSeconds: number }) {}
+
+  events(): Events {
+    const add = (map: Map<string, number>, key: string) => map.set(key, (map.get(key) ?? 0) + 1);
+    return {
+      attemptResponded: (e) => this.upstreamTime.observe(e.seconds),
+      attemptFailed: (e) => {
+        add(this.attemptFailures, e.kind === 'status' ? String(e.status) : e.kind);
+        if (e.next.retry) this.retries++;
+        else if (e.next.reason !== 'final') add(this.retriesSkipped, e.next.reason);
+      },
+      requestDone: (r) => {
+        add(this.requests, `${METHOD_LABELS.has(r.method) ? r.method : 'other'} ${r.status}`);
+        this.duration.observe(r.durationMs / 1000);
+      },
+    };
+  }
+
+  /** The exposition: Prometheus text format 0.0.4, or OpenMetrics 1.0 (`# EOF`, counter families named
+   * without `_total`). */
+  render(openMetrics: boolean): string {
+    const out: string[] = [];
+    const family = (name: string, type: 'counter' | 'gauge' | 'histogram', help: string) => {
+      const base = openMetrics && type === 'counter' ? name.replace(/_total$/, '') : name;
+      out.push(`# HELP ${base} ${help}`, `# TYPE ${base} ${type}`);
+    };
+    const labels = (pairs: Record<string, string>) => {
+      const inner = Object.entries(pairs).map(([k, v]) => `${k}="${v.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\n')}"`);
+      return inner.length ? `{${inner.join(',')}}` : '';
+    };
+    const histogram = (name: string, h: Histogram) => {
+      let cumulative = 0;
+      BUCKETS.forEach((b, i) => {
+        cumulative += h.counts[i];
+        out.push(`${name}_bucket{le="${b}"} ${cumulative}`);
+      });
+      out.push(`${name}_bucket{le="+Inf"} ${h.count}`, `${name}_sum ${h.sum}`, `${name}_count ${h.count}`);
+    };
+
+    family('ambassador_requests_total', 'counter', 'Requests answered to the app, by method and status code (499: the app went away).');
+    for (const [key, n] of this.requests) {
+      const [method, code] = key.split(' ');
+      out.push(`ambassador_requests_total${labels({ method, code })} ${n}`);
+    }
+    family('ambassador_request_duration_seconds', 'histogram', 'Time from the request arriving to the end of its response body.');
+    histogram('ambassador_request_duration_seconds', this.duration);
+    family('ambassador_upstream_response_seconds', 'histogram', 'Time from sending an attempt to the upstream\'s response headers.');
+    histogram('ambassador_upstream_response_seconds', this.upstreamTime);
+    family('ambassador_upstream_attempt_failures_total', 'counter', 'Attempts that failed, by reason: refused, dns, reset, timeout, tls, protocol, other, or the 502/503/504 status.');
+    for (const [reason, n] of this.attemptFailures) out.push(`ambassador_upstream_attempt_failures_total${labels({ reason })} ${n}`);
+    family('ambassador_upstream_retries_total', 'counter', 'Retries sent to the upstream.');
+    out.push(`ambassador_upstream_retries_total ${this.retries}`);
+    family('ambassador_upstream_retries_skipped_total', 'counter', 'Retries that were due but not sent, by reason: attempts, method, body, deadline, budget.');
+    for (const [reason, n] of this.retriesSkipped) out.push(`ambassador_upstream_retries_skipped_total${labels({ reason })} ${n}`);
+    family('ambassador_requests_in_flight', 'gauge', 'Requests not yet answered in full.');
+    out.push(`ambassador_requests_in_flight ${this.gauges.inFlight()}`);
+    if (this.gauges.connections) {
+      family('ambassador_downstream_connections', 'gauge', 'Open connections from the app.');
+      out.push(`ambassador_downstream_connections ${this.gauges.connections()}`);
+    }
+    family('ambassador_draining', 'gauge', '1 from the moment a drain starts.');
+    out.push(`ambassador_draining ${this.gauges.draining() ? 1 : 0}`);
+    family('ambassador_event_loop_lag_seconds', 'gauge', 'How late the last event-loop timer fired.');
+    out.push(`ambassador_event_loop_lag_seconds ${this.eventLoopLagSeconds}`);
+    family('ambassador_build_info', 'gauge', 'Always 1; the labels say which build and runtime this is.');
+    out.push(`ambassador_build_info${labels({ version: this.info.version, runtime: this.info.runtime })} 1`);
+    family('process_resident_memory_bytes', 'gauge', 'Resident memory size in bytes.');
+    out.push(`process_resident_memory_bytes ${process.memoryUsage.rss()}`);
+    const cpu = process.cpuUsage();
+    family('process_cpu_seconds_total', 'counter', 'User and system CPU time spent, in seconds.');
+    out.push(`process_cpu_seconds_total ${(cpu.user + cpu.system) / 1e6}`);
+    family('process_start_time_seconds', 'gauge', 'Start time of the process since the Unix epoch, in seconds.');
+    out.push(`process_start_time_seconds ${this.info.startTimeSeconds}`);
+    if (openMetrics) out.push('# EOF');
+    return out.join('\n') + '\n';
+  }
+}
+
+function fanOut(...all: Events[]): Events {
+  return {
+    attemptResponded: (e) => all.forEach((x) => x.attemptResponded(e)),
+    attemptFailed: (e) => all.forEach((x) => x.attemptFailed(e)),
+    requestDone: (e) => all.forEach((x) => x.requestDone(e)),
+  };
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Bodies: a request body is kept for replay only when it is small; a response body is always streamed.
@@ -605,6 +739,7 @@ export interface Ambassador {
   admin: Hono;
   /** Requests not yet answered in full, by request id. */
   inFlight: Map<string, InFlight>;
+  metrics: Metrics;
   markReady(): void;
   startDrain(): void;
   readonly draining: boolean;
@@ -630,10 +765,11 @@ function sleep(ms: number, signal: AbortSignal): Promise<void> {
   });
 }
 
-export function createAmbassador(config: Config, options: { log?: Logger; clock?: Clock; events?: Events; send?: Send } = {}): Ambassador {
+export function createAmbassador(config: Config, options: { log?: Logger; clock?: Clock; metrics?: Metrics; send?: Send } = {}): Ambassador {
   const log = options.log ?? createLogger(config.logFormat, config.logLevel);
   const clock = options.clock ?? systemClock;
-  const events = options.events ?? logEvents(log);
+  const metrics = options.metrics ?? new Metrics({ version: VERSION, runtime: deno ? 'deno' : 'node', startTimeSeconds: Date.now() / 1000 });
+  const events = fanOut(logEvents(log), metrics.events());
   const send = options.send ?? fetchSend;
   const budget = new RetryBudget(config.retryBudgetPercent, config.retryBudgetMinPerSec);
   const inFlight = new Map<string, InFlight>();
@@ -742,6 +878,7 @@ export function createAmbassador(config: Config, options: { log?: Logger; clock?
       try {
         res = await attempt(target, { method, headers, body: body.take() }, limit, gone, body.sent);
         record.upstreamMs = clock.now() - tryStarted;
+        events.attemptResponded({ id, attempt: n, status: res.status, seconds: record.upstreamMs / 1000 });
       } catch (err) {
         if (gone.aborted) throw err;
         failure = classifyFailure(err);
@@ -790,11 +927,19 @@ export function createAmbassador(config: Config, options: { log?: Logger; clock?
   const admin = new Hono();
   admin.get('/healthz', (c) => c.text('ok\n'));
   admin.get('/readyz', (c) => (ready && !draining ? c.text('ready\n') : c.text(draining ? 'draining\n' : 'starting\n', 503)));
+  metrics.gauges = { ...metrics.gauges, inFlight: () => inFlight.size, draining: () => draining };
+  admin.get('/metrics', (c) => {
+    const openMetrics = (c.req.header('accept') ?? '').includes('application/openmetrics-text');
+    return c.body(metrics.render(openMetrics), 200, {
+      'content-type': openMetrics ? 'application/openmetrics-text; version=1.0.0; charset=utf-8' : 'text/plain; version=0.0.4; charset=utf-8',
+    });
+  });
 
   return {
     proxy,
     admin,
     inFlight,
+    metrics,
     markReady: () => void (ready = true),
     startDrain: () => void (draining = true),
     get draining() {
@@ -836,6 +981,8 @@ interface Listener {
   close(): Promise<void>;
   /** Ends every connection now. */
   cutOff(): void;
+  /** Open connections, where the runtime tells. */
+  connections?(): number;
 }
 
 type FetchHandler = (req: Request, env: Bindings) => Response | Promise<Response>;
@@ -915,6 +1062,11 @@ async function listenNode(fetchHandler: FetchHandler, host: string, port: number
   server.on('connect', (_req: unknown, socket: { end(data: string): void }) => {
     socket.end('HTTP/1.1 405 Method Not Allowed\r\nconnection: close\r\ncontent-length: 0\r\n\r\n');
   });
+  let open = 0;
+  server.on('connection', (socket: { once(event: 'close', f: () => void): void }) => {
+    open++;
+    socket.once('close', () => open--);
+  });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(port, host, () => {
@@ -935,6 +1087,7 @@ async function listenNode(fetchHandler: FetchHandler, host: string, port: number
       server.closeIdleConnections();
     }),
     cutOff: () => server.closeAllConnections(),
+    connections: () => open,
   };
 }
 
@@ -1005,11 +1158,24 @@ export async function main(env: Record<string, string | undefined>): Promise<voi
     }
     void drain(signal, config, amb, proxy, admin, log);
   });
+  amb.metrics.gauges = { ...amb.metrics.gauges, connections: proxy.connections };
+  sampleEventLoopLag(amb.metrics);
   amb.markReady();
-  log('info', 'listening', {
+  log('notice', 'listening', {
     version: VERSION, runtime: deno ? 'deno' : 'node', port: proxy.port, admin_port: admin.port,
     config: { ...config, upstream: config.upstream.href },
   });
+}
+
+/** How late a 500 ms timer fires tells how busy the event loop is; a proxy that lags adds that to
+ * every request. */
+function sampleEventLoopLag(metrics: Metrics): void {
+  let expected = performance.now() + 500;
+  setInterval(() => {
+    const now = performance.now();
+    metrics.eventLoopLagSeconds = Math.max(0, now - expected) / 1000;
+    expected = now + 500;
+  }, 500);
 }
 
 /** The drain, as Kubernetes needs it: not ready at once; still serving for DRAIN_GRACE_MS (an app that
@@ -1017,7 +1183,7 @@ export async function main(env: Record<string, string | undefined>): Promise<voi
  * response, idle ones closed again and again; exit 0 once nothing is left, or at DRAIN_TIMEOUT_MS. */
 async function drain(signal: string, config: Config, amb: Ambassador, proxy: Listener, admin: Listener, log: Logger) {
   amb.startDrain();
-  log('info', `${signal}: drain started, /readyz now answers 503`, {
+  log('notice', `${signal}: drain started, /readyz now answers 503`, {
     in_flight: amb.inFlight.size, grace_ms: config.drainGraceMs, timeout_ms: config.drainTimeoutMs,
   });
   let timedOut = false;
@@ -1028,7 +1194,7 @@ async function drain(signal: string, config: Config, amb: Ambassador, proxy: Lis
   if (config.drainGraceMs > 0) {
     await Promise.race([new Promise((r) => setTimeout(r, Math.min(config.drainGraceMs, config.drainTimeoutMs))), deadline]);
   }
-  log('info', 'drain: no longer accepting connections', { in_flight: amb.inFlight.size });
+  log('notice', 'drain: no longer accepting connections', { in_flight: amb.inFlight.size });
   await Promise.race([proxy.close(), deadline]);
   if (timedOut) {
     const cut = [...amb.inFlight].map(([id, r]) => ({ id, method: r.method, path: r.path }));
@@ -1036,7 +1202,7 @@ async function drain(signal: string, config: Config, amb: Ambassador, proxy: Lis
     proxy.cutOff();
   }
   admin.cutOff();
-  log('info', 'drain complete, exiting', { exit_code: 0 });
+  log('notice', 'drain complete, exiting', { exit_code: 0 });
   exit(0);
 }
 

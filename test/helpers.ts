@@ -186,8 +186,10 @@ export async function startService(runtime: Runtime, program: Program, env: Reco
 /** Starts the ambassador on ephemeral ports and waits for its `listening` line. */
 export async function startAmbassador(runtime: Runtime, env: Record<string, string>, prefix: string[] = []): Promise<AmbassadorProc> {
   const proc = startProcess([...prefix, ...command(runtime)], { PORT: '0', ADMIN_PORT: '0', ADMIN_HOST: '127.0.0.1', RETRY_BACKOFF_MS: '10', ...env });
-  const line = await proc.waitForLine((l) => l.includes('"msg":"listening"'));
-  const { port, admin_port: adminPort } = JSON.parse(line) as { port: number; admin_port: number };
+  const line = await proc.waitForLine((l) => l.includes('"msg":"listening"') || / listening /.test(l));
+  // JSON, or with LOG_FORMAT=text: `... NOTICE listening version=... port=8080 admin_port=9901 ...`
+  const port = Number(/"?port"?[=:](\d+)/.exec(line)?.[1]);
+  const adminPort = Number(/"?admin_port"?[=:](\d+)/.exec(line)?.[1]);
   return Object.assign(proc, {
     url: `http://127.0.0.1:${port}`, adminUrl: `http://127.0.0.1:${adminPort}`, port, adminPort,
     async stop() {

@@ -1,0 +1,54 @@
+/** The access log: one line per request with stable field names, the request id in every line about a
+ * request, no secrets, and a text format for people. */
+import { afterEach, describe, expect, it } from 'vitest';
+import { RUNTIMES, startAmbassador, startUpstream, type AmbassadorProc, type Upstream } from './helpers.ts';
+
+describe.each(RUNTIMES)('logs (%s)', (runtime) => {
+  let upstream: Upstream | undefined;
+  let amb: AmbassadorProc | undefined;
+  afterEach(async () => {
+    await amb?.stop();
+    await upstream?.close();
+    amb = upstream = undefined;
+  });
+
+  it('writes one JSON line per request with stable fields, and the id in every line about it', async () => {
+    upstream = await startUpstream((_q, res, _s, n) => {
+      res.writeHead(n === 1 ? 503 : 200);
+      res.end('hello');
+    });
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
+    await (await fetch(`${amb.url}/path?token=secret-in-query`, { method: 'PUT', body: 'abc', headers: { 'x-request-id': 'rid-1' } })).text();
+    const line = await amb.waitForLine((l) => l.includes('"msg":"request"'));
+    const entry = JSON.parse(line);
+    expect(Object.keys(entry)).toEqual(['time', 'level', 'msg', 'id', 'method', 'path', 'status', 'attempts', 'duration_ms', 'upstream_ms', 'bytes_in', 'bytes_out']);
+    expect(entry).toMatchObject({ level: 'info', id: 'rid-1', method: 'PUT', path: '/path', status: 200, attempts: 2, bytes_in: 3, bytes_out: 5 });
+    expect(entry.duration_ms).toBeGreaterThanOrEqual(entry.upstream_ms);
+    const about = amb.logs().filter((l) => l.id === 'rid-1');
+    expect(about.map((l) => String(l.msg).split(':')[0])).toEqual(['attempt 1 failed', 'request']);
+    expect(amb.lines.join('\n')).not.toContain('secret-in-query');
+  });
+
+  it('never writes credentials or cookies to the log or the admin port', async () => {
+    upstream = await startUpstream((_q, res) => {
+      res.writeHead(502);
+      res.end();
+    });
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, LOG_LEVEL: 'debug' });
+    await (await fetch(`${amb.url}/x`, { headers: { authorization: 'Bearer sekrit-token', cookie: 'session=sekrit-cookie', 'proxy-authorization': 'Basic sekrit-proxy' } })).text();
+    await amb.waitForLine((l) => l.includes('"msg":"request"'));
+    const admin = await (await fetch(`${amb.adminUrl}/metrics`)).text();
+    for (const text of [amb.lines.join('\n'), amb.stderr.join('\n'), admin]) expect(text).not.toMatch(/sekrit/);
+    expect(upstream.seen[0].headers.authorization).toBe('Bearer sekrit-token');
+    expect(upstream.seen[0].headers['proxy-authorization']).toBeUndefined();
+  });
+
+  it('writes readable text lines with LOG_FORMAT=text, and only failures with LOG_LEVEL=warn', async () => {
+    upstream = await startUpstream();
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, LOG_FORMAT: 'text', LOG_LEVEL: 'warn' });
+    await (await fetch(`${amb.url}/quiet`)).text();
+    expect(amb.lines.join('\n')).toMatch(/^\S+Z NOTICE listening version=0\.1\.0 runtime=\w+ port=\d+/m);
+    await new Promise((r) => setTimeout(r, 200));
+    expect(amb.lines.join('\n')).not.toContain('/quiet');
+  });
+});
