@@ -1212,6 +1212,9 @@ async function drain(signal: string, config: Config, amb: Ambassador, proxy: Lis
 
 function isEntry(): boolean {
   if (deno) return (import.meta as { main?: boolean }).main === true;
+  // A CommonJS bundle (the one a Node single executable is made from) has no import.meta: it is only
+  // ever built to be the program.
+  if (import.meta.url === undefined) return true;
   const script = process.argv[1];
   return script !== undefined && decodeURIComponent(new URL(import.meta.url).pathname) === script;
 }

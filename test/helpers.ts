@@ -64,15 +64,20 @@ export async function deadPort(): Promise<number> {
   return port;
 }
 
-export type Runtime = 'node' | 'deno';
-
-/** Runtimes the behavioural suite runs against. Deno comes from the npm package `deno`. */
-export const RUNTIMES: Runtime[] = ['node', 'deno'];
+/** Every artifact the behavioural suite runs against: the esbuild bundle under `node`, `ambassador.ts`
+ * under Deno (from the npm package `deno`), and the Node single executable (`npm run sea`). */
+export type Runtime = 'node' | 'deno' | 'sea';
+export const RUNTIMES: Runtime[] = ['node', 'deno', 'sea'];
+export const SEA = path.join(ROOT, 'bin', 'ambassador-node');
 
 export type Program = 'ambassador' | 'order-service' | 'inventory-service';
 
 export function command(runtime: Runtime, file: Program = 'ambassador'): string[] {
-  if (runtime === 'node') {
+  if (runtime === 'sea' && file === 'ambassador') {
+    if (!existsSync(SEA)) throw new Error(`${SEA} is missing: run \`npm run sea\` first`);
+    return [SEA];
+  }
+  if (runtime === 'node' || runtime === 'sea') { // the demo services have no single-executable build
     const bundle = path.join(ROOT, 'dist', file === 'ambassador' ? 'ambassador.mjs' : `services/${file}.mjs`);
     if (!existsSync(bundle)) throw new Error(`${bundle} is missing: run \`npm run build\` first`);
     return [process.execPath, bundle];

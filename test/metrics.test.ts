@@ -56,7 +56,7 @@ describe.each(RUNTIMES)('metrics (%s)', (runtime) => {
     expect(m.get('ambassador_request_duration_seconds_count')).toBe(12);
     expect(m.get('ambassador_requests_in_flight')).toBe(0);
     expect(m.get('ambassador_draining')).toBe(0);
-    expect(m.get(`ambassador_build_info{version="0.1.0",runtime="${runtime}"}`)).toBe(1);
+    expect(m.get(`ambassador_build_info{version="0.1.0",runtime="${runtime === "deno" ? "deno" : "node"}"}`)).toBe(1);
     expect(m.get('process_resident_memory_bytes')).toBeGreaterThan(1e6);
     expect(m.get('process_start_time_seconds')).toBeGreaterThan(1.7e9);
   });
