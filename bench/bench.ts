@@ -1,0 +1,293 @@
+/**
+ * The benchmark: the same work done directly, through nginx, and through each ambassador artifact, in
+ * one run, interleaved in rounds (A B C … A B C …) so drift on the machine hits every row alike.
+ *
+ *   npm run bench                      3 rounds of 5 s per measurement (about 5 minutes)
+ *   npm run bench -- --rounds 1 --seconds 2     a quick look
+ *
+ * Load: wrk (Debian package) with one thread, pinned to CPU 0 with the upstream; the proxy under test
+ * pinned to CPU 1. The upstream is nginx serving a fixed small JSON body and a 1 MiB file (a Node
+ * upstream when nginx is not installed: the row then says so). Every load is bounded in time; all traffic
+ * stays on 127.0.0.1. Prints a table and writes the figures as JSON to dist/bench.json.
+ */
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const root = path.resolve(here, path.basename(path.dirname(here)) === 'dist' ? '../..' : '..');
+const arg = (name: string, fallback: number) => {
+  const i = process.argv.indexOf(name);
+  return i >= 0 ? Number(process.argv[i + 1]) : fallback;
+};
+const ROUNDS = arg('--rounds', 3);
+const SECONDS = arg('--seconds', 5);
+const has = (tool: string) => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0;
+const pinned = (cpu: number, argv: string[]) => (has('taskset') && os.cpus().length > 1 ? ['taskset', '-c', String(cpu), ...argv] : argv);
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const tmp = mkdtempSync(path.join(os.tmpdir(), 'ambassador-bench-'));
+
+async function freePort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
+  const { port } = s.address() as net.AddressInfo;
+  await new Promise<void>((r) => s.close(() => r()));
+  return port;
+}
+
+async function waitFor(url: string, timeoutMs = 10_000): Promise<number> {
+  const t0 = performance.now();
+  for (;;) {
+    try {
+      const res = await fetch(url);
+      await res.arrayBuffer();
+      if (res.ok) return performance.now() - t0;
+    } catch {
+      // not yet
+    }
+    if (performance.now() - t0 > timeoutMs) throw new Error(`${url} not ready after ${timeoutMs} ms`);
+    await sleep(2);
+  }
+}
+
+function memory(pid: number): { rss: number; peak: number } {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const kb = (k: string) => Number(new RegExp(`${k}:\\s+(\\d+)`).exec(status)?.[1] ?? NaN) / 1024;
+  return { rss: kb('VmRSS'), peak: kb('VmHWM') };
+}
+
+function cpuSeconds(pid: number): number {
+  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100; // utime + stime, in clock ticks of 1/100 s
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The upstream: nginx (1 worker) when installed, else node:http.
+// ---------------------------------------------------------------------------------------------------------
+
+const ONE_MIB = path.join(tmp, '1mib.bin');
+writeFileSync(ONE_MIB, Buffer.alloc(1024 * 1024, 'a'));
+const SMALL = '{"item":"widget","stock":42}';
+
+function nginxConfig(port: number, body: string): string {
+  writeFileSync(path.join(tmp, `nginx-${port}.conf`), [
+    'worker_processes 1; daemon off; pid /dev/null; error_log stderr error;',
+    'events { worker_connections 4096; }',
+    'http {',
+    `  access_log off; client_body_temp_path ${tmp}; proxy_temp_path ${tmp}; fastcgi_temp_path ${tmp}; uwsgi_temp_path ${tmp}; scgi_temp_path ${tmp};`,
+    '  keepalive_requests 1000000;',
+    body,
+    '}',
+  ].join('\n'));
+  return path.join(tmp, `nginx-${port}.conf`);
+}
+
+interface Running {
+  name: string;
+  pid: number;
+  url: string;
+  startupMs: number;
+  idleRss: number;
+  stop(): Promise<void>;
+}
+
+function start(name: string, argv: string[], env: Record<string, string>, readyUrl: string, url: string): Promise<Running> {
+  const t0 = performance.now();
+  const child: ChildProcess = spawn(argv[0], argv.slice(1), { env: { PATH: process.env.PATH ?? '', ...env }, stdio: ['ignore', 'ignore', 'inherit'] });
+  return waitFor(readyUrl).then(async () => {
+    const startupMs = performance.now() - t0;
+    await sleep(300);
+    return {
+      name, pid: child.pid!, url, startupMs, idleRss: memory(child.pid!).rss,
+      stop: async () => {
+        child.kill('SIGTERM');
+        await new Promise((r) => child.once('exit', r));
+      },
+    };
+  });
+}
+
+async function startUpstream(): Promise<Running> {
+  const port = await freePort();
+  if (has('nginx')) {
+    const conf = nginxConfig(port, `  server { listen 127.0.0.1:${port}; location = /small { default_type application/json; return 200 '${SMALL}'; } location = /1mib { alias ${ONE_MIB}; } }`);
+    return start('upstream (nginx)', pinned(0, ['nginx', '-c', conf]), {}, `http://127.0.0.1:${port}/small`, `http://127.0.0.1:${port}`);
+  }
+  const big = readFileSync(ONE_MIB);
+  const server = http.createServer((req, res) => (req.url === '/1mib' ? res.end(big) : res.end(SMALL)));
+  server.keepAliveTimeout = 60_000;
+  await new Promise<void>((r) => server.listen(port, '127.0.0.1', r));
+  return { name: 'upstream (node:http; nginx not installed)', pid: process.pid, url: `http://127.0.0.1:${port}`, startupMs: 0, idleRss: 0, stop: async () => void server.close() };
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The rows.
+// ---------------------------------------------------------------------------------------------------------
+
+interface Row {
+  name: string;
+  available: string | undefined; // why not, when it cannot run here
+  start(upstream: string): Promise<Running>;
+}
+
+const deno = path.join(root, 'node_modules', '.bin', 'deno');
+const ambassadorEnv = (upstream: string, port: number, admin: number) => ({
+  UPSTREAM_URL: upstream, PORT: String(port), ADMIN_PORT: String(admin), ADMIN_HOST: '127.0.0.1', LOG_LEVEL: 'warn',
+});
+const ambassadorRow = (name: string, argv: string[], available: string | undefined): Row => ({
+  name, available,
+  async start(upstream) {
+    const [port, admin] = [await freePort(), await freePort()];
+    return start(name, pinned(1, argv), ambassadorEnv(upstream, port, admin), `http://127.0.0.1:${admin}/readyz`, `http://127.0.0.1:${port}`);
+  },
+});
+
+const rows: Row[] = [
+  { name: 'direct', available: undefined, start: async (upstream) => ({ name: 'direct', pid: 0, url: upstream, startupMs: 0, idleRss: 0, stop: async () => {} }) },
+  {
+    name: 'nginx', available: has('nginx') ? undefined : 'not installed',
+    async start(upstream) {
+      const port = await freePort();
+      const conf = nginxConfig(port, [
+        `  upstream u { server ${new URL(upstream).host}; keepalive 128; }`,
+        `  server { listen 127.0.0.1:${port}; location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } }`,
+      ].join('\n'));
+      return start('nginx', pinned(1, ['nginx', '-c', conf]), {}, `http://127.0.0.1:${port}/small`, `http://127.0.0.1:${port}`);
+    },
+  },
+  ambassadorRow('ambassador (node bundle)', [process.execPath, path.join(root, 'dist/ambassador.mjs')], existsSync(path.join(root, 'dist/ambassador.mjs')) ? undefined : 'run npm run build'),
+  ambassadorRow('ambassador (node, image flags)', [process.execPath, '--max-semi-space-size=2', '--max-old-space-size=40', path.join(root, 'dist/ambassador.mjs')], existsSync(path.join(root, 'dist/ambassador.mjs')) ? undefined : 'run npm run build'),
+  ambassadorRow('ambassador (node SEA)', [path.join(root, 'bin/ambassador-node')], existsSync(path.join(root, 'bin/ambassador-node')) ? undefined : 'run npm run sea'),
+  ambassadorRow('ambassador (deno)', [deno, 'run', '--quiet', '--allow-net', '--allow-env', path.join(root, 'ambassador.ts')], existsSync(deno) ? undefined : 'npm package deno missing'),
+  ambassadorRow('ambassador (deno compiled)', [path.join(root, 'bin/ambassador')], existsSync(path.join(root, 'bin/ambassador')) ? undefined : 'not built (deno compile needs its denort runtime)'),
+];
+
+// ---------------------------------------------------------------------------------------------------------
+// Load and figures.
+// ---------------------------------------------------------------------------------------------------------
+
+interface Scenario {
+  name: string;
+  path: string;
+  connections: number;
+}
+const scenarios: Scenario[] = [
+  { name: 'small, 1 conn', path: '/small', connections: 1 },
+  { name: 'small, 64 conns', path: '/small', connections: 64 },
+  { name: '1 MiB, 8 conns', path: '/1mib', connections: 8 },
+];
+
+interface Sample {
+  rps: number;
+  p50us: number;
+  p99us: number;
+  cpuPer10k: number | null;
+  errors: number;
+}
+
+function toMicros(v: string): number {
+  const m = /^([\d.]+)(us|ms|s)$/.exec(v.trim());
+  if (!m) return NaN;
+  return Number(m[1]) * (m[2] === 'us' ? 1 : m[2] === 'ms' ? 1000 : 1_000_000);
+}
+
+function wrk(url: string, connections: number, pid: number): Sample {
+  const cpu0 = pid ? cpuSeconds(pid) : 0;
+  const out = execFileSync(pinned(0, ['wrk'])[0], [...pinned(0, ['wrk']).slice(1), '-t1', `-c${connections}`, `-d${SECONDS}s`, '--latency', '--timeout', '5s', url], { encoding: 'utf8' });
+  const cpu = pid ? cpuSeconds(pid) - cpu0 : 0;
+  const rps = Number(/Requests\/sec:\s+([\d.]+)/.exec(out)?.[1]);
+  const total = Number(/(\d+) requests in/.exec(out)?.[1]);
+  const errors = Number(/Non-2xx or 3xx responses: (\d+)/.exec(out)?.[1] ?? 0) + Number(/Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)/.exec(out)?.slice(1).reduce((a, b) => a + Number(b), 0) ?? 0);
+  return {
+    rps, errors,
+    p50us: toMicros(/50%\s+(\S+)/.exec(out)?.[1] ?? ''),
+    p99us: toMicros(/99%\s+(\S+)/.exec(out)?.[1] ?? ''),
+    cpuPer10k: pid ? (cpu / total) * 10_000 : null,
+  };
+}
+
+const median = (xs: number[]) => {
+  const s = [...xs].filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
+  return s.length ? (s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2) : NaN;
+};
+
+async function main(): Promise<void> {
+  if (!has('wrk')) {
+    console.error('bench: wrk is not installed (Debian package wrk)');
+    process.exit(1);
+  }
+  const upstream = await startUpstream();
+  const samples = new Map<string, Sample[]>(); // `${row}|${scenario}`
+  const life = new Map<string, { startupMs: number[]; idleRss: number[]; peakRss: number[] }>();
+  console.log(`bench: ${ROUNDS} round(s) × ${SECONDS} s per measurement; upstream: ${upstream.name}; ${os.cpus().length} CPUs (${os.cpus()[0]?.model})`);
+  for (let round = 1; round <= ROUNDS; round++) {
+    for (const row of rows) {
+      if (row.available) continue;
+      const proc = await row.start(upstream.url);
+      const l = life.get(row.name) ?? { startupMs: [], idleRss: [], peakRss: [] };
+      life.set(row.name, l);
+      if (proc.pid) {
+        l.startupMs.push(proc.startupMs);
+        l.idleRss.push(proc.idleRss);
+      }
+      for (const sc of scenarios) {
+        const key = `${row.name}|${sc.name}`;
+        const s = wrk(`${proc.url}${sc.path}`, sc.connections, proc.pid);
+        samples.set(key, [...(samples.get(key) ?? []), s]);
+        process.stdout.write(`  round ${round} ${row.name.padEnd(32)} ${sc.name.padEnd(16)} ${s.rps.toFixed(0).padStart(7)} req/s  p50 ${s.p50us.toFixed(0)} µs  p99 ${s.p99us.toFixed(0)} µs${s.errors ? `  ERRORS ${s.errors}` : ''}\n`);
+      }
+      if (proc.pid) l.peakRss.push(memory(proc.pid).peak);
+      await proc.stop();
+    }
+  }
+  await upstream.stop();
+
+  const fmt = (xs: number[], digits = 0) => {
+    const m = median(xs);
+    if (!Number.isFinite(m)) return '–';
+    return xs.length > 1 ? `${m.toFixed(digits)} (${Math.min(...xs).toFixed(digits)}–${Math.max(...xs).toFixed(digits)})` : m.toFixed(digits);
+  };
+  const result: Record<string, unknown> = { machine: { cpus: os.cpus().length, model: os.cpus()[0]?.model, node: process.version }, rounds: ROUNDS, seconds: SECONDS, upstream: upstream.name, rows: {} };
+  const rps = (row: string, sc: string) => median((samples.get(`${row}|${sc}`) ?? []).map((s) => s.rps));
+  const p50 = (row: string, sc: string) => median((samples.get(`${row}|${sc}`) ?? []).map((s) => s.p50us));
+  console.log('\n| row | small 64c req/s | × nginx | × direct | p50 / p99 64c (µs) | added p50 1c (µs) | 1 MiB 8c req/s | × nginx | CPU s / 10k req | start-up (ms) | idle / peak RSS (MiB) |');
+  console.log('|---|---|---|---|---|---|---|---|---|---|---|');
+  for (const row of rows) {
+    if (row.available) {
+      console.log(`| ${row.name} | ${row.available} | | | | | | | | | |`);
+      continue;
+    }
+    const s64 = samples.get(`${row.name}|small, 64 conns`) ?? [];
+    const l = life.get(row.name)!;
+    const figures = {
+      rps64: rps(row.name, 'small, 64 conns'),
+      vsNginx: rps(row.name, 'small, 64 conns') / rps('nginx', 'small, 64 conns'),
+      vsDirect: rps(row.name, 'small, 64 conns') / rps('direct', 'small, 64 conns'),
+      p50us64: median(s64.map((s) => s.p50us)),
+      p99us64: median(s64.map((s) => s.p99us)),
+      addedP50us1: p50(row.name, 'small, 1 conn') - p50('direct', 'small, 1 conn'),
+      rps1mib: rps(row.name, '1 MiB, 8 conns'),
+      vsNginx1mib: rps(row.name, '1 MiB, 8 conns') / rps('nginx', '1 MiB, 8 conns'),
+      cpuPer10k: median(s64.map((s) => s.cpuPer10k ?? NaN)),
+      startupMs: median(l.startupMs),
+      idleRssMiB: median(l.idleRss),
+      peakRssMiB: median(l.peakRss),
+      errors: [...samples.entries()].filter(([k]) => k.startsWith(`${row.name}|`)).flatMap(([, v]) => v).reduce((a, s) => a + s.errors, 0),
+    };
+    (result.rows as Record<string, unknown>)[row.name] = figures;
+    console.log(`| ${row.name} | ${fmt(s64.map((s) => s.rps))} | ${figures.vsNginx.toFixed(2)} | ${figures.vsDirect.toFixed(2)} | ${figures.p50us64.toFixed(0)} / ${figures.p99us64.toFixed(0)} | ${row.name === 'direct' ? '–' : figures.addedP50us1.toFixed(0)} | ${fmt((samples.get(`${row.name}|1 MiB, 8 conns`) ?? []).map((s) => s.rps))} | ${figures.vsNginx1mib.toFixed(2)} | ${Number.isFinite(figures.cpuPer10k) ? figures.cpuPer10k.toFixed(2) : '–'} | ${l.startupMs.length ? fmt(l.startupMs) : '–'} | ${l.idleRss.length ? `${fmt(l.idleRss)} / ${fmt(l.peakRss)}` : '–'} |`);
+  }
+  writeFileSync(path.join(root, 'dist', 'bench.json'), JSON.stringify(result, null, 2));
+  console.log('\nbench: figures written to dist/bench.json');
+  rmSync(tmp, { recursive: true, force: true });
+}
+
+main().catch((err) => {
+  console.error(err);
+  rmSync(tmp, { recursive: true, force: true });
+  process.exit(1);
+});

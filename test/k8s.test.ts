@@ -1,0 +1,73 @@
+/** The Kubernetes manifests: valid against the Kubernetes API schema (kubernetes-models, generated from
+ * the API's OpenAPI definitions), and holding the rules a sidecar needs. */
+import { Service } from 'kubernetes-models/v1/Service';
+import { Deployment } from 'kubernetes-models/apps/v1/Deployment';
+import { describe, expect, it } from 'vitest';
+import { kustomization, objects } from './manifests.ts';
+
+const all = objects();
+const deployments = all.filter((o) => o.object.kind === 'Deployment').map((o) => o.object);
+const order = deployments.find((d) => d.metadata.name === 'order-service')!;
+type Container = { name: string; image: string; restartPolicy?: string; env?: Array<{ name: string; value: string }>; securityContext?: any; resources?: any; startupProbe?: any; readinessProbe?: any; livenessProbe?: any; ports?: Array<{ name?: string; containerPort: number }> }; // eslint-disable-line @typescript-eslint/no-explicit-any
+const containersOf = (d: typeof order): Container[] => [...(d.spec.template.spec.initContainers ?? []), ...d.spec.template.spec.containers];
+
+describe('Kubernetes manifests', () => {
+  it.each(all.map((o) => [`${o.file}: ${o.object.kind} ${o.object.metadata.name}`, o.object] as const))('%s validates against the API schema', (_name, object) => {
+    const model = object.kind === 'Deployment' ? new Deployment(object as never) : object.kind === 'Service' ? new Service(object as never) : undefined;
+    expect(model, `no schema model for kind ${object.kind}`).toBeDefined();
+    expect(() => model!.validate()).not.toThrow();
+  });
+
+  it('the schema check is real: a port that is not a number fails it', () => {
+    const broken = structuredClone(order);
+    broken.spec.template.spec.containers[0].ports[0].containerPort = 'three thousand';
+    expect(() => new Deployment(broken as never).validate()).toThrow();
+  });
+
+  it('runs the ambassador as a native sidecar whose probes hit the admin port, never an upstream path', () => {
+    const sidecar = (order.spec.template.spec.initContainers as Container[]).find((c) => c.name === 'ambassador')!;
+    expect(sidecar.restartPolicy).toBe('Always');
+    const admin = sidecar.ports!.find((p) => p.name === 'admin')!.containerPort;
+    expect(admin).toBe(9901);
+    expect(sidecar.startupProbe.httpGet).toEqual({ path: '/readyz', port: 'admin' });
+    expect(sidecar.readinessProbe.httpGet).toEqual({ path: '/readyz', port: 'admin' });
+    expect(sidecar.livenessProbe.httpGet).toEqual({ path: '/healthz', port: 'admin' });
+    expect(order.spec.template.spec.containers.map((c: Container) => c.name)).toEqual(['order-service']);
+  });
+
+  it('gives every pod and container the restricted security context', () => {
+    for (const d of deployments) {
+      const pod = d.spec.template.spec.securityContext;
+      expect(pod, d.metadata.name).toMatchObject({ runAsNonRoot: true, seccompProfile: { type: 'RuntimeDefault' } });
+      expect(pod.runAsUser).toBeGreaterThan(0);
+      for (const c of containersOf(d)) {
+        expect(c.securityContext, `${d.metadata.name}/${c.name}`).toEqual({ allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: { drop: ['ALL'] } });
+      }
+    }
+  });
+
+  it('keeps the ambassador within the article\'s budget: 100m CPU, 64Mi memory', () => {
+    const sidecar = containersOf(order).find((c) => c.name === 'ambassador')!;
+    expect(sidecar.resources.limits).toEqual({ cpu: '100m', memory: '64Mi' });
+  });
+
+  it('gives the drain time to finish inside the grace period', () => {
+    const sidecar = containersOf(order).find((c) => c.name === 'ambassador')!;
+    const drainMs = Number(sidecar.env!.find((e) => e.name === 'DRAIN_TIMEOUT_MS')!.value);
+    expect(order.spec.template.spec.terminationGracePeriodSeconds * 1000).toBeGreaterThan(drainMs);
+  });
+
+  it('sets every image in one place, the kustomization', () => {
+    const names = new Set(kustomization().images.map((i) => i.name));
+    for (const d of deployments) for (const c of containersOf(d)) expect(names.has(c.image), `${c.image} is not in kustomization.yaml`).toBe(true);
+  });
+
+  it('points the app at the ambassador and the ambassador at the inventory Service', () => {
+    const app = containersOf(order).find((c) => c.name === 'order-service')!;
+    expect(app.env).toContainEqual({ name: 'AMBASSADOR_URL', value: 'http://127.0.0.1:8080' });
+    const sidecar = containersOf(order).find((c) => c.name === 'ambassador')!;
+    const upstream = new URL(sidecar.env!.find((e) => e.name === 'UPSTREAM_URL')!.value);
+    const service = all.find((o) => o.object.kind === 'Service' && o.object.metadata.name === upstream.hostname)!.object;
+    expect(service.spec.ports[0].port).toBe(Number(upstream.port));
+  });
+});
