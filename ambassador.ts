@@ -703,6 +703,72 @@ function trackBody(body: ReadableStream<Uint8Array>, done: (bytes: number, error
   }, { highWaterMark: 0 });
 }
 
+/** The parts of Node's streams the Node path uses, so this file needs no Node types. */
+interface NodeReadable extends AsyncIterable<Uint8Array> {
+  pipe(to: NodeOutgoing): void;
+  resume(): void;
+  destroy(err?: Error): void;
+  on(event: 'data', f: (chunk: Uint8Array) => void): void;
+  on(event: 'error', f: (err: Error) => void): void;
+}
+interface NodeOutgoing {
+  writeHead(status: number, statusText: string, headers: Record<string, string | string[]>): void;
+  destroy(): void;
+  readonly writableFinished: boolean;
+  readonly destroyed: boolean;
+  on(event: 'finish' | 'close', f: () => void): void;
+}
+
+/** On Node, an upstream response's body stays a Node stream (see `nodeSend`), kept here beside the
+ * Response that stands for it; `bodyOf` makes a web stream of it only where one is needed. */
+const nodeBodies = new WeakMap<Response, NodeReadable>();
+
+function bodyOf(res: Response): ReadableStream<Uint8Array> | null {
+  const nodeBody = nodeBodies.get(res);
+  return nodeBody ? streamFromNode(nodeBody) : res.body;
+}
+
+/** Lets go of a response not passed on: its body is read to the end (Node) or cancelled (fetch). */
+function discard(res: Response): void {
+  const nodeBody = nodeBodies.get(res);
+  if (nodeBody) nodeBody.resume();
+  else res.body?.cancel().catch(() => {});
+}
+
+/** Node: writes the response head, then pipes the upstream body into the app's connection with Node's own
+ * backpressure, counting bytes. An upstream failure mid-body destroys the app's connection (the app sees
+ * a broken response, never a short one that looks whole); the app going away destroys the upstream's. */
+function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, res: Response, done: (bytes: number, error?: string) => void): void {
+  if (outgoing.destroyed) { // the app left while the headers were on their way
+    body.destroy();
+    return done(0, 'client went away before the response');
+  }
+  const head: Record<string, string | string[]> = {};
+  res.headers.forEach((value, name) => {
+    if (name !== 'set-cookie') head[name] = value;
+  });
+  const cookies = res.headers.getSetCookie();
+  if (cookies.length > 0) head['set-cookie'] = cookies;
+  outgoing.writeHead(res.status, res.statusText, head);
+  let bytes = 0;
+  let ended = false;
+  const end = (error?: string) => {
+    if (!ended) (ended = true), done(bytes, error);
+  };
+  body.on('data', (chunk) => (bytes += chunk.byteLength));
+  body.on('error', (err) => {
+    end(`upstream body failed: ${describeFailure(err)}`);
+    outgoing.destroy();
+  });
+  outgoing.on('finish', () => end());
+  outgoing.on('close', () => {
+    if (outgoing.writableFinished) return;
+    end('client went away during the response body');
+    body.destroy();
+  });
+  body.pipe(outgoing);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // The proxy handler: retry( timeout( fetch ) ), written out.
 // ---------------------------------------------------------------------------------------------------------
@@ -710,6 +776,7 @@ function trackBody(body: ReadableStream<Uint8Array>, done: (bytes: number, error
 /** What the runtime adapters pass as Hono's `env`: the raw request target and the peer's address. */
 export interface Bindings {
   incoming?: { url?: string; socket?: { remoteAddress?: string } }; // @hono/node-server
+  outgoing?: NodeOutgoing; // @hono/node-server
   remoteAddr?: string; // Deno adapter
 }
 
@@ -765,7 +832,11 @@ function sleep(ms: number, signal: AbortSignal): Promise<void> {
   });
 }
 
-export function createAmbassador(config: Config, options: { log?: Logger; clock?: Clock; metrics?: Metrics; send?: Send } = {}): Ambassador {
+export function createAmbassador(config: Config, options: {
+  log?: Logger; clock?: Clock; metrics?: Metrics; send?: Send;
+  /** @hono/node-server's "the handler wrote the response itself" (RESPONSE_ALREADY_SENT), for the Node path */
+  written?: Response;
+} = {}): Ambassador {
   const log = options.log ?? createLogger(config.logFormat, config.logLevel);
   const clock = options.clock ?? systemClock;
   const metrics = options.metrics ?? new Metrics({ version: VERSION, runtime: deno ? 'deno' : 'node', startTimeSeconds: Date.now() / 1000 });
@@ -843,11 +914,19 @@ export function createAmbassador(config: Config, options: { log?: Logger; clock?
       const res = await forward(req, requestBody(c), gone.signal, id, pathAndQuery, started, clientAddress(c), record);
       if (draining) res.headers.set('connection', 'close'); // the app opens a fresh connection for its next call
       record.status = res.status;
-      if (res.body === null) {
+      const nodeBody = nodeBodies.get(res);
+      const outgoing = c.env?.outgoing;
+      if (nodeBody && outgoing && options.written) {
+        // Node: the upstream's body goes straight into the app's connection, no web streams between.
+        pipeNode(nodeBody, outgoing, res, finish);
+        return options.written;
+      }
+      const body = bodyOf(res);
+      if (body === null) {
         finish(0);
         return res;
       }
-      return new Response(trackBody(res.body, finish), { status: res.status, statusText: res.statusText, headers: res.headers });
+      return new Response(trackBody(body, finish), { status: res.status, statusText: res.statusText, headers: res.headers });
     } catch (err) {
       // Only a client that went away gets here: everything else became a response in `forward`.
       record.status = 499;
@@ -904,7 +983,7 @@ export function createAmbassador(config: Config, options: { log?: Logger; clock?
         return failureResponse(failure!, error, n, id);
       }
       budget.recordRetry(now);
-      await res?.body?.cancel().catch(() => {}); // frees the connection for the next attempt
+      if (res) discard(res); // frees the connection for the next attempt
       await sleep(next.delayMs, gone);
       if (gone.aborted) throw gone.reason;
     }
@@ -913,8 +992,11 @@ export function createAmbassador(config: Config, options: { log?: Logger; clock?
   function reply(res: Response, method: string, id: string): Response {
     const headers = responseHeaders(res.headers, id);
     const noBody = method === 'HEAD' || NULL_BODY_STATUS.has(res.status);
-    if (noBody) res.body?.cancel().catch(() => {});
-    return new Response(noBody ? null : res.body, { status: res.status, statusText: res.statusText, headers });
+    if (noBody) discard(res);
+    const out = new Response(noBody ? null : res.body, { status: res.status, statusText: res.statusText, headers });
+    const nodeBody = nodeBodies.get(res);
+    if (nodeBody && !noBody) nodeBodies.set(out, nodeBody);
+    return out;
   }
 
   const proxy = new Hono<{ Bindings: Bindings }>();
@@ -1027,7 +1109,9 @@ function nodeSend(http: NodeHttp, https: NodeHttp): Send {
       const noBody = init.method === 'HEAD' || NULL_BODY_STATUS.has(status);
       if (noBody) res.resume();
       try {
-        resolve(new Response(noBody ? null : streamFromNode(res), { status, statusText: res.statusMessage, headers: responseHeaders }));
+        const response = new Response(null, { status, statusText: res.statusMessage, headers: responseHeaders });
+        if (!noBody) nodeBodies.set(response, res as unknown as NodeReadable);
+        resolve(response);
       } catch (err) {
         res.destroy();
         reject(Object.assign(new Error(`invalid HTTP response: ${describeFailure(err)}`), { code: 'HPE_INVALID_RESPONSE' }));
@@ -1138,8 +1222,13 @@ export async function main(env: Record<string, string | undefined>): Promise<voi
     return exit(2);
   }
   const log = createLogger(config.logFormat, config.logLevel);
-  const send = deno ? fetchSend : nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp);
-  const amb = createAmbassador(config, { log, send });
+  const amb = createAmbassador(config, {
+    log,
+    ...(deno ? {} : {
+      send: nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp),
+      written: (await import('@hono/node-server/utils/response')).RESPONSE_ALREADY_SENT,
+    }),
+  });
 
   let proxy: Listener;
   let admin: Listener;

@@ -75,7 +75,7 @@ const SMALL = '{"item":"widget","stock":42}';
 
 function nginxConfig(port: number, body: string): string {
   writeFileSync(path.join(tmp, `nginx-${port}.conf`), [
-    'worker_processes 1; daemon off; pid /dev/null; error_log stderr error;',
+    `worker_processes 1; daemon off; pid ${tmp}/nginx-${port}.pid; error_log stderr error;`,
     'events { worker_connections 4096; }',
     'http {',
     `  access_log off; client_body_temp_path ${tmp}; proxy_temp_path ${tmp}; fastcgi_temp_path ${tmp}; uwsgi_temp_path ${tmp}; scgi_temp_path ${tmp};`,
