@@ -49,6 +49,7 @@ const HOP_BY_HOP = [
   'connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'proxy-authorization',
   'te', 'trailer', 'transfer-encoding', 'upgrade',
 ];
+const HOP_BY_HOP_SET = new Set(HOP_BY_HOP);
 
 /** RFC 9110 §9.2.2: a client may repeat these without changing the outcome. TRACE is idempotent too, but
  * fetch refuses to send it, so the ambassador refuses it (see `refusal`). */
@@ -351,11 +352,20 @@ export function describeFailure(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }
 
-/** Removes hop-by-hop headers (and every header `Connection` names), in place. */
-export function stripHopByHop(headers: Headers): void {
-  const named = headers.get('connection');
-  if (named) for (const name of named.split(',')) headers.delete(name.trim());
-  for (const name of HOP_BY_HOP) headers.delete(name);
+/** Headers as the wire has them: [name, value] pairs in order, names lower-case, repeats kept. Plain
+ * arrays cost far less than `Headers` objects on the hot path, and both runtimes take them as they are. */
+export type HeaderList = Array<[string, string]>;
+
+export function headerValue(headers: HeaderList, name: string): string | null {
+  for (const [k, v] of headers) if (k === name) return v;
+  return null;
+}
+
+/** The headers without hop-by-hop ones and without every header `Connection` names. */
+export function stripHopByHop(headers: HeaderList): HeaderList {
+  const named = headerValue(headers, 'connection');
+  const drop = named ? new Set([...HOP_BY_HOP, ...named.split(',').map((n) => n.trim().toLowerCase())]) : HOP_BY_HOP_SET;
+  return headers.filter(([name]) => !drop.has(name));
 }
 
 /** The upstream URL for a request: the upstream's base path, then the request's path and query exactly
@@ -366,49 +376,65 @@ export function upstreamUrl(base: URL, pathAndQuery: string): string {
 }
 
 /** The request headers the upstream gets. */
-export function forwardHeaders(incoming: Headers, id: string, clientAddress: string | undefined): Headers {
-  const headers = new Headers(incoming);
-  stripHopByHop(headers);
-  const host = headers.get('host');
-  // fetch sets Host from the upstream URL, so the upstream sees its own authority.
-  headers.delete('host');
-  // The ambassador has already answered `100 Continue` to the app (Node's fetch refuses to send Expect).
-  headers.delete('expect');
+export function forwardHeaders(incoming: HeaderList, id: string, clientAddress: string | undefined): HeaderList {
+  let host: string | null = null;
+  let forwardedFor: string | null = null;
+  let via: string | null = null;
+  let proto = false;
+  let forwardedHost = false;
+  const out: HeaderList = [];
+  for (const [name, value] of stripHopByHop(incoming)) {
+    switch (name) {
+      // The client sets Host from the upstream URL, so the upstream sees its own authority.
+      case 'host': host = value; break;
+      // The ambassador has already answered `100 Continue` to the app (Node's fetch refuses to send Expect).
+      case 'expect': break;
+      // Replaced below.
+      case 'accept-encoding': case 'x-request-id': break;
+      case 'x-forwarded-for': forwardedFor = forwardedFor ? `${forwardedFor}, ${value}` : value; break;
+      case 'via': via = via ? `${via}, ${value}` : value; break;
+      case 'x-forwarded-proto': proto = true; out.push([name, value]); break;
+      case 'x-forwarded-host': forwardedHost = true; out.push([name, value]); break;
+      default: out.push([name, value]);
+    }
+  }
   // Ask for the body as it is. Deno's fetch decodes gzip and br for any other value yet keeps the
   // `content-encoding` header, which would hand the app a decoded body labelled as compressed.
-  headers.set('accept-encoding', 'identity');
-  headers.set('x-request-id', id);
-  if (clientAddress) {
-    const prior = headers.get('x-forwarded-for');
-    headers.set('x-forwarded-for', prior ? `${prior}, ${clientAddress}` : clientAddress);
-  }
-  if (!headers.has('x-forwarded-proto')) headers.set('x-forwarded-proto', 'http');
-  if (host && !headers.has('x-forwarded-host')) headers.set('x-forwarded-host', host);
-  const via = headers.get('via');
-  headers.set('via', via ? `${via}, ${VIA}` : VIA);
-  return headers;
+  out.push(['accept-encoding', 'identity'], ['x-request-id', id]);
+  if (clientAddress) out.push(['x-forwarded-for', forwardedFor ? `${forwardedFor}, ${clientAddress}` : clientAddress]);
+  else if (forwardedFor) out.push(['x-forwarded-for', forwardedFor]);
+  if (!proto) out.push(['x-forwarded-proto', 'http']);
+  if (host && !forwardedHost) out.push(['x-forwarded-host', host]);
+  out.push(['via', via ? `${via}, ${VIA}` : VIA]);
+  return out;
 }
 
 /** The response headers the app gets. */
-export function responseHeaders(upstream: Headers, id: string): Headers {
-  const headers = new Headers(upstream);
-  stripHopByHop(headers);
-  headers.set('x-request-id', id);
-  const via = headers.get('via');
-  headers.set('via', via ? `${via}, ${VIA}` : VIA);
-  return headers;
+export function responseHeaders(upstream: HeaderList, id: string): HeaderList {
+  let via: string | null = null;
+  const out: HeaderList = [];
+  for (const [name, value] of stripHopByHop(upstream)) {
+    if (name === 'via') via = via ? `${via}, ${value}` : value;
+    else if (name !== 'x-request-id') out.push([name, value]);
+  }
+  out.push(['x-request-id', id], ['via', via ? `${via}, ${VIA}` : VIA]);
+  return out;
 }
 
 /** One place maps a failure to what the app receives: 502 when the upstream could not be reached or
  * answered nonsense, 504 when it was too slow, 503 while the ambassador refuses work. Plain text, short,
  * saying what failed and after how many attempts. */
-export function failureResponse(kind: FailureKind | 'draining', detail: string, attempts: number, id: string): Response {
-  const status = kind === 'timeout' ? 504 : kind === 'draining' ? 503 : 502;
+export function failureReply(kind: FailureKind, detail: string, attempts: number, id: string): Reply {
   const tries = attempts === 1 ? '1 attempt' : `${attempts} attempts`;
-  return new Response(`ambassador: upstream ${kind === 'timeout' ? 'timed out' : 'failed'}: ${detail} (${tries})\n`, {
-    status,
-    headers: { 'content-type': 'text/plain; charset=utf-8', 'x-request-id': id, 'via': VIA },
-  });
+  return textReply(kind === 'timeout' ? 504 : 502, `ambassador: upstream ${kind === 'timeout' ? 'timed out' : 'failed'}: ${detail} (${tries})\n`, id);
+}
+
+function textReply(status: number, text: string, id: string, extra: HeaderList = []): Reply {
+  const bytes = new TextEncoder().encode(text);
+  return {
+    status, statusText: '', body: new Blob([bytes]).stream(),
+    headers: [['content-type', 'text/plain; charset=utf-8'], ['content-length', String(bytes.byteLength)], ['x-request-id', id], ['via', VIA], ...extra],
+  };
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -712,44 +738,33 @@ interface NodeReadable extends AsyncIterable<Uint8Array> {
   on(event: 'error', f: (err: Error) => void): void;
 }
 interface NodeOutgoing {
-  writeHead(status: number, statusText: string, headers: Record<string, string | string[]>): void;
+  writeHead(status: number, statusText: string, headers: string[]): void;
   destroy(): void;
   readonly writableFinished: boolean;
   readonly destroyed: boolean;
   on(event: 'finish' | 'close', f: () => void): void;
 }
 
-/** On Node, an upstream response's body stays a Node stream (see `nodeSend`), kept here beside the
- * Response that stands for it; `bodyOf` makes a web stream of it only where one is needed. */
-const nodeBodies = new WeakMap<Response, NodeReadable>();
-
-function bodyOf(res: Response): ReadableStream<Uint8Array> | null {
-  const nodeBody = nodeBodies.get(res);
-  return nodeBody ? streamFromNode(nodeBody) : res.body;
+/** A reply's body as a web stream, made from the Node stream only where one is needed. */
+function bodyOf(reply: Reply): ReadableStream<Uint8Array> | null {
+  return reply.node ? streamFromNode(reply.node) : reply.body;
 }
 
-/** Lets go of a response not passed on: its body is read to the end (Node) or cancelled (fetch). */
-function discard(res: Response): void {
-  const nodeBody = nodeBodies.get(res);
-  if (nodeBody) nodeBody.resume();
-  else res.body?.cancel().catch(() => {});
+/** Lets go of a reply not passed on: its body is read to the end (Node) or cancelled (fetch). */
+function discard(reply: Reply): void {
+  if (reply.node) reply.node.resume();
+  else reply.body?.cancel().catch(() => {});
 }
 
 /** Node: writes the response head, then pipes the upstream body into the app's connection with Node's own
  * backpressure, counting bytes. An upstream failure mid-body destroys the app's connection (the app sees
  * a broken response, never a short one that looks whole); the app going away destroys the upstream's. */
-function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, res: Response, done: (bytes: number, error?: string) => void): void {
+function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, reply: Reply, done: (bytes: number, error?: string) => void): void {
   if (outgoing.destroyed) { // the app left while the headers were on their way
     body.destroy();
     return done(0, 'client went away before the response');
   }
-  const head: Record<string, string | string[]> = {};
-  res.headers.forEach((value, name) => {
-    if (name !== 'set-cookie') head[name] = value;
-  });
-  const cookies = res.headers.getSetCookie();
-  if (cookies.length > 0) head['set-cookie'] = cookies;
-  outgoing.writeHead(res.status, res.statusText, head);
+  outgoing.writeHead(reply.status, reply.statusText, reply.headers.flat());
   let bytes = 0;
   let ended = false;
   const end = (error?: string) => {
@@ -775,16 +790,28 @@ function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, res: Response, don
 
 /** What the runtime adapters pass as Hono's `env`: the raw request target and the peer's address. */
 export interface Bindings {
-  incoming?: { url?: string; socket?: { remoteAddress?: string } }; // @hono/node-server
+  incoming?: { url?: string; rawHeaders?: string[]; socket?: { remoteAddress?: string } }; // @hono/node-server
   outgoing?: NodeOutgoing; // @hono/node-server
   remoteAddr?: string; // Deno adapter
 }
 
-/** How one attempt reaches the upstream: `fetch` on Deno, `node:http` on Node (see `nodeSend`). */
-export type Send = (url: string, init: { method: string; headers: Headers; body: Uint8Array | ReadableStream<Uint8Array> | null; signal: AbortSignal }) => Promise<Response>;
+/** One answer from the upstream, whichever client fetched it: a web body (fetch) or a Node stream. */
+export interface Reply {
+  status: number;
+  statusText: string;
+  headers: HeaderList;
+  body: ReadableStream<Uint8Array> | null;
+  node?: NodeReadable;
+}
 
-// `duplex: 'half'` lets fetch send a streamed body; redirects are the app's business, not ours.
-const fetchSend: Send = (url, init) => fetch(url, { ...init, redirect: 'manual', duplex: 'half' } as RequestInit);
+/** How one attempt reaches the upstream: `fetch` on Deno, `node:http` on Node (see `nodeSend`). */
+export type Send = (url: string, init: { method: string; headers: HeaderList; body: Uint8Array | ReadableStream<Uint8Array> | null; signal: AbortSignal }) => Promise<Reply>;
+
+const fetchSend: Send = async (url, init) => {
+  // `duplex: 'half'` lets fetch send a streamed body; redirects are the app's business, not ours.
+  const res = await fetch(url, { ...init, redirect: 'manual', duplex: 'half' } as RequestInit);
+  return { status: res.status, statusText: res.statusText, headers: [...res.headers], body: res.body };
+};
 
 export interface Clock {
   now(): number;
@@ -849,7 +876,7 @@ export function createAmbassador(config: Config, options: {
 
   /** One attempt: fetch until response headers arrive or `limitMs` passes. The client's abort reaches the
    * upstream through the same controller, before and after the headers. */
-  async function attempt(url: string, init: Omit<Parameters<Send>[1], 'signal'>, limitMs: number, client: AbortSignal, bodySent: Promise<void>): Promise<Response> {
+  async function attempt(url: string, init: Omit<Parameters<Send>[1], 'signal'>, limitMs: number, client: AbortSignal, bodySent: Promise<void>): Promise<Reply> {
     const controller = new AbortController();
     const onClientAbort = () => controller.abort(client.reason);
     if (client.aborted) onClientAbort();
@@ -877,12 +904,13 @@ export function createAmbassador(config: Config, options: {
   async function handle(c: Context<{ Bindings: Bindings }>): Promise<Response> {
     const req = c.req.raw;
     const started = clock.now();
-    const id = req.headers.get('x-request-id') || crypto.randomUUID();
+    const incomingHeaders = headerList(c);
+    const id = headerValue(incomingHeaders, 'x-request-id') || crypto.randomUUID();
     const rawTarget = c.env?.incoming?.url;
     const url = new URL(req.url);
     const pathAndQuery = rawTarget?.startsWith('/') ? rawTarget : url.pathname + url.search;
 
-    const refused = refusal(req, rawTarget, url);
+    const refused = refusal(req.method, rawTarget, url, headerValue(incomingHeaders, 'host'));
     if (refused) {
       const res = new Response(`ambassador: ${refused.reason}\n`, {
         status: refused.status,
@@ -911,22 +939,18 @@ export function createAmbassador(config: Config, options: {
     };
 
     try {
-      const res = await forward(req, requestBody(c), gone.signal, id, pathAndQuery, started, clientAddress(c), record);
-      if (draining) res.headers.set('connection', 'close'); // the app opens a fresh connection for its next call
-      record.status = res.status;
-      const nodeBody = nodeBodies.get(res);
+      const reply = await forward(req.method, incomingHeaders, requestBody(c), gone.signal, id, pathAndQuery, started, clientAddress(c), record);
+      if (draining) reply.headers.push(['connection', 'close']); // the app opens a fresh connection for its next call
+      record.status = reply.status;
       const outgoing = c.env?.outgoing;
-      if (nodeBody && outgoing && options.written) {
+      if (reply.node && outgoing && options.written) {
         // Node: the upstream's body goes straight into the app's connection, no web streams between.
-        pipeNode(nodeBody, outgoing, res, finish);
+        pipeNode(reply.node, outgoing, reply, finish);
         return options.written;
       }
-      const body = bodyOf(res);
-      if (body === null) {
-        finish(0);
-        return res;
-      }
-      return new Response(trackBody(body, finish), { status: res.status, statusText: res.statusText, headers: res.headers });
+      const body = bodyOf(reply);
+      if (body === null) finish(0);
+      return new Response(body && trackBody(body, finish), { status: reply.status, statusText: reply.statusText, headers: reply.headers });
     } catch (err) {
       // Only a client that went away gets here: everything else became a response in `forward`.
       record.status = 499;
@@ -935,14 +959,13 @@ export function createAmbassador(config: Config, options: {
     }
   }
 
-  async function forward(req: Request, reqBody: ReadableStream<Uint8Array> | null, gone: AbortSignal, id: string, pathAndQuery: string, started: number, client: string | undefined,
-    record: RequestRecord): Promise<Response> {
+  async function forward(method: string, incoming: HeaderList, reqBody: ReadableStream<Uint8Array> | null, gone: AbortSignal, id: string,
+    pathAndQuery: string, started: number, client: string | undefined, record: RequestRecord): Promise<Reply> {
     const target = upstreamUrl(config.upstream, pathAndQuery);
-    const method = req.method;
-    const idempotencyKey = req.headers.has('idempotency-key');
-    const declared = req.headers.get('content-length');
+    const idempotencyKey = headerValue(incoming, 'idempotency-key') !== null;
+    const declared = headerValue(incoming, 'content-length');
     const body = await prepareBody(reqBody, declared === null ? undefined : Number(declared), config.retryBodyMaxBytes);
-    const headers = forwardHeaders(req.headers, id, client);
+    const headers = forwardHeaders(incoming, id, client);
     const deadline = config.requestTimeoutMs > 0 ? started + config.requestTimeoutMs : Infinity;
     budget.recordRequest(clock.now());
 
@@ -951,7 +974,7 @@ export function createAmbassador(config: Config, options: {
       const remaining = deadline - clock.now();
       const limit = Math.min(config.tryTimeoutMs > 0 ? config.tryTimeoutMs : Infinity, remaining);
       const tryStarted = clock.now();
-      let res: Response | undefined;
+      let res: Reply | undefined;
       let failure: FailureKind | undefined;
       let error = '';
       try {
@@ -971,7 +994,7 @@ export function createAmbassador(config: Config, options: {
       const next = decideRetry({
         outcome, method, idempotencyKey, attempt: n, maxAttempts: config.retryAttempts,
         bodyReplayable: body.replayable, budgetAvailable: budget.canRetry(now),
-        retryAfterMs: res ? parseRetryAfter(res.headers.get('retry-after'), Date.now()) : undefined,
+        retryAfterMs: res ? parseRetryAfter(headerValue(res.headers, 'retry-after'), Date.now()) : undefined,
         backoffMs: backoffDelay(n, config.retryBackoffMs, config.retryBackoffMaxMs, clock.random()),
         remainingMs: deadline - now,
       });
@@ -980,7 +1003,7 @@ export function createAmbassador(config: Config, options: {
       if (!next.retry) {
         if (res) return reply(res, method, id); // the upstream's own last answer says more than ours would
         record.error = error;
-        return failureResponse(failure!, error, n, id);
+        return failureReply(failure!, error, n, id);
       }
       budget.recordRetry(now);
       if (res) discard(res); // frees the connection for the next attempt
@@ -989,14 +1012,11 @@ export function createAmbassador(config: Config, options: {
     }
   }
 
-  function reply(res: Response, method: string, id: string): Response {
-    const headers = responseHeaders(res.headers, id);
+  function reply(res: Reply, method: string, id: string): Reply {
     const noBody = method === 'HEAD' || NULL_BODY_STATUS.has(res.status);
     if (noBody) discard(res);
-    const out = new Response(noBody ? null : res.body, { status: res.status, statusText: res.statusText, headers });
-    const nodeBody = nodeBodies.get(res);
-    if (nodeBody && !noBody) nodeBodies.set(out, nodeBody);
-    return out;
+    return { status: res.status, statusText: res.statusText, headers: responseHeaders(res.headers, id),
+      body: noBody ? null : res.body, node: noBody ? undefined : res.node };
   }
 
   const proxy = new Hono<{ Bindings: Bindings }>();
@@ -1031,15 +1051,24 @@ export function createAmbassador(config: Config, options: {
 }
 
 /** Requests the ambassador answers itself rather than forward: it only ever talks to UPSTREAM_URL. */
-function refusal(req: Request, rawTarget: string | undefined, url: URL): { status: number; reason: string; headers?: Record<string, string> } | undefined {
-  if (REFUSED_METHODS.has(req.method)) {
-    return { status: 405, reason: `method ${req.method} is not forwarded`, headers: { allow: 'GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS' } };
+function refusal(method: string, rawTarget: string | undefined, url: URL, host: string | null): { status: number; reason: string; headers?: Record<string, string> } | undefined {
+  if (REFUSED_METHODS.has(method)) {
+    return { status: 405, reason: `method ${method} is not forwarded`, headers: { allow: 'GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS' } };
   }
   // An absolute-form target (`GET http://other-host/ HTTP/1.1`) asks for a forward proxy. Node hands us
   // the raw target; elsewhere the URL's authority differs from the Host header.
-  const absolute = rawTarget !== undefined ? !rawTarget.startsWith('/') && rawTarget !== '*' : url.host !== req.headers.get('host');
+  const absolute = rawTarget !== undefined ? !rawTarget.startsWith('/') && rawTarget !== '*' : url.host !== host;
   if (absolute) return { status: 400, reason: 'absolute-form request targets are refused: this is not a forward proxy' };
   return undefined;
+}
+
+/** The app's request headers: from Node's raw list when there is one (no `Headers` object is built). */
+function headerList(c: Context<{ Bindings: Bindings }>): HeaderList {
+  const raw = c.env?.incoming?.rawHeaders;
+  if (!raw) return [...c.req.raw.headers];
+  const list: HeaderList = [];
+  for (let i = 0; i < raw.length; i += 2) list.push([raw[i].toLowerCase(), raw[i + 1]]);
+  return list;
 }
 
 function requestBody(c: Context<{ Bindings: Bindings }>): ReadableStream<Uint8Array> | null {
@@ -1092,11 +1121,12 @@ function nodeSend(http: NodeHttp, https: NodeHttp): Send {
   // closes them under a request that is reusing them.
   const pool = { keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256, scheduling: 'lifo' as const, timeout: 4000 };
   const agents = { 'http:': new http.Agent(pool), 'https:': new https.Agent(pool) };
-  return (url, init) => new Promise<Response>((resolve, reject) => {
+  return (url, init) => new Promise<Reply>((resolve, reject) => {
     const target = new URL(url);
-    const headers: Record<string, string> = {};
-    init.headers.forEach((value, name) => (headers[name] = value));
-    if (init.body instanceof Uint8Array) headers['content-length'] = String(init.body.byteLength);
+    // A flat list keeps the app's header order and repeats; Node then adds no Host of its own.
+    const headers = ['host', target.host, ...(init.body instanceof Uint8Array
+      ? [...init.headers.filter(([name]) => name !== 'content-length'), ['content-length', String(init.body.byteLength)]].flat()
+      : init.headers.flat())];
     const client = target.protocol === 'https:' ? https : http;
     const req = client.request(target, {
       method: init.method, headers, agent: agents[target.protocol as 'http:' | 'https:'], signal: init.signal,
@@ -1104,18 +1134,11 @@ function nodeSend(http: NodeHttp, https: NodeHttp): Send {
     req.on('error', reject);
     req.on('response', (res) => {
       const status = res.statusCode ?? 502;
-      const responseHeaders = new Headers();
-      for (let i = 0; i < res.rawHeaders.length; i += 2) responseHeaders.append(res.rawHeaders[i], res.rawHeaders[i + 1]);
+      const headers: HeaderList = [];
+      for (let i = 0; i < res.rawHeaders.length; i += 2) headers.push([res.rawHeaders[i].toLowerCase(), res.rawHeaders[i + 1]]);
       const noBody = init.method === 'HEAD' || NULL_BODY_STATUS.has(status);
       if (noBody) res.resume();
-      try {
-        const response = new Response(null, { status, statusText: res.statusMessage, headers: responseHeaders });
-        if (!noBody) nodeBodies.set(response, res as unknown as NodeReadable);
-        resolve(response);
-      } catch (err) {
-        res.destroy();
-        reject(Object.assign(new Error(`invalid HTTP response: ${describeFailure(err)}`), { code: 'HPE_INVALID_RESPONSE' }));
-      }
+      resolve({ status, statusText: res.statusMessage ?? '', headers, body: null, node: noBody ? undefined : res as unknown as NodeReadable });
     });
     const body = init.body;
     if (body === null) req.end();

@@ -1,8 +1,8 @@
 /** The pure policies, with an injected clock and random source: nothing here sleeps or opens a socket. */
 import { describe, expect, it } from 'vitest';
 import {
-  backoffDelay, classifyFailure, decideRetry, forwardHeaders, isRetryableOutcome, parseRetryAfter, responseHeaders,
-  RetryBudget, stripHopByHop, upstreamUrl, type RetryInput,
+  backoffDelay, classifyFailure, decideRetry, forwardHeaders, headerValue, isRetryableOutcome, parseRetryAfter, responseHeaders,
+  RetryBudget, stripHopByHop, upstreamUrl, type HeaderList, type RetryInput,
 } from '../ambassador.ts';
 
 describe('backoffDelay', () => {
@@ -137,29 +137,39 @@ describe('classifyFailure', () => {
 });
 
 describe('headers', () => {
+  const get = (list: HeaderList, name: string) => headerValue(list, name);
   it('strips hop-by-hop headers and every header named in Connection', () => {
-    const h = new Headers({ connection: 'close, x-secret-hop', 'x-secret-hop': '1', 'keep-alive': 'timeout=5', te: 'trailers',
-      'transfer-encoding': 'chunked', upgrade: 'websocket', 'proxy-authorization': 'Basic x', 'x-kept': 'yes' });
-    stripHopByHop(h);
-    expect([...h.keys()]).toEqual(['x-kept']);
+    const list: HeaderList = [['connection', 'close, X-Secret-Hop'], ['x-secret-hop', '1'], ['keep-alive', 'timeout=5'], ['te', 'trailers'],
+      ['transfer-encoding', 'chunked'], ['upgrade', 'websocket'], ['proxy-authorization', 'Basic x'], ['x-kept', 'yes']];
+    expect(stripHopByHop(list)).toEqual([['x-kept', 'yes']]);
   });
   it('adds X-Forwarded-*, Via and a request id, and keeps traceparent', () => {
-    const h = forwardHeaders(new Headers({ host: 'localhost:8080', traceparent: '00-abc-def-01', 'x-forwarded-for': '10.0.0.1', expect: '100-continue' }), 'rid', '127.0.0.1');
-    expect(h.get('host')).toBeNull();
-    expect(h.get('expect')).toBeNull();
-    expect(h.get('x-forwarded-for')).toBe('10.0.0.1, 127.0.0.1');
-    expect(h.get('x-forwarded-host')).toBe('localhost:8080');
-    expect(h.get('x-forwarded-proto')).toBe('http');
-    expect(h.get('via')).toBe('1.1 ambassador');
-    expect(h.get('x-request-id')).toBe('rid');
-    expect(h.get('traceparent')).toBe('00-abc-def-01');
+    const h = forwardHeaders([['host', 'localhost:8080'], ['traceparent', '00-abc-def-01'], ['x-forwarded-for', '10.0.0.1'], ['expect', '100-continue'],
+      ['accept-encoding', 'gzip'], ['x-request-id', 'old']], 'rid', '127.0.0.1');
+    expect(get(h, 'host')).toBeNull();
+    expect(get(h, 'expect')).toBeNull();
+    expect(get(h, 'accept-encoding')).toBe('identity');
+    expect(get(h, 'x-forwarded-for')).toBe('10.0.0.1, 127.0.0.1');
+    expect(get(h, 'x-forwarded-host')).toBe('localhost:8080');
+    expect(get(h, 'x-forwarded-proto')).toBe('http');
+    expect(get(h, 'via')).toBe('1.1 ambassador');
+    expect(get(h, 'x-request-id')).toBe('rid');
+    expect(get(h, 'traceparent')).toBe('00-abc-def-01');
+    expect(h.filter(([n]) => n === 'x-request-id' || n === 'x-forwarded-for')).toHaveLength(2);
+  });
+  it('keeps the app\'s own X-Forwarded-Proto and -Host, and appends to Via', () => {
+    const h = forwardHeaders([['host', 'a'], ['x-forwarded-proto', 'https'], ['x-forwarded-host', 'shop.example'], ['via', '1.1 edge']], 'rid', undefined);
+    expect(get(h, 'x-forwarded-proto')).toBe('https');
+    expect(get(h, 'x-forwarded-host')).toBe('shop.example');
+    expect(get(h, 'via')).toBe('1.1 edge, 1.1 ambassador');
   });
   it('passes content-encoding and content-length through untouched: bodies are never decoded', () => {
-    const h = responseHeaders(new Headers({ 'content-encoding': 'gzip', 'content-length': '30', connection: 'close' }), 'rid');
-    expect(h.get('content-encoding')).toBe('gzip');
-    expect(h.get('content-length')).toBe('30');
-    expect(h.get('connection')).toBeNull();
-    expect(h.get('x-request-id')).toBe('rid');
+    const h = responseHeaders([['content-encoding', 'gzip'], ['content-length', '30'], ['connection', 'close'], ['set-cookie', 'a=1'], ['set-cookie', 'b=2']], 'rid');
+    expect(get(h, 'content-encoding')).toBe('gzip');
+    expect(get(h, 'content-length')).toBe('30');
+    expect(get(h, 'connection')).toBeNull();
+    expect(get(h, 'x-request-id')).toBe('rid');
+    expect(h.filter(([n]) => n === 'set-cookie').map(([, v]) => v)).toEqual(['a=1', 'b=2']);
   });
   it('appends the request path and query to the upstream base path exactly as sent', () => {
     expect(upstreamUrl(new URL('http://inv:9000'), '/a%2Fb?x=%20y')).toBe('http://inv:9000/a%2Fb?x=%20y');
