@@ -160,7 +160,8 @@ const rows: Row[] = [
     },
   },
   ambassadorRow('ambassador (node bundle)', [process.execPath, path.join(root, 'dist/ambassador.mjs')], existsSync(path.join(root, 'dist/ambassador.mjs')) ? undefined : 'run npm run build'),
-  ambassadorRow('ambassador (node, image flags)', [process.execPath, '--max-semi-space-size=2', '--max-old-space-size=40', path.join(root, 'dist/ambassador.mjs')], existsSync(path.join(root, 'dist/ambassador.mjs')) ? undefined : 'run npm run build'),
+  // The V8 flags the ambassador-node and ambassador-sea images run with (Containerfile).
+  ambassadorRow('ambassador (node, image flags)', [process.execPath, '--max-semi-space-size=8', '--max-old-space-size=48', path.join(root, 'dist/ambassador.mjs')], existsSync(path.join(root, 'dist/ambassador.mjs')) ? undefined : 'run npm run build'),
   ambassadorRow('ambassador (node SEA)', [path.join(root, 'bin/ambassador-node')], existsSync(path.join(root, 'bin/ambassador-node')) ? undefined : 'run npm run sea'),
   ambassadorRow('ambassador (deno)', [deno, 'run', '--quiet', '--allow-net', '--allow-env', path.join(root, 'ambassador.ts')], existsSync(deno) ? undefined : 'npm package deno missing'),
   ambassadorRow('ambassador (deno compiled)', [path.join(root, 'bin/ambassador')], existsSync(path.join(root, 'bin/ambassador')) ? undefined : 'not built (deno compile needs its denort runtime)'),
