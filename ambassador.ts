@@ -830,12 +830,14 @@ export interface Ambassador {
   /** The proxy app (listens on HOST:PORT). */
   proxy: Hono<{ Bindings: Bindings }>;
   /** The admin app (listens on ADMIN_HOST:ADMIN_PORT). */
-  admin: Hono;
+  admin: Hono<{ Bindings: Bindings }>;
   /** Requests not yet answered in full, by request id. */
   inFlight: Map<string, InFlight>;
   metrics: Metrics;
   markReady(): void;
   startDrain(): void;
+  /** what `POST /shutdown` on the admin port does (main: start the drain) */
+  onShutdownRequest(f: () => void): void;
   readonly draining: boolean;
 }
 
@@ -1026,7 +1028,7 @@ export function createAmbassador(config: Config, options: {
     return c.text('ambassador: internal error\n', 500);
   });
 
-  const admin = new Hono();
+  const admin = new Hono<{ Bindings: Bindings }>();
   admin.get('/healthz', (c) => c.text('ok\n'));
   admin.get('/readyz', (c) => (ready && !draining ? c.text('ready\n') : c.text(draining ? 'draining\n' : 'starting\n', 503)));
   metrics.gauges = { ...metrics.gauges, inFlight: () => inFlight.size, draining: () => draining };
@@ -1036,6 +1038,15 @@ export function createAmbassador(config: Config, options: {
       'content-type': openMetrics ? 'application/openmetrics-text; version=1.0.0; charset=utf-8' : 'text/plain; version=0.0.4; charset=utf-8',
     });
   });
+  // A Job's main container, on a cluster without native sidecars, ends its pod by asking the sidecar to
+  // drain. Only from inside the pod: the admin port is reachable from outside for the kubelet's probes.
+  const shutdown = { requested: () => {} };
+  admin.post('/shutdown', (c) => {
+    const peer = clientAddress(c) ?? '';
+    if (!/^(127\.|::1$|::ffff:127\.)/.test(peer)) return c.text('ambassador: /shutdown is for loopback clients only\n', 403);
+    shutdown.requested();
+    return c.text('draining\n', 202);
+  });
 
   return {
     proxy,
@@ -1044,6 +1055,7 @@ export function createAmbassador(config: Config, options: {
     metrics,
     markReady: () => void (ready = true),
     startDrain: () => void (draining = true),
+    onShutdownRequest: (f) => void (shutdown.requested = f),
     get draining() {
       return draining;
     },
@@ -1270,6 +1282,7 @@ export async function main(env: Record<string, string | undefined>): Promise<voi
     }
     void drain(signal, config, amb, proxy, admin, log);
   });
+  amb.onShutdownRequest(() => amb.draining || void drain('POST /shutdown', config, amb, proxy, admin, log));
   amb.metrics.gauges = { ...amb.metrics.gauges, connections: proxy.connections };
   sampleEventLoopLag(amb.metrics);
   amb.markReady();

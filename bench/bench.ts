@@ -11,7 +11,7 @@
  * stays on 127.0.0.1. Prints a table and writes the figures as JSON to dist/bench.json.
  */
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
@@ -54,15 +54,37 @@ async function waitFor(url: string, timeoutMs = 10_000): Promise<number> {
   }
 }
 
-function memory(pid: number): { rss: number; peak: number } {
-  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
-  const kb = (k: string) => Number(new RegExp(`${k}:\\s+(\\d+)`).exec(status)?.[1] ?? NaN) / 1024;
-  return { rss: kb('VmRSS'), peak: kb('VmHWM') };
+/** The process and its children (nginx's workers), from /proc. */
+function tree(pid: number): number[] {
+  const children = readdirSync('/proc').filter((d) => /^\d+$/.test(d)).flatMap((d) => {
+    try {
+      return readFileSync(`/proc/${d}/stat`, 'utf8').split(') ')[1].split(' ')[1] === String(pid) ? [Number(d)] : [];
+    } catch {
+      return [];
+    }
+  });
+  return [pid, ...children.flatMap(tree)];
 }
 
+/** Resident memory of a process tree, now and at its peak (summed over the processes), in MiB. */
+function memory(pid: number): { rss: number; peak: number } {
+  let rss = 0;
+  let peak = 0;
+  for (const p of tree(pid)) {
+    const status = readFileSync(`/proc/${p}/status`, 'utf8');
+    const kb = (k: string) => Number(new RegExp(`${k}:\\s+(\\d+)`).exec(status)?.[1] ?? 0) / 1024;
+    rss += kb('VmRSS');
+    peak += kb('VmHWM');
+  }
+  return { rss, peak };
+}
+
+/** User and system CPU seconds of a process tree. */
 function cpuSeconds(pid: number): number {
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / 100; // utime + stime, in clock ticks of 1/100 s
+  return tree(pid).reduce((sum, p) => {
+    const fields = readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1].split(' ');
+    return sum + (Number(fields[11]) + Number(fields[12])) / 100; // utime + stime, in ticks of 1/100 s
+  }, 0);
 }
 
 // ---------------------------------------------------------------------------------------------------------

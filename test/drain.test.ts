@@ -99,3 +99,19 @@ describe.each(RUNTIMES)('drain on SIGTERM (%s)', (runtime) => {
     expect(cut?.cut_off).toEqual([expect.objectContaining({ method: 'GET', path: '/stuck' })]);
   });
 });
+
+describe.each(RUNTIMES)('POST /shutdown, for Jobs on clusters without native sidecars (%s)', (runtime) => {
+  it('drains and exits 0 when asked from loopback', async () => {
+    const upstream = await startUpstream();
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
+    try {
+      const res = await fetch(`${amb.adminUrl}/shutdown`, { method: 'POST' });
+      expect(res.status).toBe(202);
+      expect((await amb.exited).code).toBe(0);
+      expect(amb.logs().some((l) => String(l.msg).startsWith('POST /shutdown: drain started'))).toBe(true);
+    } finally {
+      await amb.stop();
+      await upstream.close();
+    }
+  });
+});

@@ -51,7 +51,8 @@ describe.skipIf(why !== undefined)('the walkthrough in a pod topology (network n
       ip('-n', ns, 'link', 'set', dev, 'up');
     }
     inventory = await startService('node', 'inventory-service', { PORT: '9000', HOST: INVENTORY_IP }, inNode);
-    amb = await startAmbassador('node', { UPSTREAM_URL: `http://${INVENTORY_IP}:9000`, PORT: '8080', TRY_TIMEOUT_MS: '500', REQUEST_TIMEOUT_MS: '3000', RETRY_BACKOFF_MS: '50' }, inPod);
+    amb = await startAmbassador('node', { UPSTREAM_URL: `http://${INVENTORY_IP}:9000`, PORT: '8080', ADMIN_HOST: '0.0.0.0', ADMIN_PORT: '9901',
+      TRY_TIMEOUT_MS: '500', REQUEST_TIMEOUT_MS: '3000', RETRY_BACKOFF_MS: '50' }, inPod);
     order = await startService('node', 'order-service', { PORT: '3000', AMBASSADOR_URL: 'http://localhost:8080' }, inPod);
   });
 
@@ -74,6 +75,13 @@ describe.skipIf(why !== undefined)('the walkthrough in a pod topology (network n
     const out = spawnSync('ip', ['netns', 'exec', NODE, 'curl', '-s', '-o', '/dev/null', '-w', '%{http_code}', '--max-time', '3', `http://${POD_IP}:8080/inventory`]);
     expect(out.stdout.toString()).toBe('000');
     expect(out.status).toBe(7); // curl: could not connect
+  });
+
+  it('the admin port answers probes from outside the pod, but refuses /shutdown from there', () => {
+    const fromOutside = (...args: string[]) => spawnSync('ip', ['netns', 'exec', NODE, 'curl', '-s', '--max-time', '3', ...args]).stdout.toString();
+    expect(fromOutside(`http://${POD_IP}:9901/readyz`)).toBe('ready\n');
+    expect(fromOutside('-X', 'POST', '-w', '%{http_code}', '-o', '/dev/null', `http://${POD_IP}:9901/shutdown`)).toBe('403');
+    expect(amb.child.exitCode).toBeNull();
   });
 
   it('inventory stopped: 502 promptly, one log line per attempt', async () => {
