@@ -3,22 +3,24 @@
  *
  * The app talks plain HTTP to the ambassador on localhost; the ambassador forwards every request to one
  * upstream and deals with the network on the app's behalf: retries with backoff and a retry budget,
- * per-try and per-request timeouts, hop-by-hop hygiene, request ids, structured logs, health endpoints on
- * a separate admin port, and a graceful drain on SIGTERM/SIGINT.
+ * per-try and per-request timeouts, hop-by-hop hygiene, request ids, structured logs, and a graceful
+ * drain on SIGTERM/SIGINT. A separate admin port serves GET /healthz, GET /readyz, GET /metrics
+ * (Prometheus or OpenMetrics) and POST /shutdown (loopback clients only).
  *
  * Run it:
  *   Node:   npm run build && UPSTREAM_URL=http://127.0.0.1:9000 node dist/ambassador.mjs
  *   Deno:   UPSTREAM_URL=http://127.0.0.1:9000 deno run --allow-net --allow-env ambassador.ts
- *   Binary: deno task compile && UPSTREAM_URL=http://127.0.0.1:9000 ./bin/ambassador
+ *   Binary: npm run sea && UPSTREAM_URL=http://127.0.0.1:9000 ./bin/ambassador-node   (Node single executable)
+ *           deno task compile && UPSTREAM_URL=http://127.0.0.1:9000 ./bin/ambassador  (needs Deno's denort)
  *
- * This file imports only `hono` and, on Node only and dynamically, `@hono/node-server`, so it can be
- * copied into another project as it is.
+ * This file imports only `hono` and, on Node only and dynamically, `@hono/node-server` and Node's own
+ * `node:http`/`node:https`, so it can be copied into another project as it is.
  *
  * | variable                 | default     | meaning                                                             |
  * |--------------------------|-------------|---------------------------------------------------------------------|
  * | UPSTREAM_URL             | (required)  | http:// or https:// base URL; the request path and query are appended |
  * | HOST / PORT              | 127.0.0.1 / 8080 | proxy listener; loopback so only the pod's app can use it; 0 = any free port |
- * | ADMIN_HOST / ADMIN_PORT  | 0.0.0.0 / 9901 | /healthz and /readyz, apart from every upstream path; 0 = any free port |
+ * | ADMIN_HOST / ADMIN_PORT  | 0.0.0.0 / 9901 | the admin endpoints, apart from every upstream path; 0 = any free port |
  * | RETRY_ATTEMPTS           | 3           | attempts in all, the first included; 1 = no retries                 |
  * | RETRY_BACKOFF_MS         | 100         | base of the exponential backoff (full jitter) between attempts      |
  * | RETRY_BACKOFF_MAX_MS     | 2000        | cap of one backoff delay                                            |

@@ -1,8 +1,8 @@
 /** SIGTERM as Kubernetes sends it: not ready at once, in-flight requests finish, idle keep-alive
  * connections do not hold the exit, and DRAIN_TIMEOUT_MS bounds it all. Real processes, real signals. */
 import http from 'node:http';
-import { afterEach, describe, expect, it } from 'vitest';
-import { RUNTIMES, sleep, startAmbassador, startUpstream, type AmbassadorProc, type Upstream } from './helpers.ts';
+import { describe, expect, it } from 'vitest';
+import { RUNTIMES, sleep, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach } from './helpers.ts';
 
 function get(url: string, agent?: http.Agent): Promise<{ status: number; body: string; headers: http.IncomingHttpHeaders }> {
   return new Promise((resolve, reject) => {
@@ -18,11 +18,7 @@ function get(url: string, agent?: http.Agent): Promise<{ status: number; body: s
 describe.each(RUNTIMES)('drain on SIGTERM (%s)', (runtime) => {
   let upstream: Upstream | undefined;
   let amb: AmbassadorProc | undefined;
-  afterEach(async () => {
-    await amb?.stop();
-    await upstream?.close();
-    amb = upstream = undefined;
-  });
+  stopAfterEach();
 
   it('turns /readyz 503 at once, finishes the request in flight, then exits 0', async () => {
     upstream = await startUpstream((_q, res) => setTimeout(() => res.end('finished'), 1000));

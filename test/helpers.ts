@@ -6,10 +6,21 @@ import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { afterEach } from 'vitest';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 export const BUNDLE = path.join(ROOT, 'dist', 'ambassador.mjs');
 export const DENO = path.join(ROOT, 'node_modules', '.bin', 'deno');
+
+/** How to stop what has been started, newest last. */
+const started: Array<() => Promise<void>> = [];
+
+/** Stops, after each test of the calling file, every upstream and process that test started. */
+export function stopAfterEach(): void {
+  afterEach(async () => {
+    for (const stop of started.splice(0).reverse()) await stop();
+  });
+}
 
 export interface Seen {
   method: string;
@@ -46,13 +57,12 @@ export async function startUpstream(handler: UpstreamHandler = (_q, res) => res.
   });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   const port = (server.address() as net.AddressInfo).port;
-  return {
-    url: `http://127.0.0.1:${port}`, port, seen, server,
-    close: () => new Promise<void>((r) => {
-      server.closeAllConnections();
-      server.close(() => r());
-    }),
-  };
+  const close = () => new Promise<void>((r) => {
+    server.closeAllConnections();
+    server.close(() => r());
+  });
+  started.push(close);
+  return { url: `http://127.0.0.1:${port}`, port, seen, server, close };
 }
 
 /** A port on which nothing listens: bound, then closed (connections to it are refused). */
@@ -179,13 +189,12 @@ export async function startService(runtime: Runtime, program: Program, env: Reco
   const line = await proc.waitForLine((l) => l.includes('"msg":"listening"'));
   const { port } = JSON.parse(line) as { port: number };
   const host = env.HOST && env.HOST !== '0.0.0.0' ? env.HOST : '127.0.0.1';
-  return Object.assign(proc, {
-    url: `http://${host}:${port}`, port,
-    async stop() {
-      proc.kill('SIGKILL');
-      await proc.exited;
-    },
-  });
+  const stop = async () => {
+    proc.kill('SIGKILL');
+    await proc.exited;
+  };
+  started.push(stop);
+  return Object.assign(proc, { url: `http://${host}:${port}`, port, stop });
 }
 
 /** Starts the ambassador on ephemeral ports and waits for its `listening` line. */
@@ -195,13 +204,12 @@ export async function startAmbassador(runtime: Runtime, env: Record<string, stri
   // JSON, or with LOG_FORMAT=text: `... NOTICE listening version=... port=8080 admin_port=9901 ...`
   const port = Number(/"?port"?[=:](\d+)/.exec(line)?.[1]);
   const adminPort = Number(/"?admin_port"?[=:](\d+)/.exec(line)?.[1]);
-  return Object.assign(proc, {
-    url: `http://127.0.0.1:${port}`, adminUrl: `http://127.0.0.1:${adminPort}`, port, adminPort,
-    async stop() {
-      proc.kill('SIGKILL');
-      await proc.exited;
-    },
-  });
+  const stop = async () => {
+    proc.kill('SIGKILL');
+    await proc.exited;
+  };
+  started.push(stop);
+  return Object.assign(proc, { url: `http://127.0.0.1:${port}`, adminUrl: `http://127.0.0.1:${adminPort}`, port, adminPort, stop });
 }
 
 /** A raw HTTP/1.1 exchange over TCP, for requests fetch will not make (absolute-form, smuggling shapes). */

@@ -1,16 +1,12 @@
 /** The access log: one line per request with stable field names, the request id in every line about a
  * request, no secrets, and a text format for people. */
-import { afterEach, describe, expect, it } from 'vitest';
-import { RUNTIMES, startAmbassador, startUpstream, type AmbassadorProc, type Upstream } from './helpers.ts';
+import { describe, expect, it } from 'vitest';
+import { RUNTIMES, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach } from './helpers.ts';
 
 describe.each(RUNTIMES)('logs (%s)', (runtime) => {
   let upstream: Upstream | undefined;
   let amb: AmbassadorProc | undefined;
-  afterEach(async () => {
-    await amb?.stop();
-    await upstream?.close();
-    amb = upstream = undefined;
-  });
+  stopAfterEach();
 
   it('writes one JSON line per request with stable fields, and the id in every line about it', async () => {
     upstream = await startUpstream((_q, res, _s, n) => {

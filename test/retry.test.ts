@@ -1,15 +1,11 @@
 /** Every retry rule, proved by counting requests at a real upstream (or, for a dead port, in the log). */
-import { afterEach, describe, expect, it } from 'vitest';
-import { RUNTIMES, deadPort, startAmbassador, startUpstream, type AmbassadorProc, type Upstream } from './helpers.ts';
+import { describe, expect, it } from 'vitest';
+import { RUNTIMES, deadPort, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach } from './helpers.ts';
 
 describe.each(RUNTIMES)('retries (%s)', (runtime) => {
   let upstream: Upstream | undefined;
   let amb: AmbassadorProc | undefined;
-  afterEach(async () => {
-    await amb?.stop();
-    await upstream?.close();
-    amb = upstream = undefined;
-  });
+  stopAfterEach();
   const attemptLines = (a: AmbassadorProc) => a.logs().filter((l) => typeof l.msg === 'string' && /^attempt \d+ failed/.test(l.msg));
 
   it('retries a GET after 503 and honours Retry-After', async () => {

@@ -1,18 +1,14 @@
 /** Bodies are streamed both ways, never buffered whole; aborts travel from the app to the upstream. */
 import http from 'node:http';
-import { afterEach, describe, expect, it } from 'vitest';
-import { RUNTIMES, memoryOf, startAmbassador, startUpstream, type AmbassadorProc, type Upstream } from './helpers.ts';
+import { describe, expect, it } from 'vitest';
+import { RUNTIMES, memoryOf, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach } from './helpers.ts';
 
 const MiB = 1024 * 1024;
 
 describe.each(RUNTIMES)('streaming (%s)', (runtime) => {
   let upstream: Upstream | undefined;
   let amb: AmbassadorProc | undefined;
-  afterEach(async () => {
-    await amb?.stop();
-    await upstream?.close();
-    amb = upstream = undefined;
-  });
+  stopAfterEach();
 
   it('delivers server-sent events chunk by chunk, before the upstream has finished', async () => {
     let release!: () => void;
