@@ -31,6 +31,7 @@
  * | REQUEST_TIMEOUT_MS       | 15000       | the whole request's limit until response headers, retries included; 0 = none |
  * | DRAIN_TIMEOUT_MS         | 20000       | the longest a drain may take before what is left is cut off         |
  * | DRAIN_GRACE_MS           | 0           | after SIGTERM, keep accepting new requests this long (older clusters) |
+ * | BODY_IDLE_TIMEOUT_MS     | 300000      | a response body that stalls this long is cut off (Envoy's stream idle timeout); 0 = never |
  * | LOG_FORMAT               | json        | json (one object per line) or text                                  |
  * | LOG_LEVEL                | info        | debug, info (one line per request), warn (failures only) or error   |
  */
@@ -68,6 +69,9 @@ const NULL_BODY_STATUS = new Set([101, 103, 204, 205, 304]);
 
 const BUDGET_WINDOW_SECONDS = 10;
 
+/** Node's default `maxHeaderSize`: the largest response head either runtime passes on. */
+const MAX_RESPONSE_HEAD_BYTES = 16 * 1024;
+
 // ---------------------------------------------------------------------------------------------------------
 // Types
 // ---------------------------------------------------------------------------------------------------------
@@ -93,6 +97,7 @@ export interface Config {
   readonly requestTimeoutMs: number;
   readonly drainTimeoutMs: number;
   readonly drainGraceMs: number;
+  readonly bodyIdleTimeoutMs: number;
   readonly logFormat: LogFormat;
   readonly logLevel: LogLevel;
 }
@@ -139,6 +144,11 @@ export interface RequestRecord {
 // Configuration: parsed once, by a pure function, into a frozen object — or one error naming every bad
 // variable, its value and what was expected.
 // ---------------------------------------------------------------------------------------------------------
+
+/** A limit of ours ran out (per try, per request, body idle); `classifyFailure` calls it `timeout`. */
+class TimeoutError extends Error {
+  override name = 'TimeoutError';
+}
 
 export class ConfigError extends Error {
   constructor(readonly problems: string[]) {
@@ -209,6 +219,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     requestTimeoutMs: int('REQUEST_TIMEOUT_MS', 15000, 0),
     drainTimeoutMs: int('DRAIN_TIMEOUT_MS', 20000, 0),
     drainGraceMs: int('DRAIN_GRACE_MS', 0, 0),
+    bodyIdleTimeoutMs: int('BODY_IDLE_TIMEOUT_MS', 300_000, 0),
     logFormat: oneOf<LogFormat>('LOG_FORMAT', 'json', ['json', 'text']),
     logLevel: oneOf<LogLevel>('LOG_LEVEL', 'info', ['debug', 'info', 'warn', 'error']),
   };
@@ -701,17 +712,30 @@ function concat(chunks: Uint8Array[], size: number): Uint8Array {
 /** Passes a response body through chunk by chunk (highWaterMark 0: nothing is read ahead, so server-sent
  * events reach the app as the upstream sends them), counting bytes and telling how it ended. An upstream
  * error mid-body errors this stream, so the app sees a broken response, never a short one that looks whole. */
-function trackBody(body: ReadableStream<Uint8Array>, done: (bytes: number, error?: string) => void): ReadableStream<Uint8Array> {
+function trackBody(body: ReadableStream<Uint8Array>, idleMs: number, done: (bytes: number, error?: string) => void): ReadableStream<Uint8Array> {
   const reader = body.getReader();
   let bytes = 0;
   let ended = false;
   const end = (error?: string) => {
     if (!ended) (ended = true), done(bytes, error);
   };
+  /** The next chunk, or a rejection once the upstream has sent nothing for `idleMs`. */
+  const read = () => {
+    if (idleMs <= 0) return reader.read();
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const idle = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        const err = new TimeoutError(`no body bytes for ${idleMs} ms`);
+        void reader.cancel(err).catch(() => {});
+        reject(err);
+      }, idleMs);
+    });
+    return Promise.race([reader.read(), idle]).finally(() => clearTimeout(timer));
+  };
   return new ReadableStream<Uint8Array>({
     async pull(c) {
       try {
-        const next = await reader.read();
+        const next = await read();
         if (next.done) {
           c.close();
           end();
@@ -734,6 +758,7 @@ function trackBody(body: ReadableStream<Uint8Array>, done: (bytes: number, error
 /** The parts of Node's streams the Node path uses, so this file needs no Node types. */
 interface NodeReadable extends AsyncIterable<Uint8Array> {
   pipe(to: NodeOutgoing): void;
+  setTimeout(ms: number, f: () => void): void;
   resume(): void;
   destroy(err?: Error): void;
   on(event: 'data', f: (chunk: Uint8Array) => void): void;
@@ -761,7 +786,7 @@ function discard(reply: Reply): void {
 /** Node: writes the response head, then pipes the upstream body into the app's connection with Node's own
  * backpressure, counting bytes. An upstream failure mid-body destroys the app's connection (the app sees
  * a broken response, never a short one that looks whole); the app going away destroys the upstream's. */
-function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, reply: Reply, done: (bytes: number, error?: string) => void): void {
+function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, reply: Reply, idleMs: number, done: (bytes: number, error?: string) => void): void {
   if (outgoing.destroyed) { // the app left while the headers were on their way
     body.destroy();
     return done(0, 'client went away before the response');
@@ -773,6 +798,8 @@ function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, reply: Reply, done
     if (!ended) (ended = true), done(bytes, error);
   };
   body.on('data', (chunk) => (bytes += chunk.byteLength));
+  // The upstream socket's own inactivity timer: a body that stalls is cut off like a broken one.
+  if (idleMs > 0) body.setTimeout(idleMs, () => body.destroy(new TimeoutError(`no body bytes for ${idleMs} ms`)));
   body.on('error', (err) => {
     end(`upstream body failed: ${describeFailure(err)}`);
     outgoing.destroy();
@@ -812,7 +839,14 @@ export type Send = (url: string, init: { method: string; headers: HeaderList; bo
 const fetchSend: Send = async (url, init) => {
   // `duplex: 'half'` lets fetch send a streamed body; redirects are the app's business, not ours.
   const res = await fetch(url, { ...init, redirect: 'manual', duplex: 'half' } as RequestInit);
-  return { status: res.status, statusText: res.statusText, headers: [...res.headers], body: res.body };
+  const headers = [...res.headers];
+  // Node's client refuses response heads over 16 KiB; Deno's takes far more. Hold both to Node's limit, so
+  // the app (whose own client likely has it too) gets a clean 502 rather than a response it cannot read.
+  if (headers.reduce((n, [k, v]) => n + k.length + v.length + 4, 0) > MAX_RESPONSE_HEAD_BYTES) {
+    await res.body?.cancel();
+    throw Object.assign(new Error(`response headers larger than ${MAX_RESPONSE_HEAD_BYTES} bytes`), { code: 'HPE_HEADER_OVERFLOW' });
+  }
+  return { status: res.status, statusText: res.statusText, headers, body: res.body };
 };
 
 export interface Clock {
@@ -841,10 +875,6 @@ export interface Ambassador {
   /** what `POST /shutdown` on the admin port does (main: start the drain) */
   onShutdownRequest(f: () => void): void;
   readonly draining: boolean;
-}
-
-class TimeoutError extends Error {
-  override name = 'TimeoutError';
 }
 
 /** Sleeps `ms`, or until `signal` aborts. */
@@ -949,12 +979,12 @@ export function createAmbassador(config: Config, options: {
       const outgoing = c.env?.outgoing;
       if (reply.node && outgoing && options.written) {
         // Node: the upstream's body goes straight into the app's connection, no web streams between.
-        pipeNode(reply.node, outgoing, reply, finish);
+        pipeNode(reply.node, outgoing, reply, config.bodyIdleTimeoutMs, finish);
         return options.written;
       }
       const body = bodyOf(reply);
       if (body === null) finish(0);
-      return new Response(body && trackBody(body, finish), { status: reply.status, statusText: reply.statusText, headers: reply.headers });
+      return new Response(body && trackBody(body, config.bodyIdleTimeoutMs, finish), { status: reply.status, statusText: reply.statusText, headers: reply.headers });
     } catch (err) {
       // Only a client that went away gets here: everything else became a response in `forward`.
       record.status = 499;
