@@ -1,0 +1,76 @@
+/** Property-based tests (fast-check) over the config parser and the header rules: whatever comes in,
+ * the result keeps its promises. */
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import { ConfigError, forwardHeaders, headerValue, loadConfig, responseHeaders, stripHopByHop, type HeaderList } from '../ambassador.ts';
+
+const NAMES = ['UPSTREAM_URL', 'HOST', 'PORT', 'ADMIN_HOST', 'ADMIN_PORT', 'RETRY_ATTEMPTS', 'RETRY_BACKOFF_MS', 'RETRY_BACKOFF_MAX_MS',
+  'RETRY_BUDGET_PERCENT', 'RETRY_BUDGET_MIN_PER_SEC', 'RETRY_BODY_MAX_BYTES', 'TRY_TIMEOUT_MS', 'REQUEST_TIMEOUT_MS', 'DRAIN_TIMEOUT_MS',
+  'DRAIN_GRACE_MS', 'BODY_IDLE_TIMEOUT_MS', 'LOG_FORMAT', 'LOG_LEVEL'];
+const HOP = ['connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'proxy-authorization', 'te', 'trailer', 'transfer-encoding', 'upgrade'];
+
+const value = fc.oneof(fc.string(), fc.integer({ min: -10, max: 100_000 }).map(String), fc.constantFrom('', ' ', 'json', 'text', 'debug', 'http://h:1', 'https://x/y', '1e3', '0x10', 'NaN'));
+const env = fc.dictionary(fc.constantFrom(...NAMES), value);
+
+describe('loadConfig under arbitrary environments', () => {
+  it('returns a frozen, valid config or throws one ConfigError naming each bad variable', () => {
+    fc.assert(fc.property(env, (e) => {
+      try {
+        const c = loadConfig(e);
+        expect(Object.isFrozen(c)).toBe(true);
+        expect(['http:', 'https:']).toContain(c.upstream.protocol);
+        expect(c.retryAttempts).toBeGreaterThanOrEqual(1);
+        for (const n of [c.port, c.adminPort]) expect(n >= 0 && n <= 65535).toBe(true);
+        for (const n of [c.tryTimeoutMs, c.requestTimeoutMs, c.drainTimeoutMs, c.retryBodyMaxBytes]) expect(Number.isSafeInteger(n) && n >= 0).toBe(true);
+        expect(c.retryBackoffMaxMs).toBeGreaterThanOrEqual(c.retryBackoffMs);
+      } catch (err) {
+        expect(err).toBeInstanceOf(ConfigError);
+        for (const problem of (err as ConfigError).problems) expect(NAMES.some((n) => problem.startsWith(n))).toBe(true);
+      }
+    }), { numRuns: 2000 });
+  });
+});
+
+const token = fc.stringMatching(/^[a-z][a-z0-9-]{0,15}$/);
+const headerName = fc.oneof(token, fc.constantFrom(...HOP, 'host', 'expect', 'via', 'x-request-id', 'x-forwarded-for', 'x-forwarded-proto', 'x-forwarded-host', 'accept-encoding'));
+const headerValueArb = fc.stringMatching(/^[\x21-\x7e]([\x20-\x7e]{0,30}[\x21-\x7e])?$/);
+const list = fc.array(fc.tuple(headerName, headerValueArb), { maxLength: 20 });
+const connectionList = fc.tuple(list, fc.array(token, { maxLength: 3 })).map(([l, named]): HeaderList => (named.length ? [...l, ['connection', named.join(', ')]] : l));
+
+describe('header rules under arbitrary header lists', () => {
+  it('never forwards a hop-by-hop header or one that Connection names', () => {
+    fc.assert(fc.property(connectionList, fc.uuid(), (headers, id) => {
+      const named = (headerValue(headers, 'connection') ?? '').split(',').map((n) => n.trim()).filter(Boolean);
+      for (const out of [forwardHeaders(headers, id, '127.0.0.1'), responseHeaders(headers, id), stripHopByHop(headers)]) {
+        for (const [name] of out) {
+          expect(HOP).not.toContain(name);
+          expect(named).not.toContain(name);
+        }
+      }
+    }), { numRuns: 2000 });
+  });
+
+  it('gives the upstream exactly one request id, one Via ending in ours, identity encoding, and no Host or Expect', () => {
+    fc.assert(fc.property(list, fc.uuid(), (headers, id) => {
+      const out = forwardHeaders(headers, id, '127.0.0.1');
+      const all = (n: string) => out.filter(([k]) => k === n);
+      expect(all('x-request-id')).toEqual([['x-request-id', id]]);
+      expect(all('via')).toHaveLength(1);
+      expect(all('via')[0][1].endsWith('1.1 ambassador')).toBe(true);
+      expect(all('accept-encoding')).toEqual([['accept-encoding', 'identity']]);
+      expect(all('host')).toHaveLength(0);
+      expect(all('expect')).toHaveLength(0);
+      expect(all('x-forwarded-for')).toHaveLength(1);
+      expect(all('x-forwarded-for')[0][1].endsWith('127.0.0.1')).toBe(true);
+    }), { numRuns: 2000 });
+  });
+
+  it('keeps every other header, in order, with its value untouched', () => {
+    const special = new Set([...HOP, 'host', 'expect', 'via', 'x-request-id', 'x-forwarded-for', 'x-forwarded-proto', 'x-forwarded-host', 'accept-encoding']);
+    fc.assert(fc.property(list, (headers) => {
+      const plain = headers.filter(([k]) => !special.has(k));
+      const out = forwardHeaders(headers, 'id', undefined).filter(([k]) => !special.has(k));
+      expect(out).toEqual(plain);
+    }), { numRuns: 2000 });
+  });
+});
