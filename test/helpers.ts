@@ -41,7 +41,7 @@ export interface Upstream {
 }
 
 /** A node:http upstream on 127.0.0.1:0 that records every request (body included) before handing it on. */
-export async function startUpstream(handler: UpstreamHandler = (_q, res) => res.end('ok'), opts: { readBody?: boolean } = {}): Promise<Upstream> {
+export async function startUpstream(handler: UpstreamHandler = (_q, res) => res.end('ok'), opts: { readBody?: boolean; port?: number } = {}): Promise<Upstream> {
   const seen: Seen[] = [];
   const server = http.createServer((req, res) => {
     const record: Seen = { method: req.method ?? '', url: req.url ?? '', headers: req.headers, rawHeaders: req.rawHeaders, body: Buffer.alloc(0) };
@@ -55,7 +55,7 @@ export async function startUpstream(handler: UpstreamHandler = (_q, res) => res.
       handler(req, res, record, n);
     });
   });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  await new Promise<void>((r) => server.listen(opts.port ?? 0, '127.0.0.1', r));
   const port = (server.address() as net.AddressInfo).port;
   const close = () => new Promise<void>((r) => {
     server.closeAllConnections();
