@@ -376,8 +376,12 @@ export function headerValue(headers: HeaderList, name: string): string | null {
 
 /** The headers without hop-by-hop ones and without every header `Connection` names. */
 export function stripHopByHop(headers: HeaderList): HeaderList {
-  const named = headerValue(headers, 'connection');
-  const drop = named ? new Set([...HOP_BY_HOP, ...named.split(',').map((n) => n.trim().toLowerCase())]) : HOP_BY_HOP_SET;
+  let drop = HOP_BY_HOP_SET;
+  for (const [name, value] of headers) {
+    if (name !== 'connection') continue; // every Connection header counts, not only the first
+    if (drop === HOP_BY_HOP_SET) drop = new Set(HOP_BY_HOP);
+    for (const named of value.split(',')) drop.add(named.trim().toLowerCase());
+  }
   return headers.filter(([name]) => !drop.has(name));
 }
 

@@ -143,6 +143,9 @@ describe('headers', () => {
       ['transfer-encoding', 'chunked'], ['upgrade', 'websocket'], ['proxy-authorization', 'Basic x'], ['x-kept', 'yes']];
     expect(stripHopByHop(list)).toEqual([['x-kept', 'yes']]);
   });
+  it('honours every Connection header, not only the first', () => {
+    expect(stripHopByHop([['connection', 'x-a'], ['x-a', '1'], ['connection', 'X-B'], ['x-b', '2'], ['x-c', '3']])).toEqual([['x-c', '3']]);
+  });
   it('adds X-Forwarded-*, Via and a request id, and keeps traceparent', () => {
     const h = forwardHeaders([['host', 'localhost:8080'], ['traceparent', '00-abc-def-01'], ['x-forwarded-for', '10.0.0.1'], ['expect', '100-continue'],
       ['accept-encoding', 'gzip'], ['x-request-id', 'old']], 'rid', '127.0.0.1');
