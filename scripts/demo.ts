@@ -28,7 +28,9 @@ const ports = {
 function argv(name: 'ambassador' | 'order-service' | 'inventory-service'): string[] {
   if (onDeno) {
     const source = name === 'ambassador' ? 'ambassador.ts' : `services/${name}.ts`;
-    return [(globalThis as unknown as { Deno: { execPath(): string } }).Deno.execPath(), 'run', '--quiet', '--allow-net', '--allow-env', '--allow-read', path.join(root, source)];
+    // Not Deno.execPath(): Deno's child_process reads a spawn of its own executable as a `node` command
+    // line and rewrites it. `deno task` puts node_modules/.bin (the npm package `deno`) on the PATH.
+    return ['deno', 'run', '--quiet', '--allow-net', '--allow-env', '--allow-read', path.join(root, source)];
   }
   const bundle = name === 'ambassador' ? 'dist/ambassador.mjs' : `dist/services/${name}.mjs`;
   return [process.execPath, path.join(root, bundle)];
