@@ -1,10 +1,11 @@
 /** `npm start`'s runner: the three processes come up, the chain answers, and one Ctrl-C (SIGINT) stops
  * all of them, leaving no process behind and every port free. */
+import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ROOT, deadPort, startProcess } from './helpers.ts';
+import { DENO, ROOT, deadPort, sleep, startProcess } from './helpers.ts';
 
 const alive = (pid: number) => {
   try {
@@ -43,5 +44,35 @@ describe('npm start (the demo runner)', () => {
     for (const pid of children) expect(alive(pid), `child ${pid} still running`).toBe(false);
     for (const port of Object.values(ports)) expect(await listening(port), `port ${port} still open`).toBe(false);
     expect(p.lines.filter((l) => /exited \(code 0\)/.test(l))).toHaveLength(3);
+  });
+});
+
+describe('deno task demo (the same chain under Deno)', () => {
+  it('runs the chain from the sources and stops on Ctrl-C, leaving every port free', async () => {
+    const ports = { ORDER_PORT: await deadPort(), AMBASSADOR_PORT: await deadPort(), ADMIN_PORT: await deadPort(), INVENTORY_PORT: await deadPort() };
+    // Its own process group, as a terminal gives it: Ctrl-C reaches the whole group.
+    const child = spawn(DENO, ['task', 'demo'], {
+      cwd: ROOT, detached: true, stdio: ['ignore', 'pipe', 'pipe'],
+      env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', NO_COLOR: '1', DENO_NO_UPDATE_CHECK: '1', ...Object.fromEntries(Object.entries(ports).map(([k, v]) => [k, String(v)])) },
+    });
+    let out = '';
+    child.stdout!.on('data', (d) => (out += d));
+    child.stderr!.on('data', (d) => (out += d));
+    const exited = new Promise<number | null>((r) => child.on('exit', (code) => r(code)));
+    try {
+      for (let i = 0; i < 200 && !out.includes('Ctrl-C stops all three'); i++) await sleep(100);
+      expect(out).toContain('The chain is up (Deno, from the sources)');
+      const res = await fetch(`http://127.0.0.1:${ports.ORDER_PORT}/order`);
+      expect(await res.text()).toBe('Order received. Inventory says: {"item":"widget","stock":42}');
+    } finally {
+      process.kill(-child.pid!, 'SIGINT');
+      await exited;
+    }
+    for (let i = 0; i < 50; i++) {
+      const open = await Promise.all(Object.values(ports).map(listening));
+      if (!open.includes(true)) break;
+      await sleep(100);
+    }
+    for (const port of Object.values(ports)) expect(await listening(port), `port ${port} still open`).toBe(false);
   });
 });
