@@ -58,7 +58,8 @@ const HOP_BY_HOP_SET = new Set(HOP_BY_HOP);
  * fetch refuses to send it, so the ambassador refuses it (see `refusal`). */
 const IDEMPOTENT = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE']);
 
-/** Methods fetch cannot send (Fetch standard "forbidden method"): answered 405 rather than guessed at. */
+/** Methods fetch cannot send (Fetch standard "forbidden method"): answered 405 on every runtime alike,
+ * rather than forwarded on one and refused on the other. */
 const REFUSED_METHODS = new Set(['CONNECT', 'TRACE', 'TRACK']);
 
 /** Statuses that mean "the upstream, or what is in front of it, could not serve this now". */
@@ -119,7 +120,7 @@ export interface Logger {
   (level: LineLevel, msg: string, fields?: Record<string, unknown>): void;
 }
 
-/** What the handler reports; the log (and, later, metrics) subscribe. Policies never log. */
+/** What the handler reports; the log and the metrics subscribe. Policies never log. */
 export interface Events {
   /** response headers arrived from the upstream, `seconds` after the attempt began */
   attemptResponded(e: { id: string; attempt: number; status: number; seconds: number }): void;
@@ -140,15 +141,15 @@ export interface RequestRecord {
   error?: string;
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Configuration: parsed once, by a pure function, into a frozen object — or one error naming every bad
-// variable, its value and what was expected.
-// ---------------------------------------------------------------------------------------------------------
-
 /** A limit of ours ran out (per try, per request, body idle); `classifyFailure` calls it `timeout`. */
 class TimeoutError extends Error {
   override name = 'TimeoutError';
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Configuration: parsed once, by a pure function, into a frozen object — or one error naming every bad
+// variable, its value and what was expected.
+// ---------------------------------------------------------------------------------------------------------
 
 export class ConfigError extends Error {
   constructor(readonly problems: string[]) {
