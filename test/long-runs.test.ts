@@ -72,7 +72,7 @@ describe.each(RUNTIMES)('long runs (%s)', (runtime) => {
     expect(outcomes.filter((o) => o.status !== 200)).toEqual([]);
     expect(last.rss - start.rss).toBeLessThan(20);
     expect(last.fds - start.fds).toBeLessThanOrEqual(20);
-  });
+  }, (SOAK_SECONDS + 60) * 1000);
 
   it('SIGTERM under load: every request the ambassador accepted succeeds, and it exits 0 within DRAIN_TIMEOUT_MS', async () => {
     const upstream = await startUpstream((_q, res) => setTimeout(() => res.end('done'), 20));
