@@ -30,11 +30,17 @@ describe('npm start (the demo runner)', () => {
     expect(existsSync(demo), 'run `npm run build` first').toBe(true);
     const ports = { ORDER_PORT: await deadPort(), AMBASSADOR_PORT: await deadPort(), ADMIN_PORT: await deadPort(), INVENTORY_PORT: await deadPort() };
     const p = startProcess([process.execPath, demo], Object.fromEntries(Object.entries(ports).map(([k, v]) => [k, String(v)])));
-    await p.waitForLine((l) => l.includes('Ctrl-C stops all three'));
-    expect(p.lines.join('\n')).toContain(`curl http://localhost:${ports.ORDER_PORT}/order`);
-    const res = await fetch(`http://127.0.0.1:${ports.ORDER_PORT}/order`);
-    expect(await res.text()).toBe('Order received. Inventory says: {"item":"widget","stock":42}');
-    await p.waitForLine((l) => l.startsWith('[ambassador]') && l.includes('path=/inventory status=200'));
+    try {
+      await p.waitForLine((l) => l.includes('Ctrl-C stops all three'));
+      expect(p.lines.join('\n')).toContain(`curl http://localhost:${ports.ORDER_PORT}/order`);
+      const res = await fetch(`http://127.0.0.1:${ports.ORDER_PORT}/order`);
+      expect(await res.text()).toBe('Order received. Inventory says: {"item":"widget","stock":42}');
+      await p.waitForLine((l) => l.startsWith('[ambassador]') && l.includes('path=/inventory status=200'));
+    } catch (err) {
+      p.kill('SIGINT'); // the runner stops its three processes; no test failure leaves them behind
+      await p.exited;
+      throw err;
+    }
 
     const children = (await import('node:child_process')).execFileSync('pgrep', ['-P', String(p.pid)]).toString().trim().split('\n').map(Number);
     expect(children).toHaveLength(3);
