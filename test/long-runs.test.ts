@@ -112,7 +112,8 @@ describe.each(RUNTIMES)('long runs (%s)', (runtime) => {
     await sleep(800);
     upstream = await startUpstream(handler, { port });
     const outcomes = await running;
-    expect(outcomes.every((o) => o.ms < 1000 + 500)).toBe(true);
+    // REQUEST_TIMEOUT_MS plus room for a loaded machine: what matters is that nothing waits unbounded.
+    expect(Math.max(...outcomes.map((o) => o.ms))).toBeLessThan(1000 + 1000);
     expect(outcomes.every((o) => [200, 502, 503, 504].includes(o.status ?? 0))).toBe(true);
     expect(outcomes.some((o) => o.status === 502)).toBe(true);
     expect(outcomes.slice(-8).every((o) => o.status === 200)).toBe(true);
