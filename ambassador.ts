@@ -262,11 +262,16 @@ export function parseRetryAfter(value: string | null, nowMs: number): number | u
  * when the upstream cannot have received them, so a POST is never duplicated (Envoy and nginx users have
  * seen POSTs run several times after a timeout). An `Idempotency-Key` makes any method repeatable. */
 export function isRetryableOutcome(outcome: AttemptOutcome, method: string, idempotencyKey: boolean): boolean {
-  if ('status' in outcome) return RETRYABLE_STATUS.has(outcome.status) && (IDEMPOTENT.has(method) || idempotencyKey);
-  const neverReached = outcome.failure === 'refused' || outcome.failure === 'dns';
-  if (neverReached) return true;
-  if (outcome.failure === 'tls' || outcome.failure === 'other') return false;
-  return IDEMPOTENT.has(method) || idempotencyKey;
+  if (!worthRetrying(outcome)) return false;
+  const neverReached = 'failure' in outcome && (outcome.failure === 'refused' || outcome.failure === 'dns');
+  return neverReached || IDEMPOTENT.has(method) || idempotencyKey;
+}
+
+/** Could another attempt fare better, whatever the method? Not after a TLS failure (a second handshake
+ * meets the same certificate) or an error we cannot name, nor after a status other than 502/503/504. */
+function worthRetrying(outcome: AttemptOutcome): boolean {
+  if ('status' in outcome) return RETRYABLE_STATUS.has(outcome.status);
+  return outcome.failure !== 'tls' && outcome.failure !== 'other';
 }
 
 export interface RetryInput {
@@ -285,9 +290,7 @@ export interface RetryInput {
 /** The whole retry decision in one place. The order matters for what is reported: a request that was not
  * retryable anyway is `final`; one that would have been retried says what stopped it. */
 export function decideRetry(i: RetryInput): RetryDecision {
-  const retryableStatus = 'status' in i.outcome && RETRYABLE_STATUS.has(i.outcome.status);
-  const retryableFailure = 'failure' in i.outcome && i.outcome.failure !== 'tls' && i.outcome.failure !== 'other';
-  if (!retryableStatus && !retryableFailure) return { retry: false, reason: 'final' };
+  if (!worthRetrying(i.outcome)) return { retry: false, reason: 'final' };
   if (i.attempt >= i.maxAttempts) return { retry: false, reason: 'attempts' };
   if (!isRetryableOutcome(i.outcome, i.method, i.idempotencyKey)) return { retry: false, reason: 'method' };
   if (!i.bodyReplayable) return { retry: false, reason: 'body' };
@@ -447,11 +450,11 @@ export function failureReply(kind: FailureKind, detail: string, attempts: number
   return textReply(kind === 'timeout' ? 504 : 502, `ambassador: upstream ${kind === 'timeout' ? 'timed out' : 'failed'}: ${detail} (${tries})\n`, id);
 }
 
-function textReply(status: number, text: string, id: string, extra: HeaderList = []): Reply {
+function textReply(status: number, text: string, id: string): Reply {
   const bytes = new TextEncoder().encode(text);
   return {
     status, statusText: '', body: new Blob([bytes]).stream(),
-    headers: [['content-type', 'text/plain; charset=utf-8'], ['content-length', String(bytes.byteLength)], ['x-request-id', id], ['via', VIA], ...extra],
+    headers: [['content-type', 'text/plain; charset=utf-8'], ['content-length', String(bytes.byteLength)], ['x-request-id', id], ['via', VIA]],
   };
 }
 
