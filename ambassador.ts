@@ -82,25 +82,66 @@ export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
 type LineLevel = LogLevel | 'notice';
 export type LogFormat = 'json' | 'text';
 
+/** The settings each route has: the environment variable that sets the default for every route, and the
+ * key a route in ROUTES_FILE overrides it with. One table, so the two can never drift apart. */
+const ROUTE_SETTINGS = [
+  { key: 'retryAttempts', env: 'RETRY_ATTEMPTS', fallback: 3, min: 1, max: 100 },
+  { key: 'retryBackoffMs', env: 'RETRY_BACKOFF_MS', fallback: 100, min: 0 },
+  { key: 'retryBackoffMaxMs', env: 'RETRY_BACKOFF_MAX_MS', fallback: 2000, min: 0 },
+  { key: 'retryBudgetPercent', env: 'RETRY_BUDGET_PERCENT', fallback: 20, min: 0, max: 100 },
+  { key: 'retryBudgetMinPerSec', env: 'RETRY_BUDGET_MIN_PER_SEC', fallback: 10, min: 0 },
+  { key: 'retryBodyMaxBytes', env: 'RETRY_BODY_MAX_BYTES', fallback: 64 * 1024, min: 0 },
+  { key: 'tryTimeoutMs', env: 'TRY_TIMEOUT_MS', fallback: 5000, min: 0 },
+  { key: 'requestTimeoutMs', env: 'REQUEST_TIMEOUT_MS', fallback: 15000, min: 0 },
+  { key: 'breakerFailures', env: 'BREAKER_FAILURES', fallback: 5, min: 0 },
+  { key: 'breakerOpenMs', env: 'BREAKER_OPEN_MS', fallback: 5000, min: 1 },
+  { key: 'breakerOpenMaxMs', env: 'BREAKER_OPEN_MAX_MS', fallback: 60_000, min: 1 },
+  { key: 'breakerProbes', env: 'BREAKER_PROBES', fallback: 1, min: 1 },
+  { key: 'maxInFlight', env: 'MAX_IN_FLIGHT', fallback: 1024, min: 0 },
+  { key: 'queueSize', env: 'QUEUE_SIZE', fallback: 128, min: 0 },
+  { key: 'queueTimeoutMs', env: 'QUEUE_TIMEOUT_MS', fallback: 1000, min: 0 },
+  { key: 'rateLimitPerSec', env: 'RATE_LIMIT_PER_SEC', fallback: 0, min: 0 },
+  { key: 'rateLimitBurst', env: 'RATE_LIMIT_BURST', fallback: 0, min: 0 },
+  { key: 'rateLimitWaitMs', env: 'RATE_LIMIT_WAIT_MS', fallback: 0, min: 0 },
+  { key: 'dnsRefreshMs', env: 'DNS_REFRESH_MS', fallback: 5000, min: 0 },
+] as const;
+
+export type RouteSettings = { readonly [S in (typeof ROUTE_SETTINGS)[number] as S['key']]: number };
+
+/** TLS to an https:// upstream. Certificate verification is always on; the files are read again when they
+ * change (Kubernetes Secrets mounted as files are rotated in place). */
+export interface TlsFiles {
+  readonly caFile: string | null; // null: the runtime's own roots
+  readonly certFile: string | null; // with keyFile: a client certificate (mTLS)
+  readonly keyFile: string | null;
+  readonly serverName: string | null; // SNI and the name the certificate must carry; null: the URL's host
+  readonly minVersion: 'TLSv1.2' | 'TLSv1.3';
+}
+
+/** Where requests go: every request whose Host (when `host` is set) and path prefix match. */
+export interface Route extends RouteSettings {
+  readonly name: string;
+  readonly host: string | null;
+  readonly prefix: string;
+  readonly stripPrefix: boolean;
+  /** one or more base URLs; a name may resolve to several addresses, each an endpoint */
+  readonly upstreams: readonly URL[];
+  readonly tls: TlsFiles | null;
+}
+
 export interface Config {
-  readonly upstream: URL;
   readonly host: string;
   readonly port: number;
   readonly adminHost: string;
   readonly adminPort: number;
-  readonly retryAttempts: number;
-  readonly retryBackoffMs: number;
-  readonly retryBackoffMaxMs: number;
-  readonly retryBudgetPercent: number;
-  readonly retryBudgetMinPerSec: number;
-  readonly retryBodyMaxBytes: number;
-  readonly tryTimeoutMs: number;
-  readonly requestTimeoutMs: number;
   readonly drainTimeoutMs: number;
   readonly drainGraceMs: number;
   readonly bodyIdleTimeoutMs: number;
   readonly logFormat: LogFormat;
   readonly logLevel: LogLevel;
+  readonly routesFile: string | null;
+  /** most specific first: routes with a host before those without, then longer prefixes first */
+  readonly routes: readonly Route[];
 }
 
 /** Why an attempt produced no usable response. `refused` and `dns` mean the upstream cannot have seen
@@ -110,7 +151,10 @@ export type FailureKind = 'refused' | 'dns' | 'reset' | 'timeout' | 'tls' | 'pro
 /** What one attempt came to: a response status, or a failure. */
 export type AttemptOutcome = { status: number } | { failure: FailureKind };
 
-export type SkipReason = 'attempts' | 'method' | 'body' | 'deadline' | 'budget';
+export type SkipReason = 'attempts' | 'method' | 'body' | 'deadline' | 'budget' | 'circuit';
+
+/** Why the ambassador answered a request itself, without asking the upstream. */
+export type Rejection = 'no_route' | 'rate_limit' | 'concurrency' | 'circuit_open';
 
 export type RetryDecision =
   | { retry: true; delayMs: number }
@@ -123,13 +167,22 @@ export interface Logger {
 /** What the handler reports; the log and the metrics subscribe. Policies never log. */
 export interface Events {
   /** response headers arrived from the upstream, `seconds` after the attempt began */
-  attemptResponded(e: { id: string; attempt: number; status: number; seconds: number }): void;
-  attemptFailed(e: { id: string; attempt: number; error: string; kind: FailureKind | 'status'; status?: number; next: RetryDecision }): void;
+  attemptResponded(e: { id: string; route: string; endpoint: string; attempt: number; status: number; seconds: number }): void;
+  attemptFailed(e: { id: string; route: string; endpoint: string; attempt: number; error: string; kind: FailureKind | 'status'; status?: number; next: RetryDecision }): void;
   requestDone(e: RequestRecord): void;
+  /** an endpoint's breaker opened (it is ejected for `openMs`), let a probe through, or closed again */
+  endpointChanged(e: { route: string; endpoint: string; change: 'opened' | 'probing' | 'closed'; openMs?: number; ejections?: number }): void;
+  /** discovery found endpoints added or removed, or could not resolve a name (`error`; the old ones stay) */
+  endpointsChanged(e: { route: string; added: string[]; removed: string[]; endpoints: string[]; error?: string }): void;
+  /** a route's TLS files changed and were taken up, or could not be (`error`; the old ones stay) */
+  tlsReloaded(e: { route: string; error?: string }): void;
 }
 
 export interface RequestRecord {
   id: string;
+  route: string; // '' when no route matched
+  endpoint: string | null; // the last endpoint tried
+  rejected?: Rejection;
   method: string;
   path: string;
   status: number;
@@ -158,21 +211,31 @@ export class ConfigError extends Error {
   }
 }
 
-export function loadConfig(env: Record<string, string | undefined>): Config {
+/** Reads a small text file (the routes file, a certificate): main passes the runtime's own. */
+export type ReadFile = (path: string) => string;
+
+const TLS_VARIABLES = { caFile: 'UPSTREAM_CA_FILE', certFile: 'UPSTREAM_CERT_FILE', keyFile: 'UPSTREAM_KEY_FILE',
+  serverName: 'UPSTREAM_SERVER_NAME', minVersion: 'UPSTREAM_TLS_MIN_VERSION' } as const;
+const ROUTE_KEYS = ['name', 'host', 'prefix', 'stripPrefix', 'upstream', 'tls', ...ROUTE_SETTINGS.map((s) => s.key)];
+const NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
+const HOSTNAME = /^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$/;
+
+export function loadConfig(env: Record<string, string | undefined>, readFile?: ReadFile): Config {
   const problems: string[] = [];
-  const bad = (name: string, value: string, expected: string) => {
-    problems.push(`${name}=${JSON.stringify(value)}: expected ${expected}`);
+  const bad = (name: string, value: unknown, expected: string) => {
+    problems.push(`${name}=${JSON.stringify(typeof value === 'string' ? value : JSON.stringify(value))}: expected ${expected}`);
   };
   const read = (name: string) => {
     const v = env[name];
     return v === undefined || v.trim() === '' ? undefined : v.trim();
   };
+  const range = (min: number, max: number) => `a whole number from ${min} to ${max === Number.MAX_SAFE_INTEGER ? 'any size' : max}`;
   const int = (name: string, fallback: number, min: number, max = Number.MAX_SAFE_INTEGER) => {
     const v = read(name);
     if (v === undefined) return fallback;
     const n = Number(v);
     if (!/^\d+$/.test(v) || !Number.isSafeInteger(n) || n < min || n > max) {
-      bad(name, v, `a whole number from ${min} to ${max === Number.MAX_SAFE_INTEGER ? 'any size' : max}`);
+      bad(name, v, range(min, max));
       return fallback;
     }
     return n;
@@ -187,49 +250,182 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     return v.toLowerCase() as T;
   };
 
-  let upstream = new URL('http://invalid.invalid/');
-  const rawUpstream = read('UPSTREAM_URL');
-  if (rawUpstream === undefined) {
-    problems.push('UPSTREAM_URL is not set: expected the upstream base URL, e.g. http://inventory-service:9000');
+  /** One or more upstream base URLs, each http:// or https:// with a host and nothing that would leak
+   * into logs (credentials) or be silently dropped (query, fragment). */
+  const upstreamsOf = (values: string[], report: (expected: string) => void): URL[] => {
+    const expected = 'http:// or https:// URLs (comma-separated) with a host and no credentials, query or fragment';
+    const urls: URL[] = [];
+    for (const value of values) {
+      let u: URL | undefined;
+      try {
+        u = new URL(value);
+      } catch { /* reported below */ }
+      if (!u || (u.protocol !== 'http:' && u.protocol !== 'https:') || !u.hostname || u.username || u.password || u.search || u.hash) {
+        report(expected);
+        return [];
+      }
+      if (urls.some((other) => other.host === u.host)) {
+        report(`each host:port once (${u.host} is named twice)`);
+        return [];
+      }
+      urls.push(u);
+    }
+    if (urls.length === 0) report(expected);
+    return urls;
+  };
+
+  /** TLS settings: each file must be readable and hold PEM; a client certificate needs its key. */
+  const tlsOf = (label: (key: keyof TlsFiles) => string, raw: Partial<Record<keyof TlsFiles, unknown>>, upstreams: URL[]): TlsFiles | null => {
+    if (Object.values(raw).every((v) => v === undefined)) return null;
+    const text = (key: keyof TlsFiles): string | null => {
+      const v = raw[key];
+      if (v === undefined) return null;
+      if (typeof v !== 'string' || v.trim() === '') return bad(label(key), v, 'a non-empty string'), null;
+      return v.trim();
+    };
+    const file = (key: 'caFile' | 'certFile' | 'keyFile', kind: string): string | null => {
+      const path = text(key);
+      if (path === null) return null;
+      if (!readFile) return bad(label(key), path, 'a file, but files cannot be read here'), null;
+      try {
+        if (!readFile(path).includes('-----BEGIN ')) bad(label(key), path, `a PEM file holding ${kind}`);
+      } catch (err) {
+        bad(label(key), path, `a readable file holding ${kind} (${describeFailure(err)})`);
+      }
+      return path;
+    };
+    const tls: TlsFiles = {
+      caFile: file('caFile', 'CA certificates'),
+      certFile: file('certFile', 'a certificate chain'),
+      keyFile: file('keyFile', 'a private key'),
+      serverName: text('serverName'),
+      minVersion: (text('minVersion') ?? 'TLSv1.2') as TlsFiles['minVersion'],
+    };
+    if ((tls.certFile === null) !== (tls.keyFile === null)) {
+      const missing = tls.certFile === null ? 'certFile' : 'keyFile';
+      bad(label(missing), '', `a file as well: a client certificate needs both ${label('certFile')} and ${label('keyFile')}`);
+    }
+    if (tls.serverName !== null && !HOSTNAME.test(tls.serverName)) bad(label('serverName'), tls.serverName, 'a DNS name');
+    if (tls.minVersion !== 'TLSv1.2' && tls.minVersion !== 'TLSv1.3') bad(label('minVersion'), tls.minVersion, 'TLSv1.2 or TLSv1.3');
+    if (upstreams.some((u) => u.protocol !== 'https:')) bad(label('caFile'), raw.caFile ?? raw.certFile ?? raw.serverName ?? raw.minVersion, 'TLS settings only with https:// upstreams');
+    return tls;
+  };
+
+  const defaults = {} as Record<string, number>;
+  for (const s of ROUTE_SETTINGS) defaults[s.key] = int(s.env, s.fallback, s.min, 'max' in s ? s.max : undefined);
+
+  const routesFile = read('ROUTES_FILE') ?? null;
+  let routes: Route[] = [];
+  if (routesFile === null) {
+    const raw = read('UPSTREAM_URL');
+    if (raw === undefined) {
+      problems.push('UPSTREAM_URL is not set: expected the upstream base URL, e.g. http://inventory-service:9000 (or ROUTES_FILE)');
+    } else {
+      const upstreams = upstreamsOf(raw.split(',').map((v) => v.trim()), (expected) => bad('UPSTREAM_URL', raw, expected));
+      const tlsRaw = Object.fromEntries(Object.entries(TLS_VARIABLES).map(([key, name]) => [key, read(name)]));
+      const tls = tlsOf((key) => TLS_VARIABLES[key], tlsRaw, upstreams);
+      routes = [{ ...(defaults as RouteSettings), name: 'default', host: null, prefix: '/', stripPrefix: false, upstreams, tls }];
+    }
   } else {
-    const expected = 'an http:// or https:// URL with a host and no credentials, query or fragment';
+    for (const name of ['UPSTREAM_URL', ...Object.values(TLS_VARIABLES)]) {
+      const v = read(name);
+      if (v !== undefined) bad(name, v, 'nothing when ROUTES_FILE is set: each route names its upstream and TLS files');
+    }
+    routes = routesFromFile(routesFile);
+  }
+
+  /** Routes from a JSON file; every problem names the route and field, e.g. `routes[1].retryAttempts`. */
+  function routesFromFile(path: string): Route[] {
+    let doc: unknown;
     try {
-      const u = new URL(rawUpstream);
-      if ((u.protocol !== 'http:' && u.protocol !== 'https:') || !u.hostname || u.username || u.password ||
-        u.search || u.hash) {
-        bad('UPSTREAM_URL', rawUpstream, expected);
-      } else upstream = u;
-    } catch {
-      bad('UPSTREAM_URL', rawUpstream, expected);
+      if (!readFile) throw new Error('files cannot be read here');
+      doc = JSON.parse(readFile(path));
+    } catch (err) {
+      bad('ROUTES_FILE', path, `a readable JSON file (${describeFailure(err)})`);
+      return [];
+    }
+    const at = (field: string) => `ROUTES_FILE=${JSON.stringify(path)}: ${field}`;
+    const wrong = (field: string, value: unknown, expected: string) => problems.push(`${at(field)}: expected ${expected}, got ${JSON.stringify(value) ?? 'nothing'}`);
+    const list = (doc as { routes?: unknown })?.routes;
+    if (!Array.isArray(list) || list.length === 0) {
+      wrong('routes', list, 'a non-empty array of routes, as in {"routes": [{"name": ..., "prefix": ..., "upstream": ...}]}');
+      return [];
+    }
+    const out: Route[] = [];
+    list.forEach((r: Record<string, unknown>, i) => {
+      const f = (key: string) => `routes[${i}].${key}`;
+      if (typeof r !== 'object' || r === null || Array.isArray(r)) return wrong(`routes[${i}]`, r, 'an object');
+      for (const key of Object.keys(r)) if (!ROUTE_KEYS.includes(key)) wrong(f(key), r[key], `no such field: one of ${ROUTE_KEYS.join(', ')}`);
+      const name = typeof r.name === 'string' && NAME.test(r.name) ? r.name : (wrong(f('name'), r.name, 'a name of letters, digits, _ . -'), `route${i}`);
+      let prefix = '/';
+      if (typeof r.prefix !== 'string' || !r.prefix.startsWith('/') || /[?#\s]/.test(r.prefix)) wrong(f('prefix'), r.prefix, 'a path prefix starting with /');
+      else prefix = r.prefix.length > 1 ? r.prefix.replace(/\/+$/, '') || '/' : '/';
+      let host: string | null = null;
+      if (r.host !== undefined) {
+        if (typeof r.host === 'string' && HOSTNAME.test(r.host)) host = r.host.toLowerCase();
+        else wrong(f('host'), r.host, 'a host name without port, matched against the request\'s Host');
+      }
+      if (r.stripPrefix !== undefined && typeof r.stripPrefix !== 'boolean') wrong(f('stripPrefix'), r.stripPrefix, 'true or false');
+      const given = typeof r.upstream === 'string' ? [r.upstream] : r.upstream;
+      let upstreams: URL[] = [];
+      if (!Array.isArray(given) || given.length === 0 || !given.every((u) => typeof u === 'string')) {
+        wrong(f('upstream'), r.upstream, 'an upstream base URL, or an array of them');
+      } else {
+        upstreams = upstreamsOf(given, (expected) => wrong(f('upstream'), r.upstream, expected));
+      }
+      const settings: Record<string, number> = {};
+      for (const s of ROUTE_SETTINGS) {
+        const v = r[s.key];
+        const max = 'max' in s ? s.max : Number.MAX_SAFE_INTEGER;
+        if (v === undefined) settings[s.key] = defaults[s.key];
+        else if (typeof v === 'number' && Number.isSafeInteger(v) && v >= s.min && v <= max) settings[s.key] = v;
+        else (wrong(f(s.key), v, range(s.min, max)), (settings[s.key] = defaults[s.key]));
+      }
+      let tls: TlsFiles | null = null;
+      if (r.tls !== undefined) {
+        if (typeof r.tls !== 'object' || r.tls === null || Array.isArray(r.tls)) wrong(f('tls'), r.tls, 'an object with caFile, certFile, keyFile, serverName, minVersion');
+        else {
+          for (const key of Object.keys(r.tls)) if (!(key in TLS_VARIABLES)) wrong(f(`tls.${key}`), (r.tls as Record<string, unknown>)[key], `no such field: one of ${Object.keys(TLS_VARIABLES).join(', ')}`);
+          tls = tlsOf((key) => at(f(`tls.${key}`)), r.tls as Record<string, unknown>, upstreams);
+        }
+      }
+      if (out.some((o) => o.name === name)) wrong(f('name'), name, 'a name no other route has');
+      if (out.some((o) => o.prefix === prefix && o.host === host)) wrong(f('prefix'), r.prefix, `a prefix and host no other route has (${host ?? 'any host'} ${prefix})`);
+      out.push({ ...(settings as RouteSettings), name, host, prefix, stripPrefix: r.stripPrefix === true, upstreams, tls });
+    });
+    return out;
+  }
+
+  for (const route of routes) {
+    const where = routesFile === null ? (name: string) => name : (key: string) => `ROUTES_FILE=${JSON.stringify(routesFile)}: ${route.name}.${key}`;
+    if (route.retryBackoffMaxMs < route.retryBackoffMs) {
+      problems.push(`${where('RETRY_BACKOFF_MAX_MS')}=${JSON.stringify(String(route.retryBackoffMaxMs))}: expected a value at least RETRY_BACKOFF_MS (${route.retryBackoffMs})`);
+    }
+    if (route.breakerOpenMaxMs < route.breakerOpenMs) {
+      problems.push(`${where('BREAKER_OPEN_MAX_MS')}=${JSON.stringify(String(route.breakerOpenMaxMs))}: expected a value at least BREAKER_OPEN_MS (${route.breakerOpenMs})`);
     }
   }
 
   const config: Config = {
-    upstream,
     host: read('HOST') ?? '127.0.0.1',
     port: int('PORT', 8080, 0, 65535),
     adminHost: read('ADMIN_HOST') ?? '0.0.0.0',
     adminPort: int('ADMIN_PORT', 9901, 0, 65535),
-    retryAttempts: int('RETRY_ATTEMPTS', 3, 1, 100),
-    retryBackoffMs: int('RETRY_BACKOFF_MS', 100, 0),
-    retryBackoffMaxMs: int('RETRY_BACKOFF_MAX_MS', 2000, 0),
-    retryBudgetPercent: int('RETRY_BUDGET_PERCENT', 20, 0, 100),
-    retryBudgetMinPerSec: int('RETRY_BUDGET_MIN_PER_SEC', 10, 0),
-    retryBodyMaxBytes: int('RETRY_BODY_MAX_BYTES', 64 * 1024, 0),
-    tryTimeoutMs: int('TRY_TIMEOUT_MS', 5000, 0),
-    requestTimeoutMs: int('REQUEST_TIMEOUT_MS', 15000, 0),
     drainTimeoutMs: int('DRAIN_TIMEOUT_MS', 20000, 0),
     drainGraceMs: int('DRAIN_GRACE_MS', 0, 0),
     bodyIdleTimeoutMs: int('BODY_IDLE_TIMEOUT_MS', 300_000, 0),
     logFormat: oneOf<LogFormat>('LOG_FORMAT', 'json', ['json', 'text']),
     logLevel: oneOf<LogLevel>('LOG_LEVEL', 'info', ['debug', 'info', 'warn', 'error']),
+    routesFile,
+    // Most specific first, so the order of the file never hides a route behind a shorter prefix.
+    routes: Object.freeze(routes.map((r) => Object.freeze({
+      ...r,
+      // A rate with no burst given may burst to one second's worth.
+      rateLimitBurst: r.rateLimitPerSec > 0 && r.rateLimitBurst === 0 ? r.rateLimitPerSec : r.rateLimitBurst,
+    })).sort((a, b) => Number(b.host !== null) - Number(a.host !== null) || b.prefix.length - a.prefix.length)),
   };
   if (config.port !== 0 && config.port === config.adminPort && config.host === config.adminHost) {
     problems.push(`ADMIN_PORT=${JSON.stringify(String(config.adminPort))}: expected a port other than PORT`);
-  }
-  if (config.retryBackoffMaxMs < config.retryBackoffMs) {
-    bad('RETRY_BACKOFF_MAX_MS', String(config.retryBackoffMaxMs),
-      `a value at least RETRY_BACKOFF_MS (${config.retryBackoffMs})`);
   }
   if (problems.length > 0) throw new ConfigError(problems);
   return Object.freeze(config);
@@ -282,6 +478,7 @@ export interface RetryInput {
   maxAttempts: number;
   bodyReplayable: boolean;
   budgetAvailable: boolean;
+  endpointAvailable: boolean; // an endpoint whose breaker lets a request through
   retryAfterMs: number | undefined;
   backoffMs: number;
   remainingMs: number; // until the request's deadline; Infinity when there is none
@@ -298,6 +495,7 @@ export function decideRetry(i: RetryInput): RetryDecision {
   const delayMs = i.retryAfterMs ?? i.backoffMs;
   if (delayMs >= i.remainingMs) return { retry: false, reason: 'deadline' };
   if (!i.budgetAvailable) return { retry: false, reason: 'budget' };
+  if (!i.endpointAvailable) return { retry: false, reason: 'circuit' };
   return { retry: true, delayMs };
 }
 
@@ -367,6 +565,197 @@ export function describeFailure(err: unknown): string {
   if (cause?.code && cause.message) return cause.message.includes(cause.code) ? cause.message : `${cause.code} ${cause.message}`;
   if (cause?.message) return cause.message;
   return err instanceof Error ? err.message : String(err);
+}
+
+/** A circuit breaker for one endpoint (outlier ejection, in Envoy's words). After `failures` failures in a
+ * row it opens: the endpoint gets nothing for `openMs`, doubled on each ejection that follows closely on
+ * the last, up to `openMaxMs`. Then it is half-open: at most `probes` requests at once may try it — never
+ * a burst (one half-open breaker letting everything through caused a 17× load spike) — and the first
+ * answer closes it again or opens it for longer. No timers: open → half-open is worked out when read. */
+export type BreakerState = 'closed' | 'open' | 'half-open';
+export type BreakerChange = 'opened' | 'closed' | undefined;
+
+export class Breaker {
+  private failures = 0;
+  private openedAt = -Infinity;
+  private openMs = 0;
+  private isOpen = false;
+  private probing = 0;
+  private lastOpenedAt = -Infinity;
+  /** ejections that followed one another closely: the next open period is `openMs · 2^(ejections-1)` */
+  ejections = 0;
+  /** every ejection since start, for the metrics */
+  ejectionsTotal = 0;
+
+  constructor(private readonly p: { failures: number; openMs: number; openMaxMs: number; probes: number }) {}
+
+  state(now: number): BreakerState {
+    if (!this.isOpen) return 'closed';
+    return now < this.openedAt + this.openMs ? 'open' : 'half-open';
+  }
+
+  /** May a request go to this endpoint now? */
+  available(now: number): boolean {
+    const state = this.state(now);
+    return state === 'closed' || (state === 'half-open' && this.probing < this.p.probes);
+  }
+
+  /** A request goes to this endpoint: returns whether it is a probe, whose answer decides the state. */
+  admit(now: number): boolean {
+    if (this.state(now) !== 'half-open') return false;
+    this.probing++;
+    return true;
+  }
+
+  /** An attempt sent at `admit` ended: `ok` true or false, or undefined when it came to nothing (the app
+   * went away) and counts neither way. Returns the change it caused, for the log and the metrics. */
+  record(now: number, ok: boolean | undefined, probe: boolean): BreakerChange {
+    if (probe) this.probing = Math.max(0, this.probing - 1);
+    if (ok === undefined || this.p.failures === 0) return undefined;
+    if (this.isOpen) {
+      // Only a probe's answer counts: requests admitted before the breaker opened say nothing new.
+      if (!probe) return undefined;
+      if (ok) {
+        this.isOpen = false;
+        this.failures = 0;
+        return 'closed';
+      }
+      return this.open(now);
+    }
+    if (ok) {
+      this.failures = 0;
+      return undefined;
+    }
+    return ++this.failures >= this.p.failures ? this.open(now) : undefined;
+  }
+
+  private open(now: number): BreakerChange {
+    // An endpoint that stayed healthy for a whole maximum period starts again from the shortest one.
+    if (now - this.lastOpenedAt > 2 * this.p.openMaxMs) this.ejections = 0;
+    this.ejections++;
+    this.ejectionsTotal++;
+    this.isOpen = true;
+    this.openedAt = this.lastOpenedAt = now;
+    this.openMs = Math.min(this.p.openMaxMs, this.p.openMs * 2 ** (this.ejections - 1));
+    this.probing = 0;
+    this.failures = 0;
+    return 'opened';
+  }
+
+  /** How long until it may be tried again: 0 unless open. */
+  remainingMs(now: number): number {
+    return this.state(now) === 'open' ? this.openedAt + this.openMs - now : 0;
+  }
+}
+
+/** What the balancer needs to know of an endpoint. */
+export interface Balanced {
+  inFlight: number;
+  /** peak-sensitive moving average of response time, in ms (Linkerd's PeakEWMA) */
+  ewmaMs: number;
+}
+
+/** Power of two choices (Mitzenmacher): two endpoints at random, the less loaded wins. The load is the
+ * latency average times the requests in flight plus one (as Linkerd and Finagle weigh it), so a slow or
+ * busy endpoint gets less without a herd piling onto the single best one. Endpoints in `avoid` (already
+ * tried by this request) are passed over while any other is left. */
+export function pickEndpoint<E extends Balanced>(candidates: readonly E[], avoid: ReadonlySet<E>, random: () => number): E | undefined {
+  const fresh = candidates.filter((e) => !avoid.has(e));
+  const from = fresh.length > 0 ? fresh : candidates;
+  if (from.length <= 1) return from[0];
+  const i = Math.floor(random() * from.length);
+  let j = Math.floor(random() * (from.length - 1));
+  if (j >= i) j++;
+  const cost = (e: E) => (e.ewmaMs + 1) * (e.inFlight + 1);
+  return cost(from[j]) < cost(from[i]) ? from[j] : from[i];
+}
+
+/** EWMA decay time: a sample `DECAY_MS` old weighs 1/e of a fresh one. */
+const EWMA_DECAY_MS = 10_000;
+
+/** Folds one response time into an endpoint's average. A slower sample is taken at once (a slow endpoint
+ * is avoided straight away); a faster one pulls the average down as time passes. */
+export function updateEwma(ewmaMs: number, sampleMs: number, sinceLastMs: number): number {
+  if (sampleMs > ewmaMs) return sampleMs;
+  const w = Math.exp(-Math.max(0, sinceLastMs) / EWMA_DECAY_MS);
+  return ewmaMs * w + sampleMs * (1 - w);
+}
+
+/** A token bucket: `ratePerSec` tokens a second, at most `burst` saved up. `take` answers at once, or
+ * after a wait of at most `maxWaitMs` (the token is reserved, so waiters are served in order and the rate
+ * holds exactly), or not at all, with how long until a token would be free. */
+export class TokenBucket {
+  private tokens: number;
+  private at: number;
+
+  constructor(private readonly ratePerSec: number, private readonly burst: number, now: number) {
+    this.tokens = burst;
+    this.at = now;
+  }
+
+  take(now: number, maxWaitMs: number): { ok: true; waitMs: number } | { ok: false; retryAfterMs: number } {
+    this.tokens = Math.min(this.burst, this.tokens + ((now - this.at) * this.ratePerSec) / 1000);
+    this.at = now;
+    if (this.tokens >= 1) {
+      this.tokens--;
+      return { ok: true, waitMs: 0 };
+    }
+    const waitMs = Math.ceil(((1 - this.tokens) * 1000) / this.ratePerSec);
+    if (waitMs > maxWaitMs) return { ok: false, retryAfterMs: waitMs };
+    this.tokens--;
+    return { ok: true, waitMs };
+  }
+}
+
+/** At most `max` requests in flight to an upstream (0: no limit); the next `queueSize` wait in order for a
+ * free place, the rest are refused at once. A slow dependency then costs the app a quick 503, not a pile
+ * of requests that all time out together. */
+export class ConcurrencyLimit {
+  active = 0;
+  private readonly waiting: Array<() => void> = [];
+
+  constructor(private readonly max: number, private readonly queueSize: number) {}
+
+  get queued(): number {
+    return this.waiting.length;
+  }
+
+  /** A place now (true), none (false), or a place in the queue: `granted` settles when a place is free;
+   * `leave` gives up the queue place (the wait timed out, or the app went away) and says false when the
+   * place had already been granted, which the caller must then release. */
+  acquire(): boolean | { granted: Promise<void>; leave(): boolean } {
+    if (this.max === 0 || this.active < this.max) {
+      this.active++;
+      return true;
+    }
+    if (this.waiting.length >= this.queueSize) return false;
+    let resolve!: () => void;
+    const granted = new Promise<void>((r) => (resolve = r));
+    this.waiting.push(resolve);
+    return {
+      granted,
+      leave: () => {
+        const i = this.waiting.indexOf(resolve);
+        if (i >= 0) this.waiting.splice(i, 1);
+        return i >= 0;
+      },
+    };
+  }
+
+  release(): void {
+    const next = this.waiting.shift();
+    if (next) next(); // the place passes straight to the next in line
+    else this.active--;
+  }
+}
+
+/** The route for a request: the most specific that matches (the list is sorted so), or undefined. A
+ * prefix matches at a path-segment boundary: `/inventory` takes `/inventory` and `/inventory/42`, not
+ * `/inventory-old`. */
+export function matchRoute<R extends Pick<Route, 'host' | 'prefix'>>(routes: readonly R[], host: string | null, path: string): R | undefined {
+  const name = host?.replace(/:\d+$/, '').replace(/^\[(.*)\]$/, '$1').toLowerCase() ?? null;
+  return routes.find((r) => (r.host === null || r.host === name) &&
+    (r.prefix === '/' || path === r.prefix || path.startsWith(r.prefix + '/')));
 }
 
 /** Headers as the wire has them: [name, value] pairs in order, names lower-case, repeats kept. Plain
@@ -450,6 +839,16 @@ export function failureReply(kind: FailureKind, detail: string, attempts: number
   return textReply(kind === 'timeout' ? 504 : 502, `ambassador: upstream ${kind === 'timeout' ? 'timed out' : 'failed'}: ${detail} (${tries})\n`, id);
 }
 
+const REJECTION_STATUS: Record<Rejection, number> = { no_route: 404, rate_limit: 429, concurrency: 503, circuit_open: 503 };
+
+/** What the app gets when the ambassador answers for the upstream: 429 over the rate limit, 503 while the
+ * upstream is overloaded or its circuit is open — each with Retry-After, so a well-behaved client waits. */
+export function rejectionReply(reason: Rejection, detail: string, id: string, retryAfterMs?: number): Reply {
+  const r = textReply(REJECTION_STATUS[reason], `ambassador: ${detail}\n`, id);
+  if (retryAfterMs !== undefined) r.headers.push(['retry-after', String(Math.max(1, Math.ceil(retryAfterMs / 1000)))]);
+  return r;
+}
+
 function textReply(status: number, text: string, id: string): Reply {
   const bytes = new TextEncoder().encode(text);
   return {
@@ -481,21 +880,34 @@ export function createLogger(format: LogFormat, minLevel: LogLevel, write: (line
 function logEvents(log: Logger): Events {
   return {
     attemptResponded(e) {
-      log('debug', 'upstream responded', { id: e.id, attempt: e.attempt, status: e.status, upstream_ms: round(e.seconds * 1000) });
+      log('debug', 'upstream responded', { id: e.id, route: e.route, endpoint: e.endpoint, attempt: e.attempt, status: e.status, upstream_ms: round(e.seconds * 1000) });
     },
     attemptFailed(e) {
       const then = e.next.retry ? `retrying in ${e.next.delayMs} ms` : `giving up (${e.next.reason})`;
       log('warn', `attempt ${e.attempt} failed: ${e.error}; ${then}`, {
-        id: e.id, attempt: e.attempt, kind: e.kind, status: e.status,
+        id: e.id, route: e.route, endpoint: e.endpoint, attempt: e.attempt, kind: e.kind, status: e.status,
         ...(e.next.retry ? { retry_in_ms: e.next.delayMs } : { skip: e.next.reason }),
       });
     },
     requestDone(r) {
-      log(r.status >= 500 ? 'warn' : 'info', 'request', {
-        id: r.id, method: r.method, path: r.path, status: r.status, attempts: r.attempts,
+      log(r.status >= 500 || r.rejected ? 'warn' : 'info', 'request', {
+        id: r.id, route: r.route, method: r.method, path: r.path, status: r.status, attempts: r.attempts, endpoint: r.endpoint,
         duration_ms: round(r.durationMs), upstream_ms: r.upstreamMs === null ? null : round(r.upstreamMs),
-        bytes_in: r.bytesIn, bytes_out: r.bytesOut, ...(r.error ? { error: r.error } : {}),
+        bytes_in: r.bytesIn, bytes_out: r.bytesOut, ...(r.rejected ? { rejected: r.rejected } : {}), ...(r.error ? { error: r.error } : {}),
       });
+    },
+    endpointChanged(e) {
+      const fields = { route: e.route, endpoint: e.endpoint, state: e.change === 'opened' ? 'open' : e.change === 'probing' ? 'half-open' : 'closed' };
+      if (e.change === 'opened') log('warn', `endpoint ${e.endpoint} ejected for ${Math.round(e.openMs ?? 0)} ms`, { ...fields, open_ms: Math.round(e.openMs ?? 0), ejections: e.ejections });
+      else log('info', e.change === 'probing' ? `endpoint ${e.endpoint} half-open: sending a probe` : `endpoint ${e.endpoint} re-admitted`, fields);
+    },
+    endpointsChanged(e) {
+      if (e.error) log('warn', `discovery failed: ${e.error}; keeping the endpoints known`, { route: e.route, endpoints: e.endpoints });
+      if (e.added.length || e.removed.length) log('info', 'endpoints changed', { route: e.route, added: e.added, removed: e.removed, endpoints: e.endpoints });
+    },
+    tlsReloaded(e) {
+      if (e.error) log('warn', `TLS files not taken up: ${e.error}; new connections keep the previous ones`, { route: e.route });
+      else log('notice', 'TLS files changed: new connections use them', { route: e.route });
     },
   };
 }
@@ -531,15 +943,20 @@ export interface Gauges {
   inFlight(): number;
   draining(): boolean;
   connections?(): number; // Node only: Deno.serve does not expose its connections
+  upstreams?(): Array<{ route: string; active: number; queued: number; endpoints: readonly Endpoint[] }>;
+  now?(): number;
 }
 
 export class Metrics {
-  readonly requests = new Map<string, number>(); // `${method} ${code}`
+  // Keys are label values joined by spaces (route names have none): `${route} ${method} ${code}`.
+  readonly requests = new Map<string, number>();
   readonly duration = new Histogram();
   readonly upstreamTime = new Histogram();
-  readonly attemptFailures = new Map<string, number>();
-  readonly retriesSkipped = new Map<string, number>();
-  retries = 0;
+  readonly attemptFailures = new Map<string, number>(); // route reason
+  readonly retriesSkipped = new Map<string, number>(); // route reason
+  readonly retries = new Map<string, number>(); // route
+  readonly rejected = new Map<string, number>(); // route reason
+  readonly tlsReloads = new Map<string, number>(); // route result
   eventLoopLagSeconds = 0;
   gauges: Gauges = { inFlight: () => 0, draining: () => false };
 
@@ -550,14 +967,18 @@ export class Metrics {
     return {
       attemptResponded: (e) => this.upstreamTime.observe(e.seconds),
       attemptFailed: (e) => {
-        add(this.attemptFailures, e.kind === 'status' ? String(e.status) : e.kind);
-        if (e.next.retry) this.retries++;
-        else if (e.next.reason !== 'final') add(this.retriesSkipped, e.next.reason);
+        add(this.attemptFailures, `${e.route} ${e.kind === 'status' ? String(e.status) : e.kind}`);
+        if (e.next.retry) add(this.retries, e.route);
+        else if (e.next.reason !== 'final') add(this.retriesSkipped, `${e.route} ${e.next.reason}`);
       },
       requestDone: (r) => {
-        add(this.requests, `${METHOD_LABELS.has(r.method) ? r.method : 'other'} ${r.status}`);
+        add(this.requests, `${r.route} ${METHOD_LABELS.has(r.method) ? r.method : 'other'} ${r.status}`);
+        if (r.rejected) add(this.rejected, `${r.route} ${r.rejected}`);
         this.duration.observe(r.durationMs / 1000);
       },
+      endpointChanged: () => {}, // the breakers' states are read when scraped
+      endpointsChanged: () => {},
+      tlsReloaded: (e) => add(this.tlsReloads, `${e.route} ${e.error ? 'error' : 'ok'}`),
     };
   }
 
@@ -582,21 +1003,52 @@ export class Metrics {
       out.push(`${name}_bucket{le="+Inf"} ${h.count}`, `${name}_sum ${h.sum}`, `${name}_count ${h.count}`);
     };
 
-    family('ambassador_requests_total', 'counter', 'Requests answered to the app, by method and status code (499: the app went away).');
-    for (const [key, n] of this.requests) {
-      const [method, code] = key.split(' ');
-      out.push(`ambassador_requests_total${labels({ method, code })} ${n}`);
-    }
+    const series = (name: string, map: Map<string, number>, names: string[]) => {
+      for (const [key, n] of map) {
+        const values = key.split(' ');
+        out.push(`${name}${labels(Object.fromEntries(names.map((l, i) => [l, values[i]])))} ${n}`);
+      }
+    };
+    family('ambassador_requests_total', 'counter', 'Requests answered to the app, by route, method and status code (499: the app went away; route "": no route matched).');
+    series('ambassador_requests_total', this.requests, ['route', 'method', 'code']);
+    family('ambassador_requests_rejected_total', 'counter', 'Requests the ambassador answered itself, by route and reason: no_route (404), rate_limit (429), concurrency, circuit_open (503).');
+    series('ambassador_requests_rejected_total', this.rejected, ['route', 'reason']);
     family('ambassador_request_duration_seconds', 'histogram', 'Time from the request arriving to the end of its response body.');
     histogram('ambassador_request_duration_seconds', this.duration);
     family('ambassador_upstream_response_seconds', 'histogram', 'Time from sending an attempt to the upstream\'s response headers.');
     histogram('ambassador_upstream_response_seconds', this.upstreamTime);
-    family('ambassador_upstream_attempt_failures_total', 'counter', 'Attempts that failed, by reason: refused, dns, reset, timeout, tls, protocol, other, or the 502/503/504 status.');
-    for (const [reason, n] of this.attemptFailures) out.push(`ambassador_upstream_attempt_failures_total${labels({ reason })} ${n}`);
-    family('ambassador_upstream_retries_total', 'counter', 'Retries sent to the upstream.');
-    out.push(`ambassador_upstream_retries_total ${this.retries}`);
-    family('ambassador_upstream_retries_skipped_total', 'counter', 'Retries that were due but not sent, by reason: attempts, method, body, deadline, budget.');
-    for (const [reason, n] of this.retriesSkipped) out.push(`ambassador_upstream_retries_skipped_total${labels({ reason })} ${n}`);
+    family('ambassador_upstream_attempt_failures_total', 'counter', 'Attempts that failed, by route and reason: refused, dns, reset, timeout, tls, protocol, other, or the 502/503/504 status.');
+    series('ambassador_upstream_attempt_failures_total', this.attemptFailures, ['route', 'reason']);
+    family('ambassador_upstream_retries_total', 'counter', 'Retries sent to the upstream, by route.');
+    series('ambassador_upstream_retries_total', this.retries, ['route']);
+    family('ambassador_upstream_retries_skipped_total', 'counter', 'Retries that were due but not sent, by route and reason: attempts, method, body, deadline, budget, circuit.');
+    series('ambassador_upstream_retries_skipped_total', this.retriesSkipped, ['route', 'reason']);
+    const upstreams = this.gauges.upstreams?.() ?? [];
+    const now = this.gauges.now?.() ?? 0;
+    family('ambassador_upstream_endpoints', 'gauge', 'Endpoints known for a route (from its URLs and what their names resolve to).');
+    for (const u of upstreams) out.push(`ambassador_upstream_endpoints${labels({ route: u.route })} ${u.endpoints.length}`);
+    const perEndpoint = (name: string, type: 'counter' | 'gauge', help: string, value: (e: Endpoint) => number) => {
+      family(name, type, help);
+      for (const u of upstreams) for (const e of u.endpoints) out.push(`${name}${labels({ route: u.route, endpoint: e.key })} ${value(e)}`);
+    };
+    family('ambassador_upstream_endpoint_state', 'gauge', 'The circuit breaker of each endpoint: 1 for its present state (closed, open: ejected, half_open: probing).');
+    for (const u of upstreams) {
+      for (const e of u.endpoints) {
+        const state = e.breaker.state(now);
+        for (const s of ['closed', 'open', 'half-open'] as const) {
+          out.push(`ambassador_upstream_endpoint_state${labels({ route: u.route, endpoint: e.key, state: s.replace('-', '_') })} ${state === s ? 1 : 0}`);
+        }
+      }
+    }
+    perEndpoint('ambassador_upstream_endpoint_ejections_total', 'counter', 'Times an endpoint was ejected by its circuit breaker.', (e) => e.breaker.ejectionsTotal);
+    perEndpoint('ambassador_upstream_endpoint_requests_total', 'counter', 'Attempts sent to each endpoint.', (e) => e.requests);
+    perEndpoint('ambassador_upstream_endpoint_in_flight', 'gauge', 'Attempts waiting on each endpoint for response headers.', (e) => e.inFlight);
+    family('ambassador_upstream_active_requests', 'gauge', 'Requests holding a place under a route\'s concurrency limit (MAX_IN_FLIGHT).');
+    for (const u of upstreams) out.push(`ambassador_upstream_active_requests${labels({ route: u.route })} ${u.active}`);
+    family('ambassador_upstream_queued_requests', 'gauge', 'Requests waiting for a place under a route\'s concurrency limit (QUEUE_SIZE).');
+    for (const u of upstreams) out.push(`ambassador_upstream_queued_requests${labels({ route: u.route })} ${u.queued}`);
+    family('ambassador_tls_reloads_total', 'counter', 'Changes to a route\'s TLS files: ok (taken up) or error (the previous ones kept).');
+    series('ambassador_tls_reloads_total', this.tlsReloads, ['route', 'result']);
     family('ambassador_requests_in_flight', 'gauge', 'Requests not yet answered in full.');
     out.push(`ambassador_requests_in_flight ${this.gauges.inFlight()}`);
     if (this.gauges.connections) {
@@ -626,6 +1078,9 @@ function fanOut(...all: Events[]): Events {
     attemptResponded: (e) => all.forEach((x) => x.attemptResponded(e)),
     attemptFailed: (e) => all.forEach((x) => x.attemptFailed(e)),
     requestDone: (e) => all.forEach((x) => x.requestDone(e)),
+    endpointChanged: (e) => all.forEach((x) => x.endpointChanged(e)),
+    endpointsChanged: (e) => all.forEach((x) => x.endpointsChanged(e)),
+    tlsReloaded: (e) => all.forEach((x) => x.tlsReloaded(e)),
   };
 }
 
@@ -822,7 +1277,172 @@ function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, reply: Reply, idle
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// The proxy handler: retry( timeout( fetch ) ), written out.
+// Endpoints and TLS files: the addresses behind each upstream URL, found again every DNS_REFRESH_MS, and
+// the certificates, read again when their files change. The only I/O outside the handler; both are done
+// when a request needs them, so an idle ambassador does nothing and needs no timers.
+// ---------------------------------------------------------------------------------------------------------
+
+/** Addresses for a host name, and how long they may be kept where the runtime tells (the records' TTL). */
+export type Resolve = (hostname: string) => Promise<{ addresses: string[]; ttlMs?: number }>;
+
+export interface Endpoint extends Balanced {
+  /** `10.0.0.7:9000`, or the URL's own host:port when the runtime resolves it: the metric and log label */
+  readonly key: string;
+  /** the upstream URL it serves: its host is what the upstream sees in Host and what TLS verifies */
+  readonly base: URL;
+  /** connect to this address rather than resolve `base.hostname`; null: the runtime resolves the name */
+  readonly address: string | null;
+  readonly breaker: Breaker;
+  lastSampleAt: number;
+  requests: number;
+}
+
+/** The longest a first request waits for the first resolution before going on with the name itself. */
+const FIRST_RESOLVE_WAIT_MS = 2000;
+/** A DNS TTL shorter than this is not followed (a TTL of 0 would mean a lookup per request). */
+const MIN_REFRESH_MS = 1000;
+/** How often the TLS files are looked at while requests flow. */
+const TLS_CHECK_MS = 1000;
+
+const isIpLiteral = (hostname: string) => /^\d+\.\d+\.\d+\.\d+$/.test(hostname) || hostname.startsWith('[');
+
+class EndpointPool {
+  endpoints: Endpoint[];
+  private resolvedOnce = false;
+  private nextRefreshAt = 0;
+  private refreshing: Promise<void> | undefined;
+
+  constructor(private readonly route: Route, private readonly clock: Clock, private readonly resolve: Resolve | undefined,
+    /** whether an https:// upstream may be reached by address (the client can still verify its name) */
+    private readonly tlsByAddress: boolean,
+    private readonly changed: (e: { added: string[]; removed: string[]; endpoints: string[]; error?: string }) => void) {
+    this.endpoints = route.upstreams.map((u) => this.endpoint(u, null));
+  }
+
+  private discovers(u: URL): boolean {
+    return this.resolve !== undefined && this.route.dnsRefreshMs > 0 && !isIpLiteral(u.hostname) &&
+      (u.protocol === 'http:' || this.tlsByAddress);
+  }
+
+  private endpoint(base: URL, address: string | null): Endpoint {
+    const port = base.port || (base.protocol === 'https:' ? '443' : '80');
+    const key = address === null ? base.host : address.includes(':') ? `[${address}]:${port}` : `${address}:${port}`;
+    const r = this.route;
+    const breaker = new Breaker({ failures: r.breakerFailures, openMs: r.breakerOpenMs, openMaxMs: r.breakerOpenMaxMs, probes: r.breakerProbes });
+    return { key, base, address, breaker, inFlight: 0, ewmaMs: 0, lastSampleAt: this.clock.now(), requests: 0 };
+  }
+
+  /** The endpoints now. Starts a refresh when one is due; waits for it only before the first answer. */
+  async current(): Promise<Endpoint[]> {
+    if (!this.route.upstreams.some((u) => this.discovers(u))) return this.endpoints;
+    if (this.clock.now() >= this.nextRefreshAt && !this.refreshing) {
+      this.refreshing = this.refresh().finally(() => (this.refreshing = undefined));
+    }
+    if (!this.resolvedOnce && this.refreshing) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      await Promise.race([this.refreshing, new Promise((r) => (timer = setTimeout(r, FIRST_RESOLVE_WAIT_MS)))]);
+      clearTimeout(timer);
+    }
+    return this.endpoints;
+  }
+
+  private async refresh(): Promise<void> {
+    const next: Endpoint[] = [];
+    const errors: string[] = [];
+    let ttlMs = Infinity;
+    for (const base of this.route.upstreams) {
+      const known = this.endpoints.filter((e) => e.base === base);
+      if (!this.discovers(base)) {
+        next.push(...known);
+        continue;
+      }
+      try {
+        const found = await this.resolve!(base.hostname);
+        if (found.addresses.length === 0) throw new Error('no addresses');
+        ttlMs = Math.min(ttlMs, found.ttlMs ?? Infinity);
+        for (const address of new Set(found.addresses)) {
+          const fresh = this.endpoint(base, address);
+          // An endpoint that stays keeps its state: its breaker, its load, its latency.
+          next.push(known.find((e) => e.key === fresh.key) ?? fresh);
+        }
+      } catch (err) {
+        // A failed lookup keeps what was known: a DNS hiccup must not empty the pool (nor fill it with a
+        // name nobody can resolve).
+        errors.push(`${base.hostname}: ${describeFailure(err)}`);
+        next.push(...known);
+      }
+    }
+    const before = new Set(this.endpoints.map((e) => e.key));
+    const after = new Set(next.map((e) => e.key));
+    const added = [...after].filter((k) => !before.has(k));
+    const removed = [...before].filter((k) => !after.has(k));
+    this.endpoints = next;
+    this.resolvedOnce = true;
+    this.nextRefreshAt = this.clock.now() + Math.max(MIN_REFRESH_MS, Math.min(this.route.dnsRefreshMs, ttlMs));
+    if (added.length || removed.length || errors.length) {
+      this.changed({ added, removed, endpoints: [...after], ...(errors.length ? { error: errors.join('; ') } : {}) });
+    }
+  }
+}
+
+/** The TLS material a connection is made with. A new object whenever a file changed: clients are kept per
+ * object, so new connections use the new certificate while open ones finish with the old. */
+export interface TlsMaterial {
+  readonly ca?: string;
+  readonly cert?: string;
+  readonly key?: string;
+  readonly serverName: string | null;
+  readonly minVersion: 'TLSv1.2' | 'TLSv1.3';
+}
+
+class TlsSource {
+  material: TlsMaterial;
+  private checkAt: number;
+  private lastError: string | undefined;
+
+  constructor(private readonly files: TlsFiles, private readonly readFile: ReadFile, private readonly clock: Clock) {
+    this.material = this.read();
+    this.checkAt = clock.now() + TLS_CHECK_MS;
+  }
+
+  private read(): TlsMaterial {
+    const { caFile, certFile, keyFile, serverName, minVersion } = this.files;
+    return {
+      ...(caFile ? { ca: this.readFile(caFile) } : {}),
+      ...(certFile && keyFile ? { cert: this.readFile(certFile), key: this.readFile(keyFile) } : {}),
+      serverName, minVersion,
+    };
+  }
+
+  /** The material, read again at most every TLS_CHECK_MS. A file caught half-written (or a key that does
+   * not yet match its certificate) keeps the old material until the next look. */
+  current(reloaded: (error?: string) => void): TlsMaterial {
+    const now = this.clock.now();
+    if (now < this.checkAt) return this.material;
+    this.checkAt = now + TLS_CHECK_MS;
+    try {
+      const fresh = this.read();
+      const old = this.material;
+      if (fresh.ca !== old.ca || fresh.cert !== old.cert || fresh.key !== old.key) {
+        if ((fresh.cert === undefined) !== (fresh.key === undefined) || [fresh.ca, fresh.cert, fresh.key].some((t) => t !== undefined && !t.includes('-----BEGIN '))) {
+          throw new Error('a file is not PEM (yet)');
+        }
+        this.material = fresh;
+        reloaded();
+      }
+      this.lastError = undefined;
+    } catch (err) {
+      const error = describeFailure(err);
+      if (error !== this.lastError) reloaded(error); // once per new problem, not once a second
+      this.lastError = error;
+    }
+    return this.material;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The proxy handler: route → rate limit → concurrency limit → retry( endpoint( breaker( timeout( send ) ) ) ),
+// written out.
 // ---------------------------------------------------------------------------------------------------------
 
 /** What the runtime adapters pass as Hono's `env`: the raw request target and the peer's address. */
@@ -841,21 +1461,55 @@ export interface Reply {
   node?: NodeReadable;
 }
 
-/** How one attempt reaches the upstream: `fetch` on Deno, `node:http` on Node (see `nodeSend`). */
-export type Send = (url: string, init: { method: string; headers: HeaderList; body: Uint8Array | ReadableStream<Uint8Array> | null; signal: AbortSignal }) => Promise<Reply>;
+/** How one attempt reaches the upstream: `fetch` on Deno, `node:http` on Node (see `nodeSend`). `address`
+ * is where to connect instead of resolving the URL's host; `tls` the route's certificates. */
+export type Send = (url: string, init: {
+  method: string; headers: HeaderList; body: Uint8Array | ReadableStream<Uint8Array> | null; signal: AbortSignal;
+  address: string | null; tls: TlsMaterial | null;
+}) => Promise<Reply>;
 
-const fetchSend: Send = async (url, init) => {
-  // `duplex: 'half'` lets fetch send a streamed body; redirects are the app's business, not ours.
-  const res = await fetch(url, { ...init, redirect: 'manual', duplex: 'half' } as RequestInit);
-  const headers = [...res.headers];
-  // Node's client refuses response heads over 16 KiB; Deno's takes far more. Hold both to Node's limit, so
-  // the app (whose own client likely has it too) gets a clean 502 rather than a response it cannot read.
-  if (headers.reduce((n, [k, v]) => n + k.length + v.length + 4, 0) > MAX_RESPONSE_HEAD_BYTES) {
-    await res.body?.cancel();
-    throw Object.assign(new Error(`response headers larger than ${MAX_RESPONSE_HEAD_BYTES} bytes`), { code: 'HPE_HEADER_OVERFLOW' });
-  }
-  return { status: res.status, statusText: res.statusText, headers, body: res.body };
-};
+interface DenoHttpClient {
+  close(): void;
+}
+
+/** Deno's upstream client. An address found by discovery is reached by URL with the upstream's name kept in
+ * Host (`allowHost`); an https:// upstream is always reached by name, which its certificate must carry. */
+function fetchSend(d: DenoLike | undefined): Send {
+  const clients = new WeakMap<TlsMaterial, DenoHttpClient>();
+  let byAddress: DenoHttpClient | undefined;
+  const clientFor = (tls: TlsMaterial) => {
+    let client = clients.get(tls);
+    if (!client) {
+      client = d!.createHttpClient({ caCerts: tls.ca ? [tls.ca] : undefined, ...(tls.cert && tls.key ? { cert: tls.cert, key: tls.key } : {}) });
+      clients.set(tls, client);
+    }
+    return client;
+  };
+  return async (url, init) => {
+    if (!d && (init.address !== null || init.tls !== null)) throw new Error('fetchSend: addresses and TLS files need Deno (Node uses nodeSend)');
+    let target = url;
+    let headers = init.headers;
+    let client: DenoHttpClient | undefined;
+    if (init.tls) client = clientFor(init.tls);
+    else if (init.address !== null) {
+      const u = new URL(url);
+      headers = [['host', u.host], ...headers];
+      u.hostname = init.address.includes(':') ? `[${init.address}]` : init.address;
+      target = u.href;
+      client = byAddress ??= d!.createHttpClient({ allowHost: true });
+    }
+    // `duplex: 'half'` lets fetch send a streamed body; redirects are the app's business, not ours.
+    const res = await fetch(target, { method: init.method, headers, body: init.body, signal: init.signal, client, redirect: 'manual', duplex: 'half' } as RequestInit);
+    const list = [...res.headers];
+    // Node's client refuses response heads over 16 KiB; Deno's takes far more. Hold both to Node's limit, so
+    // the app (whose own client likely has it too) gets a clean 502 rather than a response it cannot read.
+    if (list.reduce((n, [k, v]) => n + k.length + v.length + 4, 0) > MAX_RESPONSE_HEAD_BYTES) {
+      await res.body?.cancel();
+      throw Object.assign(new Error(`response headers larger than ${MAX_RESPONSE_HEAD_BYTES} bytes`), { code: 'HPE_HEADER_OVERFLOW' });
+    }
+    return { status: res.status, statusText: res.statusText, headers: list, body: res.body };
+  };
+}
 
 export interface Clock {
   now(): number;
@@ -868,6 +1522,16 @@ interface InFlight {
   method: string;
   path: string;
   started: number;
+}
+
+/** Everything one route needs at run time: its settings and the state of its policies. */
+interface Upstream {
+  route: Route;
+  budget: RetryBudget;
+  limit: ConcurrencyLimit;
+  bucket: TokenBucket | null;
+  pool: EndpointPool;
+  tls: TlsSource | null;
 }
 
 export interface Ambassador {
@@ -903,6 +1567,10 @@ function sleep(ms: number, signal: AbortSignal): Promise<void> {
 
 export function createAmbassador(config: Config, options: {
   log?: Logger; clock?: Clock; metrics?: Metrics; send?: Send;
+  /** finds the addresses behind an upstream's name; without it the runtime resolves names itself */
+  resolve?: Resolve;
+  /** reads TLS files (again when they change); needed when a route has TLS files */
+  readFile?: ReadFile;
   /** @hono/node-server's "the handler wrote the response itself" (RESPONSE_ALREADY_SENT), for the Node path */
   written?: Response;
 } = {}): Ambassador {
@@ -910,13 +1578,26 @@ export function createAmbassador(config: Config, options: {
   const clock = options.clock ?? systemClock;
   const metrics = options.metrics ?? new Metrics({ version: VERSION, runtime: deno ? 'deno' : 'node', startTimeSeconds: Date.now() / 1000 });
   const events = fanOut(logEvents(log), metrics.events());
-  const send = options.send ?? fetchSend;
-  const budget = new RetryBudget(config.retryBudgetPercent, config.retryBudgetMinPerSec);
+  const send = options.send ?? fetchSend(deno);
   const inFlight = new Map<string, InFlight>();
   let ready = false;
   let draining = false;
 
-  /** One attempt: fetch until response headers arrive or `limitMs` passes. The client's abort reaches the
+  const upstreams = new Map<string, Upstream>();
+  for (const route of config.routes) {
+    if (route.tls && (route.tls.caFile || route.tls.certFile) && !options.readFile) throw new Error(`route ${route.name}: TLS files need options.readFile`);
+    upstreams.set(route.name, {
+      route,
+      budget: new RetryBudget(route.retryBudgetPercent, route.retryBudgetMinPerSec),
+      limit: new ConcurrencyLimit(route.maxInFlight, route.queueSize),
+      bucket: route.rateLimitPerSec > 0 ? new TokenBucket(route.rateLimitPerSec, route.rateLimitBurst, clock.now()) : null,
+      // Deno's client cannot verify a certificate's name while connecting to an address: it goes by name.
+      pool: new EndpointPool(route, clock, options.resolve, !deno, (e) => events.endpointsChanged({ route: route.name, ...e })),
+      tls: route.tls ? new TlsSource(route.tls, options.readFile ?? (() => ''), clock) : null,
+    });
+  }
+
+  /** One attempt: send until response headers arrive or `limitMs` passes. The client's abort reaches the
    * upstream through the same controller, before and after the headers. */
   async function attempt(url: string, init: Omit<Parameters<Send>[1], 'signal'>, limitMs: number, client: AbortSignal, bodySent: Promise<void>): Promise<Reply> {
     const controller = new AbortController();
@@ -951,28 +1632,35 @@ export function createAmbassador(config: Config, options: {
     const rawTarget = c.env?.incoming?.url;
     const url = new URL(req.url);
     const pathAndQuery = rawTarget?.startsWith('/') ? rawTarget : url.pathname + url.search;
+    const host = headerValue(incomingHeaders, 'host');
+    const record: RequestRecord = { id, route: '', endpoint: null, method: req.method, path: url.pathname, status: 0, attempts: 0,
+      durationMs: 0, upstreamMs: null, bytesIn: 0, bytesOut: 0 };
 
-    const refused = refusal(req.method, rawTarget, url, headerValue(incomingHeaders, 'host'));
-    if (refused) {
-      const res = new Response(`ambassador: ${refused.reason}\n`, {
-        status: refused.status,
-        headers: { 'content-type': 'text/plain; charset=utf-8', 'x-request-id': id, ...refused.headers },
+    const refused = refusal(req.method, rawTarget, url, host);
+    const route = refused ? undefined : matchRoute(config.routes, host, url.pathname);
+    if (refused || !route) {
+      const answer = refused ?? { status: 404, reason: `no route for ${host ?? ''}${url.pathname}`, rejected: 'no_route' as const };
+      const res = new Response(`ambassador: ${answer.reason}\n`, {
+        status: answer.status,
+        headers: { 'content-type': 'text/plain; charset=utf-8', 'x-request-id': id, ...answer.headers },
       });
-      events.requestDone({ id, method: req.method, path: url.pathname, status: refused.status, attempts: 0,
-        durationMs: clock.now() - started, upstreamMs: null, bytesIn: 0, bytesOut: 0, error: refused.reason });
+      events.requestDone({ ...record, status: answer.status, durationMs: clock.now() - started, error: answer.reason, rejected: answer.rejected });
       return res;
     }
+    const up = upstreams.get(route.name)!;
+    record.route = route.name;
 
     inFlight.set(id, { method: req.method, path: url.pathname, started });
-    const record: RequestRecord = { id, method: req.method, path: url.pathname, status: 0, attempts: 0,
-      durationMs: 0, upstreamMs: null, bytesIn: 0, bytesOut: 0 };
     // One listener on the app's signal per request, removed when the response is done: Deno aborts
     // request.signal after a successful response too, and that must not reach a finished exchange.
     const gone = new AbortController();
     const onGone = () => gone.abort(req.signal.reason);
     req.signal.addEventListener('abort', onGone, { once: true });
+    let holding = false; // a place under the route's concurrency limit, given back when the response is done
     const finish = (bytesOut: number, error?: string) => {
       req.signal.removeEventListener('abort', onGone);
+      if (holding) up.limit.release();
+      holding = false;
       inFlight.delete(id);
       record.durationMs = clock.now() - started;
       record.bytesOut = bytesOut;
@@ -981,7 +1669,11 @@ export function createAmbassador(config: Config, options: {
     };
 
     try {
-      const reply = await forward(req.method, incomingHeaders, requestBody(c), gone.signal, id, pathAndQuery, started, clientAddress(c), record);
+      const admission = await admit(up, gone.signal, id, record);
+      holding = admission === true;
+      const reply = admission === true
+        ? await forward(up, req.method, incomingHeaders, requestBody(c), gone.signal, id, pathAndQuery, started, clientAddress(c), record)
+        : admission;
       if (draining) reply.headers.push(['connection', 'close']); // the app opens a fresh connection for its next call
       record.status = reply.status;
       const outgoing = c.env?.outgoing;
@@ -1001,53 +1693,126 @@ export function createAmbassador(config: Config, options: {
     }
   }
 
-  async function forward(method: string, incoming: HeaderList, reqBody: ReadableStream<Uint8Array> | null, gone: AbortSignal, id: string,
+  /** The route's local rate limit, then its concurrency limit: true when the request may go on (holding a
+   * place under the limit), else the 429 or 503 the app gets. Throws only when the app went away. */
+  async function admit(up: Upstream, gone: AbortSignal, id: string, record: RequestRecord): Promise<true | Reply> {
+    const { route } = up;
+    if (up.bucket) {
+      const token = up.bucket.take(clock.now(), route.rateLimitWaitMs);
+      if (!token.ok) {
+        record.rejected = 'rate_limit';
+        record.error = `rate limit: over ${route.rateLimitPerSec}/s (burst ${route.rateLimitBurst}) to ${route.name}`;
+        return rejectionReply('rate_limit', record.error, id, token.retryAfterMs);
+      }
+      if (token.waitMs > 0) await sleep(token.waitMs, gone);
+      if (gone.aborted) throw gone.reason;
+    }
+    const place = up.limit.acquire();
+    if (place === true) return true;
+    if (place !== false) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const waited = await Promise.race([
+        place.granted.then(() => 'granted' as const),
+        new Promise<'timeout'>((r) => (timer = setTimeout(r, route.queueTimeoutMs, 'timeout'))),
+        new Promise<'gone'>((r) => gone.addEventListener('abort', () => r('gone'), { once: true })),
+      ]);
+      clearTimeout(timer);
+      if (waited === 'granted' || !place.leave()) {
+        if (waited === 'gone') {
+          up.limit.release();
+          throw gone.reason;
+        }
+        return true;
+      }
+      if (waited === 'gone') throw gone.reason;
+    }
+    record.rejected = 'concurrency';
+    record.error = `overloaded: ${route.maxInFlight} requests in flight to ${route.name} and ${up.limit.queued} waiting`;
+    return rejectionReply('concurrency', record.error, id, 1000);
+  }
+
+  async function forward(up: Upstream, method: string, incoming: HeaderList, reqBody: ReadableStream<Uint8Array> | null, gone: AbortSignal, id: string,
     pathAndQuery: string, started: number, client: string | undefined, record: RequestRecord): Promise<Reply> {
-    const target = upstreamUrl(config.upstream, pathAndQuery);
+    const { route } = up;
+    const path = route.stripPrefix ? stripPrefix(pathAndQuery, route.prefix) : pathAndQuery;
     const idempotencyKey = headerValue(incoming, 'idempotency-key') !== null;
     const declared = headerValue(incoming, 'content-length');
-    const body = await prepareBody(reqBody, declared === null ? undefined : Number(declared), config.retryBodyMaxBytes);
+    const body = await prepareBody(reqBody, declared === null ? undefined : Number(declared), route.retryBodyMaxBytes);
     const headers = forwardHeaders(incoming, id, client);
-    const deadline = config.requestTimeoutMs > 0 ? started + config.requestTimeoutMs : Infinity;
-    budget.recordRequest(clock.now());
+    const deadline = route.requestTimeoutMs > 0 ? started + route.requestTimeoutMs : Infinity;
+    up.budget.recordRequest(clock.now());
+    const endpoints = await up.pool.current();
+    const tried = new Set<Endpoint>();
+    const available = (now: number) => endpoints.filter((e) => e.breaker.available(now));
 
     for (let n = 1; ; n++) {
-      record.attempts = n;
-      const remaining = deadline - clock.now();
-      const limit = Math.min(config.tryTimeoutMs > 0 ? config.tryTimeoutMs : Infinity, remaining);
       const tryStarted = clock.now();
+      const endpoint = pickEndpoint(available(tryStarted), tried, clock.random);
+      if (!endpoint) { // only on the first attempt: a retry is decided below only when an endpoint is free
+        const waitMs = Math.min(...endpoints.map((e) => e.breaker.remainingMs(tryStarted)));
+        record.rejected = 'circuit_open';
+        record.error = `circuit open: ${endpoints.length === 1 ? `${endpoints[0].key} is` : `all ${endpoints.length} endpoints are`} ejected`;
+        return rejectionReply('circuit_open', record.error, id, waitMs);
+      }
+      tried.add(endpoint);
+      record.attempts = n;
+      record.endpoint = endpoint.key;
+      const probe = endpoint.breaker.admit(tryStarted);
+      if (probe) events.endpointChanged({ route: route.name, endpoint: endpoint.key, change: 'probing' });
+      const remaining = deadline - tryStarted;
+      const limit = Math.min(route.tryTimeoutMs > 0 ? route.tryTimeoutMs : Infinity, remaining);
       let res: Reply | undefined;
       let failure: FailureKind | undefined;
       let error = '';
+      endpoint.inFlight++;
+      endpoint.requests++;
       try {
-        res = await attempt(target, { method, headers, body: body.take() }, limit, gone, body.sent);
+        const tls = up.tls?.current((problem) => events.tlsReloaded({ route: route.name, error: problem })) ?? null;
+        res = await attempt(upstreamUrl(endpoint.base, path), { method, headers, body: body.take(), address: endpoint.address, tls }, limit, gone, body.sent);
         record.upstreamMs = clock.now() - tryStarted;
-        events.attemptResponded({ id, attempt: n, status: res.status, seconds: record.upstreamMs / 1000 });
+        events.attemptResponded({ id, route: route.name, endpoint: endpoint.key, attempt: n, status: res.status, seconds: record.upstreamMs / 1000 });
       } catch (err) {
-        if (gone.aborted) throw err;
         failure = classifyFailure(err);
         error = failure === 'timeout' ? `timeout: ${describeFailure(err)}` : describeFailure(err);
+      } finally {
+        endpoint.inFlight--;
+      }
+      const now = clock.now();
+      if (res) {
+        endpoint.ewmaMs = updateEwma(endpoint.ewmaMs, now - tryStarted, now - endpoint.lastSampleAt);
+        endpoint.lastSampleAt = now;
+      }
+      // What this attempt says of the endpoint: an answer below 500 is health; 5xx, a refused or broken
+      // connection and a timeout are failures; the app going away says nothing.
+      const change = endpoint.breaker.record(now, gone.aborted ? undefined : res !== undefined && res.status < 500, probe);
+      if (change) {
+        events.endpointChanged({ route: route.name, endpoint: endpoint.key, change,
+          ...(change === 'opened' ? { openMs: endpoint.breaker.remainingMs(now), ejections: endpoint.breaker.ejections } : {}) });
+      }
+      if (gone.aborted) {
+        if (res) discard(res);
+        throw gone.reason;
       }
       record.bytesIn = body.bytes();
       const outcome: AttemptOutcome = res ? { status: res.status } : { failure: failure! };
       if (res && !RETRYABLE_STATUS.has(res.status)) return reply(res, method, id);
 
-      const now = clock.now();
       const next = decideRetry({
-        outcome, method, idempotencyKey, attempt: n, maxAttempts: config.retryAttempts,
-        bodyReplayable: body.replayable, budgetAvailable: budget.canRetry(now),
+        outcome, method, idempotencyKey, attempt: n, maxAttempts: route.retryAttempts,
+        bodyReplayable: body.replayable, budgetAvailable: up.budget.canRetry(now),
+        endpointAvailable: available(now).length > 0,
         retryAfterMs: res ? parseRetryAfter(headerValue(res.headers, 'retry-after'), Date.now()) : undefined,
-        backoffMs: backoffDelay(n, config.retryBackoffMs, config.retryBackoffMaxMs, clock.random()),
+        backoffMs: backoffDelay(n, route.retryBackoffMs, route.retryBackoffMaxMs, clock.random()),
         remainingMs: deadline - now,
       });
-      events.attemptFailed({ id, attempt: n, error: res ? `upstream answered ${res.status}` : error,
+      events.attemptFailed({ id, route: route.name, endpoint: endpoint.key, attempt: n, error: res ? `upstream answered ${res.status}` : error,
         kind: res ? 'status' : failure!, status: res?.status, next });
       if (!next.retry) {
         if (res) return reply(res, method, id); // the upstream's own last answer says more than ours would
         record.error = error;
         return failureReply(failure!, error, n, id);
       }
-      budget.recordRetry(now);
+      up.budget.recordRetry(now);
       if (res) discard(res); // frees the connection for the next attempt
       await sleep(next.delayMs, gone);
       if (gone.aborted) throw gone.reason;
@@ -1071,7 +1836,13 @@ export function createAmbassador(config: Config, options: {
   const admin = new Hono<{ Bindings: Bindings }>();
   admin.get('/healthz', (c) => c.text('ok\n'));
   admin.get('/readyz', (c) => (ready && !draining ? c.text('ready\n') : c.text(draining ? 'draining\n' : 'starting\n', 503)));
-  metrics.gauges = { ...metrics.gauges, inFlight: () => inFlight.size, draining: () => draining };
+  metrics.gauges = {
+    ...metrics.gauges,
+    inFlight: () => inFlight.size,
+    draining: () => draining,
+    upstreams: () => [...upstreams.values()].map((u) => ({ route: u.route.name, active: u.limit.active, queued: u.limit.queued, endpoints: u.pool.endpoints })),
+    now: () => clock.now(),
+  };
   admin.get('/metrics', (c) => {
     const openMetrics = (c.req.header('accept') ?? '').includes('application/openmetrics-text');
     return c.body(metrics.render(openMetrics), 200, {
@@ -1102,8 +1873,15 @@ export function createAmbassador(config: Config, options: {
   };
 }
 
-/** Requests the ambassador answers itself rather than forward: it only ever talks to UPSTREAM_URL. */
-function refusal(method: string, rawTarget: string | undefined, url: URL, host: string | null): { status: number; reason: string; headers?: Record<string, string> } | undefined {
+/** The request target with the route's prefix taken off: `/inventory/42?x` under `/inventory` is `/42?x`. */
+export function stripPrefix(pathAndQuery: string, prefix: string): string {
+  if (prefix === '/') return pathAndQuery;
+  const rest = pathAndQuery.slice(prefix.length);
+  return rest.startsWith('/') ? rest : `/${rest}`;
+}
+
+/** Requests the ambassador answers itself rather than forward: it only ever talks to its upstreams. */
+function refusal(method: string, rawTarget: string | undefined, url: URL, host: string | null): { status: number; reason: string; headers?: Record<string, string>; rejected?: Rejection } | undefined {
   if (REFUSED_METHODS.has(method)) {
     return { status: 405, reason: `method ${method} is not forwarded`, headers: { allow: 'GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS' } };
   }
@@ -1159,29 +1937,51 @@ interface DenoLike {
   env: { toObject(): Record<string, string> };
   exit(code: number): never;
   mainModule: string;
+  createHttpClient(options: { caCerts?: string[]; cert?: string; key?: string; allowHost?: boolean }): DenoHttpClient;
+  readTextFileSync(path: string): string;
+  resolveDns(query: string, type: 'A' | 'AAAA'): Promise<string[]>;
 }
 
 const deno = (globalThis as { Deno?: DenoLike }).Deno;
 
 type NodeHttp = Pick<typeof import('node:http'), 'request' | 'Agent'>;
+type NodeAgent = InstanceType<NodeHttp['Agent']>;
 
 /** Node's upstream client: `node:http` with a keep-alive pool. Node 20's fetch holds on to every chunk of
- * a streamed request body (a 1 GiB upload took 1.1 GiB of memory) and is several times slower than a
- * pooled http.request; this gives the handler the same `Response` fetch would, byte for byte. */
-function nodeSend(http: NodeHttp, https: NodeHttp): Send {
+ * a streamed request body (a 1 GiB upload took 1.1 GiB of memory), is several times slower than a pooled
+ * http.request, and takes no per-connection TLS settings without the undici package; this gives the
+ * handler the same `Reply` fetch would, byte for byte. */
+export function nodeSend(http: NodeHttp, https: NodeHttp): Send {
   // `timeout` closes pooled sockets idle for 4 s, before a Node upstream's own 5 s keep-alive timeout
   // closes them under a request that is reusing them.
   const pool = { keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256, scheduling: 'lifo' as const, timeout: 4000 };
-  const agents = { 'http:': new http.Agent(pool), 'https:': new https.Agent(pool) };
+  const plain = new http.Agent(pool);
+  const systemRoots = new https.Agent(pool);
+  // One pool per TLS material: after a rotation new connections use the new files, open ones finish.
+  const secure = new WeakMap<TlsMaterial, NodeAgent>();
+  const agentFor = (tls: TlsMaterial | null): NodeAgent => {
+    if (!tls) return systemRoots;
+    let agent = secure.get(tls);
+    if (!agent) {
+      // Verification stays on (rejectUnauthorized is Node's default); `ca` replaces the system roots.
+      agent = new https.Agent({ ...pool, ca: tls.ca, cert: tls.cert, key: tls.key, minVersion: tls.minVersion } as object);
+      secure.set(tls, agent);
+    }
+    return agent;
+  };
   return (url, init) => new Promise<Reply>((resolve, reject) => {
     const target = new URL(url);
+    const tlsTarget = target.protocol === 'https:';
     // A flat list keeps the app's header order and repeats; Node then adds no Host of its own.
     const headers = ['host', target.host, ...(init.body instanceof Uint8Array
       ? [...init.headers.filter(([name]) => name !== 'content-length'), ['content-length', String(init.body.byteLength)]].flat()
       : init.headers.flat())];
-    const client = target.protocol === 'https:' ? https : http;
-    const req = client.request(target, {
-      method: init.method, headers, agent: agents[target.protocol as 'http:' | 'https:'], signal: init.signal,
+    const hostname = target.hostname.replace(/^\[(.*)\]$/, '$1');
+    const req = (tlsTarget ? https : http).request({
+      method: init.method, headers, signal: init.signal, agent: tlsTarget ? agentFor(init.tls) : plain,
+      host: init.address ?? hostname, port: target.port || (tlsTarget ? 443 : 80), path: target.pathname + target.search,
+      // The certificate must name the upstream (or UPSTREAM_SERVER_NAME), wherever discovery connected.
+      ...(tlsTarget ? { servername: init.tls?.serverName ?? (isIpLiteral(target.hostname) ? undefined : hostname) } : {}),
     });
     req.on('error', reject);
     req.on('response', (res) => {
@@ -1207,6 +2007,27 @@ function nodeSend(http: NodeHttp, https: NodeHttp): Send {
       }
     })();
   });
+}
+
+/** Node's resolver: A and AAAA records with their TTL; a name only the hosts file knows (localhost, a
+ * pod's hostAliases) through getaddrinfo, which tells no TTL. */
+export function nodeResolve(dns: Pick<typeof import('node:dns'), 'promises'>): Resolve {
+  return async (hostname) => {
+    const answers = await Promise.allSettled([dns.promises.resolve4(hostname, { ttl: true }), dns.promises.resolve6(hostname, { ttl: true })]);
+    const records = answers.flatMap((a) => (a.status === 'fulfilled' ? a.value : []));
+    if (records.length > 0) return { addresses: records.map((r) => r.address), ttlMs: Math.min(...records.map((r) => r.ttl)) * 1000 };
+    return { addresses: (await dns.promises.lookup(hostname, { all: true })).map((a) => a.address) };
+  };
+}
+
+/** Deno's resolver: A and AAAA records (Deno.resolveDns tells no TTL). */
+function denoResolve(d: DenoLike): Resolve {
+  return async (hostname) => {
+    const answers = await Promise.allSettled([d.resolveDns(hostname, 'A'), d.resolveDns(hostname, 'AAAA')]);
+    const addresses = answers.flatMap((a) => (a.status === 'fulfilled' ? a.value : []));
+    if (addresses.length === 0) throw answers.find((a) => a.status === 'rejected')?.reason ?? new Error('no addresses');
+    return { addresses };
+  };
 }
 
 async function listenNode(fetchHandler: FetchHandler, host: string, port: number): Promise<Listener> {
@@ -1289,18 +2110,21 @@ function onSignals(handler: (signal: string) => void): void {
 // ---------------------------------------------------------------------------------------------------------
 
 export async function main(env: Record<string, string | undefined>): Promise<void> {
+  const readFile: ReadFile = deno ? (path) => deno.readTextFileSync(path) : await nodeReadFile();
   let config: Config;
   try {
-    config = loadConfig(env);
+    config = loadConfig(env, readFile);
+    if (deno) denoLimits(config);
   } catch (err) {
     console.error(`ambassador: ${err instanceof Error ? err.message : String(err)}`);
     return exit(2);
   }
   const log = createLogger(config.logFormat, config.logLevel);
   const amb = createAmbassador(config, {
-    log,
-    ...(deno ? {} : {
+    log, readFile,
+    ...(deno ? { resolve: denoResolve(deno) } : {
       send: nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp),
+      resolve: nodeResolve(await import('node:dns')),
       written: (await import('@hono/node-server/utils/response')).RESPONSE_ALREADY_SENT,
     }),
   });
@@ -1328,8 +2152,25 @@ export async function main(env: Record<string, string | undefined>): Promise<voi
   amb.markReady();
   log('notice', 'listening', {
     version: VERSION, runtime: deno ? 'deno' : 'node', port: proxy.port, admin_port: admin.port,
-    config: { ...config, upstream: config.upstream.href },
+    routes: config.routes.map((r) => ({ ...r, upstreams: r.upstreams.map((u) => u.href) })),
+    config: { ...config, routes: undefined },
   });
+}
+
+async function nodeReadFile(): Promise<ReadFile> {
+  const fs = await import('node:fs');
+  return (path) => fs.readFileSync(path, 'utf8');
+}
+
+/** What Deno's HTTP client cannot do is refused at start, never silently left out. */
+function denoLimits(config: Config): void {
+  const problems: string[] = [];
+  for (const r of config.routes) {
+    const where = config.routesFile === null ? (v: string, k: string) => v : (_: string, k: string) => `ROUTES_FILE=${JSON.stringify(config.routesFile)}: ${r.name}.tls.${k}`;
+    if (r.tls?.serverName) problems.push(`${where('UPSTREAM_SERVER_NAME', 'serverName')}=${JSON.stringify(r.tls.serverName)}: expected nothing on Deno, whose client always verifies the URL's own host name (use Node, or name the upstream by that name)`);
+    if (r.tls?.minVersion === 'TLSv1.3') problems.push(`${where('UPSTREAM_TLS_MIN_VERSION', 'minVersion')}="TLSv1.3": expected TLSv1.2 on Deno, whose client offers TLS 1.2 and 1.3 and cannot be held to 1.3 (use Node)`);
+  }
+  if (problems.length > 0) throw new ConfigError(problems);
 }
 
 /** How late a 500 ms timer fires tells how busy the event loop is; a proxy that lags adds that to

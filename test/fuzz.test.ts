@@ -6,7 +6,8 @@ import { ConfigError, forwardHeaders, loadConfig, responseHeaders, stripHopByHop
 
 const NAMES = ['UPSTREAM_URL', 'HOST', 'PORT', 'ADMIN_HOST', 'ADMIN_PORT', 'RETRY_ATTEMPTS', 'RETRY_BACKOFF_MS', 'RETRY_BACKOFF_MAX_MS',
   'RETRY_BUDGET_PERCENT', 'RETRY_BUDGET_MIN_PER_SEC', 'RETRY_BODY_MAX_BYTES', 'TRY_TIMEOUT_MS', 'REQUEST_TIMEOUT_MS', 'DRAIN_TIMEOUT_MS',
-  'DRAIN_GRACE_MS', 'BODY_IDLE_TIMEOUT_MS', 'LOG_FORMAT', 'LOG_LEVEL'];
+  'DRAIN_GRACE_MS', 'BODY_IDLE_TIMEOUT_MS', 'LOG_FORMAT', 'LOG_LEVEL', 'BREAKER_FAILURES', 'BREAKER_OPEN_MS', 'BREAKER_OPEN_MAX_MS',
+  'BREAKER_PROBES', 'MAX_IN_FLIGHT', 'QUEUE_SIZE', 'QUEUE_TIMEOUT_MS', 'RATE_LIMIT_PER_SEC', 'RATE_LIMIT_BURST', 'RATE_LIMIT_WAIT_MS', 'DNS_REFRESH_MS'];
 const HOP = ['connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'proxy-authorization', 'te', 'trailer', 'transfer-encoding', 'upgrade'];
 
 const value = fc.oneof(fc.string(), fc.integer({ min: -10, max: 100_000 }).map(String), fc.constantFrom('', ' ', 'json', 'text', 'debug', 'http://h:1', 'https://x/y', '1e3', '0x10', 'NaN'));
@@ -18,11 +19,14 @@ describe('loadConfig under arbitrary environments', () => {
       try {
         const c = loadConfig(e);
         expect(Object.isFrozen(c)).toBe(true);
-        expect(['http:', 'https:']).toContain(c.upstream.protocol);
-        expect(c.retryAttempts).toBeGreaterThanOrEqual(1);
+        const [r] = c.routes;
+        for (const u of r.upstreams) expect(['http:', 'https:']).toContain(u.protocol);
+        expect(r.retryAttempts).toBeGreaterThanOrEqual(1);
         for (const n of [c.port, c.adminPort]) expect(n >= 0 && n <= 65535).toBe(true);
-        for (const n of [c.tryTimeoutMs, c.requestTimeoutMs, c.drainTimeoutMs, c.retryBodyMaxBytes]) expect(Number.isSafeInteger(n) && n >= 0).toBe(true);
-        expect(c.retryBackoffMaxMs).toBeGreaterThanOrEqual(c.retryBackoffMs);
+        for (const n of [r.tryTimeoutMs, r.requestTimeoutMs, c.drainTimeoutMs, r.retryBodyMaxBytes, r.maxInFlight, r.queueSize]) expect(Number.isSafeInteger(n) && n >= 0).toBe(true);
+        expect(r.retryBackoffMaxMs).toBeGreaterThanOrEqual(r.retryBackoffMs);
+        expect(r.breakerOpenMaxMs).toBeGreaterThanOrEqual(r.breakerOpenMs);
+        if (r.rateLimitPerSec > 0) expect(r.rateLimitBurst).toBeGreaterThan(0);
       } catch (err) {
         expect(err).toBeInstanceOf(ConfigError);
         for (const problem of (err as ConfigError).problems) expect(NAMES.some((n) => problem.startsWith(n))).toBe(true);

@@ -17,7 +17,7 @@ describe.each(RUNTIMES)('logs (%s)', (runtime) => {
     await (await fetch(`${amb.url}/path?token=secret-in-query`, { method: 'PUT', body: 'abc', headers: { 'x-request-id': 'rid-1' } })).text();
     const line = await amb.waitForLine((l) => l.includes('"msg":"request"'));
     const entry = JSON.parse(line);
-    expect(Object.keys(entry)).toEqual(['time', 'level', 'msg', 'id', 'method', 'path', 'status', 'attempts', 'duration_ms', 'upstream_ms', 'bytes_in', 'bytes_out']);
+    expect(Object.keys(entry)).toEqual(['time', 'level', 'msg', 'id', 'route', 'method', 'path', 'status', 'attempts', 'endpoint', 'duration_ms', 'upstream_ms', 'bytes_in', 'bytes_out']);
     expect(entry).toMatchObject({ level: 'info', id: 'rid-1', method: 'PUT', path: '/path', status: 200, attempts: 2, bytes_in: 3, bytes_out: 5 });
     expect(entry.duration_ms).toBeGreaterThanOrEqual(entry.upstream_ms);
     const about = amb.logs().filter((l) => l.id === 'rid-1');

@@ -46,12 +46,12 @@ describe.each(RUNTIMES)('metrics (%s)', (runtime) => {
     const res = await fetch(`${amb.adminUrl}/metrics`);
     expect(res.headers.get('content-type')).toMatch(/^text\/plain; version=0\.0\.4/);
     const m = parse(await res.text());
-    expect(m.get('ambassador_requests_total{method="GET",code="200"}')).toBe(10);
-    expect(m.get('ambassador_requests_total{method="POST",code="503"}')).toBe(1);
-    expect(m.get('ambassador_requests_total{method="other",code="405"}')).toBe(1);
-    expect(m.get('ambassador_upstream_retries_total')).toBe(10);
-    expect(m.get('ambassador_upstream_attempt_failures_total{reason="503"}')).toBe(11);
-    expect(m.get('ambassador_upstream_retries_skipped_total{reason="method"}')).toBe(1);
+    expect(m.get('ambassador_requests_total{route="default",method="GET",code="200"}')).toBe(10);
+    expect(m.get('ambassador_requests_total{route="default",method="POST",code="503"}')).toBe(1);
+    expect(m.get('ambassador_requests_total{route="",method="other",code="405"}')).toBe(1);
+    expect(m.get('ambassador_upstream_retries_total{route="default"}')).toBe(10);
+    expect(m.get('ambassador_upstream_attempt_failures_total{route="default",reason="503"}')).toBe(11);
+    expect(m.get('ambassador_upstream_retries_skipped_total{route="default",reason="method"}')).toBe(1);
     expect(m.get('ambassador_upstream_response_seconds_count')).toBe(21);
     expect(m.get('ambassador_request_duration_seconds_count')).toBe(12);
     expect(m.get('ambassador_requests_in_flight')).toBe(0);
@@ -66,9 +66,9 @@ describe.each(RUNTIMES)('metrics (%s)', (runtime) => {
     try {
       await (await fetch(`${dead.url}/x`)).text();
       const m = parse(await (await fetch(`${dead.adminUrl}/metrics`)).text());
-      expect(m.get('ambassador_upstream_attempt_failures_total{reason="refused"}')).toBe(3);
-      expect(m.get('ambassador_upstream_retries_skipped_total{reason="attempts"}')).toBe(1);
-      expect(m.get('ambassador_requests_total{method="GET",code="502"}')).toBe(1);
+      expect(m.get('ambassador_upstream_attempt_failures_total{route="default",reason="refused"}')).toBe(3);
+      expect(m.get('ambassador_upstream_retries_skipped_total{route="default",reason="attempts"}')).toBe(1);
+      expect(m.get('ambassador_requests_total{route="default",method="GET",code="502"}')).toBe(1);
     } finally {
       await dead.stop();
     }
@@ -120,7 +120,7 @@ describe.skipIf(!has('prometheus'))('a real Prometheus server scraping the ambas
         await sleep(500);
         try {
           requests = await query('sum(ambassador_requests_total{code="200"})');
-          retries = await query('ambassador_upstream_retries_total');
+          retries = await query('ambassador_upstream_retries_total{route="default"}');
         } catch {
           // Prometheus still starting
         }

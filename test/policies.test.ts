@@ -59,7 +59,7 @@ describe('isRetryableOutcome', () => {
 describe('decideRetry', () => {
   const base: RetryInput = {
     outcome: { status: 503 }, method: 'GET', idempotencyKey: false, attempt: 1, maxAttempts: 3,
-    bodyReplayable: true, budgetAvailable: true, retryAfterMs: undefined, backoffMs: 40, remainingMs: Infinity,
+    bodyReplayable: true, budgetAvailable: true, endpointAvailable: true, retryAfterMs: undefined, backoffMs: 40, remainingMs: Infinity,
   };
   it('retries after the backoff delay', () => expect(decideRetry(base)).toEqual({ retry: true, delayMs: 40 }));
   it('uses Retry-After instead of the backoff when it fits the deadline', () => {

@@ -159,8 +159,9 @@ describe.each(RUNTIMES)('retries (%s)', (runtime) => {
       res.writeHead(503);
       res.end();
     });
-    // No percentage, a floor of 1 retry/s: at most 10 retries in the 10 s window.
-    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, RETRY_BUDGET_PERCENT: '0', RETRY_BUDGET_MIN_PER_SEC: '1', RETRY_BACKOFF_MS: '0', RETRY_BACKOFF_MAX_MS: '0' });
+    // No percentage, a floor of 1 retry/s: at most 10 retries in the 10 s window. The breaker is off, or
+    // it would (rightly) stop sending to this upstream after 5 failures in a row.
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, BREAKER_FAILURES: '0', RETRY_BUDGET_PERCENT: '0', RETRY_BUDGET_MIN_PER_SEC: '1', RETRY_BACKOFF_MS: '0', RETRY_BACKOFF_MAX_MS: '0' });
     for (let i = 0; i < 20; i++) await (await fetch(`${amb.url}/x`)).text();
     expect(upstream.seen.length).toBe(20 + 10);
     expect(attemptLines(amb).some((l) => l.skip === 'budget')).toBe(true);
