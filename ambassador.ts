@@ -651,34 +651,42 @@ export class Breaker {
 /** What the balancer needs to know of an endpoint. */
 export interface Balanced {
   inFlight: number;
-  /** peak-sensitive moving average of response time, in ms (Linkerd's PeakEWMA) */
+  /** peak-sensitive moving average of response time, in ms (Linkerd's PeakEWMA), as of `lastSampleAt` */
   ewmaMs: number;
+  lastSampleAt: number;
 }
 
 /** Power of two choices (Mitzenmacher): two endpoints at random, the less loaded wins. The load is the
  * latency average times the requests in flight plus one (as Linkerd and Finagle weigh it), so a slow or
  * busy endpoint gets less without a herd piling onto the single best one. Endpoints in `avoid` (already
  * tried by this request) are passed over while any other is left. */
-export function pickEndpoint<E extends Balanced>(candidates: readonly E[], avoid: ReadonlySet<E>, random: () => number): E | undefined {
+export function pickEndpoint<E extends Balanced>(candidates: readonly E[], avoid: ReadonlySet<E>, now: number, random: () => number): E | undefined {
   const fresh = candidates.filter((e) => !avoid.has(e));
   const from = fresh.length > 0 ? fresh : candidates;
   if (from.length <= 1) return from[0];
   const i = Math.floor(random() * from.length);
   let j = Math.floor(random() * (from.length - 1));
   if (j >= i) j++;
-  const cost = (e: E) => (e.ewmaMs + 1) * (e.inFlight + 1);
+  const cost = (e: E) => (ewmaAt(e, now) + 1) * (e.inFlight + 1);
   return cost(from[j]) < cost(from[i]) ? from[j] : from[i];
 }
 
-/** EWMA decay time: a sample `DECAY_MS` old weighs 1/e of a fresh one. */
+/** EWMA decay time (Linkerd's default): a sample this old weighs 1/e of a fresh one. */
 const EWMA_DECAY_MS = 10_000;
 
+/** The average now: it decays toward zero while no sample comes, so an endpoint once slow (and so no
+ * longer chosen) is tried again in time rather than written off for good. */
+export function ewmaAt(e: Balanced, now: number): number {
+  return e.ewmaMs * Math.exp(-Math.max(0, now - e.lastSampleAt) / EWMA_DECAY_MS);
+}
+
 /** Folds one response time into an endpoint's average. A slower sample is taken at once (a slow endpoint
- * is avoided straight away); a faster one pulls the average down as time passes. */
-export function updateEwma(ewmaMs: number, sampleMs: number, sinceLastMs: number): number {
-  if (sampleMs > ewmaMs) return sampleMs;
-  const w = Math.exp(-Math.max(0, sinceLastMs) / EWMA_DECAY_MS);
-  return ewmaMs * w + sampleMs * (1 - w);
+ * is avoided straight away); a faster one pulls the average down in proportion to the time since the
+ * last sample. */
+export function updateEwma(e: Balanced, sampleMs: number, now: number): void {
+  const w = Math.exp(-Math.max(0, now - e.lastSampleAt) / EWMA_DECAY_MS);
+  e.ewmaMs = sampleMs > e.ewmaMs ? sampleMs : e.ewmaMs * w + sampleMs * (1 - w);
+  e.lastSampleAt = now;
 }
 
 /** A token bucket: `ratePerSec` tokens a second, at most `burst` saved up. `take` answers at once, or
@@ -1293,7 +1301,6 @@ export interface Endpoint extends Balanced {
   /** connect to this address rather than resolve `base.hostname`; null: the runtime resolves the name */
   readonly address: string | null;
   readonly breaker: Breaker;
-  lastSampleAt: number;
   requests: number;
 }
 
@@ -1747,7 +1754,7 @@ export function createAmbassador(config: Config, options: {
 
     for (let n = 1; ; n++) {
       const tryStarted = clock.now();
-      const endpoint = pickEndpoint(available(tryStarted), tried, clock.random);
+      const endpoint = pickEndpoint(available(tryStarted), tried, tryStarted, clock.random);
       if (!endpoint) { // only on the first attempt: a retry is decided below only when an endpoint is free
         const waitMs = Math.min(...endpoints.map((e) => e.breaker.remainingMs(tryStarted)));
         record.rejected = 'circuit_open';
@@ -1778,10 +1785,7 @@ export function createAmbassador(config: Config, options: {
         endpoint.inFlight--;
       }
       const now = clock.now();
-      if (res) {
-        endpoint.ewmaMs = updateEwma(endpoint.ewmaMs, now - tryStarted, now - endpoint.lastSampleAt);
-        endpoint.lastSampleAt = now;
-      }
+      if (res) updateEwma(endpoint, now - tryStarted, now);
       // What this attempt says of the endpoint: an answer below 500 is health; 5xx, a refused or broken
       // connection and a timeout are failures; the app going away says nothing.
       const change = endpoint.breaker.record(now, gone.aborted ? undefined : res !== undefined && res.status < 500, probe);

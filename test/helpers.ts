@@ -41,7 +41,7 @@ export interface Upstream {
 }
 
 /** A node:http upstream on 127.0.0.1:0 that records every request (body included) before handing it on. */
-export async function startUpstream(handler: UpstreamHandler = (_q, res) => res.end('ok'), opts: { readBody?: boolean; port?: number } = {}): Promise<Upstream> {
+export async function startUpstream(handler: UpstreamHandler = (_q, res) => res.end('ok'), opts: { readBody?: boolean; port?: number; host?: string } = {}): Promise<Upstream> {
   const seen: Seen[] = [];
   const server = http.createServer((req, res) => {
     const record: Seen = { method: req.method ?? '', url: req.url ?? '', headers: req.headers, rawHeaders: req.rawHeaders, body: Buffer.alloc(0) };
@@ -55,14 +55,15 @@ export async function startUpstream(handler: UpstreamHandler = (_q, res) => res.
       handler(req, res, record, n);
     });
   });
-  await new Promise<void>((r) => server.listen(opts.port ?? 0, '127.0.0.1', r));
+  const host = opts.host ?? '127.0.0.1';
+  await new Promise<void>((r) => server.listen(opts.port ?? 0, host, r));
   const port = (server.address() as net.AddressInfo).port;
   const close = () => new Promise<void>((r) => {
     server.closeAllConnections();
     server.close(() => r());
   });
   started.push(close);
-  return { url: `http://127.0.0.1:${port}`, port, seen, server, close };
+  return { url: `http://${host}:${port}`, port, seen, server, close };
 }
 
 /** A port on which nothing listens: bound, then closed (connections to it are refused). */
@@ -243,6 +244,22 @@ export async function memoryOf(pid: number): Promise<{ rssMiB: number; peakMiB: 
   const status = await readFile(`/proc/${pid}/status`, 'utf8');
   const kb = (key: string) => Number(new RegExp(`${key}:\\s+(\\d+)`).exec(status)?.[1] ?? NaN);
   return { rssMiB: kb('VmRSS') / 1024, peakMiB: kb('VmHWM') / 1024 };
+}
+
+/** Sample values by series, from the Prometheus text format. */
+export function parseMetrics(text: string): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const line of text.split('\n')) {
+    if (!line || line.startsWith('#')) continue;
+    const at = line.lastIndexOf(' ');
+    out.set(line.slice(0, at), Number(line.slice(at + 1)));
+  }
+  return out;
+}
+
+/** The ambassador's metrics now. */
+export async function scrape(amb: { adminUrl: string }): Promise<Map<string, number>> {
+  return parseMetrics(await (await fetch(`${amb.adminUrl}/metrics`)).text());
 }
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

@@ -104,7 +104,10 @@ describe.each(RUNTIMES)('long runs (%s)', (runtime) => {
     const port = await deadPort();
     const handler = (_q: http.IncomingMessage, res: http.ServerResponse) => res.end('up');
     let upstream: Upstream | undefined = await startUpstream(handler, { port });
-    const amb = await startAmbassador(runtime, { UPSTREAM_URL: `http://127.0.0.1:${port}`, LOG_LEVEL: 'warn', TRY_TIMEOUT_MS: '300', REQUEST_TIMEOUT_MS: '1000' });
+    // The breaker ejects the dead upstream (fast 503s); short open periods let its probes find it again
+    // well before the load ends.
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: `http://127.0.0.1:${port}`, LOG_LEVEL: 'warn', TRY_TIMEOUT_MS: '300', REQUEST_TIMEOUT_MS: '1000',
+      BREAKER_OPEN_MS: '200', BREAKER_OPEN_MAX_MS: '400' });
     const stopAt = performance.now() + 3500;
     const running = load(`${amb.url}/x`, 8, () => performance.now() > stopAt);
     await sleep(800);

@@ -5,22 +5,13 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RUNTIMES, deadPort, rawRequest, sleep, startAmbassador, startProcess, startUpstream, type AmbassadorProc, type Upstream } from './helpers.ts';
+import { RUNTIMES, deadPort, parseMetrics as parse, rawRequest, sleep, startAmbassador, startProcess, startUpstream, type AmbassadorProc, type Upstream } from './helpers.ts';
 
 const has = (tool: string) => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0;
 const missing = ['promtool', 'prometheus'].filter((t) => !has(t));
 if (missing.length) console.warn(`\n*** SKIPPED: ${missing.join(' and ')} not installed (Debian package prometheus) — those metrics checks do not run. ***\n`);
 
-/** Sample values by series, from the Prometheus text format. */
-function parse(text: string): Map<string, number> {
-  const out = new Map<string, number>();
-  for (const line of text.split('\n')) {
-    if (!line || line.startsWith('#')) continue;
-    const at = line.lastIndexOf(' ');
-    out.set(line.slice(0, at), Number(line.slice(at + 1)));
-  }
-  return out;
-}
+
 
 describe.each(RUNTIMES)('metrics (%s)', (runtime) => {
   let upstream: Upstream;

@@ -1,0 +1,180 @@
+/** Circuit breaking per endpoint: the policy on a fake clock, then real upstreams on loopback going down
+ * and coming back, with every request counted at the upstream and the state read from /metrics. */
+import { describe, expect, it } from 'vitest';
+import { Breaker } from '../ambassador.ts';
+import { RUNTIMES, deadPort, scrape, sleep, startAmbassador, startUpstream, stopAfterEach, type Upstream } from './helpers.ts';
+
+describe('Breaker', () => {
+  const make = () => new Breaker({ failures: 3, openMs: 1000, openMaxMs: 4000, probes: 1 });
+
+  it('opens after the configured failures in a row, and a success in between starts the count again', () => {
+    const b = make();
+    expect(b.record(0, false, false)).toBeUndefined();
+    expect(b.record(1, false, false)).toBeUndefined();
+    expect(b.record(2, true, false)).toBeUndefined();
+    expect(b.record(3, false, false)).toBeUndefined();
+    expect(b.record(4, false, false)).toBeUndefined();
+    expect(b.record(5, false, false)).toBe('opened');
+    expect(b.state(5)).toBe('open');
+    expect(b.available(5)).toBe(false);
+    expect(b.remainingMs(505)).toBe(500);
+  });
+
+  it('turns half-open when the open period has passed, worked out on reading, with no timer', () => {
+    const b = make();
+    for (let t = 0; t < 3; t++) b.record(t, false, false);
+    expect(b.state(1001)).toBe('open');
+    expect(b.state(1002)).toBe('half-open');
+    expect(b.remainingMs(1002)).toBe(0);
+  });
+
+  it('admits only the configured number of probes at once when half-open: never a burst', () => {
+    const b = new Breaker({ failures: 1, openMs: 100, openMaxMs: 100, probes: 2 });
+    b.record(0, false, false);
+    expect(b.available(100)).toBe(true);
+    expect(b.admit(100)).toBe(true);
+    expect(b.available(100)).toBe(true);
+    expect(b.admit(100)).toBe(true);
+    expect(b.available(100)).toBe(false);
+    // A probe that came to nothing (the app went away) gives its place back.
+    b.record(101, undefined, true);
+    expect(b.available(101)).toBe(true);
+  });
+
+  it('closes on a successful probe and opens for twice as long on a failed one, up to the maximum', () => {
+    const b = make();
+    for (let t = 0; t < 3; t++) b.record(t, false, false);
+    expect(b.admit(1002)).toBe(true);
+    expect(b.record(1003, false, true)).toBe('opened');
+    expect(b.remainingMs(1003)).toBe(2000);
+    expect(b.admit(3003)).toBe(true);
+    expect(b.record(3004, false, true)).toBe('opened');
+    expect(b.remainingMs(3004)).toBe(4000);
+    expect(b.admit(7004)).toBe(true);
+    expect(b.record(7005, false, true)).toBe('opened');
+    expect(b.remainingMs(7005)).toBe(4000); // capped
+    expect(b.admit(11_005)).toBe(true);
+    expect(b.record(11_006, true, true)).toBe('closed');
+    expect(b.state(11_006)).toBe('closed');
+    expect(b.ejectionsTotal).toBe(4);
+  });
+
+  it('ignores answers to requests sent before it opened: only a probe decides', () => {
+    const b = make();
+    for (let t = 0; t < 3; t++) b.record(t, false, false);
+    expect(b.record(10, true, false)).toBeUndefined();
+    expect(b.state(10)).toBe('open');
+  });
+
+  it('starts again from the shortest open period after a long healthy spell', () => {
+    const b = make();
+    for (let t = 0; t < 3; t++) b.record(t, false, false);
+    b.admit(1002);
+    b.record(1003, true, true);
+    for (let t = 0; t < 3; t++) b.record(20_000 + t, false, false);
+    expect(b.remainingMs(20_002)).toBe(1000);
+  });
+
+  it('never opens when failures is 0 (the breaker is off)', () => {
+    const b = new Breaker({ failures: 0, openMs: 1000, openMaxMs: 1000, probes: 1 });
+    for (let t = 0; t < 100; t++) expect(b.record(t, false, false)).toBeUndefined();
+    expect(b.available(100)).toBe(true);
+  });
+});
+
+describe.each(RUNTIMES)('circuit breaking on real upstreams (%s)', (runtime) => {
+  stopAfterEach();
+  const ok = (name: string) => startUpstream((_q, res) => res.end(name));
+  const key = (u: Upstream) => `127.0.0.1:${u.port}`;
+  /** `n` requests, four at a time (with several in flight, P2C spreads them over every endpoint), each 200. */
+  const load = async (url: string, n: number) => {
+    await Promise.all(Array.from({ length: 4 }, async () => {
+      while (n-- > 0) expect((await fetch(url)).status).toBe(200);
+    }));
+  };
+  const state = (m: Map<string, number>, endpoint: string, s: string) => m.get(`ambassador_upstream_endpoint_state{route="default",endpoint="${endpoint}",state="${s}"}`);
+
+  it('ejects an endpoint that goes down, shifts its traffic to the others, and re-admits it after a probe once it is back', async () => {
+    const a = await ok('a');
+    const b = await ok('b');
+    let c = await ok('c');
+    const port = c.port;
+    const amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: [a, b, c].map((u) => u.url).join(','), BREAKER_FAILURES: '3', BREAKER_OPEN_MS: '2500', RETRY_BACKOFF_MS: '0', RETRY_BACKOFF_MAX_MS: '0',
+    });
+    await load(`${amb.url}/x`, 30);
+    expect(c.seen.length).toBeGreaterThan(0); // every endpoint takes a share while all are healthy
+
+    await c.close();
+    // Refused attempts are retried on another endpoint: the app sees no failure while c is ejected.
+    await load(`${amb.url}/x`, 60);
+    const ejected = await scrape(amb);
+    expect(state(ejected, `127.0.0.1:${port}`, 'open')).toBe(1);
+    expect(ejected.get(`ambassador_upstream_endpoint_ejections_total{route="default",endpoint="127.0.0.1:${port}"}`)).toBe(1);
+    const line = await amb.waitForLine((l) => l.includes('ejected'));
+    expect(JSON.parse(line)).toMatchObject({ level: 'warn', route: 'default', endpoint: `127.0.0.1:${port}`, state: 'open' });
+    const attemptsOnC = ejected.get(`ambassador_upstream_endpoint_requests_total{route="default",endpoint="127.0.0.1:${port}"}`)!;
+    const servedByOthers = a.seen.length + b.seen.length;
+    await load(`${amb.url}/x`, 20);
+    // While open, not one attempt goes to c; a and b take all twenty.
+    expect((await scrape(amb)).get(`ambassador_upstream_endpoint_requests_total{route="default",endpoint="127.0.0.1:${port}"}`)).toBe(attemptsOnC);
+    expect(a.seen.length + b.seen.length).toBe(servedByOthers + 20);
+
+    c = await startUpstream((_q, res) => res.end('c'), { port });
+    await sleep(2600);
+    await load(`${amb.url}/x`, 60);
+    expect(c.seen.length).toBeGreaterThan(0);
+    expect(state(await scrape(amb), key(c), 'closed')).toBe(1);
+    const lines = amb.logs().filter((l) => l.endpoint === key(c) && !l.id).map((l) => l.state);
+    expect(lines).toEqual(['open', 'half-open', 'closed']);
+  });
+
+  it('answers 503 with Retry-After in milliseconds once every endpoint is ejected, instead of waiting on timeouts', async () => {
+    // Two upstreams that accept and never answer: each attempt waits TRY_TIMEOUT_MS until the breakers open.
+    const hang = () => startUpstream(() => {}, { readBody: false });
+    const x = await hang();
+    const y = await hang();
+    const amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: `${x.url},${y.url}`, BREAKER_FAILURES: '2', BREAKER_OPEN_MS: '30000', TRY_TIMEOUT_MS: '300', RETRY_ATTEMPTS: '2', RETRY_BACKOFF_MS: '0', RETRY_BACKOFF_MAX_MS: '0',
+    });
+    for (let i = 0; i < 2; i++) expect((await fetch(`${amb.url}/slow`)).status).toBe(504);
+    const seenBefore = x.seen.length + y.seen.length;
+    expect(seenBefore).toBe(4);
+    for (let i = 0; i < 20; i++) {
+      const t0 = performance.now();
+      const res = await fetch(`${amb.url}/slow`);
+      const ms = performance.now() - t0;
+      expect(res.status).toBe(503);
+      expect(Number(res.headers.get('retry-after'))).toBeGreaterThanOrEqual(29);
+      expect(await res.text()).toMatch(/circuit open: all 2 endpoints are ejected/);
+      expect(ms).toBeLessThan(150); // a timeout would be 300 ms
+    }
+    expect(x.seen.length + y.seen.length).toBe(seenBefore); // not one more request reached them
+    const m = await scrape(amb);
+    expect(m.get('ambassador_requests_rejected_total{route="default",reason="circuit_open"}')).toBe(20);
+  });
+
+  it('sends a single probe to a half-open endpoint while other requests are refused, not a burst', async () => {
+    let release: (() => void) | undefined;
+    let healthy = false;
+    const port = await deadPort();
+    const up = await startUpstream((_q, res) => {
+      if (!healthy) return void res.writeHead(500).end();
+      if (release) return void res.end('ok');
+      release = () => res.end('ok'); // hold the probe until the test has sent the burst
+    }, { port });
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, BREAKER_FAILURES: '2', BREAKER_OPEN_MS: '300', RETRY_ATTEMPTS: '1' });
+    for (let i = 0; i < 2; i++) expect((await fetch(`${amb.url}/x`)).status).toBe(500);
+    healthy = true;
+    await sleep(350);
+    const probe = fetch(`${amb.url}/x`);
+    while (!release) await sleep(5);
+
+    const burst = await Promise.all(Array.from({ length: 10 }, () => fetch(`${amb.url}/x`).then((r) => r.status)));
+    expect(burst.every((s) => s === 503)).toBe(true);
+    expect(up.seen.length).toBe(3);
+    release();
+    expect((await probe).status).toBe(200);
+    expect((await fetch(`${amb.url}/x`)).status).toBe(200);
+  });
+});

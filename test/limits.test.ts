@@ -1,0 +1,132 @@
+/** The concurrency limit and the local rate limit: the policies on a fake clock, then bursts of real
+ * requests through the ambassador, counted at a real upstream. */
+import http from 'node:http';
+import { describe, expect, it } from 'vitest';
+import { ConcurrencyLimit, TokenBucket } from '../ambassador.ts';
+import { RUNTIMES, scrape, sleep, startAmbassador, startUpstream, stopAfterEach } from './helpers.ts';
+
+describe('TokenBucket', () => {
+  it('lets a burst through, then the rate, and says how long until the next token', () => {
+    const b = new TokenBucket(2, 3, 0);
+    for (let i = 0; i < 3; i++) expect(b.take(0, 0)).toEqual({ ok: true, waitMs: 0 });
+    expect(b.take(0, 0)).toEqual({ ok: false, retryAfterMs: 500 });
+    expect(b.take(250, 0)).toEqual({ ok: false, retryAfterMs: 250 });
+    expect(b.take(500, 0)).toEqual({ ok: true, waitMs: 0 });
+    expect(b.take(10_000, 0).ok).toBe(true); // saved up, but never more than the burst
+    expect(b.take(10_000, 0).ok).toBe(true);
+    expect(b.take(10_000, 0).ok).toBe(true);
+    expect(b.take(10_000, 0).ok).toBe(false);
+  });
+
+  it('reserves tokens for requests that may wait, so waiters are served in order at exactly the rate', () => {
+    const b = new TokenBucket(10, 1, 0);
+    expect(b.take(0, 1000)).toEqual({ ok: true, waitMs: 0 });
+    expect(b.take(0, 1000)).toEqual({ ok: true, waitMs: 100 });
+    expect(b.take(0, 1000)).toEqual({ ok: true, waitMs: 200 });
+    expect(b.take(0, 250)).toEqual({ ok: false, retryAfterMs: 300 });
+  });
+});
+
+describe('ConcurrencyLimit', () => {
+  it('admits up to the limit, queues up to the queue size, refuses the rest, and hands places on in order', async () => {
+    const l = new ConcurrencyLimit(2, 1);
+    expect(l.acquire()).toBe(true);
+    expect(l.acquire()).toBe(true);
+    const waiter = l.acquire();
+    expect(typeof waiter).toBe('object');
+    expect(l.acquire()).toBe(false);
+    let granted = false;
+    void (waiter as { granted: Promise<void> }).granted.then(() => (granted = true));
+    l.release();
+    await sleep(0);
+    expect(granted).toBe(true);
+    expect(l.active).toBe(2); // the place passed on; it was never free
+  });
+
+  it('lets a waiter leave the queue, and tells it when its place had already been granted', async () => {
+    const l = new ConcurrencyLimit(1, 2);
+    l.acquire();
+    const a = l.acquire() as { leave(): boolean };
+    expect(a.leave()).toBe(true);
+    expect(l.queued).toBe(0);
+    const b = l.acquire() as { granted: Promise<void>; leave(): boolean };
+    l.release();
+    await b.granted;
+    expect(b.leave()).toBe(false);
+  });
+
+  it('has no limit when max is 0', () => {
+    const l = new ConcurrencyLimit(0, 0);
+    for (let i = 0; i < 1000; i++) expect(l.acquire()).toBe(true);
+  });
+});
+
+describe.each(RUNTIMES)('limits under a burst of real requests (%s)', (runtime) => {
+  stopAfterEach();
+
+  it('holds the concurrency limit exactly: the queue waits, the rest get 503 at once', async () => {
+    const held: http.ServerResponse[] = [];
+    let most = 0;
+    const up = await startUpstream((_q, res) => {
+      held.push(res);
+      most = Math.max(most, held.filter((r) => !r.writableEnded).length);
+    });
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, MAX_IN_FLIGHT: '3', QUEUE_SIZE: '2', QUEUE_TIMEOUT_MS: '10000' });
+    const results = Array.from({ length: 10 }, () => fetch(`${amb.url}/x`).then(async (r) => ({ status: r.status, retryAfter: r.headers.get('retry-after'), text: await r.text() })));
+    while (held.length < 3) await sleep(5);
+    await sleep(200);
+    expect(up.seen.length).toBe(3); // three in flight, two queued, five refused
+    expect((await scrape(amb)).get('ambassador_upstream_queued_requests{route="default"}')).toBe(2);
+    for (const r of held) r.end('ok');
+    while (held.length < 5) await sleep(5);
+    for (const r of held) if (!r.writableEnded) r.end('ok');
+    const all = await Promise.all(results);
+    expect(all.filter((r) => r.status === 200)).toHaveLength(5);
+    const refused = all.filter((r) => r.status === 503);
+    expect(refused).toHaveLength(5);
+    expect(refused[0].retryAfter).toBe('1');
+    expect(refused[0].text).toMatch(/overloaded: 3 requests in flight to default/);
+    expect(up.seen.length).toBe(5);
+    expect(most).toBe(3);
+    const m = await scrape(amb);
+    expect(m.get('ambassador_requests_rejected_total{route="default",reason="concurrency"}')).toBe(5);
+    expect(m.get('ambassador_upstream_active_requests{route="default"}')).toBe(0);
+  });
+
+  it('answers 503 when a queued request has waited QUEUE_TIMEOUT_MS', async () => {
+    const held: http.ServerResponse[] = [];
+    const up = await startUpstream((_q, res) => void held.push(res));
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, MAX_IN_FLIGHT: '1', QUEUE_SIZE: '5', QUEUE_TIMEOUT_MS: '200' });
+    const first = fetch(`${amb.url}/x`);
+    while (held.length < 1) await sleep(5);
+    const t0 = performance.now();
+    expect((await fetch(`${amb.url}/x`)).status).toBe(503);
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(190);
+    held[0].end('ok');
+    expect((await first).status).toBe(200);
+    expect(up.seen.length).toBe(1);
+  });
+
+  it('holds the rate limit exactly: the burst passes, the rest get 429 with Retry-After', async () => {
+    const up = await startUpstream();
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, RATE_LIMIT_PER_SEC: '1', RATE_LIMIT_BURST: '5' });
+    const all = await Promise.all(Array.from({ length: 20 }, () => fetch(`${amb.url}/x`).then(async (r) => ({ status: r.status, retryAfter: r.headers.get('retry-after'), text: await r.text() }))));
+    expect(all.filter((r) => r.status === 200)).toHaveLength(5);
+    const limited = all.filter((r) => r.status === 429);
+    expect(limited).toHaveLength(15);
+    expect(limited.every((r) => r.retryAfter === '1')).toBe(true);
+    expect(limited[0].text).toMatch(/rate limit: over 1\/s \(burst 5\) to default/);
+    expect(up.seen.length).toBe(5);
+    expect((await scrape(amb)).get('ambassador_requests_rejected_total{route="default",reason="rate_limit"}')).toBe(15);
+  });
+
+  it('with RATE_LIMIT_WAIT_MS, makes a burst wait its turn instead of refusing it', async () => {
+    const up = await startUpstream();
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, RATE_LIMIT_PER_SEC: '20', RATE_LIMIT_BURST: '1', RATE_LIMIT_WAIT_MS: '2000' });
+    const t0 = performance.now();
+    const all = await Promise.all(Array.from({ length: 8 }, () => fetch(`${amb.url}/x`).then((r) => r.status)));
+    expect(all.every((s) => s === 200)).toBe(true);
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(7 * 50 - 10); // one token every 50 ms
+    expect(up.seen.length).toBe(8);
+  });
+});
