@@ -1379,7 +1379,8 @@ class EndpointPool {
         next.push(...known);
       }
     }
-    const before = new Set(this.endpoints.map((e) => e.key));
+    // The name itself stands in until the first answer: it was never an endpoint of its own to remove.
+    const before = new Set(this.endpoints.filter((e) => this.resolvedOnce || !this.discovers(e.base)).map((e) => e.key));
     const after = new Set(next.map((e) => e.key));
     const added = [...after].filter((k) => !before.has(k));
     const removed = [...before].filter((k) => !after.has(k));
