@@ -9,7 +9,7 @@
  *
  * Run it:
  *   Node:   npm run build && UPSTREAM_URL=http://127.0.0.1:9000 node dist/ambassador.mjs
- *   Deno:   UPSTREAM_URL=http://127.0.0.1:9000 deno run --allow-net --allow-env ambassador.ts
+ *   Deno:   UPSTREAM_URL=http://127.0.0.1:9000 deno run --allow-net --allow-env --allow-read ambassador.ts
  *   Binary: npm run sea && UPSTREAM_URL=http://127.0.0.1:9000 ./bin/ambassador-node   (Node single executable)
  *           deno task compile && UPSTREAM_URL=http://127.0.0.1:9000 ./bin/ambassador  (needs Deno's denort)
  *

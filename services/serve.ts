@@ -34,9 +34,19 @@ export function fail(message: string): never {
   return deno ? deno.exit(2) : process.exit(2);
 }
 
-/** Listens, logs the port, and closes the listener (then exits 0) on SIGTERM or SIGINT. */
-export async function serve(service: string, app: Hono, host: string, port: number): Promise<void> {
-  if (deno) {
+/** TLS for a service that wants it: node:https options (certificate, key, and a client CA for mTLS). */
+export interface TlsOptions {
+  cert: string;
+  key: string;
+  ca?: string;
+  requestCert?: boolean;
+  rejectUnauthorized?: boolean;
+}
+
+/** Listens, logs the port, and closes the listener (then exits 0) on SIGTERM or SIGINT. With `tls`, it
+ * serves HTTPS through node:https on either runtime (Deno.serve cannot ask for client certificates). */
+export async function serve(service: string, app: Hono<any>, host: string, port: number, tls?: TlsOptions): Promise<void> {
+  if (deno && !tls) {
     let server: { shutdown(): Promise<void> } | undefined;
     // Signal listeners first: a SIGTERM right after the `listening` line must not find Deno's default.
     for (const signal of ['SIGTERM', 'SIGINT']) {
@@ -49,13 +59,17 @@ export async function serve(service: string, app: Hono, host: string, port: numb
     return;
   }
   const { serve: nodeServe } = await import('@hono/node-server');
-  const server = nodeServe({ fetch: app.fetch, hostname: host, port }, (info) => log(service, 'listening', { port: info.port }));
+  const https = tls ? { createServer: (await import('node:https')).createServer, serverOptions: tls } : {};
+  const server = nodeServe({ fetch: app.fetch, hostname: host, port, ...https } as Parameters<typeof nodeServe>[0], (info) => log(service, 'listening', { port: info.port }));
+  const exit = (code: number) => (deno ? deno.exit(code) : process.exit(code));
   const stop = (signal: string) => {
     log(service, `${signal}: stopping`);
-    server.close(() => process.exit(0));
+    server.close(() => exit(0));
     (server as import('node:http').Server).closeIdleConnections?.();
-    setTimeout(() => process.exit(0), 5000).unref();
+    setTimeout(() => exit(0), 5000).unref?.();
   };
-  process.on('SIGTERM', () => stop('SIGTERM'));
-  process.on('SIGINT', () => stop('SIGINT'));
+  for (const signal of ['SIGTERM', 'SIGINT'] as const) {
+    if (deno) deno.addSignalListener(signal, () => stop(signal));
+    else process.on(signal, () => stop(signal));
+  }
 }

@@ -1,11 +1,17 @@
-/** `npm start`'s runner: the three processes come up, the chain answers, and one Ctrl-C (SIGINT) stops
- * all of them, leaving no process behind and every port free. */
+/** `npm start`'s runner: the four processes come up, the chain answers through one ambassador in front
+ * of two dependencies (one over mTLS), the breaker can be watched opening and closing, and one Ctrl-C
+ * (SIGINT) stops all of them, leaving no process behind and every port free. */
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { DENO, ROOT, deadPort, sleep, startProcess } from './helpers.ts';
+import { DENO, ROOT, deadPort, parseMetrics, sleep, startProcess } from './helpers.ts';
+
+const ORDER = 'Order received. Inventory says: {"item":"widget","stock":42}. Payments says: {"payment":"accepted","client":"order-service"}';
+const demoPorts = async () => ({
+  ORDER_PORT: await deadPort(), AMBASSADOR_PORT: await deadPort(), ADMIN_PORT: await deadPort(), INVENTORY_PORT: await deadPort(), PAYMENTS_PORT: await deadPort(),
+});
 
 const alive = (pid: number) => {
   try {
@@ -25,17 +31,32 @@ const listening = (port: number) => new Promise<boolean>((resolve) => {
 });
 
 describe('npm start (the demo runner)', () => {
-  it('runs the chain, prints what to try, and stops all three on Ctrl-C', async () => {
+  it('runs the chain, lets the breaker be watched as the banner says, and stops all four on Ctrl-C', async () => {
     const demo = path.join(ROOT, 'dist', 'scripts', 'demo.mjs');
     expect(existsSync(demo), 'run `npm run build` first').toBe(true);
-    const ports = { ORDER_PORT: await deadPort(), AMBASSADOR_PORT: await deadPort(), ADMIN_PORT: await deadPort(), INVENTORY_PORT: await deadPort() };
+    const ports = await demoPorts();
     const p = startProcess([process.execPath, demo], Object.fromEntries(Object.entries(ports).map(([k, v]) => [k, String(v)])));
     try {
-      await p.waitForLine((l) => l.includes('Ctrl-C stops all three'));
+      await p.waitForLine((l) => l.includes('Ctrl-C stops them all'));
       expect(p.lines.join('\n')).toContain(`curl http://localhost:${ports.ORDER_PORT}/order`);
       const res = await fetch(`http://127.0.0.1:${ports.ORDER_PORT}/order`);
-      expect(await res.text()).toBe('Order received. Inventory says: {"item":"widget","stock":42}');
-      await p.waitForLine((l) => l.startsWith('[ambassador]') && l.includes('path=/inventory status=200'));
+      expect(await res.text()).toBe(ORDER);
+      await p.waitForLine((l) => l.startsWith('[ambassador]') && l.includes('route=inventory method=GET path=/inventory status=200'));
+      await p.waitForLine((l) => l.startsWith('[ambassador]') && l.includes('route=payments method=POST path=/payments status=200'));
+
+      // The banner's breaker walk-through, as a newcomer would type it.
+      const a = `http://127.0.0.1:${ports.AMBASSADOR_PORT}`;
+      expect(p.lines.join('\n')).toContain(`for i in 1 2; do curl 'http://localhost:${ports.AMBASSADOR_PORT}/inventory?fail_percent=100'; done`);
+      for (let i = 0; i < 2; i++) expect((await fetch(`${a}/inventory?fail_percent=100`)).status).toBe(503);
+      const open = await fetch(`${a}/inventory`);
+      expect(open.status).toBe(503);
+      expect(open.headers.get('retry-after')).toBe('5');
+      const state = async () => parseMetrics(await (await fetch(`http://127.0.0.1:${ports.ADMIN_PORT}/metrics`)).text());
+      const key = `route="inventory",endpoint="127.0.0.1:${ports.INVENTORY_PORT}"`;
+      expect((await state()).get(`ambassador_upstream_endpoint_state{${key},state="open"}`)).toBe(1);
+      await sleep(5100);
+      expect((await fetch(`${a}/inventory`)).status).toBe(200);
+      expect((await state()).get(`ambassador_upstream_endpoint_state{${key},state="closed"}`)).toBe(1);
     } catch (err) {
       p.kill('SIGINT'); // the runner stops its three processes; no test failure leaves them behind
       await p.exited;
@@ -43,19 +64,19 @@ describe('npm start (the demo runner)', () => {
     }
 
     const children = (await import('node:child_process')).execFileSync('pgrep', ['-P', String(p.pid)]).toString().trim().split('\n').map(Number);
-    expect(children).toHaveLength(3);
+    expect(children).toHaveLength(4);
     p.kill('SIGINT');
     const { code } = await p.exited;
     expect(code).toBe(0);
     for (const pid of children) expect(alive(pid), `child ${pid} still running`).toBe(false);
     for (const port of Object.values(ports)) expect(await listening(port), `port ${port} still open`).toBe(false);
-    expect(p.lines.filter((l) => /exited \(code 0\)/.test(l))).toHaveLength(3);
+    expect(p.lines.filter((l) => /exited \(code 0\)/.test(l))).toHaveLength(4);
   });
 });
 
 describe('deno task demo (the same chain under Deno)', () => {
   it('runs the chain from the sources and stops on Ctrl-C, leaving every port free', async () => {
-    const ports = { ORDER_PORT: await deadPort(), AMBASSADOR_PORT: await deadPort(), ADMIN_PORT: await deadPort(), INVENTORY_PORT: await deadPort() };
+    const ports = await demoPorts();
     // Its own process group, as a terminal gives it: Ctrl-C reaches the whole group.
     const child = spawn(DENO, ['task', 'demo'], {
       cwd: ROOT, detached: true, stdio: ['ignore', 'pipe', 'pipe'],
@@ -66,10 +87,10 @@ describe('deno task demo (the same chain under Deno)', () => {
     child.stderr!.on('data', (d) => (out += d));
     const exited = new Promise<number | null>((r) => child.on('exit', (code) => r(code)));
     try {
-      for (let i = 0; i < 200 && !out.includes('Ctrl-C stops all three'); i++) await sleep(100);
+      for (let i = 0; i < 200 && !out.includes('Ctrl-C stops them all'); i++) await sleep(100);
       expect(out).toContain('The chain is up (Deno, from the sources)');
       const res = await fetch(`http://127.0.0.1:${ports.ORDER_PORT}/order`);
-      expect(await res.text()).toBe('Order received. Inventory says: {"item":"widget","stock":42}');
+      expect(await res.text()).toBe(ORDER);
     } finally {
       process.kill(-child.pid!, 'SIGINT');
       await exited;
