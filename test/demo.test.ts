@@ -1,14 +1,17 @@
 /** `npm start`'s runner: the four processes come up, the chain answers through one ambassador in front
  * of two dependencies (one over mTLS), the breaker can be watched opening and closing, and one Ctrl-C
  * (SIGINT) stops all of them, leaving no process behind and every port free. */
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { DENO, ROOT, deadPort, parseMetrics, sleep, startProcess } from './helpers.ts';
 
-const ORDER = 'Order received. Inventory says: {"item":"widget","stock":42}. Payments says: {"payment":"accepted","client":"order-service"}';
+const hasOpenssl = spawnSync('sh', ['-c', 'command -v openssl']).status === 0;
+if (!hasOpenssl) console.warn('\n*** openssl not installed (Debian package openssl): the demo runs without its mTLS payments leg, and these tests check that instead. ***\n');
+const ORDER = 'Order received. Inventory says: {"item":"widget","stock":42}' +
+  (hasOpenssl ? '. Payments says: {"payment":"accepted","client":"order-service"}' : '');
 const demoPorts = async () => ({
   ORDER_PORT: await deadPort(), AMBASSADOR_PORT: await deadPort(), ADMIN_PORT: await deadPort(), INVENTORY_PORT: await deadPort(), PAYMENTS_PORT: await deadPort(),
 });
@@ -42,7 +45,7 @@ describe('npm start (the demo runner)', () => {
       const res = await fetch(`http://127.0.0.1:${ports.ORDER_PORT}/order`);
       expect(await res.text()).toBe(ORDER);
       await p.waitForLine((l) => l.startsWith('[ambassador]') && l.includes('route=inventory method=GET path=/inventory status=200'));
-      await p.waitForLine((l) => l.startsWith('[ambassador]') && l.includes('route=payments method=POST path=/payments status=200'));
+      if (hasOpenssl) await p.waitForLine((l) => l.startsWith('[ambassador]') && l.includes('route=payments method=POST path=/payments status=200'));
 
       // The banner's breaker walk-through, as a newcomer would type it.
       const a = `http://127.0.0.1:${ports.AMBASSADOR_PORT}`;
@@ -64,13 +67,13 @@ describe('npm start (the demo runner)', () => {
     }
 
     const children = (await import('node:child_process')).execFileSync('pgrep', ['-P', String(p.pid)]).toString().trim().split('\n').map(Number);
-    expect(children).toHaveLength(4);
+    expect(children).toHaveLength(hasOpenssl ? 4 : 3);
     p.kill('SIGINT');
     const { code } = await p.exited;
     expect(code).toBe(0);
     for (const pid of children) expect(alive(pid), `child ${pid} still running`).toBe(false);
     for (const port of Object.values(ports)) expect(await listening(port), `port ${port} still open`).toBe(false);
-    expect(p.lines.filter((l) => /exited \(code 0\)/.test(l))).toHaveLength(4);
+    expect(p.lines.filter((l) => /exited \(code 0\)/.test(l))).toHaveLength(hasOpenssl ? 4 : 3);
   });
 });
 

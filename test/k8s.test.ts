@@ -1,9 +1,11 @@
 /** The Kubernetes manifests: valid against the Kubernetes API schema (kubernetes-models, generated from
  * the API's OpenAPI definitions), and holding the rules a sidecar needs. */
+import { ConfigMap } from 'kubernetes-models/v1/ConfigMap';
 import { Service } from 'kubernetes-models/v1/Service';
+import { loadConfig } from '../ambassador.ts';
 import { Deployment } from 'kubernetes-models/apps/v1/Deployment';
 import { describe, expect, it } from 'vitest';
-import { kustomization, objects } from './manifests.ts';
+import { kustomization, objects, readYaml } from './manifests.ts';
 
 const all = objects();
 const deployments = all.filter((o) => o.object.kind === 'Deployment').map((o) => o.object);
@@ -69,5 +71,33 @@ describe('Kubernetes manifests', () => {
     const upstream = new URL(sidecar.env!.find((e) => e.name === 'UPSTREAM_URL')!.value);
     const service = all.find((o) => o.object.kind === 'Service' && o.object.metadata.name === upstream.hostname)!.object;
     expect(service.spec.ports[0].port).toBe(Number(upstream.port));
+  });
+
+  describe('the routes example (examples/routes-configmap.yaml)', () => {
+    const configMap = readYaml('examples/routes-configmap.yaml')[0] as { kind: string; data: Record<string, string> };
+
+    it('validates against the API schema', () => {
+      expect(() => new ConfigMap(configMap as never).validate()).not.toThrow();
+    });
+
+    it('holds a routes file the ambassador accepts, with the mTLS files where the Secret is mounted', () => {
+      const read = (file: string) => {
+        if (file.startsWith('/etc/ambassador/payments-tls/')) return '-----BEGIN CERTIFICATE-----\n(mounted from the Secret)\n';
+        if (file === '/etc/ambassador/routes/routes.json') return configMap.data['routes.json'];
+        throw new Error(`ENOENT: ${file}`);
+      };
+      const config = loadConfig({ ROUTES_FILE: '/etc/ambassador/routes/routes.json' }, read);
+      expect(config.routes.map((r) => [r.name, r.prefix, r.upstreams[0].href])).toEqual([
+        ['inventory', '/inventory', 'http://inventory-service:9000/'],
+        ['payments', '/payments', 'https://payments-service:9443/'],
+      ]);
+      const payments = config.routes.find((r) => r.name === 'payments')!;
+      expect(payments.retryAttempts).toBe(1);
+      expect(payments.tls).toEqual({ caFile: '/etc/ambassador/payments-tls/ca.crt', certFile: '/etc/ambassador/payments-tls/tls.crt',
+        keyFile: '/etc/ambassador/payments-tls/tls.key', serverName: null, minVersion: 'TLSv1.2' });
+      // The inventory route points at the Service the kustomization deploys.
+      const service = all.find((o) => o.object.kind === 'Service' && o.object.metadata.name === 'inventory-service')!.object;
+      expect(service.spec.ports[0].port).toBe(Number(config.routes[0].upstreams[0].port));
+    });
   });
 });
