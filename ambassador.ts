@@ -1,11 +1,13 @@
 /**
  * ambassador — a small HTTP ambassador sidecar.
  *
- * The app talks plain HTTP to the ambassador on localhost; the ambassador forwards every request to one
- * upstream and deals with the network on the app's behalf: retries with backoff and a retry budget,
- * per-try and per-request timeouts, hop-by-hop hygiene, request ids, structured logs, and a graceful
- * drain on SIGTERM/SIGINT. A separate admin port serves GET /healthz, GET /readyz, GET /metrics
- * (Prometheus or OpenMetrics) and POST /shutdown (loopback clients only).
+ * The app talks plain HTTP to the ambassador on localhost; the ambassador forwards each request to its
+ * upstream and deals with the network on the app's behalf: routing (one upstream, or path-prefix routes
+ * from a file), discovery of the addresses behind a name, least-loaded balancing (power of two choices),
+ * a circuit breaker per endpoint, concurrency and rate limits, retries with backoff and a retry budget,
+ * per-try and per-request timeouts, TLS (mTLS too) to the upstream, hop-by-hop hygiene, request ids,
+ * structured logs, and a graceful drain on SIGTERM/SIGINT. A separate admin port serves GET /healthz,
+ * GET /readyz, GET /metrics (Prometheus or OpenMetrics) and POST /shutdown (loopback clients only).
  *
  * Run it:
  *   Node:   npm run build && UPSTREAM_URL=http://127.0.0.1:9000 node dist/ambassador.mjs
@@ -14,21 +16,37 @@
  *           deno task compile && UPSTREAM_URL=http://127.0.0.1:9000 ./bin/ambassador  (needs Deno's denort)
  *
  * This file imports only `hono` and, on Node only and dynamically, `@hono/node-server` and Node's own
- * `node:http`/`node:https`, so it can be copied into another project as it is.
+ * `node:http`, `node:https`, `node:dns` and `node:fs`, so it can be copied into another project as it is.
  *
  * | variable                 | default     | meaning                                                             |
  * |--------------------------|-------------|---------------------------------------------------------------------|
- * | UPSTREAM_URL             | (required)  | http:// or https:// base URL; the request path and query are appended |
+ * | UPSTREAM_URL             | (required)  | http:// or https:// base URL, or several separated by commas; the request path and query are appended |
+ * | ROUTES_FILE              | (none)      | a JSON file of routes instead of UPSTREAM_URL (see `loadConfig`); the variables marked * are their defaults |
  * | HOST / PORT              | 127.0.0.1 / 8080 | proxy listener; loopback so only the pod's app can use it; 0 = any free port |
  * | ADMIN_HOST / ADMIN_PORT  | 0.0.0.0 / 9901 | the admin endpoints, apart from every upstream path; 0 = any free port |
- * | RETRY_ATTEMPTS           | 3           | attempts in all, the first included; 1 = no retries                 |
- * | RETRY_BACKOFF_MS         | 100         | base of the exponential backoff (full jitter) between attempts      |
- * | RETRY_BACKOFF_MAX_MS     | 2000        | cap of one backoff delay                                            |
- * | RETRY_BUDGET_PERCENT     | 20          | retries allowed, as a percentage of requests over the last 10 s     |
- * | RETRY_BUDGET_MIN_PER_SEC | 10          | retries per second always allowed, whatever the percentage says     |
- * | RETRY_BODY_MAX_BYTES     | 65536       | largest request body kept in memory for replay; 0 = never replay a body |
- * | TRY_TIMEOUT_MS           | 5000        | one attempt's limit until response headers; 0 = none                |
- * | REQUEST_TIMEOUT_MS       | 15000       | the whole request's limit until response headers, retries included; 0 = none |
+ * | RETRY_ATTEMPTS *         | 3           | attempts in all, the first included; 1 = no retries                 |
+ * | RETRY_BACKOFF_MS *       | 100         | base of the exponential backoff (full jitter) between attempts      |
+ * | RETRY_BACKOFF_MAX_MS *   | 2000        | cap of one backoff delay                                            |
+ * | RETRY_BUDGET_PERCENT *   | 20          | retries allowed, as a percentage of requests over the last 10 s     |
+ * | RETRY_BUDGET_MIN_PER_SEC *| 10         | retries per second always allowed, whatever the percentage says     |
+ * | RETRY_BODY_MAX_BYTES *   | 65536       | largest request body kept in memory for replay; 0 = never replay a body |
+ * | TRY_TIMEOUT_MS *         | 5000        | one attempt's limit until response headers; 0 = none                |
+ * | REQUEST_TIMEOUT_MS *     | 15000       | the whole request's limit until response headers, retries included; 0 = none |
+ * | BREAKER_FAILURES *       | 5           | failures in a row (5xx, refused, reset, timeout) that eject an endpoint; 0 = no breaker |
+ * | BREAKER_OPEN_MS *        | 5000        | how long the first ejection lasts; each one soon after doubles it   |
+ * | BREAKER_OPEN_MAX_MS *    | 60000       | the longest an ejection lasts                                       |
+ * | BREAKER_PROBES *         | 1           | requests let through at once to a half-open endpoint                |
+ * | MAX_IN_FLIGHT *          | 1024        | requests in flight to a route's upstream at most; 0 = no limit      |
+ * | QUEUE_SIZE *             | 128         | requests that may wait for a place; the rest get 503 at once        |
+ * | QUEUE_TIMEOUT_MS *       | 1000        | the longest a request waits in that queue before its 503            |
+ * | RATE_LIMIT_PER_SEC *     | 0           | requests per second to a route's upstream (token bucket); 0 = no limit |
+ * | RATE_LIMIT_BURST *       | 0           | tokens saved up for a burst; 0 = one second's worth                 |
+ * | RATE_LIMIT_WAIT_MS *     | 0           | wait up to this long for a token instead of answering 429 at once  |
+ * | DNS_REFRESH_MS *         | 5000        | look the upstream's name up again this often (sooner if its TTL says); 0 = leave names to the runtime |
+ * | UPSTREAM_CA_FILE         | (none)      | PEM CA bundle the upstream's certificate is verified against (else the runtime's roots) |
+ * | UPSTREAM_CERT_FILE / UPSTREAM_KEY_FILE | (none) | PEM client certificate and key, for mTLS; read again when they change |
+ * | UPSTREAM_SERVER_NAME     | (none)      | the name sent as SNI and checked in the certificate (Node only)     |
+ * | UPSTREAM_TLS_MIN_VERSION | TLSv1.2     | TLSv1.2 or TLSv1.3 (Node only)                                      |
  * | DRAIN_TIMEOUT_MS         | 20000       | the longest a drain may take before what is left is cut off         |
  * | DRAIN_GRACE_MS           | 0           | after SIGTERM, keep accepting new requests this long (older clusters) |
  * | BODY_IDLE_TIMEOUT_MS     | 300000      | a response body that stalls this long is cut off (Envoy's stream idle timeout); 0 = never |
@@ -220,6 +238,15 @@ const ROUTE_KEYS = ['name', 'host', 'prefix', 'stripPrefix', 'upstream', 'tls', 
 const NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 const HOSTNAME = /^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$/;
 
+/** The configuration, from the environment and, when ROUTES_FILE names one, a routes file:
+ *
+ *   {"routes": [
+ *     {"name": "inventory", "prefix": "/inventory", "upstream": "http://inventory:9000", "stripPrefix": true},
+ *     {"name": "payments", "prefix": "/payments", "host": "shop.local", "upstream": ["https://p1:8443", "https://p2:8443"],
+ *      "retryAttempts": 1, "tls": {"caFile": "/tls/ca.crt", "certFile": "/tls/tls.crt", "keyFile": "/tls/tls.key"}}
+ *   ]}
+ *
+ * A route may set any key of ROUTE_SETTINGS; what it leaves out comes from that setting's variable. */
 export function loadConfig(env: Record<string, string | undefined>, readFile?: ReadFile): Config {
   const problems: string[] = [];
   const bad = (name: string, value: unknown, expected: string) => {
