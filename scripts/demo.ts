@@ -16,11 +16,12 @@
  * PAYMENTS_PORT (9443). Every other variable reaches the processes, so `FAIL_EVERY=2 npm start` gives a
  * flaky inventory and `RETRY_ATTEMPTS=1 npm start` an ambassador that does not retry.
  */
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { issue, makeCa } from './certificates.ts';
 
 const onDeno = typeof (globalThis as { Deno?: unknown }).Deno !== 'undefined';
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -116,19 +117,12 @@ async function stop(code: number): Promise<void> {
   process.exit(code);
 }
 
-/** The certificates of the mTLS leg, or undefined when `openssl` is not there to make them. */
+/** The certificates of the mTLS leg; false when `openssl` is not there to make them. */
 function makeCertificates(dir: string): boolean {
-  const openssl = (...args: string[]) => execFileSync('openssl', args, { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
-  const key = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
-  const issue = (name: string, subject: string, extension: string) => {
-    openssl('req', ...key, '-keyout', `${name}.key`, '-out', `${name}.csr`, '-subj', `/CN=${subject}`);
-    writeFileSync(path.join(dir, `${name}.ext`), `${extension}\n`);
-    openssl('x509', '-req', '-in', `${name}.csr`, '-CA', 'demo-ca.pem', '-CAkey', 'demo-ca.key', '-CAcreateserial', '-out', `${name}.pem`, '-days', '7', '-extfile', `${name}.ext`);
-  };
   try {
-    openssl('req', '-x509', ...key, '-keyout', 'demo-ca.key', '-out', 'demo-ca.pem', '-days', '7', '-subj', '/CN=ambassador demo CA');
-    issue('payments', 'payments-service', 'subjectAltName=DNS:payments-service,DNS:localhost,IP:127.0.0.1');
-    issue('order-service', 'order-service', 'extendedKeyUsage=clientAuth');
+    makeCa(dir, 'demo-ca');
+    issue(dir, 'payments', 'demo-ca', 'payments-service', 'DNS:payments-service,DNS:localhost,IP:127.0.0.1');
+    issue(dir, 'order-service', 'demo-ca', 'order-service');
     return true;
   } catch (err) {
     console.log(`demo: no certificates (${(err as Error).message.split('\n')[0]}): the payments leg over mTLS is left out`);
