@@ -1331,7 +1331,8 @@ export interface Endpoint extends Balanced {
   requests: number;
 }
 
-/** The longest a first request waits for the first resolution before going on with the name itself. */
+/** The longest a request waits for a lookup (the first, or one after a quiet spell) before going on with
+ * what is known (at first, the name itself). */
 const FIRST_RESOLVE_WAIT_MS = 2000;
 /** A DNS TTL shorter than this is not followed (a TTL of 0 would mean a lookup per request). */
 const MIN_REFRESH_MS = 1000;
@@ -1366,13 +1367,17 @@ class EndpointPool {
     return { key, base, address, breaker, inFlight: 0, ewmaMs: 0, lastSampleAt: this.clock.now(), requests: 0 };
   }
 
-  /** The endpoints now. Starts a refresh when one is due; waits for it only before the first answer. */
+  /** The endpoints now. Starts a refresh when one is due. Waits for it only before the first answer, or
+   * after a quiet spell long enough that what is known may be long gone (pods replaced while no request
+   * came); under steady traffic requests never wait on DNS. */
   async current(): Promise<Endpoint[]> {
     if (!this.route.upstreams.some((u) => this.discovers(u))) return this.endpoints;
-    if (this.clock.now() >= this.nextRefreshAt && !this.refreshing) {
+    const now = this.clock.now();
+    const stale = now - this.nextRefreshAt > this.route.dnsRefreshMs;
+    if (now >= this.nextRefreshAt && !this.refreshing) {
       this.refreshing = this.refresh().finally(() => (this.refreshing = undefined));
     }
-    if (!this.resolvedOnce && this.refreshing) {
+    if ((!this.resolvedOnce || stale) && this.refreshing) {
       let timer: ReturnType<typeof setTimeout> | undefined;
       await Promise.race([this.refreshing, new Promise((r) => (timer = setTimeout(r, FIRST_RESOLVE_WAIT_MS)))]);
       clearTimeout(timer);

@@ -78,6 +78,18 @@ describe('discovery with a resolver the test controls', () => {
     expect(lookups).toBe(3);
   });
 
+  it('after a quiet spell, waits for the new answer rather than send the first request to addresses long gone', async () => {
+    const [a, b] = await pods();
+    let answer = ['127.0.0.2'];
+    const { clock, get } = await ambassadorWith(async () => ({ addresses: answer }), { UPSTREAM_URL: `http://inventory.test:${a.port}`, DNS_REFRESH_MS: '5000' });
+    expect((await get()).text).toBe('127.0.0.2');
+    await a.close(); // the pod is replaced while no request comes
+    answer = ['127.0.0.3'];
+    clock.offset += 60_000;
+    expect(await get()).toEqual({ status: 200, text: '127.0.0.3' });
+    expect(b.seen).toHaveLength(1);
+  });
+
   it('keeps the endpoints it knows when a lookup fails, and says so once in the log', async () => {
     const [a] = await pods();
     let fail = false;
