@@ -181,7 +181,7 @@ the inventory (plain HTTP)${mtls ? ' and the payments service (mutual TLS, certi
   curl -X POST ${a}/payments          # over mTLS: the ambassador holds the client certificate` : ''}
   curl ${a}/shipping                  # no route: 404 from the ambassador
 Watch the circuit breaker open and close:
-  for i in 1 2; do curl '${a}/inventory?fail_percent=100'; done   # 6 failed attempts: ejected
+  for i in 1 2; do curl '${a}/inventory?fail_percent=100'; done   # 5 failed attempts in a row: ejected
   curl -i ${a}/inventory              # 503 at once, with Retry-After
   curl -s http://localhost:${ports.admin}/metrics | grep endpoint_state
   sleep 5; curl ${a}/inventory        # a probe gets through: closed again
