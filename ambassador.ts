@@ -1435,38 +1435,46 @@ export interface TlsMaterial {
   readonly minVersion: 'TLSv1.2' | 'TLSv1.3';
 }
 
+/** Tries TLS material on the runtime's own TLS stack, throwing what it finds wrong (a key that is not the
+ * certificate's, a CA file that does not parse): `nodeCheckTls`, `denoCheckTls`. */
+export type CheckTls = (material: TlsMaterial) => void;
+
+/** Reads a route's TLS files into material, and has the runtime check it. */
+export function readTls(files: TlsFiles, readFile: ReadFile, check?: CheckTls): TlsMaterial {
+  const { caFile, certFile, keyFile, serverName, minVersion } = files;
+  const material: TlsMaterial = {
+    ...(caFile ? { ca: readFile(caFile) } : {}),
+    ...(certFile && keyFile ? { cert: readFile(certFile), key: readFile(keyFile) } : {}),
+    serverName, minVersion,
+  };
+  if ([material.ca, material.cert, material.key].some((t) => t !== undefined && !t.includes('-----BEGIN '))) {
+    throw new Error('a file holds no PEM block');
+  }
+  check?.(material);
+  return material;
+}
+
 class TlsSource {
   material: TlsMaterial;
   private checkAt: number;
   private lastError: string | undefined;
 
-  constructor(private readonly files: TlsFiles, private readonly readFile: ReadFile, private readonly clock: Clock) {
-    this.material = this.read();
+  constructor(private readonly files: TlsFiles, private readonly readFile: ReadFile, private readonly clock: Clock, private readonly check?: CheckTls) {
+    this.material = readTls(files, readFile, check);
     this.checkAt = clock.now() + TLS_CHECK_MS;
   }
 
-  private read(): TlsMaterial {
-    const { caFile, certFile, keyFile, serverName, minVersion } = this.files;
-    return {
-      ...(caFile ? { ca: this.readFile(caFile) } : {}),
-      ...(certFile && keyFile ? { cert: this.readFile(certFile), key: this.readFile(keyFile) } : {}),
-      serverName, minVersion,
-    };
-  }
-
-  /** The material, read again at most every TLS_CHECK_MS. A file caught half-written (or a key that does
-   * not yet match its certificate) keeps the old material until the next look. */
+  /** The material, read again at most every TLS_CHECK_MS. A file caught half-written, or a certificate
+   * renewed before its key, keeps the old material until a look finds the set whole again. */
   current(reloaded: (error?: string) => void): TlsMaterial {
     const now = this.clock.now();
     if (now < this.checkAt) return this.material;
     this.checkAt = now + TLS_CHECK_MS;
     try {
-      const fresh = this.read();
+      const fresh = readTls(this.files, this.readFile);
       const old = this.material;
       if (fresh.ca !== old.ca || fresh.cert !== old.cert || fresh.key !== old.key) {
-        if ((fresh.cert === undefined) !== (fresh.key === undefined) || [fresh.ca, fresh.cert, fresh.key].some((t) => t !== undefined && !t.includes('-----BEGIN '))) {
-          throw new Error('a file is not PEM (yet)');
-        }
+        this.check?.(fresh); // only when something changed: the check builds a TLS context
         this.material = fresh;
         reloaded();
       }
@@ -1611,6 +1619,8 @@ export function createAmbassador(config: Config, options: {
   resolve?: Resolve;
   /** reads TLS files (again when they change); needed when a route has TLS files */
   readFile?: ReadFile;
+  /** checks TLS material before it is used (the runtime's own TLS stack) */
+  checkTls?: CheckTls;
   /** @hono/node-server's "the handler wrote the response itself" (RESPONSE_ALREADY_SENT), for the Node path */
   written?: Response;
 } = {}): Ambassador {
@@ -1633,7 +1643,7 @@ export function createAmbassador(config: Config, options: {
       bucket: route.rateLimitPerSec > 0 ? new TokenBucket(route.rateLimitPerSec, route.rateLimitBurst, clock.now()) : null,
       // Deno's client cannot verify a certificate's name while connecting to an address: it goes by name.
       pool: new EndpointPool(route, clock, options.resolve, !deno, (e) => events.endpointsChanged({ route: route.name, ...e })),
-      tls: route.tls ? new TlsSource(route.tls, options.readFile ?? (() => ''), clock) : null,
+      tls: route.tls ? new TlsSource(route.tls, options.readFile ?? (() => ''), clock, options.checkTls) : null,
     });
   }
 
@@ -2148,17 +2158,19 @@ function onSignals(handler: (signal: string) => void): void {
 
 export async function main(env: Record<string, string | undefined>): Promise<void> {
   const readFile: ReadFile = deno ? (path) => deno.readTextFileSync(path) : await nodeReadFile();
+  const checkTls: CheckTls = deno ? denoCheckTls(deno) : nodeCheckTls(await import('node:tls'));
   let config: Config;
   try {
     config = loadConfig(env, readFile);
     if (deno) denoLimits(config);
+    usableTls(config, readFile, checkTls);
   } catch (err) {
     console.error(`ambassador: ${err instanceof Error ? err.message : String(err)}`);
     return exit(2);
   }
   const log = createLogger(config.logFormat, config.logLevel);
   const amb = createAmbassador(config, {
-    log, readFile,
+    log, readFile, checkTls,
     ...(deno ? { resolve: denoResolve(deno) } : {
       send: nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp),
       resolve: nodeResolve(await import('node:dns')),
@@ -2197,6 +2209,33 @@ export async function main(env: Record<string, string | undefined>): Promise<voi
 async function nodeReadFile(): Promise<ReadFile> {
   const fs = await import('node:fs');
   return (path) => fs.readFileSync(path, 'utf8');
+}
+
+/** Each route's TLS files, tried on the runtime's TLS stack at start: a key that is not its certificate's
+ * stops the process here, naming the files, instead of failing every connection later. */
+function usableTls(config: Config, readFile: ReadFile, check: CheckTls): void {
+  const problems: string[] = [];
+  for (const r of config.routes) {
+    if (!r.tls) continue;
+    try {
+      readTls(r.tls, readFile, check);
+    } catch (err) {
+      const named = (['caFile', 'certFile', 'keyFile'] as const).filter((k) => r.tls![k] !== null).map((k) => {
+        const name = config.routesFile === null ? TLS_VARIABLES[k] : `ROUTES_FILE=${JSON.stringify(config.routesFile)}: ${r.name}.tls.${k}`;
+        return `${name}=${JSON.stringify(r.tls![k])}`;
+      });
+      problems.push(`${named.join(', ')}: expected TLS files that go together (${describeFailure(err)})`);
+    }
+  }
+  if (problems.length > 0) throw new ConfigError(problems);
+}
+
+function nodeCheckTls(tls: Pick<typeof import('node:tls'), 'createSecureContext'>): CheckTls {
+  return (m) => void tls.createSecureContext({ ca: m.ca, cert: m.cert, key: m.key, minVersion: m.minVersion });
+}
+
+function denoCheckTls(d: DenoLike): CheckTls {
+  return (m) => d.createHttpClient({ caCerts: m.ca ? [m.ca] : undefined, ...(m.cert && m.key ? { cert: m.cert, key: m.key } : {}) }).close();
 }
 
 /** What Deno's HTTP client cannot do is refused at start, never silently left out. */

@@ -126,6 +126,44 @@ describe.skipIf(!hasOpenssl).each(RUNTIMES)('TLS to the upstream (%s)', (runtime
     expect(amb.logs().some((l) => l.msg === 'TLS files changed: new connections use them' && l.route === 'default')).toBe(true);
   });
 
+  it('keeps the certificate in use when a rotation brings a key that is not the new certificate\'s, and says so', async () => {
+    const up = await upstream({ clientCa: true });
+    const cert = pki.file('mismatch.pem');
+    const key = pki.file('mismatch.key');
+    const install = (certOf: string, keyOf: string) => {
+      writeFileSync(`${cert}.new`, pki.read(`${certOf}.pem`));
+      writeFileSync(`${key}.new`, pki.read(`${keyOf}.key`));
+      renameSync(`${key}.new`, key);
+      renameSync(`${cert}.new`, cert);
+    };
+    install('client-one', 'client-one');
+    const amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: `https://localhost:${up.port}`, UPSTREAM_CA_FILE: pki.file('upstream-ca.pem'), UPSTREAM_CERT_FILE: cert, UPSTREAM_KEY_FILE: key,
+    });
+    expect((await fetch(`${amb.url}/x`)).status).toBe(200);
+    install('client-two', 'client-one'); // the certificate renewed, its key not yet
+    await sleep(1200);
+    for (let i = 0; i < 3; i++) expect((await fetch(`${amb.url}/x`)).status).toBe(200);
+    expect(up.seen.every((cn) => cn === 'client-one')).toBe(true);
+    const warning = amb.logs().find((l) => String(l.msg).startsWith('TLS files not taken up'));
+    expect(warning).toMatchObject({ level: 'warn', route: 'default' });
+    install('client-two', 'client-two'); // and now the key
+    await sleep(1200);
+    await (await fetch(`${amb.url}/x`)).text();
+    expect((await fetch(`${amb.url}/x`)).status).toBe(200);
+    expect(up.seen.at(-1)).toBe('client-two');
+  });
+
+  it('stops at start when the key is not the certificate\'s, naming both files', async () => {
+    const p = startProcess(command(runtime), {
+      UPSTREAM_URL: 'https://localhost:1', UPSTREAM_CERT_FILE: pki.file('client-one.pem'), UPSTREAM_KEY_FILE: pki.file('client-two.key'), PORT: '0', ADMIN_PORT: '0',
+    });
+    expect((await p.exited).code).toBe(2);
+    const err = p.stderr.join('\n');
+    expect(err).toContain(`UPSTREAM_CERT_FILE=${JSON.stringify(pki.file('client-one.pem'))}, UPSTREAM_KEY_FILE=${JSON.stringify(pki.file('client-two.key'))}: expected TLS files that go together`);
+    expect(err).toMatch(/mismatch/i);
+  });
+
   it('stops at start when a TLS file cannot be read or holds no PEM, naming the variable', async () => {
     const p = startProcess(command(runtime), {
       UPSTREAM_URL: 'https://localhost:1', UPSTREAM_CA_FILE: '/nonexistent/ca.pem', UPSTREAM_CERT_FILE: pki.file('client-one.pem'), PORT: '0', ADMIN_PORT: '0',
