@@ -35,6 +35,36 @@ describe('loadConfig under arbitrary environments', () => {
   });
 });
 
+describe('loadConfig under arbitrary routes files', () => {
+  const field = fc.constantFrom('name', 'prefix', 'host', 'upstream', 'stripPrefix', 'tls', 'retryAttempts', 'maxInFlight', 'rateLimitPerSec', 'breakerOpenMs', 'typo');
+  const json = fc.oneof(fc.string(), fc.integer({ min: -5, max: 200 }), fc.boolean(), fc.constant(null),
+    fc.constantFrom('/', '/inventory', '/a/b/', 'inventory', 'http://h:1', 'https://x', ['http://a', 'http://b'], { caFile: '/nope' }, 'ftp://x'));
+  const route = fc.dictionary(field, json);
+  const doc = fc.oneof(fc.record({ routes: fc.array(route, { maxLength: 5 }) }), json, fc.array(route));
+
+  it('returns routes that keep their promises, or throws one ConfigError whose every problem names ROUTES_FILE and a field', () => {
+    fc.assert(fc.property(doc, (d) => {
+      const text = JSON.stringify(d) ?? 'null';
+      try {
+        const c = loadConfig({ ROUTES_FILE: '/routes.json' }, () => text);
+        expect(c.routes.length).toBeGreaterThan(0);
+        for (const r of c.routes) {
+          expect(r.prefix.startsWith('/')).toBe(true);
+          expect(r.upstreams.length).toBeGreaterThan(0);
+          expect(r.retryAttempts).toBeGreaterThanOrEqual(1);
+        }
+        // Most specific first: no route is hidden behind an earlier one that covers it.
+        c.routes.forEach((r, i) => c.routes.slice(0, i).forEach((earlier) => {
+          if (earlier.host === r.host) expect(earlier.prefix.length).toBeGreaterThanOrEqual(r.prefix.length);
+        }));
+      } catch (err) {
+        expect(err).toBeInstanceOf(ConfigError);
+        for (const problem of (err as ConfigError).problems) expect(problem.startsWith('ROUTES_FILE="/routes.json"')).toBe(true);
+      }
+    }), { numRuns: 2000 });
+  });
+});
+
 const token = fc.stringMatching(/^[a-z][a-z0-9-]{0,15}$/);
 const headerName = fc.oneof(token, fc.constantFrom(...HOP, 'host', 'expect', 'via', 'x-request-id', 'x-forwarded-for', 'x-forwarded-proto', 'x-forwarded-host', 'accept-encoding'));
 const headerValueArb = fc.stringMatching(/^[\x21-\x7e]([\x20-\x7e]{0,30}[\x21-\x7e])?$/);
