@@ -1722,7 +1722,8 @@ export function createAmbassador(config: Config, options: {
       const admission = await admit(up, gone.signal, id, record);
       holding = admission === true;
       const reply = admission === true
-        ? await forward(up, req.method, incomingHeaders, requestBody(c), gone.signal, id, pathAndQuery, started, clientAddress(c), record)
+        ? await forward(up, req.method, incomingHeaders, requestBody(c), gone.signal, id,
+          route.stripPrefix ? stripPrefix(pathAndQuery, url.pathname + url.search, route.prefix) : pathAndQuery, started, clientAddress(c), record)
         : admission;
       if (draining) reply.headers.push(['connection', 'close']); // the app opens a fresh connection for its next call
       record.status = reply.status;
@@ -1782,9 +1783,8 @@ export function createAmbassador(config: Config, options: {
   }
 
   async function forward(up: Upstream, method: string, incoming: HeaderList, reqBody: ReadableStream<Uint8Array> | null, gone: AbortSignal, id: string,
-    pathAndQuery: string, started: number, client: string | undefined, record: RequestRecord): Promise<Reply> {
+    path: string, started: number, client: string | undefined, record: RequestRecord): Promise<Reply> {
     const { route } = up;
-    const path = route.stripPrefix ? stripPrefix(pathAndQuery, route.prefix) : pathAndQuery;
     const idempotencyKey = headerValue(incoming, 'idempotency-key') !== null;
     const declared = headerValue(incoming, 'content-length');
     const body = await prepareBody(reqBody, declared === null ? undefined : Number(declared), route.retryBodyMaxBytes);
@@ -1920,10 +1920,13 @@ export function createAmbassador(config: Config, options: {
   };
 }
 
-/** The request target with the route's prefix taken off: `/inventory/42?x` under `/inventory` is `/42?x`. */
-export function stripPrefix(pathAndQuery: string, prefix: string): string {
+/** The request target with the route's prefix taken off: `/inventory/42?x` under `/inventory` is `/42?x`.
+ * The route was matched on the normalized path (dot segments resolved), so a target sent as
+ * `/a/../inventory/42` loses the prefix from its normalized form instead. */
+export function stripPrefix(pathAndQuery: string, normalized: string, prefix: string): string {
   if (prefix === '/') return pathAndQuery;
-  const rest = pathAndQuery.slice(prefix.length);
+  const target = pathAndQuery === prefix || pathAndQuery.startsWith(prefix + '/') || pathAndQuery.startsWith(prefix + '?') ? pathAndQuery : normalized;
+  const rest = target.slice(prefix.length);
   return rest.startsWith('/') ? rest : `/${rest}`;
 }
 

@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig, matchRoute, stripPrefix } from '../ambassador.ts';
-import { RUNTIMES, command, scrape, startAmbassador, startProcess, startUpstream, stopAfterEach } from './helpers.ts';
+import { RUNTIMES, command, rawRequest, scrape, startAmbassador, startProcess, startUpstream, stopAfterEach } from './helpers.ts';
 
 const dir = mkdtempSync(path.join(os.tmpdir(), 'ambassador-routes-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -52,10 +52,14 @@ describe('matchRoute', () => {
 
 describe('stripPrefix', () => {
   it('takes the route\'s prefix off the request target, keeping the query and the encoding', () => {
-    expect(stripPrefix('/inventory/items/a%2Fb?x=1', '/inventory')).toBe('/items/a%2Fb?x=1');
-    expect(stripPrefix('/inventory?x=1', '/inventory')).toBe('/?x=1');
-    expect(stripPrefix('/inventory', '/inventory')).toBe('/');
-    expect(stripPrefix('/a/b', '/')).toBe('/a/b');
+    expect(stripPrefix('/inventory/items/a%2Fb?x=1', '/inventory/items/a%2Fb?x=1', '/inventory')).toBe('/items/a%2Fb?x=1');
+    expect(stripPrefix('/inventory?x=1', '/inventory?x=1', '/inventory')).toBe('/?x=1');
+    expect(stripPrefix('/inventory', '/inventory', '/inventory')).toBe('/');
+    expect(stripPrefix('/a/b', '/a/b', '/')).toBe('/a/b');
+  });
+
+  it('strips the normalized path when dot segments hide the prefix in the target as sent', () => {
+    expect(stripPrefix('/x/../inventory/items?y=1', '/inventory/items?y=1', '/inventory')).toBe('/items?y=1');
   });
 });
 
@@ -131,6 +135,8 @@ describe.each(RUNTIMES)('routing through one ambassador (%s)', (runtime) => {
       return { status: res.status, text: await res.text() };
     };
     expect(await get('/inventory/items/a%2Fb?x=1')).toEqual({ status: 200, text: 'inventory saw /items/a%2Fb?x=1' });
+    // Routed on the normalized path, so dot segments cannot carry a request past its route.
+    expect(await rawRequest(amb.port, 'GET /shipping/../inventory/items HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n')).toMatch(/\r\ninventory saw \/items\r\n/);
     expect(await get('/payments/balance')).toEqual({ status: 200, text: `payments saw /payments/balance for 127.0.0.1:${payments.port}` });
 
     // inventory retries (the default policy); payments has retryAttempts 1, so its POST is tried once.
@@ -141,10 +147,10 @@ describe.each(RUNTIMES)('routing through one ambassador (%s)', (runtime) => {
 
     const unmatched = await get('/shipping/42');
     expect(unmatched).toEqual({ status: 404, text: `ambassador: no route for 127.0.0.1:${amb.port}/shipping/42\n` });
-    expect(inventory.seen.length + payments.seen.length).toBe(5); // the 404 went nowhere
+    expect(inventory.seen.length + payments.seen.length).toBe(6); // the 404 went nowhere
 
     const m = await scrape(amb);
-    expect(m.get('ambassador_requests_total{route="inventory",method="GET",code="200"}')).toBe(2);
+    expect(m.get('ambassador_requests_total{route="inventory",method="GET",code="200"}')).toBe(3);
     expect(m.get('ambassador_requests_total{route="payments",method="POST",code="503"}')).toBe(1);
     expect(m.get('ambassador_requests_total{route="",method="GET",code="404"}')).toBe(1);
     expect(m.get('ambassador_requests_rejected_total{route="",reason="no_route"}')).toBe(1);
