@@ -788,9 +788,12 @@ export class ConcurrencyLimit {
  * prefix matches at a path-segment boundary: `/inventory` takes `/inventory` and `/inventory/42`, not
  * `/inventory-old`. */
 export function matchRoute<R extends Pick<Route, 'host' | 'prefix'>>(routes: readonly R[], host: string | null, path: string): R | undefined {
-  const name = host?.replace(/:\d+$/, '').replace(/^\[(.*)\]$/, '$1').toLowerCase() ?? null;
-  return routes.find((r) => (r.host === null || r.host === name) &&
-    (r.prefix === '/' || path === r.prefix || path.startsWith(r.prefix + '/')));
+  let name: string | undefined; // the Host without port, worked out only when a route asks for one
+  for (const r of routes) {
+    if (r.host !== null && r.host !== (name ??= host?.replace(/:\d+$/, '').replace(/^\[(.*)\]$/, '$1').toLowerCase() ?? '')) continue;
+    if (r.prefix === '/' || path === r.prefix || (path.startsWith(r.prefix) && path[r.prefix.length] === '/')) return r;
+  }
+  return undefined;
 }
 
 /** Headers as the wire has them: [name, value] pairs in order, names lower-case, repeats kept. Plain
