@@ -16,7 +16,7 @@
  *           deno task compile && UPSTREAM_URL=http://127.0.0.1:9000 ./bin/ambassador  (needs Deno's denort)
  *
  * This file imports only `hono` and, on Node only and dynamically, `@hono/node-server` and Node's own
- * `node:http`, `node:https`, `node:dns` and `node:fs`, so it can be copied into another project as it is.
+ * `node:http`, `node:https`, `node:tls`, `node:dns` and `node:fs`, so it can be copied into another project as it is.
  *
  * | variable                 | default     | meaning                                                             |
  * |--------------------------|-------------|---------------------------------------------------------------------|
