@@ -16,7 +16,8 @@
  *           deno task compile && UPSTREAM_URL=http://127.0.0.1:9000 ./bin/ambassador  (needs Deno's denort)
  *
  * This file imports only `hono` and, on Node only and dynamically, `@hono/node-server` and Node's own
- * `node:http`, `node:https`, `node:tls`, `node:dns` and `node:fs`, so it can be copied into another project as it is.
+ * `node:http`, `node:https`, `node:tls`, `node:crypto`, `node:dns` and `node:fs`, so it can be copied into another
+ * project as it is.
  *
  * | variable                 | default     | meaning                                                             |
  * |--------------------------|-------------|---------------------------------------------------------------------|
@@ -2164,7 +2165,7 @@ function onSignals(handler: (signal: string) => void): void {
 
 export async function main(env: Record<string, string | undefined>): Promise<void> {
   const readFile: ReadFile = deno ? (path) => deno.readTextFileSync(path) : await nodeReadFile();
-  const checkTls: CheckTls = deno ? denoCheckTls(deno) : nodeCheckTls(await import('node:tls'));
+  const checkTls: CheckTls = deno ? denoCheckTls(deno) : nodeCheckTls(await import('node:tls'), await import('node:crypto'));
   let config: Config;
   try {
     config = loadConfig(env, readFile);
@@ -2230,14 +2231,23 @@ function usableTls(config: Config, readFile: ReadFile, check: CheckTls): void {
         const name = config.routesFile === null ? TLS_VARIABLES[k] : `ROUTES_FILE=${JSON.stringify(config.routesFile)}: ${r.name}.tls.${k}`;
         return `${name}=${JSON.stringify(r.tls![k])}`;
       });
-      problems.push(`${named.join(', ')}: expected TLS files that go together (${describeFailure(err)})`);
+      problems.push(`${named.join(', ')}: expected TLS files that can be used together (${describeFailure(err)})`);
     }
   }
   if (problems.length > 0) throw new ConfigError(problems);
 }
 
-function nodeCheckTls(tls: Pick<typeof import('node:tls'), 'createSecureContext'>): CheckTls {
-  return (m) => void tls.createSecureContext({ ca: m.ca, cert: m.cert, key: m.key, minVersion: m.minVersion });
+/** Node: a secure context finds a key that is not its certificate's; each CA certificate is parsed on its
+ * own, since a secure context passes over a CA block it cannot read. */
+function nodeCheckTls(tls: Pick<typeof import('node:tls'), 'createSecureContext'>, crypto: Pick<typeof import('node:crypto'), 'X509Certificate'>): CheckTls {
+  return (m) => {
+    if (m.ca !== undefined) {
+      const blocks = m.ca.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
+      if (blocks.length === 0) throw new Error('no CERTIFICATE block in the CA file');
+      for (const block of blocks) new crypto.X509Certificate(block);
+    }
+    tls.createSecureContext({ ca: m.ca, cert: m.cert, key: m.key, minVersion: m.minVersion });
+  };
 }
 
 function denoCheckTls(d: DenoLike): CheckTls {

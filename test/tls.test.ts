@@ -160,8 +160,16 @@ describe.skipIf(!hasOpenssl).each(RUNTIMES)('TLS to the upstream (%s)', (runtime
     });
     expect((await p.exited).code).toBe(2);
     const err = p.stderr.join('\n');
-    expect(err).toContain(`UPSTREAM_CERT_FILE=${JSON.stringify(pki.file('client-one.pem'))}, UPSTREAM_KEY_FILE=${JSON.stringify(pki.file('client-two.key'))}: expected TLS files that go together`);
+    expect(err).toContain(`UPSTREAM_CERT_FILE=${JSON.stringify(pki.file('client-one.pem'))}, UPSTREAM_KEY_FILE=${JSON.stringify(pki.file('client-two.key'))}: expected TLS files that can be used together`);
     expect(err).toMatch(/mismatch/i);
+  });
+
+  it('stops at start when the CA file\'s certificate cannot be parsed, naming the file', async () => {
+    const broken = pki.file('broken-ca.pem');
+    writeFileSync(broken, '-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n');
+    const p = startProcess(command(runtime), { UPSTREAM_URL: 'https://localhost:1', UPSTREAM_CA_FILE: broken, PORT: '0', ADMIN_PORT: '0' });
+    expect((await p.exited).code).toBe(2);
+    expect(p.stderr.join('\n')).toContain(`UPSTREAM_CA_FILE=${JSON.stringify(broken)}: expected TLS files that can be used together`);
   });
 
   it('stops at start when a TLS file cannot be read or holds no PEM, naming the variable', async () => {
