@@ -689,6 +689,7 @@ export interface Balanced {
  * busy endpoint gets less without a herd piling onto the single best one. Endpoints in `avoid` (already
  * tried by this request) are passed over while any other is left. */
 export function pickEndpoint<E extends Balanced>(candidates: readonly E[], avoid: ReadonlySet<E>, now: number, random: () => number): E | undefined {
+  if (candidates.length <= 1) return candidates[0];
   const fresh = candidates.filter((e) => !avoid.has(e));
   const from = fresh.length > 0 ? fresh : candidates;
   if (from.length <= 1) return from[0];
@@ -1347,6 +1348,8 @@ const isIpLiteral = (hostname: string) => /^\d+\.\d+\.\d+\.\d+$/.test(hostname) 
 
 class EndpointPool {
   endpoints: Endpoint[];
+  /** whether any of the route's names is looked up here at all (worked out once) */
+  private readonly discovering: boolean;
   private resolvedOnce = false;
   private nextRefreshAt = 0;
   private refreshing: Promise<void> | undefined;
@@ -1356,6 +1359,7 @@ class EndpointPool {
     private readonly tlsByAddress: boolean,
     private readonly changed: (e: { added: string[]; removed: string[]; endpoints: string[]; error?: string }) => void) {
     this.endpoints = route.upstreams.map((u) => this.endpoint(u, null));
+    this.discovering = route.upstreams.some((u) => this.discovers(u));
   }
 
   private discovers(u: URL): boolean {
@@ -1375,7 +1379,7 @@ class EndpointPool {
    * after a quiet spell long enough that what is known may be long gone (pods replaced while no request
    * came); under steady traffic requests never wait on DNS. */
   async current(): Promise<Endpoint[]> {
-    if (!this.route.upstreams.some((u) => this.discovers(u))) return this.endpoints;
+    if (!this.discovering) return this.endpoints;
     const now = this.clock.now();
     const stale = now - this.nextRefreshAt > this.route.dnsRefreshMs;
     if (now >= this.nextRefreshAt && !this.refreshing) {
@@ -1693,7 +1697,7 @@ export function createAmbassador(config: Config, options: {
     const refused = refusal(req.method, rawTarget, url, host);
     const route = refused ? undefined : matchRoute(config.routes, host, url.pathname);
     if (refused || !route) {
-      const answer = refused ?? { status: 404, reason: `no route for ${host ?? ''}${url.pathname}`, rejected: 'no_route' as const };
+      const answer = refused ?? { status: REJECTION_STATUS.no_route, reason: `no route for ${host ?? ''}${url.pathname}`, rejected: 'no_route' as const };
       const res = new Response(`ambassador: ${answer.reason}\n`, {
         status: answer.status,
         headers: { 'content-type': 'text/plain; charset=utf-8', 'x-request-id': id, ...answer.headers },
@@ -1772,14 +1776,12 @@ export function createAmbassador(config: Config, options: {
         new Promise<'gone'>((r) => gone.addEventListener('abort', () => r('gone'), { once: true })),
       ]);
       clearTimeout(timer);
-      if (waited === 'granted' || !place.leave()) {
-        if (waited === 'gone') {
-          up.limit.release();
-          throw gone.reason;
-        }
-        return true;
+      const granted = waited === 'granted' || !place.leave(); // leaving fails once the place was handed over
+      if (waited === 'gone') {
+        if (granted) up.limit.release();
+        throw gone.reason;
       }
-      if (waited === 'gone') throw gone.reason;
+      if (granted) return true;
     }
     record.rejected = 'concurrency';
     record.error = `overloaded: ${route.maxInFlight} requests in flight to ${route.name} and ${up.limit.queued} waiting`;
@@ -2218,6 +2220,11 @@ async function nodeReadFile(): Promise<ReadFile> {
   return (path) => fs.readFileSync(path, 'utf8');
 }
 
+/** Where a route's TLS setting came from, for a message: its variable, or its field in the routes file. */
+function tlsSettingName(config: Config, route: Route, key: keyof TlsFiles): string {
+  return config.routesFile === null ? TLS_VARIABLES[key] : `ROUTES_FILE=${JSON.stringify(config.routesFile)}: ${route.name}.tls.${key}`;
+}
+
 /** Each route's TLS files, tried on the runtime's TLS stack at start: a key that is not its certificate's
  * stops the process here, naming the files, instead of failing every connection later. */
 function usableTls(config: Config, readFile: ReadFile, check: CheckTls): void {
@@ -2227,10 +2234,8 @@ function usableTls(config: Config, readFile: ReadFile, check: CheckTls): void {
     try {
       readTls(r.tls, readFile, check);
     } catch (err) {
-      const named = (['caFile', 'certFile', 'keyFile'] as const).filter((k) => r.tls![k] !== null).map((k) => {
-        const name = config.routesFile === null ? TLS_VARIABLES[k] : `ROUTES_FILE=${JSON.stringify(config.routesFile)}: ${r.name}.tls.${k}`;
-        return `${name}=${JSON.stringify(r.tls![k])}`;
-      });
+      const named = (['caFile', 'certFile', 'keyFile'] as const).filter((k) => r.tls![k] !== null)
+        .map((k) => `${tlsSettingName(config, r, k)}=${JSON.stringify(r.tls![k])}`);
       problems.push(`${named.join(', ')}: expected TLS files that can be used together (${describeFailure(err)})`);
     }
   }
@@ -2258,9 +2263,8 @@ function denoCheckTls(d: DenoLike): CheckTls {
 function denoLimits(config: Config): void {
   const problems: string[] = [];
   for (const r of config.routes) {
-    const where = config.routesFile === null ? (v: string, k: string) => v : (_: string, k: string) => `ROUTES_FILE=${JSON.stringify(config.routesFile)}: ${r.name}.tls.${k}`;
-    if (r.tls?.serverName) problems.push(`${where('UPSTREAM_SERVER_NAME', 'serverName')}=${JSON.stringify(r.tls.serverName)}: expected nothing on Deno, whose client always verifies the URL's own host name (use Node, or name the upstream by that name)`);
-    if (r.tls?.minVersion === 'TLSv1.3') problems.push(`${where('UPSTREAM_TLS_MIN_VERSION', 'minVersion')}="TLSv1.3": expected TLSv1.2 on Deno, whose client offers TLS 1.2 and 1.3 and cannot be held to 1.3 (use Node)`);
+    if (r.tls?.serverName) problems.push(`${tlsSettingName(config, r, 'serverName')}=${JSON.stringify(r.tls.serverName)}: expected nothing on Deno, whose client always verifies the URL's own host name (use Node, or name the upstream by that name)`);
+    if (r.tls?.minVersion === 'TLSv1.3') problems.push(`${tlsSettingName(config, r, 'minVersion')}="TLSv1.3": expected TLSv1.2 on Deno, whose client offers TLS 1.2 and 1.3 and cannot be held to 1.3 (use Node)`);
   }
   if (problems.length > 0) throw new ConfigError(problems);
 }

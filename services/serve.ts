@@ -31,7 +31,11 @@ export function intVar(env: Record<string, string | undefined>, name: string, fa
 
 export function fail(message: string): never {
   console.error(`invalid configuration: ${message}`);
-  return deno ? deno.exit(2) : process.exit(2);
+  return exit(2);
+}
+
+function exit(code: number): never {
+  return deno ? deno.exit(code) : process.exit(code);
 }
 
 /** TLS for a service that wants it: node:https options (certificate, key, and a client CA for mTLS). */
@@ -61,7 +65,6 @@ export async function serve(service: string, app: Hono<any>, host: string, port:
   const { serve: nodeServe } = await import('@hono/node-server');
   const https = tls ? { createServer: (await import('node:https')).createServer, serverOptions: tls } : {};
   const server = nodeServe({ fetch: app.fetch, hostname: host, port, ...https } as Parameters<typeof nodeServe>[0], (info) => log(service, 'listening', { port: info.port }));
-  const exit = (code: number) => (deno ? deno.exit(code) : process.exit(code));
   const stop = (signal: string) => {
     log(service, `${signal}: stopping`);
     server.close(() => exit(0));
