@@ -89,8 +89,17 @@ const NULL_BODY_STATUS = new Set([101, 103, 204, 205, 304]);
 
 const BUDGET_WINDOW_SECONDS = 10;
 
-/** Node's default `maxHeaderSize`: the largest response head either runtime passes on. */
+/** Node's default `maxHeaderSize`: the largest response head passed on, and the largest request head
+ * taken, on every runtime. Node's own parser holds requests to it; elsewhere the handler does. */
 const MAX_RESPONSE_HEAD_BYTES = 16 * 1024;
+const MAX_REQUEST_HEAD_BYTES = 16 * 1024;
+/** The most header fields a request may carry (RFC 6585 §5: 431). Node's server would drop the ones past
+ * its own count silently; every runtime refuses the request instead. */
+const MAX_REQUEST_HEADERS = 100;
+
+/** An app's x-request-id is kept when it is safe to log and to send on: at most 128 printable ASCII
+ * characters, no spaces, quotes or backslashes. Anything else is replaced by a fresh id. */
+const SAFE_REQUEST_ID = /^[!#-\[\]-~]{1,128}$/; // 0x21–0x7e less `"` and `\`
 
 // ---------------------------------------------------------------------------------------------------------
 // Types
@@ -218,6 +227,15 @@ class TimeoutError extends Error {
   override name = 'TimeoutError';
 }
 
+/** The app's request is at fault, not the upstream: a request body that stalls (408), a request our own
+ * client refuses to send (400). Answered with `status`; never retried, never held against an endpoint. */
+class ClientError extends Error {
+  override name = 'ClientError';
+  constructor(readonly status: number, message: string) {
+    super(message);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Configuration: parsed once, by a pure function, into a frozen object — or one error naming every bad
 // variable, its value and what was expected.
@@ -236,8 +254,23 @@ export type ReadFile = (path: string) => string;
 const TLS_VARIABLES = { caFile: 'UPSTREAM_CA_FILE', certFile: 'UPSTREAM_CERT_FILE', keyFile: 'UPSTREAM_KEY_FILE',
   serverName: 'UPSTREAM_SERVER_NAME', minVersion: 'UPSTREAM_TLS_MIN_VERSION' } as const;
 const ROUTE_KEYS = ['name', 'host', 'prefix', 'stripPrefix', 'upstream', 'tls', ...ROUTE_SETTINGS.map((s) => s.key)];
+const ROUTE_KEY_SET = new Set(ROUTE_KEYS);
 const NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 const HOSTNAME = /^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$/;
+/** A path of RFC 3986 `pchar`s and slashes (percent-encoding well formed), as a route prefix must be. */
+const PREFIX = /^(\/([A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})*)+$/;
+const IPV4 = /^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$/;
+/** An address to listen on: an IPv4 or IPv6 literal, or `localhost`. */
+function isListenAddress(host: string): boolean {
+  if (host === 'localhost' || IPV4.test(host)) return true;
+  if (!/^[0-9A-Fa-f:.]+$/.test(host) || !host.includes(':')) return false;
+  try {
+    return new URL(`http://[${host}]/`).hostname !== '';
+  } catch {
+    return false;
+  }
+}
+const WILDCARD = new Set(['0.0.0.0', '::', '0:0:0:0:0:0:0:0']);
 
 /** The configuration, from the environment and, when ROUTES_FILE names one, a routes file:
  *
@@ -288,8 +321,13 @@ export function loadConfig(env: Record<string, string | undefined>, readFile?: R
       try {
         u = new URL(value);
       } catch { /* reported below */ }
-      if (!u || (u.protocol !== 'http:' && u.protocol !== 'https:') || !u.hostname || u.username || u.password || u.search || u.hash) {
+      // `new URL` reads a bare trailing `?` or `#` as empty, so the raw text is checked for them too.
+      if (!u || (u.protocol !== 'http:' && u.protocol !== 'https:') || !u.hostname || u.username || u.password || /[?#]/.test(value)) {
         report(expected);
+        return [];
+      }
+      if (u.port === '0') {
+        report('a port from 1 to 65535 (0 is no port to connect to)');
         return [];
       }
       if (urls.some((other) => other.host === u.host)) {
@@ -380,14 +418,19 @@ export function loadConfig(env: Record<string, string | undefined>, readFile?: R
       return [];
     }
     const out: Route[] = [];
+    const names = new Set<string>();
+    const places = new Set<string>(); // `${host} ${prefix}`
     list.forEach((r: Record<string, unknown>, i) => {
       const f = (key: string) => `routes[${i}].${key}`;
       if (typeof r !== 'object' || r === null || Array.isArray(r)) return wrong(`routes[${i}]`, r, 'an object');
-      for (const key of Object.keys(r)) if (!ROUTE_KEYS.includes(key)) wrong(f(key), r[key], `no such field: one of ${ROUTE_KEYS.join(', ')}`);
+      for (const key of Object.keys(r)) if (!ROUTE_KEY_SET.has(key)) wrong(f(key), r[key], `no such field: one of ${ROUTE_KEYS.join(', ')}`);
       const name = typeof r.name === 'string' && NAME.test(r.name) ? r.name : (wrong(f('name'), r.name, 'a name of letters, digits, _ . -'), `route${i}`);
       let prefix = '/';
-      if (typeof r.prefix !== 'string' || !r.prefix.startsWith('/') || /[?#\s]/.test(r.prefix)) wrong(f('prefix'), r.prefix, 'a path prefix starting with /');
-      else prefix = r.prefix.length > 1 ? r.prefix.replace(/\/+$/, '') || '/' : '/';
+      // A prefix is compared with the request's path as sent (percent-encoded, dot segments resolved), so
+      // one that is not in that form could never match.
+      if (typeof r.prefix !== 'string' || !PREFIX.test(r.prefix) || (r.prefix.length > 1 && normalizePath(r.prefix) !== r.prefix)) {
+        wrong(f('prefix'), r.prefix, 'a path prefix starting with /, percent-encoded as a request would send it, without . or .. segments');
+      } else prefix = r.prefix.length > 1 ? r.prefix.replace(/\/+$/, '') || '/' : '/';
       let host: string | null = null;
       if (r.host !== undefined) {
         if (typeof r.host === 'string' && HOSTNAME.test(r.host)) host = r.host.toLowerCase();
@@ -417,8 +460,10 @@ export function loadConfig(env: Record<string, string | undefined>, readFile?: R
           tls = tlsOf((key) => at(f(`tls.${key}`)), r.tls as Record<string, unknown>, upstreams);
         }
       }
-      if (out.some((o) => o.name === name)) wrong(f('name'), name, 'a name no other route has');
-      if (out.some((o) => o.prefix === prefix && o.host === host)) wrong(f('prefix'), r.prefix, `a prefix and host no other route has (${host ?? 'any host'} ${prefix})`);
+      if (names.has(name)) wrong(f('name'), name, 'a name no other route has');
+      if (places.has(`${host} ${prefix}`)) wrong(f('prefix'), r.prefix, `a prefix and host no other route has (${host ?? 'any host'} ${prefix})`);
+      names.add(name);
+      places.add(`${host} ${prefix}`);
       out.push({ ...(settings as RouteSettings), name, host, prefix, stripPrefix: r.stripPrefix === true, upstreams, tls });
     });
     return out;
@@ -434,10 +479,16 @@ export function loadConfig(env: Record<string, string | undefined>, readFile?: R
     }
   }
 
+  const address = (name: string, fallback: string) => {
+    const v = read(name);
+    if (v === undefined) return fallback;
+    if (!isListenAddress(v)) bad(name, v, 'an IP address of this machine to listen on (127.0.0.1, ::1, 0.0.0.0, ::, a pod IP) or localhost');
+    return v;
+  };
   const config: Config = {
-    host: read('HOST') ?? '127.0.0.1',
+    host: address('HOST', '127.0.0.1'),
     port: int('PORT', 8080, 0, 65535),
-    adminHost: read('ADMIN_HOST') ?? '0.0.0.0',
+    adminHost: address('ADMIN_HOST', '0.0.0.0'),
     adminPort: int('ADMIN_PORT', 9901, 0, 65535),
     drainTimeoutMs: int('DRAIN_TIMEOUT_MS', 20000, 0),
     drainGraceMs: int('DRAIN_GRACE_MS', 0, 0),
@@ -452,8 +503,10 @@ export function loadConfig(env: Record<string, string | undefined>, readFile?: R
       rateLimitBurst: r.rateLimitPerSec > 0 && r.rateLimitBurst === 0 ? r.rateLimitPerSec : r.rateLimitBurst,
     })).sort((a, b) => Number(b.host !== null) - Number(a.host !== null) || b.prefix.length - a.prefix.length)),
   };
-  if (config.port !== 0 && config.port === config.adminPort && config.host === config.adminHost) {
-    problems.push(`ADMIN_PORT=${JSON.stringify(String(config.adminPort))}: expected a port other than PORT`);
+  // The same port twice clashes on one address, and on any address when either listens on all of them.
+  if (config.port !== 0 && config.port === config.adminPort &&
+    (config.host === config.adminHost || WILDCARD.has(config.host) || WILDCARD.has(config.adminHost))) {
+    problems.push(`ADMIN_PORT=${JSON.stringify(String(config.adminPort))}: expected a port other than PORT (${config.port}), since ADMIN_HOST=${JSON.stringify(config.adminHost)} and HOST=${JSON.stringify(config.host)} overlap`);
   }
   if (problems.length > 0) throw new ConfigError(problems);
   return Object.freeze(config);
@@ -587,12 +640,15 @@ export function classifyFailure(err: unknown): FailureKind {
   return 'other';
 }
 
-/** One short line for logs and error bodies, in the spirit of Go's `dial tcp: connection refused`. */
+/** One short line for logs and error bodies, in the spirit of Go's `dial tcp: connection refused`. A URL
+ * in an error's text is cut to its origin: its path and query are the app's, and may carry secrets. */
 export function describeFailure(err: unknown): string {
   const cause = (err as { cause?: { code?: string; message?: string } }).cause ?? (err as { code?: string; message?: string });
-  if (cause?.code && cause.message) return cause.message.includes(cause.code) ? cause.message : `${cause.code} ${cause.message}`;
-  if (cause?.message) return cause.message;
-  return err instanceof Error ? err.message : String(err);
+  let text: string;
+  if (cause?.code && cause.message) text = cause.message.includes(cause.code) ? cause.message : `${cause.code} ${cause.message}`;
+  else if (cause?.message) text = cause.message;
+  else text = err instanceof Error ? err.message : String(err);
+  return text.replace(/\b(https?:\/\/[^/\s?#)]*)[^\s)]*/gi, '$1');
 }
 
 /** A circuit breaker for one endpoint (outlier ejection, in Envoy's words). After `failures` failures in a
@@ -818,8 +874,38 @@ export function stripHopByHop(headers: HeaderList): HeaderList {
   return headers.filter(([name]) => !drop.has(name));
 }
 
-/** The upstream URL for a request: the upstream's base path, then the request's path and query exactly
- * as they were sent (percent-encoding kept). Never the request's own host: the ambassador is no open proxy. */
+/** A request path with its dot segments resolved (RFC 3986 §5.2.4), a `.` or `..` spelled with
+ * percent-encoded dots (`%2e%2e`) counted as one; every other byte stays as the app sent it. Resolved here,
+ * before the path is joined to an upstream's base path, so no target can climb out of that base path (or
+ * out of what a route's prefix maps to). null when a dot segment hides behind an encoded slash (`..%2F`),
+ * or the path holds a backslash: an upstream that decodes one could still be walked out of its base. */
+export function normalizePath(path: string): string | null {
+  if (path.includes('\\')) return null;
+  if (!path.includes('.') && !/%2e/i.test(path)) return path; // nothing to resolve: the common case
+  const dots = (segment: string) => {
+    const s = segment.length <= 6 ? segment.replace(/%2e/gi, '.') : '';
+    return s === '.' ? 1 : s === '..' ? 2 : 0;
+  };
+  const segments = path.split('/');
+  const out: string[] = [];
+  for (let i = 1; i < segments.length; i++) {
+    const segment = segments[i];
+    const last = i === segments.length - 1;
+    const dot = dots(segment);
+    if (dot === 0) {
+      if (/%2f|%5c/i.test(segment) && segment.split(/%2f|%5c/i).some((part) => dots(part) !== 0)) return null;
+      out.push(segment);
+      continue;
+    }
+    if (dot === 2) out.pop(); // never above the root
+    if (last) out.push(''); // `/a/b/..` is `/a/`
+  }
+  return `/${out.join('/')}`;
+}
+
+/** The upstream URL for a request: the upstream's base path, then the request's (normalized) path and
+ * query as they were sent (percent-encoding kept). Never the request's own host: the ambassador is no open
+ * proxy. */
 export function upstreamUrl(base: URL, pathAndQuery: string): string {
   const basePath = base.pathname.endsWith('/') ? base.pathname.slice(0, -1) : base.pathname;
   return `${base.origin}${basePath}${pathAndQuery}`;
@@ -902,6 +988,7 @@ function textReply(status: number, text: string, id: string): Reply {
 // ---------------------------------------------------------------------------------------------------------
 
 const LEVELS: Record<LineLevel, number> = { debug: 10, info: 20, warn: 30, error: 40, notice: 100 };
+const BARE = /^[A-Za-z0-9_.:/@+-]+$/;
 
 export function createLogger(format: LogFormat, minLevel: LogLevel, write: (line: string) => void = console.log): Logger {
   const min = LEVELS[minLevel];
@@ -911,7 +998,8 @@ export function createLogger(format: LogFormat, minLevel: LogLevel, write: (line
     if (format === 'json') {
       write(JSON.stringify({ time, level, msg, ...fields }));
     } else {
-      const rest = Object.entries(fields).map(([k, v]) => `${k}=${typeof v === 'string' ? v : JSON.stringify(v)}`);
+      // A value is written bare only when it cannot be mistaken for more fields; else it is quoted.
+      const rest = Object.entries(fields).map(([k, v]) => `${k}=${typeof v === 'string' && BARE.test(v) ? v : JSON.stringify(v)}`);
       write(`${time} ${level.toUpperCase().padEnd(6)} ${msg}${rest.length ? ' ' + rest.join(' ') : ''}`);
     }
   };
@@ -1181,20 +1269,11 @@ async function prepareBody(body: ReadableStream<Uint8Array> | null, declared: nu
   return { take: () => whole, replayable: true, bytes: () => size, sent: Promise.resolve() };
 }
 
-/** A Node stream as a web stream that reads only as fast as its consumer takes it (Node 20's
- * Readable.toWeb queues up to 16384 chunks ahead). Cancelling it destroys the Node stream. */
-function streamFromNode(incoming: AsyncIterable<Uint8Array>): ReadableStream<Uint8Array> {
+/** A Node stream as a web stream that reads only as fast as its consumer takes it (see `bodyStream`).
+ * Cancelling it destroys the Node stream. */
+function streamFromNode(incoming: AsyncIterable<Uint8Array>, idleMs = 0): ReadableStream<Uint8Array> {
   const it = incoming[Symbol.asyncIterator]();
-  return new ReadableStream<Uint8Array>({
-    async pull(c) {
-      const next = await it.next();
-      if (next.done) c.close();
-      else c.enqueue(next.value);
-    },
-    async cancel(reason) {
-      await it.return?.(reason);
-    },
-  }, { highWaterMark: 0 });
+  return bodyStream(() => it.next(), async (reason) => void (await it.return?.(reason)), idleMs);
 }
 
 function once<T>(value: T): () => T | null {
@@ -1503,7 +1582,7 @@ class TlsSource {
 
 /** What the runtime adapters pass as Hono's `env`: the raw request target and the peer's address. */
 export interface Bindings {
-  incoming?: { url?: string; rawHeaders?: string[]; socket?: { remoteAddress?: string } }; // @hono/node-server
+  incoming?: { url?: string; asterisk?: boolean; rawHeaders?: string[]; socket?: { remoteAddress?: string } }; // @hono/node-server
   outgoing?: NodeOutgoing; // @hono/node-server
   remoteAddr?: string; // Deno adapter
 }
@@ -1528,21 +1607,25 @@ interface DenoHttpClient {
   close(): void;
 }
 
-/** Deno's upstream client. An address found by discovery is reached by URL with the upstream's name kept in
- * Host (`allowHost`); an https:// upstream is always reached by name, which its certificate must carry. */
-function fetchSend(d: DenoLike | undefined): Send {
+/** Deno's upstream client: fetch. An address found by discovery is reached by URL with the upstream's name
+ * kept in Host (`allowHost`); an https:// upstream is always reached by name, which its certificate must
+ * carry. A streamed body whose Content-Length the app gave goes by `withLength` instead (`nodeSend`, one
+ * connection per request): Deno's fetch sends every streamed body chunked, which S3-style upstreams
+ * refuse, and Deno's node:http, which keeps the length, resends a request — a POST too — on a reused
+ * keep-alive connection that fails under it, so it never gets one to reuse. */
+function fetchSend(d: DenoLike, withLength: Send): Send {
   const clients = new WeakMap<TlsMaterial, DenoHttpClient>();
   let byAddress: DenoHttpClient | undefined;
   const clientFor = (tls: TlsMaterial) => {
     let client = clients.get(tls);
     if (!client) {
-      client = d!.createHttpClient({ caCerts: tls.ca ? [tls.ca] : undefined, ...(tls.cert && tls.key ? { cert: tls.cert, key: tls.key } : {}) });
+      client = d.createHttpClient({ caCerts: tls.ca ? [tls.ca] : undefined, ...(tls.cert && tls.key ? { cert: tls.cert, key: tls.key } : {}) });
       clients.set(tls, client);
     }
     return client;
   };
   return async (url, init) => {
-    if (!d && (init.address !== null || init.tls !== null)) throw new Error('fetchSend: addresses and TLS files need Deno (Node uses nodeSend)');
+    if (init.body instanceof ReadableStream && headerValue(init.headers, 'content-length') !== null) return withLength(url, init);
     let target = url;
     let headers = init.headers;
     let client: DenoHttpClient | undefined;
@@ -1552,16 +1635,35 @@ function fetchSend(d: DenoLike | undefined): Send {
       headers = [['host', u.host], ...headers];
       u.hostname = init.address.includes(':') ? `[${init.address}]` : init.address;
       target = u.href;
-      client = byAddress ??= d!.createHttpClient({ allowHost: true });
+      client = byAddress ??= d.createHttpClient({ allowHost: true });
     }
-    // `duplex: 'half'` lets fetch send a streamed body; redirects are the app's business, not ours.
-    const res = await fetch(target, { method: init.method, headers, body: init.body, signal: init.signal, client, redirect: 'manual', duplex: 'half' } as RequestInit);
+    let res: Response;
+    try {
+      // `duplex: 'half'` lets fetch send a streamed body; redirects are the app's business, not ours.
+      res = await fetch(target, { method: init.method, headers, body: init.body, signal: init.signal, client, redirect: 'manual', duplex: 'half' } as RequestInit);
+    } catch (err) {
+      // fetch raises TypeError both for a request it will not make and for a network failure ("fetch
+      // failed", with the cause). The first is the app's request at fault, and nothing was sent.
+      if (err instanceof TypeError && err.cause === undefined && !/fetch failed/i.test(err.message)) {
+        throw new ClientError(400, `the request cannot be sent: ${describeFailure(err)}`);
+      }
+      throw err;
+    }
     const list = [...res.headers];
-    // Node's client refuses response heads over 16 KiB; Deno's takes far more. Hold both to Node's limit, so
-    // the app (whose own client likely has it too) gets a clean 502 rather than a response it cannot read.
-    if (list.reduce((n, [k, v]) => n + k.length + v.length + 4, 0) > MAX_RESPONSE_HEAD_BYTES) {
+    let bytes = 0;
+    let framing = 0;
+    for (const [name, value] of list) {
+      bytes += name.length + value.length + 4;
+      if (name === 'transfer-encoding') framing |= 1;
+      else if (name === 'content-length') framing |= 2;
+    }
+    // Deno's client takes both framing headers at once and passes the Content-Length on with a body of
+    // another length; and it takes heads far larger than Node's 16 KiB. Both are refused, as on Node.
+    if (framing === 3 || bytes > MAX_RESPONSE_HEAD_BYTES) {
       await res.body?.cancel();
-      throw Object.assign(new Error(`response headers larger than ${MAX_RESPONSE_HEAD_BYTES} bytes`), { code: 'HPE_HEADER_OVERFLOW' });
+      throw framing === 3
+        ? Object.assign(new Error('the response has both Transfer-Encoding and Content-Length'), { code: 'HPE_UNEXPECTED_CONTENT_LENGTH' })
+        : Object.assign(new Error(`response headers larger than ${MAX_RESPONSE_HEAD_BYTES} bytes`), { code: 'HPE_HEADER_OVERFLOW' });
     }
     return { status: res.status, statusText: res.statusText, headers: list, body: res.body };
   };
@@ -1575,6 +1677,7 @@ export interface Clock {
 const systemClock: Clock = { now: () => performance.timeOrigin + performance.now(), random: Math.random };
 
 interface InFlight {
+  id: string;
   method: string;
   path: string;
   started: number;
@@ -1595,8 +1698,8 @@ export interface Ambassador {
   proxy: Hono<{ Bindings: Bindings }>;
   /** The admin app (listens on ADMIN_HOST:ADMIN_PORT). */
   admin: Hono<{ Bindings: Bindings }>;
-  /** Requests not yet answered in full, by request id. */
-  inFlight: Map<string, InFlight>;
+  /** Requests not yet answered in full, by a number of their own. */
+  inFlight: Map<number, InFlight>;
   metrics: Metrics;
   markReady(): void;
   startDrain(): void;
@@ -1622,7 +1725,9 @@ function sleep(ms: number, signal: AbortSignal): Promise<void> {
 }
 
 export function createAmbassador(config: Config, options: {
-  log?: Logger; clock?: Clock; metrics?: Metrics; send?: Send;
+  /** how attempts reach the upstream: `nodeSend`, or on Deno `fetchSend` */
+  send: Send;
+  log?: Logger; clock?: Clock; metrics?: Metrics;
   /** finds the addresses behind an upstream's name; without it the runtime resolves names itself */
   resolve?: Resolve;
   /** reads TLS files (again when they change); needed when a route has TLS files */
@@ -1631,13 +1736,14 @@ export function createAmbassador(config: Config, options: {
   checkTls?: CheckTls;
   /** @hono/node-server's "the handler wrote the response itself" (RESPONSE_ALREADY_SENT), for the Node path */
   written?: Response;
-} = {}): Ambassador {
+}): Ambassador {
   const log = options.log ?? createLogger(config.logFormat, config.logLevel);
   const clock = options.clock ?? systemClock;
   const metrics = options.metrics ?? new Metrics({ version: VERSION, runtime: deno ? 'deno' : 'node', startTimeSeconds: Date.now() / 1000 });
   const events = fanOut(logEvents(log), metrics.events());
-  const send = options.send ?? fetchSend(deno);
-  const inFlight = new Map<string, InFlight>();
+  const send = options.send;
+  const inFlight = new Map<number, InFlight>();
+  let requestCount = 0;
   let ready = false;
   let draining = false;
 
@@ -1649,7 +1755,7 @@ export function createAmbassador(config: Config, options: {
       budget: new RetryBudget(route.retryBudgetPercent, route.retryBudgetMinPerSec),
       limit: new ConcurrencyLimit(route.maxInFlight, route.queueSize),
       bucket: route.rateLimitPerSec > 0 ? new TokenBucket(route.rateLimitPerSec, route.rateLimitBurst, clock.now()) : null,
-      // Deno's client cannot verify a certificate's name while connecting to an address: it goes by name.
+      // Deno's fetch cannot verify a certificate's name while connecting to an address: it goes by name.
       pool: new EndpointPool(route, clock, options.resolve, !deno, (e) => events.endpointsChanged({ route: route.name, ...e })),
       tls: route.tls ? new TlsSource(route.tls, options.readFile ?? (() => ''), clock, options.checkTls) : null,
     });
@@ -1671,10 +1777,22 @@ export function createAmbassador(config: Config, options: {
       });
     }
     try {
-      return await send(url, { ...init, signal: controller.signal });
+      // The abort settles the attempt whatever the client makes of it (a client that loses track of a
+      // request after a stray 101 would otherwise hold its place forever); a reply that comes after is let go.
+      const sent = send(url, { ...init, signal: controller.signal });
+      const aborted = new Promise<never>((_, reject) => {
+        const onAbort = () => {
+          void sent.then(discard, () => {});
+          reject(controller.signal.reason);
+        };
+        if (controller.signal.aborted) onAbort();
+        else controller.signal.addEventListener('abort', onAbort, { once: true });
+        void sent.finally(() => controller.signal.removeEventListener('abort', onAbort)).catch(() => {});
+      });
+      return await Promise.race([sent, aborted]);
     } catch (err) {
       client.removeEventListener('abort', onClientAbort);
-      // fetch rejects with a generic AbortError; the reason says whether it was our timer.
+      // A client rejects with a generic AbortError; the reason says whether it was our timer.
       throw controller.signal.aborted ? controller.signal.reason : err;
     } finally {
       settled = true;
@@ -1686,29 +1804,37 @@ export function createAmbassador(config: Config, options: {
     const req = c.req.raw;
     const started = clock.now();
     const incomingHeaders = headerList(c);
-    const id = headerValue(incomingHeaders, 'x-request-id') || crypto.randomUUID();
-    const rawTarget = c.env?.incoming?.url;
-    const url = new URL(req.url);
-    const pathAndQuery = rawTarget?.startsWith('/') ? rawTarget : url.pathname + url.search;
+    const given = headerValue(incomingHeaders, 'x-request-id');
+    const id = given !== null && SAFE_REQUEST_ID.test(given) ? given : crypto.randomUUID();
+    // Node hands over the target as it was sent; elsewhere it comes already parsed into a URL.
+    const rawTarget = c.env?.incoming?.asterisk ? '*' : c.env?.incoming?.url;
+    const url = parseUrl(req.url);
+    const target = rawTarget ?? url.pathname + url.search;
+    const q = target.indexOf('?');
+    const sentPath = q < 0 ? target : target.slice(0, q);
+    const path = sentPath.startsWith('/') ? normalizePath(sentPath) : null;
     const host = headerValue(incomingHeaders, 'host');
-    const record: RequestRecord = { id, route: '', endpoint: null, method: req.method, path: url.pathname, status: 0, attempts: 0,
+    const record: RequestRecord = { id, route: '', endpoint: null, method: req.method, path: path ?? url.pathname, status: 0, attempts: 0,
       durationMs: 0, upstreamMs: null, bytesIn: 0, bytesOut: 0 };
 
-    const refused = refusal(req.method, rawTarget, url, host);
-    const route = refused ? undefined : matchRoute(config.routes, host, url.pathname);
+    const refused = refusal(req.method, rawTarget, url, incomingHeaders, path);
+    const route = refused ? undefined : matchRoute(config.routes, host, path!);
     if (refused || !route) {
-      const answer = refused ?? { status: REJECTION_STATUS.no_route, reason: `no route for ${host ?? ''}${url.pathname}`, rejected: 'no_route' as const };
-      const res = new Response(`ambassador: ${answer.reason}\n`, {
+      const answer = refused ?? { status: REJECTION_STATUS.no_route, reason: `no route for ${host ?? ''}${path}`, rejected: 'no_route' as const };
+      const res = new Response(answer.status === 200 ? null : `ambassador: ${answer.reason}\n`, {
         status: answer.status,
         headers: { 'content-type': 'text/plain; charset=utf-8', 'x-request-id': id, ...answer.headers },
       });
-      events.requestDone({ ...record, status: answer.status, durationMs: clock.now() - started, error: answer.reason, rejected: answer.rejected });
+      events.requestDone({ ...record, status: answer.status, durationMs: clock.now() - started, ...(answer.status === 200 ? {} : { error: answer.reason }), rejected: answer.rejected });
       return res;
     }
     const up = upstreams.get(route.name)!;
     record.route = route.name;
+    const upstreamPath = (route.stripPrefix ? stripPrefix(path!, route.prefix) : path!) + (q < 0 ? '' : target.slice(q));
 
-    inFlight.set(id, { method: req.method, path: url.pathname, started });
+    // Keyed by a number of our own: two requests may well carry the same x-request-id.
+    const key = ++requestCount;
+    inFlight.set(key, { id, method: req.method, path: record.path, started });
     // One listener on the app's signal per request, removed when the response is done: Deno aborts
     // request.signal after a successful response too, and that must not reach a finished exchange.
     const gone = new AbortController();
@@ -1719,7 +1845,7 @@ export function createAmbassador(config: Config, options: {
       req.signal.removeEventListener('abort', onGone);
       if (holding) up.limit.release();
       holding = false;
-      inFlight.delete(id);
+      inFlight.delete(key);
       record.durationMs = clock.now() - started;
       record.bytesOut = bytesOut;
       if (error && !record.error) record.error = error;
@@ -1730,8 +1856,8 @@ export function createAmbassador(config: Config, options: {
       const admission = await admit(up, gone.signal, id, record);
       holding = admission === true;
       const reply = admission === true
-        ? await forward(up, req.method, incomingHeaders, requestBody(c), gone.signal, id,
-          route.stripPrefix ? stripPrefix(pathAndQuery, url.pathname + url.search, route.prefix) : pathAndQuery, started, clientAddress(c), record)
+        ? await forward(up, req.method, incomingHeaders, requestBody(c, incomingHeaders, config.bodyIdleTimeoutMs), gone.signal, id,
+          upstreamPath, started, clientAddress(c), record)
         : admission;
       if (draining) reply.headers.push(['connection', 'close']); // the app opens a fresh connection for its next call
       record.status = reply.status;
@@ -1745,6 +1871,14 @@ export function createAmbassador(config: Config, options: {
       if (body === null) finish(0);
       return new Response(body && trackBody(body, config.bodyIdleTimeoutMs, finish), { status: reply.status, statusText: reply.statusText, headers: reply.headers });
     } catch (err) {
+      if (err instanceof ClientError) {
+        // The app's own request failed it (a body that stalled): its answer, and its connection closed,
+        // since what is left of that body cannot be told from the next request.
+        record.status = err.status;
+        finish(0, err.message);
+        const reply = textReply(err.status, `ambassador: ${err.message}\n`, id);
+        return new Response(reply.body, { status: reply.status, headers: [...reply.headers, ['connection', 'close']] });
+      }
       // Only a client that went away gets here: everything else became a response in `forward`.
       record.status = 499;
       finish(0, `client went away: ${describeFailure(err)}`);
@@ -1820,14 +1954,21 @@ export function createAmbassador(config: Config, options: {
       let res: Reply | undefined;
       let failure: FailureKind | undefined;
       let error = '';
+      let appFault: ClientError | undefined;
       endpoint.inFlight++;
       endpoint.requests++;
       try {
         const tls = up.tls?.current((problem) => events.tlsReloaded({ route: route.name, error: problem })) ?? null;
         res = await attempt(upstreamUrl(endpoint.base, path), { method, headers, body: body.take(), address: endpoint.address, tls }, limit, gone, body.sent);
+        if (res.status < 200) { // a 101 nobody asked for (the app's Upgrade is never sent on), or worse
+          discard(res);
+          res = undefined;
+          throw Object.assign(new Error('the upstream switched protocols, though no upgrade was asked for'), { code: 'HPE_UNEXPECTED_101' });
+        }
         record.upstreamMs = clock.now() - tryStarted;
         events.attemptResponded({ id, route: route.name, endpoint: endpoint.key, attempt: n, status: res.status, seconds: record.upstreamMs / 1000 });
       } catch (err) {
+        if (err instanceof ClientError) appFault = err;
         failure = classifyFailure(err);
         error = failure === 'timeout' ? `timeout: ${describeFailure(err)}` : describeFailure(err);
       } finally {
@@ -1836,8 +1977,8 @@ export function createAmbassador(config: Config, options: {
       const now = clock.now();
       if (res) updateEwma(endpoint, now - tryStarted, now);
       // What this attempt says of the endpoint: an answer below 500 is health; 5xx, a refused or broken
-      // connection and a timeout are failures; the app going away says nothing.
-      const change = endpoint.breaker.record(now, gone.aborted ? undefined : res !== undefined && res.status < 500, probe);
+      // connection and a timeout are failures; the app going away, or its request at fault, says nothing.
+      const change = endpoint.breaker.record(now, gone.aborted || appFault ? undefined : res !== undefined && res.status < 500, probe);
       if (change) {
         events.endpointChanged({ route: route.name, endpoint: endpoint.key, change,
           ...(change === 'opened' ? { openMs: endpoint.breaker.remainingMs(now), ejections: endpoint.breaker.ejections } : {}) });
@@ -1846,6 +1987,7 @@ export function createAmbassador(config: Config, options: {
         if (res) discard(res);
         throw gone.reason;
       }
+      if (appFault) throw appFault; // answered by `handle`, never retried
       record.bytesIn = body.bytes();
       const outcome: AttemptOutcome = res ? { status: res.status } : { failure: failure! };
       if (res && !RETRYABLE_STATUS.has(res.status)) return reply(res, method, id);
@@ -1875,7 +2017,9 @@ export function createAmbassador(config: Config, options: {
   function reply(res: Reply, method: string, id: string): Reply {
     const noBody = method === 'HEAD' || NULL_BODY_STATUS.has(res.status);
     if (noBody) discard(res);
-    return { status: res.status, statusText: res.statusText, headers: responseHeaders(res.headers, id),
+    const headers = responseHeaders(res.headers, id);
+    // RFC 9110 §8.6: a 204 carries no Content-Length (a 304's and a HEAD's describe the representation).
+    return { status: res.status, statusText: res.statusText, headers: res.status === 204 ? headers.filter(([name]) => name !== 'content-length') : headers,
       body: noBody ? null : res.body, node: noBody ? undefined : res.node };
   }
 
@@ -1926,26 +2070,67 @@ export function createAmbassador(config: Config, options: {
   };
 }
 
-/** The request target with the route's prefix taken off: `/inventory/42?x` under `/inventory` is `/42?x`.
- * The route was matched on the normalized path (dot segments resolved), so a target sent as
- * `/a/../inventory/42` loses the prefix from its normalized form instead. */
-export function stripPrefix(pathAndQuery: string, normalized: string, prefix: string): string {
-  if (prefix === '/') return pathAndQuery;
-  const target = pathAndQuery === prefix || pathAndQuery.startsWith(prefix + '/') || pathAndQuery.startsWith(prefix + '?') ? pathAndQuery : normalized;
-  const rest = target.slice(prefix.length);
+/** A normalized path with the route's prefix taken off: `/inventory/42` under `/inventory` is `/42`. The
+ * route matched this same path at a segment boundary, so what is left starts a path of its own. */
+export function stripPrefix(path: string, prefix: string): string {
+  if (prefix === '/') return path;
+  const rest = path.slice(prefix.length);
   return rest.startsWith('/') ? rest : `/${rest}`;
 }
 
-/** Requests the ambassador answers itself rather than forward: it only ever talks to its upstreams. */
-function refusal(method: string, rawTarget: string | undefined, url: URL, host: string | null): { status: number; reason: string; headers?: Record<string, string>; rejected?: Rejection } | undefined {
-  if (REFUSED_METHODS.has(method)) {
-    return { status: 405, reason: `method ${method} is not forwarded`, headers: { allow: 'GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS' } };
+type Refusal = { status: number; reason: string; headers?: Record<string, string>; rejected?: Rejection };
+
+const ALLOW = 'GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS';
+/** A Host header: a name or an address, and a port (RFC 9110 §7.2, RFC 3986 §3.2.2). */
+const HOST_HEADER = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(:\d{0,5})?$/;
+
+/** Requests the ambassador answers itself rather than forward: it only ever talks to its upstreams, and
+ * sends on only requests every runtime can carry exactly as they came. `path` is the normalized path, null
+ * when it could not be. */
+function refusal(method: string, rawTarget: string | undefined, url: URL, headers: HeaderList, path: string | null): Refusal | undefined {
+  // Methods are case-sensitive (RFC 9110 §9.1); a fetch would send `get` as GET and `trace` as TRACE.
+  if (/[a-z]/.test(method)) return { status: 400, reason: `method ${JSON.stringify(method)} is not forwarded: method names are case-sensitive`, headers: { connection: 'close' } };
+  if (REFUSED_METHODS.has(method)) return { status: 405, reason: `method ${method} is not forwarded`, headers: { allow: ALLOW } };
+  // OPTIONS * asks about the server itself (RFC 9110 §9.3.7): the ambassador answers for itself.
+  if (rawTarget === '*') {
+    return method === 'OPTIONS' ? { status: 200, reason: 'OPTIONS *', headers: { allow: ALLOW, 'content-length': '0' } }
+      : { status: 400, reason: 'the target * is only for OPTIONS', headers: { connection: 'close' } };
   }
+  let hosts = 0;
+  let host: string | null = null;
+  let bytes = method.length + (rawTarget ?? url.pathname + url.search).length + 12; // the request line
+  let body = false;
+  for (const [name, value] of headers) {
+    bytes += name.length + value.length + 4;
+    if (name === 'host') (hosts++, (host = value));
+    else if (name === 'transfer-encoding' || (name === 'content-length' && value !== '0')) body = true;
+  }
+  // The same limits on every runtime (Node's parser already holds the size): 431, before anything is read.
+  if (headers.length > MAX_REQUEST_HEADERS) return { status: 431, reason: `more than ${MAX_REQUEST_HEADERS} header fields`, headers: { connection: 'close' } };
+  if (bytes > MAX_REQUEST_HEAD_BYTES) return { status: 431, reason: `a request head larger than ${MAX_REQUEST_HEAD_BYTES} bytes`, headers: { connection: 'close' } };
+  // RFC 9112 §3.2: a request with more than one Host, or one that is not a host, gets 400. Routing reads
+  // one and the upstream might read another.
+  if (hosts > 1) return { status: 400, reason: 'more than one Host header', headers: { connection: 'close' } };
+  if (host !== null && !HOST_HEADER.test(host)) return { status: 400, reason: 'a Host header that is not a host', headers: { connection: 'close' } };
   // An absolute-form target (`GET http://other-host/ HTTP/1.1`) asks for a forward proxy. Node hands us
   // the raw target; elsewhere the URL's authority differs from the Host header.
-  const absolute = rawTarget !== undefined ? !rawTarget.startsWith('/') && rawTarget !== '*' : url.host !== host;
-  if (absolute) return { status: 400, reason: 'absolute-form request targets are refused: this is not a forward proxy' };
+  const absolute = rawTarget !== undefined ? !rawTarget.startsWith('/') : url.host !== host;
+  if (absolute) return { status: 400, reason: 'absolute-form request targets are refused: this is not a forward proxy', headers: { connection: 'close' } };
+  if (path === null) return { status: 400, reason: 'a path whose dot segments hide behind encoded slashes or backslashes', headers: { connection: 'close' } };
+  // A GET or HEAD body has no meaning (RFC 9110 §9.3.1) and not every client can send one: such a request
+  // is refused whole, never sent on with framing headers that announce a body it does not carry.
+  if (body && (method === 'GET' || method === 'HEAD')) return { status: 400, reason: `a ${method} request with a body is not forwarded`, headers: { connection: 'close' } };
   return undefined;
+}
+
+/** The request's URL. Deno makes it from the Host header, so a Host that is no host (`a b`, `one, two`)
+ * gives a URL that does not parse: it stands as one that `refusal` turns away (400). */
+function parseUrl(url: string): URL {
+  try {
+    return new URL(url);
+  } catch {
+    return new URL('http://invalid.host./');
+  }
 }
 
 /** The app's request headers: from Node's raw list when there is one (no `Headers` object is built). */
@@ -1957,11 +2142,31 @@ function headerList(c: Context<{ Bindings: Bindings }>): HeaderList {
   return list;
 }
 
-function requestBody(c: Context<{ Bindings: Bindings }>): ReadableStream<Uint8Array> | null {
-  const req = c.req.raw;
-  if (req.method === 'GET' || req.method === 'HEAD') return null;
+/** The app's request body, or null when its head announces none. Reads only as fast as the upstream takes
+ * it, and fails with a 408 once the app has sent nothing for `idleMs` (Envoy's stream idle timeout covers
+ * both directions too), so a stalled upload cannot hold its place under the concurrency limit. */
+function requestBody(c: Context<{ Bindings: Bindings }>, headers: HeaderList, idleMs: number): ReadableStream<Uint8Array> | null {
+  if (headerValue(headers, 'transfer-encoding') === null && headerValue(headers, 'content-length') === null) return null;
   const incoming = c.env?.incoming;
-  return incoming && Symbol.asyncIterator in incoming ? streamFromNode(incoming as AsyncIterable<Uint8Array>) : req.body;
+  if (incoming && Symbol.asyncIterator in incoming) return streamFromNode(incoming as AsyncIterable<Uint8Array>, idleMs);
+  const reader = c.req.raw.body?.getReader();
+  return reader ? bodyStream(() => reader.read(), (reason) => reader.cancel(reason), idleMs) : null;
+}
+
+/** A body as a web stream that pulls one chunk at a time from `next` (nothing is read ahead: Node 20's
+ * Readable.toWeb would queue up to 16384 chunks), and errors with a 408 after `idleMs` (if > 0) without one. */
+function bodyStream(next: () => Promise<IteratorResult<Uint8Array> | ReadableStreamReadResult<Uint8Array>>, cancel: (reason: unknown) => Promise<void>, idleMs: number): ReadableStream<Uint8Array> {
+  return new ReadableStream<Uint8Array>({
+    async pull(c) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const chunk = idleMs <= 0 ? await next() : await Promise.race([next(), new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new ClientError(408, `the request body stalled: no bytes for ${idleMs} ms`)), idleMs);
+      })]).finally(() => clearTimeout(timer));
+      if (chunk.done) c.close();
+      else c.enqueue(chunk.value);
+    },
+    cancel,
+  }, { highWaterMark: 0 });
 }
 
 function clientAddress(c: Context<{ Bindings: Bindings }>): string | undefined {
@@ -2003,14 +2208,16 @@ const deno = (globalThis as { Deno?: DenoLike }).Deno;
 type NodeHttp = Pick<typeof import('node:http'), 'request' | 'Agent'>;
 type NodeAgent = InstanceType<NodeHttp['Agent']>;
 
-/** Node's upstream client: `node:http` with a keep-alive pool. Node 20's fetch holds on to every chunk of
- * a streamed request body (a 1 GiB upload took 1.1 GiB of memory), is several times slower than a pooled
- * http.request, and takes no per-connection TLS settings without the undici package; this gives the
- * handler the same `Reply` fetch would, byte for byte. */
-export function nodeSend(http: NodeHttp, https: NodeHttp): Send {
+/** Node's upstream client: `node:http` with a keep-alive pool. It sends the headers exactly as listed
+ * (order, repeats, an app's Content-Length on a streamed upload) and adds none of its own. Node 20's fetch
+ * holds on to every chunk of a streamed request body (a 1 GiB upload took 1.1 GiB of memory), is several
+ * times slower than a pooled http.request, and takes no per-connection TLS settings without the undici
+ * package; this gives the handler the same `Reply` fetch would, byte for byte. `pooled: false` (Deno's
+ * streamed uploads, see `fetchSend`) opens a connection per request. */
+export function nodeSend(http: NodeHttp, https: NodeHttp, { pooled = true } = {}): Send {
   // `timeout` closes pooled sockets idle for 4 s, before a Node upstream's own 5 s keep-alive timeout
   // closes them under a request that is reusing them.
-  const pool = { keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256, scheduling: 'lifo' as const, timeout: 4000 };
+  const pool = pooled ? { keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256, scheduling: 'lifo' as const, timeout: 4000 } : { keepAlive: false };
   const plain = new http.Agent(pool);
   const systemRoots = new https.Agent(pool);
   // One pool per TLS material: after a rotation new connections use the new files, open ones finish.
@@ -2033,17 +2240,46 @@ export function nodeSend(http: NodeHttp, https: NodeHttp): Send {
       ? [...init.headers.filter(([name]) => name !== 'content-length'), ['content-length', String(init.body.byteLength)]].flat()
       : init.headers.flat())];
     const hostname = target.hostname.replace(/^\[(.*)\]$/, '$1');
-    const req = (tlsTarget ? https : http).request({
-      method: init.method, headers, signal: init.signal, agent: tlsTarget ? agentFor(init.tls) : plain,
-      host: init.address ?? hostname, port: target.port || (tlsTarget ? 443 : 80), path: target.pathname + target.search,
-      // The certificate must name the upstream (or UPSTREAM_SERVER_NAME), wherever discovery connected.
-      ...(tlsTarget ? { servername: init.tls?.serverName ?? (isIpLiteral(target.hostname) ? undefined : hostname) } : {}),
-    });
+    let req: ReturnType<NodeHttp['request']>;
+    try {
+      req = (tlsTarget ? https : http).request({
+        method: init.method, headers, signal: init.signal, agent: tlsTarget ? agentFor(init.tls) : plain,
+        host: init.address ?? hostname, port: target.port || (tlsTarget ? 443 : 80), path: target.pathname + target.search,
+        // The certificate must name the upstream (or UPSTREAM_SERVER_NAME), wherever discovery connected.
+        ...(tlsTarget ? { servername: init.tls?.serverName ?? (isIpLiteral(target.hostname) ? undefined : hostname) } : {}),
+      });
+    } catch (err) { // a method or header the client will not write: nothing was sent
+      return reject(new ClientError(400, `the request cannot be sent: ${describeFailure(err)}`));
+    }
     req.on('error', reject);
+    // A 101 comes here, not as a response; the connection is then no longer HTTP, so it is closed.
+    req.on('upgrade', (_res, socket: { destroy(): void }) => {
+      socket.destroy();
+      reject(Object.assign(new Error('the upstream switched protocols, though no upgrade was asked for'), { code: 'HPE_UNEXPECTED_101' }));
+    });
     req.on('response', (res) => {
       const status = res.statusCode ?? 502;
       const headers: HeaderList = [];
-      for (let i = 0; i < res.rawHeaders.length; i += 2) headers.push([res.rawHeaders[i].toLowerCase(), res.rawHeaders[i + 1]]);
+      let framing = 0;
+      let bytes = 0;
+      for (let i = 0; i < res.rawHeaders.length; i += 2) {
+        const name = res.rawHeaders[i].toLowerCase();
+        if (name === 'transfer-encoding') framing |= 1;
+        else if (name === 'content-length') framing |= 2;
+        bytes += name.length + res.rawHeaders[i + 1].length + 4;
+        headers.push([name, res.rawHeaders[i + 1]]);
+      }
+      // Node's parser stops at 16 KiB; every runtime's client is held to it, so the app (whose own client
+      // likely has the same limit) gets a clean 502 rather than a response it cannot read.
+      if (bytes > MAX_RESPONSE_HEAD_BYTES) {
+        res.destroy();
+        return reject(Object.assign(new Error(`response headers larger than ${MAX_RESPONSE_HEAD_BYTES} bytes`), { code: 'HPE_HEADER_OVERFLOW' }));
+      }
+      // RFC 9112 §6.1: both at once is how responses are smuggled; not every parser refuses it.
+      if (framing === 3) {
+        res.destroy();
+        return reject(Object.assign(new Error('the response has both Transfer-Encoding and Content-Length'), { code: 'HPE_UNEXPECTED_CONTENT_LENGTH' }));
+      }
       const noBody = init.method === 'HEAD' || NULL_BODY_STATUS.has(status);
       if (noBody) res.resume();
       resolve({ status, statusText: res.statusMessage ?? '', headers, body: null, node: noBody ? undefined : res as unknown as NodeReadable });
@@ -2063,6 +2299,12 @@ export function nodeSend(http: NodeHttp, https: NodeHttp): Send {
       }
     })();
   });
+}
+
+/** A Send made the first time it is needed. */
+function lazySend(make: () => Promise<Send>): Send {
+  let made: Promise<Send> | undefined;
+  return async (url, init) => (await (made ??= make()))(url, init);
 }
 
 /** Node's resolver: A and AAAA records with their TTL; a name only the hosts file knows (localhost, a
@@ -2088,7 +2330,15 @@ function denoResolve(d: DenoLike): Resolve {
 
 async function listenNode(fetchHandler: FetchHandler, host: string, port: number): Promise<Listener> {
   const { createAdaptorServer } = await import('@hono/node-server');
-  const server = createAdaptorServer({ fetch: fetchHandler as never, hostname: host }) as import('node:http').Server;
+  const { createServer } = await import('node:http');
+  const server = createAdaptorServer({
+    fetch: fetchHandler as never, hostname: host,
+    // The adapter cannot make a URL of the target `*` (OPTIONS *): it reaches the handler as `/`, marked.
+    createServer: ((options: object, listener: (req: { url?: string; asterisk?: boolean }, res: unknown) => void) => createServer(options, (req, res) => {
+      if (req.url === '*') Object.assign(req, { url: '/', asterisk: true });
+      listener(req, res);
+    })) as never,
+  }) as import('node:http').Server;
   // Longer than the idle timeouts of common clients (Go keeps idle connections 90 s, Node's agents
   // less), so the app is not the one reusing a connection the ambassador is closing.
   server.keepAliveTimeout = 65_000;
@@ -2154,11 +2404,16 @@ function exit(code: number): never {
   return process.exit(code);
 }
 
-function onSignals(handler: (signal: string) => void): void {
-  for (const signal of ['SIGTERM', 'SIGINT']) {
+/** SIGTERM and SIGINT drain. SIGHUP, which would end the process at once by default, is ignored with a
+ * log line: there is nothing to reload, and a closing terminal must not cut requests off. */
+function onSignals(drain: (signal: string) => void, ignore: (signal: string) => void): void {
+  const on = (signal: string, handler: (signal: string) => void) => {
     if (deno) deno.addSignalListener(signal, () => handler(signal));
     else process.on(signal, () => handler(signal));
-  }
+  };
+  on('SIGTERM', drain);
+  on('SIGINT', drain);
+  on('SIGHUP', ignore);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -2178,10 +2433,12 @@ export async function main(env: Record<string, string | undefined>): Promise<voi
     return exit(2);
   }
   const log = createLogger(config.logFormat, config.logLevel);
+  // Deno imports node:http only when a streamed upload first needs it (see `fetchSend`).
+  const nodeClient = async (pooled: boolean) => nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp, { pooled });
   const amb = createAmbassador(config, {
     log, readFile, checkTls,
-    ...(deno ? { resolve: denoResolve(deno) } : {
-      send: nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp),
+    ...(deno ? { send: fetchSend(deno, lazySend(() => nodeClient(false))), resolve: denoResolve(deno) } : {
+      send: await nodeClient(true),
       resolve: nodeResolve(await import('node:dns')),
       written: (await import('@hono/node-server/utils/response')).RESPONSE_ALREADY_SENT,
     }),
@@ -2197,13 +2454,16 @@ export async function main(env: Record<string, string | undefined>): Promise<voi
       admin_host: config.adminHost, admin_port: config.adminPort });
     return exit(1);
   }
+  let signalled = false;
   onSignals((signal) => {
-    if (amb.draining) {
+    // Only a second signal forces the exit: a drain begun by POST /shutdown goes on when SIGTERM follows.
+    if (signalled) {
       log('warn', `second ${signal}: exiting now`, { in_flight: amb.inFlight.size });
       return exit(1);
     }
-    void drain(signal, config, amb, proxy, admin, log);
-  });
+    signalled = true;
+    if (!amb.draining) void drain(signal, config, amb, proxy, admin, log);
+  }, (signal) => log('notice', `${signal} ignored: the configuration is read once at start, and TLS files are taken up when they change`));
   amb.onShutdownRequest(() => amb.draining || void drain('POST /shutdown', config, amb, proxy, admin, log));
   amb.metrics.gauges = { ...amb.metrics.gauges, connections: proxy.connections };
   sampleEventLoopLag(amb.metrics);
@@ -2299,7 +2559,7 @@ async function drain(signal: string, config: Config, amb: Ambassador, proxy: Lis
   log('notice', 'drain: no longer accepting connections', { in_flight: amb.inFlight.size });
   await Promise.race([proxy.close(), deadline]);
   if (timedOut) {
-    const cut = [...amb.inFlight].map(([id, r]) => ({ id, method: r.method, path: r.path }));
+    const cut = [...amb.inFlight.values()].map((r) => ({ id: r.id, method: r.method, path: r.path }));
     log('warn', `drain: timed out after ${config.drainTimeoutMs} ms, cutting off ${cut.length} request(s)`, { cut_off: cut });
     proxy.cutOff();
   }

@@ -263,3 +263,99 @@ export async function scrape(amb: { adminUrl: string }): Promise<Map<string, num
 }
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+export interface RawRequest {
+  /** the request head as received, up to and including the blank line */
+  head: string;
+  method: string;
+  target: string;
+  /** header lines as received, [name, value], names as sent */
+  headers: Array<[string, string]>;
+  body: Buffer;
+  /** which connection it came on, from 1 */
+  connection: number;
+}
+
+export interface RawUpstream {
+  url: string;
+  port: number;
+  /** every byte received, per connection (latin1) */
+  received: string[];
+  /** the requests parsed from those bytes, in order */
+  requests: RawRequest[];
+  close(): Promise<void>;
+}
+
+/** An upstream over raw TCP that records exactly the bytes it receives and parses them as HTTP/1.1 itself
+ * (Content-Length and chunked bodies), so a test sees what went over the wire, not what a server library
+ * made of it. `respond` answers each parsed request; by default `200 ok`, kept alive. */
+export async function startRawUpstream(respond: (req: RawRequest, socket: net.Socket) => void = (_r, s) => void s.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok')): Promise<RawUpstream> {
+  const received: string[] = [];
+  const requests: RawRequest[] = [];
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((socket) => {
+    sockets.add(socket);
+    socket.on('close', () => sockets.delete(socket));
+    socket.on('error', () => {});
+    const connection = received.push('');
+    let buf = Buffer.alloc(0);
+    socket.on('data', (d: Buffer) => {
+      received[connection - 1] += d.toString('latin1');
+      buf = Buffer.concat([buf, d]);
+      for (;;) {
+        const end = buf.indexOf('\r\n\r\n');
+        if (end < 0) return;
+        const head = buf.subarray(0, end + 4).toString('latin1');
+        const [line, ...rest] = head.slice(0, -4).split('\r\n');
+        const [method, target] = line.split(' ');
+        const headers = rest.map((h) => [h.slice(0, h.indexOf(':')), h.slice(h.indexOf(':') + 1).trim()] as [string, string]);
+        const value = (name: string) => headers.find(([k]) => k.toLowerCase() === name)?.[1];
+        let body: Buffer;
+        let used: number;
+        if (value('transfer-encoding')?.toLowerCase() === 'chunked') {
+          const parts: Buffer[] = [];
+          let at = end + 4;
+          for (;;) {
+            const eol = buf.indexOf('\r\n', at);
+            if (eol < 0) return; // wait for more
+            const size = parseInt(buf.subarray(at, eol).toString('latin1'), 16);
+            if (buf.length < eol + 2 + size + 2) return;
+            if (size === 0) {
+              used = eol + 4;
+              break;
+            }
+            parts.push(buf.subarray(eol + 2, eol + 2 + size));
+            at = eol + 2 + size + 2;
+          }
+          body = Buffer.concat(parts);
+        } else {
+          const length = Number(value('content-length') ?? 0);
+          if (buf.length < end + 4 + length) return;
+          body = Buffer.from(buf.subarray(end + 4, end + 4 + length));
+          used = end + 4 + length;
+        }
+        buf = buf.subarray(used);
+        const req = { head, method, target, headers, body, connection };
+        requests.push(req);
+        respond(req, socket);
+      }
+    });
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const port = (server.address() as net.AddressInfo).port;
+  const close = () => new Promise<void>((r) => {
+    for (const s of sockets) s.destroy();
+    server.close(() => r());
+  });
+  started.push(close);
+  return { url: `http://127.0.0.1:${port}`, port, received, requests, close };
+}
+
+/** Waits until `check` holds, polling; fails with `what` after `timeoutMs`. */
+export async function waitFor(what: string, check: () => boolean | Promise<boolean>, timeoutMs = 10_000): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > until) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(20);
+  }
+}

@@ -1,9 +1,12 @@
 /** Hostile or broken input from the client side. Each gets a 4xx or a closed connection; nothing reaches
  * any host but the configured upstream, and no request is smuggled past the one the app sent; the
  * ambassador keeps serving throughout with bounded memory. */
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RUNTIMES, memoryOf, rawRequest, sleep, startAmbassador, startUpstream, type AmbassadorProc, type Upstream } from './helpers.ts';
+import { RUNTIMES, deadPort, memoryOf, rawRequest, scrape, sleep, startAmbassador, startRawUpstream, startUpstream, stopAfterEach, waitFor, type AmbassadorProc, type Upstream } from './helpers.ts';
 
 const statusOf = (raw: string) => Number(/^HTTP\/1\.1 (\d{3})/.exec(raw)?.[1] ?? 0);
 
@@ -92,5 +95,206 @@ describe.each(RUNTIMES)('hostile input (%s)', (runtime) => {
     for (let i = 0; i < 40 && aborted === before; i++) await sleep(50);
     expect(aborted).toBe(before + 1);
     await stillServing();
+  });
+});
+
+/** One exchange on its own connection: a whole answer (its body complete by Content-Length or chunked
+ * framing), or the connection closed, within `boundMs` — a hang fails the test. */
+async function exchange(port: number, text: string | Buffer, boundMs = 5000): Promise<{ status: number; raw: string; closed: boolean }> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(port, '127.0.0.1');
+    let raw = '';
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new Error(`no answer and no close within ${boundMs} ms; got ${JSON.stringify(raw.slice(0, 200))}`));
+    }, boundMs);
+    socket.on('data', (d) => {
+      raw += d.toString('latin1');
+      const status = statusOf(raw);
+      const head = raw.indexOf('\r\n\r\n');
+      if (!status || head < 0) return;
+      const length = Number(/\r\ncontent-length: (\d+)/i.exec(raw.slice(0, head))?.[1] ?? -1);
+      const chunked = /\r\ntransfer-encoding: chunked/i.test(raw.slice(0, head));
+      if ((length >= 0 && raw.length >= head + 4 + length) || (chunked && raw.endsWith('0\r\n\r\n'))) {
+        clearTimeout(timer);
+        socket.destroy();
+        resolve({ status, raw, closed: false });
+      }
+    });
+    socket.on('close', () => {
+      clearTimeout(timer);
+      resolve({ status: statusOf(raw), raw, closed: true });
+    });
+    socket.on('error', () => {});
+    socket.write(text);
+  });
+}
+
+describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', (runtime) => {
+  stopAfterEach();
+
+  it('refuses a GET or HEAD that carries a body with 400, so the next request on the upstream connection arrives intact', async () => {
+    const up = await startRawUpstream();
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
+    expect((await fetch(`${amb.url}/warm`)).status).toBe(200); // a pooled upstream connection now exists
+    const hidden = 'GET /admin HTTP/1.1\r\nHost: x\r\n\r\n';
+    for (const text of [
+      'GET /search HTTP/1.1\r\nHost: x\r\nContent-Length: 237\r\n\r\n', // announces a body it never sends
+      'GET /search HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n{"query":"a"}', // curl -X GET -d
+      'HEAD /search HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}',
+      'GET /search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n',
+    ]) {
+      const r = await exchange(amb.port, text);
+      expect(r.status, text).toBe(400);
+    }
+    const post = await fetch(`${amb.url}/orders`, { method: 'POST', body: hidden });
+    expect(post.status).toBe(200);
+    expect(up.requests.map((q) => `${q.method} ${q.target}`)).toEqual(['GET /warm', 'POST /orders']);
+    expect(up.requests[1].body.toString('latin1')).toBe(hidden);
+    expect(up.requests[1].connection).toBe(up.requests[0].connection);
+    // A GET whose Content-Length says 0 carries no body: it is forwarded as it is.
+    expect((await exchange(amb.port, 'GET /empty HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n')).status).toBe(200);
+    expect(up.requests.at(-1)!.target).toBe('/empty');
+  });
+
+  it('keeps every path under the upstream\'s base path, whatever dots, encoded dots or encoded slashes it carries', async () => {
+    const up = await startRawUpstream();
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: `${up.url}/api/v1` });
+    const cases: Array<[string, number, string?]> = [
+      ['/../../internal/admin', 200, '/api/v1/internal/admin'],
+      ['/%2e%2e/%2E%2E/internal', 200, '/api/v1/internal'],
+      ['/a/.%2e/.%2e/.%2e/internal?x=1', 200, '/api/v1/internal?x=1'],
+      ['/items/a%2Fb', 200, '/api/v1/items/a%2Fb'], // an encoded slash in a name stays as it is
+      ['/..%2f..%2finternal', 400],
+      ['/x/..%2F..%2F..%2Finternal', 400],
+      ['/%2e%2e%5cinternal', 400],
+    ];
+    for (const [target, status, seen] of cases) {
+      const before = up.requests.length;
+      const r = await exchange(amb.port, `GET ${target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`);
+      expect(r.status, target).toBe(status);
+      const sent = up.requests.slice(before).map((q) => q.target);
+      expect(sent, target).toEqual(seen ? [seen] : []);
+    }
+    for (const q of up.requests) expect(q.target.startsWith('/api/v1/')).toBe(true);
+  });
+
+  it('keeps a stripPrefix route\'s paths under what its prefix maps to', async () => {
+    const up = await startRawUpstream();
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'ambassador-dots-'));
+    const file = path.join(dir, 'routes.json');
+    writeFileSync(file, JSON.stringify({ routes: [{ name: 's', prefix: '/s', stripPrefix: true, upstream: `${up.url}/base` }] }));
+    try {
+      const amb = await startAmbassador(runtime, { ROUTES_FILE: file });
+      for (const [target, status, seen] of [['/s/../s/t', 200, '/base/t'], ['/s/%2e%2e/s/u', 200, '/base/u'], ['/s/../other', 404, undefined], ['/s/..%2f..%2fother', 400, undefined]] as const) {
+        const before = up.requests.length;
+        const r = await exchange(amb.port, `GET ${target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`);
+        expect(r.status, target).toBe(status);
+        expect(up.requests.slice(before).map((q) => q.target), target).toEqual(seen ? [seen] : []);
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('answers 400 to a request with two Host headers, and sends nothing upstream', async () => {
+    const up = await startRawUpstream();
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
+    for (const text of ['GET /a HTTP/1.1\r\nHost: one\r\nHost: two\r\n\r\n', 'GET /a HTTP/1.1\r\nHost: one, two\r\n\r\n', 'GET /a HTTP/1.1\r\nHost: a b\r\n\r\n']) {
+      const r = await exchange(amb.port, text);
+      expect(r.status, text).toBe(400);
+    }
+    expect(up.requests).toEqual([]);
+  });
+
+  it('refuses methods in lower case (fetch-style clients would rewrite them) with a 400, and they never count against the upstream', async () => {
+    const up = await startRawUpstream();
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, BREAKER_FAILURES: '2' });
+    for (const text of ['get /a HTTP/1.1\r\nHost: x\r\n\r\n', 'get /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}', 'trace /a HTTP/1.1\r\nHost: x\r\n\r\n', 'connect /a HTTP/1.1\r\nHost: x\r\n\r\n', 'Post /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n']) {
+      const r = await exchange(amb.port, text);
+      expect(r.status >= 400 && r.status < 500, text).toBe(true);
+    }
+    expect(up.requests).toEqual([]);
+    const m = await scrape(amb);
+    expect([...m].filter(([k, v]) => k.startsWith('ambassador_upstream_endpoint_state') && k.includes('state="closed"')).map(([, v]) => v)).toEqual([1]);
+    expect((await fetch(`${amb.url}/ok`)).status).toBe(200);
+  });
+
+  it('holds every runtime to one request-head limit: 431 past 100 header fields or 16 KiB', async () => {
+    const up = await startRawUpstream();
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
+    const withHeaders = (n: number) => `GET /h HTTP/1.1\r\nHost: x\r\n${Array.from({ length: n - 1 }, (_, i) => `x-h${i}: ${i}\r\n`).join('')}Connection: close\r\n\r\n`;
+    expect((await exchange(amb.port, withHeaders(99))).status).toBe(200);
+    expect((await exchange(amb.port, withHeaders(101))).status).toBe(431);
+    expect((await exchange(amb.port, withHeaders(120))).status).toBe(431);
+    const withSize = (bytes: number) => `GET /h HTTP/1.1\r\nHost: x\r\nx-big: ${'b'.repeat(bytes)}\r\nConnection: close\r\n\r\n`;
+    expect((await exchange(amb.port, withSize(15 * 1024))).status).toBe(200);
+    expect((await exchange(amb.port, withSize(17 * 1024))).status).toBe(431);
+    expect((await exchange(amb.port, withSize(40 * 1024))).status).toBe(431);
+    expect(up.requests.length).toBe(2);
+  });
+
+  it('keeps an app\'s x-request-id only when it is safe, and counts two requests with one id as two', async () => {
+    const up = await startRawUpstream((req, socket) => setTimeout(() => socket.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok'), req.target === '/slow' ? 600 : 0));
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, LOG_FORMAT: 'text' });
+    const safe = (await fetch(`${amb.url}/a`, { headers: { 'x-request-id': 'abc-123_x.y' } })).headers.get('x-request-id');
+    expect(safe).toBe('abc-123_x.y');
+    for (const hostile of ['x route=admin method=DELETE status=200', 'a"b', 'x'.repeat(129), 'caf\u00e9']) {
+      const r = await exchange(amb.port, Buffer.from(`GET /a HTTP/1.1\r\nHost: x\r\nx-request-id: ${hostile}\r\nConnection: close\r\n\r\n`, 'latin1'));
+      expect(r.status, hostile).toBe(200);
+      const id = /\r\nx-request-id: ([^\r]*)/i.exec(r.raw)?.[1];
+      expect(id).toMatch(/^[0-9a-f-]{36}$/);
+    }
+    for (const q of up.requests) expect(/x-request-id: [0-9a-f-]{36}\r\n|x-request-id: abc-123_x\.y\r\n/i.test(q.head), q.head).toBe(true);
+    expect(amb.lines.join('\n')).not.toContain('route=admin');
+    // Two requests sharing an id are two in flight, not one.
+    const both = [0, 1].map(() => fetch(`${amb.url}/slow`, { headers: { 'x-request-id': 'same' } }));
+    await waitFor('both in flight', async () => (await scrape(amb)).get('ambassador_requests_in_flight') === 2, 3000);
+    for (const r of await Promise.all(both)) expect(r.status).toBe(200);
+  });
+
+  it('ends a request whose body stalls with 408 after BODY_IDLE_TIMEOUT_MS, freeing its place under MAX_IN_FLIGHT', async () => {
+    const up = await startUpstream((req, res) => res.end('fine'));
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, BODY_IDLE_TIMEOUT_MS: '500', MAX_IN_FLIGHT: '1', QUEUE_SIZE: '0', BREAKER_FAILURES: '1' });
+    for (const [name, declared, sent] of [['small', 100, 10], ['streamed', 1024 * 1024, 200 * 1024]] as const) {
+      const t0 = performance.now();
+      const r = await exchange(amb.port, Buffer.concat([Buffer.from(`POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: ${declared}\r\n\r\n`), Buffer.alloc(sent, 'a')]), 5000);
+      const took = performance.now() - t0;
+      expect(r.status, name).toBe(408);
+      expect(took, name).toBeGreaterThanOrEqual(450);
+      expect(took, name).toBeLessThan(4000);
+      await waitFor('the place freed', async () => (await scrape(amb)).get('ambassador_upstream_active_requests{route="default"}') === 0, 3000);
+      // The one place is free again, and the endpoint was not held responsible.
+      expect(await (await fetch(`${amb.url}/ok`)).text(), name).toBe('fine');
+    }
+    const m = await scrape(amb);
+    expect(m.get('ambassador_upstream_endpoint_ejections_total{route="default",endpoint="' + new URL(up.url).host + '"}')).toBe(0);
+    expect(m.get('ambassador_requests_total{route="default",method="POST",code="408"}')).toBe(2);
+  });
+
+  it('never lets a query string reach the log or the answer when an attempt fails', async () => {
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: `http://127.0.0.1:${await deadPort()}`, RETRY_ATTEMPTS: '2', LOG_LEVEL: 'debug' });
+    const res = await fetch(`${amb.url}/x?token=SEKRIT&user=me`);
+    expect(res.status).toBe(502);
+    const body = await res.text();
+    expect(body).not.toContain('SEKRIT');
+    await sleep(100);
+    expect(amb.lines.length).toBeGreaterThan(1);
+    expect([...amb.lines, ...amb.stderr].join('\n')).not.toContain('SEKRIT');
+  });
+
+  it('answers OPTIONS * itself (Node), where the server tells it from OPTIONS /* (Deno\'s does not)', async () => {
+    const up = await startRawUpstream();
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
+    const r = await exchange(amb.port, 'OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n');
+    expect(r.status).toBe(200);
+    if (runtime === 'deno') {
+      // Deno.serve hands the handler `http://x/*`: the same request as OPTIONS /*, and forwarded as that.
+      expect(up.requests.map((q) => `${q.method} ${q.target}`)).toEqual(['OPTIONS /*']);
+    } else {
+      expect(r.raw.toLowerCase()).toContain('allow: get, head, post, put, patch, delete, options');
+      expect(up.requests).toEqual([]);
+      expect((await exchange(amb.port, 'GET * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')).status).toBe(400);
+    }
   });
 });

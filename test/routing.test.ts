@@ -4,7 +4,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { ConfigError, loadConfig, matchRoute, stripPrefix } from '../ambassador.ts';
+import { ConfigError, loadConfig, matchRoute, normalizePath, stripPrefix } from '../ambassador.ts';
 import { RUNTIMES, command, rawRequest, scrape, startAmbassador, startProcess, startUpstream, stopAfterEach } from './helpers.ts';
 
 const dir = mkdtempSync(path.join(os.tmpdir(), 'ambassador-routes-'));
@@ -51,15 +51,32 @@ describe('matchRoute', () => {
 });
 
 describe('stripPrefix', () => {
-  it('takes the route\'s prefix off the request target, keeping the query and the encoding', () => {
-    expect(stripPrefix('/inventory/items/a%2Fb?x=1', '/inventory/items/a%2Fb?x=1', '/inventory')).toBe('/items/a%2Fb?x=1');
-    expect(stripPrefix('/inventory?x=1', '/inventory?x=1', '/inventory')).toBe('/?x=1');
-    expect(stripPrefix('/inventory', '/inventory', '/inventory')).toBe('/');
-    expect(stripPrefix('/a/b', '/a/b', '/')).toBe('/a/b');
+  it('takes the route\'s prefix off the normalized path, keeping the encoding', () => {
+    expect(stripPrefix('/inventory/items/a%2Fb', '/inventory')).toBe('/items/a%2Fb');
+    expect(stripPrefix('/inventory', '/inventory')).toBe('/');
+    expect(stripPrefix('/inventory/', '/inventory')).toBe('/');
+    expect(stripPrefix('/a/b', '/')).toBe('/a/b');
+  });
+});
+
+describe('normalizePath', () => {
+  it('resolves dot segments, plain or percent-encoded, never above the root (RFC 3986 §5.2.4)', () => {
+    expect(normalizePath('/a/b/../c')).toBe('/a/c');
+    expect(normalizePath('/../../internal/admin')).toBe('/internal/admin');
+    expect(normalizePath('/%2e%2e/%2E%2E/internal')).toBe('/internal');
+    expect(normalizePath('/a/.%2e/b')).toBe('/b');
+    expect(normalizePath('/a/./b/.')).toBe('/a/b/');
+    expect(normalizePath('/a/b/..')).toBe('/a/');
+    expect(normalizePath('/s/../s/t')).toBe('/s/t');
+    expect(normalizePath('/..')).toBe('/');
   });
 
-  it('strips the normalized path when dot segments hide the prefix in the target as sent', () => {
-    expect(stripPrefix('/x/../inventory/items?y=1', '/inventory/items?y=1', '/inventory')).toBe('/items?y=1');
+  it('keeps every other byte as sent: encoded slashes, empty segments, dots inside names', () => {
+    for (const p of ['/a%2Fb', '/group%2Fproject/files', '/a//b', '/v1.2/x..y/.z', '/%41b', '/']) expect(normalizePath(p)).toBe(p);
+  });
+
+  it('refuses dot segments behind encoded slashes or backslashes, and backslashes', () => {
+    for (const p of ['/..%2f..%2finternal', '/a/..%2F', '/x%2F..%2Fy', '/%2e%2e%5cadmin', '/a\\..\\b', '/a\\b']) expect(normalizePath(p), p).toBeNull();
   });
 });
 
@@ -93,7 +110,7 @@ describe('routes from ROUTES_FILE', () => {
       'UPSTREAM_URL="http://z": expected nothing when ROUTES_FILE is set: each route names its upstream and TLS files',
       `${at}routes[1].retryAtempts: expected no such field: one of ${['name', 'host', 'prefix', 'stripPrefix', 'upstream', 'tls'].join(', ')}, retryAttempts, retryBackoffMs, retryBackoffMaxMs, retryBudgetPercent, retryBudgetMinPerSec, retryBodyMaxBytes, tryTimeoutMs, requestTimeoutMs, breakerFailures, breakerOpenMs, breakerOpenMaxMs, breakerProbes, maxInFlight, queueSize, queueTimeoutMs, rateLimitPerSec, rateLimitBurst, rateLimitWaitMs, dnsRefreshMs, got 3`,
       `${at}routes[1].name: expected a name of letters, digits, _ . -, got "bad one"`,
-      `${at}routes[1].prefix: expected a path prefix starting with /, got "inventory"`,
+      `${at}routes[1].prefix: expected a path prefix starting with /, percent-encoded as a request would send it, without . or .. segments, got "inventory"`,
       `${at}routes[1].stripPrefix: expected true or false, got "yes"`,
       `${at}routes[1].upstream: expected http:// or https:// URLs (comma-separated) with a host and no credentials, query or fragment, got "ftp://x"`,
       `${at}routes[1].retryAttempts: expected a whole number from 1 to 100, got 0`,
