@@ -2236,9 +2236,14 @@ export function nodeSend(http: NodeHttp, https: NodeHttp, { pooled = true } = {}
     const target = new URL(url);
     const tlsTarget = target.protocol === 'https:';
     // A flat list keeps the app's header order and repeats; Node then adds no Host of its own.
+    const streamed = init.body !== null && !(init.body instanceof Uint8Array);
     const headers = ['host', target.host, ...(init.body instanceof Uint8Array
       ? [...init.headers.filter(([name]) => name !== 'content-length'), ['content-length', String(init.body.byteLength)]].flat()
       : init.headers.flat())];
+    // A streamed body waits for the upstream's 100 Continue (RFC 9110 §10.1.1), as curl's large uploads do:
+    // an upstream that turns it down on its head alone (413, 401) is heard before a byte of it is sent. One
+    // that ignores Expect gets the body after CONTINUE_WAIT_MS.
+    if (streamed) headers.push('expect', '100-continue');
     const hostname = target.hostname.replace(/^\[(.*)\]$/, '$1');
     let req: ReturnType<NodeHttp['request']>;
     try {
@@ -2287,19 +2292,47 @@ export function nodeSend(http: NodeHttp, https: NodeHttp, { pooled = true } = {}
     const body = init.body;
     if (body === null) req.end();
     else if (body instanceof Uint8Array) req.end(body);
-    else void (async () => {
-      const reader = body.getReader();
-      try {
-        for (let next = await reader.read(); !next.done; next = await reader.read()) {
-          if (!req.write(next.value)) await new Promise((r) => req.once('drain', r));
+    else {
+      // An upstream may also answer while the body is on its way, and close. Between chunks the event
+      // loop reads what has come in, so that answer is seen and the upload stops, rather than a write into
+      // the closed connection failing first and the answer being lost with it.
+      let answered: { once(event: 'end', f: () => void): void } | undefined;
+      let started = false;
+      let whole = false;
+      const upload = async () => {
+        if (started) return;
+        started = true;
+        clearTimeout(unasked);
+        const reader = body.getReader();
+        try {
+          for (let next = await reader.read(); !next.done && !answered; next = await reader.read()) {
+            if (!req.write(next.value)) await new Promise((r) => req.once('drain', r));
+            await new Promise((r) => setImmediate(r));
+          }
+          if (answered) void reader.cancel().catch(() => {});
+          else (whole = true), req.end();
+        } catch (err) {
+          req.destroy(err as Error);
         }
-        req.end();
-      } catch (err) {
-        req.destroy(err as Error);
-      }
-    })();
+      };
+      const unasked = setTimeout(upload, CONTINUE_WAIT_MS);
+      req.once('continue', upload);
+      req.once('response', (res) => {
+        answered = res;
+        clearTimeout(unasked);
+        // Answered before the whole body went: the rest is not sent, and the connection, left with a
+        // request it cannot finish, is closed once the answer has been read.
+        if (!started) void body.cancel().catch(() => {});
+        started = true;
+        res.once('end', () => whole || req.destroy());
+      });
+      req.once('close', () => clearTimeout(unasked));
+    }
   });
 }
+
+/** How long a streamed upload waits for the upstream's 100 Continue before it is sent anyway (curl's wait). */
+const CONTINUE_WAIT_MS = 1000;
 
 /** A Send made the first time it is needed. */
 function lazySend(make: () => Promise<Send>): Send {

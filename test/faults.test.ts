@@ -3,7 +3,8 @@
  * short body that looks whole — retries follow the rules, and the ambassador keeps serving. */
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RUNTIMES, startAmbassador, type AmbassadorProc } from './helpers.ts';
+import http from 'node:http';
+import { RUNTIMES, rawRequest, scrape, sleep, startAmbassador, startUpstream, stopAfterEach, waitFor, type AmbassadorProc } from './helpers.ts';
 
 const OK = 'HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok';
 
@@ -65,6 +66,12 @@ function answer(path: string, socket: net.Socket, n: number): void {
       return void socket.write('HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n' + OK);
     case '/huge-headers':
       return void socket.write(`HTTP/1.1 200 OK\r\nx-huge: ${'a'.repeat(128 * 1024)}\r\ncontent-length: 2\r\n\r\nok`);
+    case '/upgrade': // switches protocols though nobody asked (a WebSocket server that saw Sec-WebSocket-Key)
+      return void socket.write('HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n');
+    case '/te-and-cl': // both framing headers: a smuggling shape
+      return void socket.write('HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n');
+    case '/no-content':
+      return void socket.write('HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n');
     case '/reset-first':
       if (n === 1) return void socket.resetAndDestroy();
       return void socket.write(OK);
@@ -151,5 +158,122 @@ describe.each(RUNTIMES)('upstream faults (%s)', (runtime) => {
     const res = await fetch(`${amb.url}/huge-headers`);
     expect(res.status).toBe(502);
     await stillServing();
+  });
+
+  it('switches protocols though no upgrade was asked for: a 502 at once, and its place is given back', async () => {
+    const t0 = performance.now();
+    const res = await fetch(`${amb.url}/upgrade`);
+    expect(res.status).toBe(502);
+    expect(performance.now() - t0).toBeLessThan(1000); // not held until a timeout
+    expect(await res.text()).toContain('switched protocols');
+    await waitFor('no place held', async () => (await scrape(amb)).get('ambassador_upstream_active_requests{route="default"}') === 0, 3000);
+    await stillServing();
+  });
+
+  it('sends both Transfer-Encoding and Content-Length: a clean 502, never a body cut to look whole', async () => {
+    const res = await fetch(`${amb.url}/te-and-cl`);
+    expect(res.status).toBe(502);
+    expect(await res.text()).toMatch(/Transfer-Encoding.*Content-Length/);
+    await stillServing();
+  });
+
+  it('sends a Content-Length on a 204: the app gets the 204 without it', async () => {
+    const raw = await rawRequest(Number(new URL(amb.url).port), 'GET /no-content HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n', 3000);
+    expect(raw).toMatch(/^HTTP\/1\.1 204/);
+    expect(raw.toLowerCase()).not.toContain('content-length');
+  });
+});
+
+describe.each(RUNTIMES)('no place, timer or in-flight entry outlives its request (%s)', (runtime) => {
+  stopAfterEach();
+
+  it('gives back every place, whatever stage a request ends at', async () => {
+    const upstream = await misbehavingUpstream();
+    const slow = await startUpstream((req, res) => {
+      if (req.url === '/slow-body') {
+        res.writeHead(200, { 'content-length': '10' });
+        res.write('12345');
+        return; // the rest never comes
+      }
+      setTimeout(() => res.end('late'), 2000);
+    });
+    const dir = { routes: [
+      { name: 'faulty', prefix: '/f', stripPrefix: true, upstream: upstream.url, retryAttempts: 1, breakerFailures: 0 },
+      { name: 'slow', prefix: '/s', stripPrefix: true, upstream: slow.url, retryAttempts: 3, retryBackoffMs: 1500, retryBackoffMaxMs: 1500, breakerFailures: 0 },
+    ] };
+    const { mkdtempSync, writeFileSync, rmSync } = await import('node:fs');
+    const os = await import('node:os');
+    const path = await import('node:path');
+    const folder = mkdtempSync(path.join(os.tmpdir(), 'ambassador-places-'));
+    const file = path.join(folder, 'routes.json');
+    writeFileSync(file, JSON.stringify(dir));
+    try {
+      const amb = await startAmbassador(runtime, { ROUTES_FILE: file, MAX_IN_FLIGHT: '2', QUEUE_SIZE: '4', QUEUE_TIMEOUT_MS: '3000', TRY_TIMEOUT_MS: '300', BODY_IDLE_TIMEOUT_MS: '400' });
+      const places = async () => {
+        const m = await scrape(amb);
+        return [m.get('ambassador_upstream_active_requests{route="faulty"}'), m.get('ambassador_upstream_active_requests{route="slow"}'),
+          m.get('ambassador_upstream_queued_requests{route="slow"}'), m.get('ambassador_requests_in_flight')];
+      };
+      // A stray 101, three times over a limit of two: each gives its place back.
+      for (let i = 0; i < 3; i++) expect((await fetch(`${amb.url}/f/upgrade`)).status).toBe(502);
+      // The app goes away while its request waits on the upstream, while it waits in the queue, and while
+      // it waits out a backoff.
+      const gone = async (pathname: string, afterMs: number) => {
+        const ac = new AbortController();
+        const p = fetch(`${amb.url}${pathname}`, { signal: ac.signal }).catch(() => 'aborted');
+        await sleep(afterMs);
+        ac.abort();
+        expect(await p).toBe('aborted');
+      };
+      const holders = [0, 1].map(() => fetch(`${amb.url}/s/wait`).then((r) => r.text()));
+      await waitFor('two places taken', async () => (await places())[1] === 2, 3000);
+      await gone('/s/queued', 200); // left in the queue
+      await Promise.all(holders.map((h) => h.catch(() => '')));
+      await gone('/f/silent', 100); // left during an attempt
+      await gone('/s/backoff', 600); // the first try times out at 300 ms: left during the 1.5 s backoff
+      // The app goes away in the middle of a response body, and a body stalls.
+      const ac = new AbortController();
+      const r = await fetch(`${amb.url}/s/slow-body`, { signal: ac.signal });
+      const reader = r.body!.getReader();
+      await reader.read();
+      ac.abort();
+      const stalled = await fetch(`${amb.url}/s/slow-body`);
+      await expect(stalled.text()).rejects.toThrow();
+      await waitFor('every place given back', async () => (await places()).every((v) => v === 0), 5000);
+      expect((await fetch(`${amb.url}/f/ok`)).status).toBe(200);
+    } finally {
+      await upstream.close();
+      rmSync(folder, { recursive: true, force: true });
+    }
+  });
+
+  it('passes on an upstream\'s early answer to an upload (413 before the body is read), and holds nothing against it', async () => {
+    const refuse = (_req: http.IncomingMessage, res: http.ServerResponse) => {
+      res.writeHead(413, { 'content-type': 'text/plain', connection: 'close' });
+      res.end('too large');
+    };
+    const up = await startUpstream(refuse, { readBody: false });
+    // Like nginx's client_max_body_size: an upload that asks first is turned down on its head alone.
+    up.server.on('checkContinue', refuse);
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, BREAKER_FAILURES: '2' });
+    // node:http, as an app would upload: it reads an answer that comes while it is still sending.
+    const upload = (size: number) => new Promise<{ status: number; text: string }>((resolve, reject) => {
+      const req = http.request(`${amb.url}/upload`, { method: 'PUT', headers: { 'content-length': String(size) } }, (res) => {
+        let text = '';
+        res.on('data', (d) => (text += d));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, text }));
+      });
+      req.on('error', (err) => (req.destroyed && (err as NodeJS.ErrnoException).code === 'EPIPE') || reject(err));
+      req.end(Buffer.alloc(size));
+    });
+    for (const size of [10 * 1024, 4 * 1024 * 1024]) {
+      for (let i = 0; i < 3; i++) {
+        const r = await upload(size);
+        expect(r.status, `${size} bytes`).toBe(413);
+        expect(r.text).toBe('too large');
+      }
+    }
+    const m = await scrape(amb);
+    expect(m.get(`ambassador_upstream_endpoint_ejections_total{route="default",endpoint="${new URL(up.url).host}"}`)).toBe(0);
   });
 });
