@@ -11,7 +11,7 @@
  *
  * Run it:
  *   Node:   npm run build && UPSTREAM_URL=http://127.0.0.1:9000 node dist/ambassador.mjs
- *   Deno:   UPSTREAM_URL=http://127.0.0.1:9000 deno run --allow-net --allow-env --allow-read ambassador.ts
+ *   Deno:   UPSTREAM_URL=http://127.0.0.1:9000 deno run --allow-net --allow-env --allow-read --unstable-no-legacy-abort ambassador.ts
  *   Binary: npm run sea && UPSTREAM_URL=http://127.0.0.1:9000 ./bin/ambassador-node   (Node single executable)
  *           deno task compile && UPSTREAM_URL=http://127.0.0.1:9000 ./bin/ambassador  (needs Deno's denort)
  *
@@ -23,7 +23,7 @@
  * |--------------------------|-------------|---------------------------------------------------------------------|
  * | UPSTREAM_URL             | (required)  | http:// or https:// base URL, or several separated by commas; the request path and query are appended |
  * | ROUTES_FILE              | (none)      | a JSON file of routes instead of UPSTREAM_URL (see `loadConfig`); the variables marked * are their defaults |
- * | HOST / PORT              | 127.0.0.1 / 8080 | proxy listener; loopback so only the pod's app can use it; 0 = any free port |
+ * | HOST / PORT              | 127.0.0.1 / 8080 | proxy listener (an IP address, or localhost); loopback so only the pod's app can use it; 0 = any free port |
  * | ADMIN_HOST / ADMIN_PORT  | 0.0.0.0 / 9901 | the admin endpoints, apart from every upstream path; 0 = any free port |
  * | RETRY_ATTEMPTS *         | 3           | attempts in all, the first included; 1 = no retries                 |
  * | RETRY_BACKOFF_MS *       | 100         | base of the exponential backoff (full jitter) between attempts      |
@@ -50,7 +50,7 @@
  * | UPSTREAM_TLS_MIN_VERSION | TLSv1.2     | TLSv1.2 or TLSv1.3 (Node only)                                      |
  * | DRAIN_TIMEOUT_MS         | 20000       | the longest a drain may take before what is left is cut off         |
  * | DRAIN_GRACE_MS           | 0           | after SIGTERM, keep accepting new requests this long (older clusters) |
- * | BODY_IDLE_TIMEOUT_MS     | 300000      | a response body that stalls this long is cut off (Envoy's stream idle timeout); 0 = never |
+ * | BODY_IDLE_TIMEOUT_MS     | 300000      | a body that stalls this long is cut off (a request body: 408); Envoy's stream idle timeout; 0 = never |
  * | LOG_FORMAT               | json        | json (one object per line) or text                                  |
  * | LOG_LEVEL                | info        | debug, info (one line per request), warn (failures only) or error   |
  */
@@ -1271,9 +1271,9 @@ async function prepareBody(body: ReadableStream<Uint8Array> | null, declared: nu
 
 /** A Node stream as a web stream that reads only as fast as its consumer takes it (see `bodyStream`).
  * Cancelling it destroys the Node stream. */
-function streamFromNode(incoming: AsyncIterable<Uint8Array>, idleMs = 0): ReadableStream<Uint8Array> {
+function streamFromNode(incoming: AsyncIterable<Uint8Array>, idleMs = 0, done?: () => void): ReadableStream<Uint8Array> {
   const it = incoming[Symbol.asyncIterator]();
-  return bodyStream(() => it.next(), async (reason) => void (await it.return?.(reason)), idleMs);
+  return bodyStream(() => it.next(), async (reason) => void (await it.return?.(reason)), idleMs, done);
 }
 
 function once<T>(value: T): () => T | null {
@@ -1703,6 +1703,8 @@ export interface Ambassador {
   metrics: Metrics;
   markReady(): void;
   startDrain(): void;
+  /** settles once no request body is still arriving */
+  uploadsRead(): Promise<void>;
   /** what `POST /shutdown` on the admin port does (main: start the drain) */
   onShutdownRequest(f: () => void): void;
   readonly draining: boolean;
@@ -1744,6 +1746,12 @@ export function createAmbassador(config: Config, options: {
   const send = options.send;
   const inFlight = new Map<number, InFlight>();
   let requestCount = 0;
+  /** requests whose body is still arriving, and who waits for there to be none */
+  const uploads = new Set<number>();
+  let uploadsRead: Array<() => void> = [];
+  const uploadEnded = (key: number) => {
+    if (uploads.delete(key) && uploads.size === 0) for (const f of uploadsRead.splice(0)) f();
+  };
   let ready = false;
   let draining = false;
 
@@ -1836,12 +1844,14 @@ export function createAmbassador(config: Config, options: {
     const key = ++requestCount;
     inFlight.set(key, { id, method: req.method, path: record.path, started });
     // One listener on the app's signal per request, removed when the response is done: Deno aborts
-    // request.signal after a successful response too, and that must not reach a finished exchange.
+    // request.signal after a successful response too (unless run with --unstable-no-legacy-abort, as
+    // deno.json asks), and that must not reach a finished exchange.
     const gone = new AbortController();
     const onGone = () => gone.abort(req.signal.reason);
     req.signal.addEventListener('abort', onGone, { once: true });
     let holding = false; // a place under the route's concurrency limit, given back when the response is done
     const finish = (bytesOut: number, error?: string) => {
+      uploadEnded(key);
       req.signal.removeEventListener('abort', onGone);
       if (holding) up.limit.release();
       holding = false;
@@ -1852,14 +1862,17 @@ export function createAmbassador(config: Config, options: {
       events.requestDone(record);
     };
 
+    const reqBody = requestBody(c, incomingHeaders, config.bodyIdleTimeoutMs, () => uploadEnded(key));
+    if (reqBody) uploads.add(key);
     try {
       const admission = await admit(up, gone.signal, id, record);
       holding = admission === true;
       const reply = admission === true
-        ? await forward(up, req.method, incomingHeaders, requestBody(c, incomingHeaders, config.bodyIdleTimeoutMs), gone.signal, id,
-          upstreamPath, started, clientAddress(c), record)
+        ? await forward(up, req.method, incomingHeaders, reqBody, gone.signal, id, upstreamPath, started, clientAddress(c), record)
         : admission;
-      if (draining) reply.headers.push(['connection', 'close']); // the app opens a fresh connection for its next call
+      // Draining, the app opens a fresh connection for its next call; and an answer that came before the
+      // app's body was all read leaves the rest of that body on the connection (RFC 9112 §9.6: close it).
+      if (draining || uploads.has(key)) reply.headers.push(['connection', 'close']);
       record.status = reply.status;
       const outgoing = c.env?.outgoing;
       if (reply.node && outgoing && options.written) {
@@ -2063,6 +2076,7 @@ export function createAmbassador(config: Config, options: {
     metrics,
     markReady: () => void (ready = true),
     startDrain: () => void (draining = true),
+    uploadsRead: () => (uploads.size === 0 ? Promise.resolve() : new Promise<void>((r) => uploadsRead.push(r))),
     onShutdownRequest: (f) => void (shutdown.requested = f),
     get draining() {
       return draining;
@@ -2145,25 +2159,28 @@ function headerList(c: Context<{ Bindings: Bindings }>): HeaderList {
 /** The app's request body, or null when its head announces none. Reads only as fast as the upstream takes
  * it, and fails with a 408 once the app has sent nothing for `idleMs` (Envoy's stream idle timeout covers
  * both directions too), so a stalled upload cannot hold its place under the concurrency limit. */
-function requestBody(c: Context<{ Bindings: Bindings }>, headers: HeaderList, idleMs: number): ReadableStream<Uint8Array> | null {
+function requestBody(c: Context<{ Bindings: Bindings }>, headers: HeaderList, idleMs: number, read: () => void): ReadableStream<Uint8Array> | null {
   if (headerValue(headers, 'transfer-encoding') === null && headerValue(headers, 'content-length') === null) return null;
   const incoming = c.env?.incoming;
-  if (incoming && Symbol.asyncIterator in incoming) return streamFromNode(incoming as AsyncIterable<Uint8Array>, idleMs);
+  if (incoming && Symbol.asyncIterator in incoming) return streamFromNode(incoming as AsyncIterable<Uint8Array>, idleMs, read);
   const reader = c.req.raw.body?.getReader();
-  return reader ? bodyStream(() => reader.read(), (reason) => reader.cancel(reason), idleMs) : null;
+  return reader ? bodyStream(() => reader.read(), (reason) => reader.cancel(reason), idleMs, read) : null;
 }
 
 /** A body as a web stream that pulls one chunk at a time from `next` (nothing is read ahead: Node 20's
  * Readable.toWeb would queue up to 16384 chunks), and errors with a 408 after `idleMs` (if > 0) without one. */
-function bodyStream(next: () => Promise<IteratorResult<Uint8Array> | ReadableStreamReadResult<Uint8Array>>, cancel: (reason: unknown) => Promise<void>, idleMs: number): ReadableStream<Uint8Array> {
+function bodyStream(next: () => Promise<IteratorResult<Uint8Array> | ReadableStreamReadResult<Uint8Array>>, cancel: (reason: unknown) => Promise<void>,
+  idleMs: number, done?: () => void): ReadableStream<Uint8Array> {
   return new ReadableStream<Uint8Array>({
     async pull(c) {
       let timer: ReturnType<typeof setTimeout> | undefined;
       const chunk = idleMs <= 0 ? await next() : await Promise.race([next(), new Promise<never>((_, reject) => {
         timer = setTimeout(() => reject(new ClientError(408, `the request body stalled: no bytes for ${idleMs} ms`)), idleMs);
       })]).finally(() => clearTimeout(timer));
-      if (chunk.done) c.close();
-      else c.enqueue(chunk.value);
+      if (chunk.done) {
+        c.close();
+        done?.();
+      } else c.enqueue(chunk.value);
     },
     cancel,
   }, { highWaterMark: 0 });
@@ -2410,7 +2427,9 @@ async function listenNode(fetchHandler: FetchHandler, host: string, port: number
   };
 }
 
-function listenDeno(d: DenoLike, fetchHandler: FetchHandler, host: string, port: number): Listener {
+/** Deno's server cuts off request bodies still arriving when it shuts down, so `close` first waits for
+ * `uploadsRead` (the drain's deadline still bounds it). */
+function listenDeno(d: DenoLike, fetchHandler: FetchHandler, host: string, port: number, uploadsRead: () => Promise<void>): Listener {
   const abort = new AbortController();
   const server = d.serve({
     hostname: host, port, signal: abort.signal, onListen: () => {},
@@ -2419,17 +2438,18 @@ function listenDeno(d: DenoLike, fetchHandler: FetchHandler, host: string, port:
   let closing = false;
   return {
     port: server.addr.port,
-    close: () => {
+    close: async () => {
       closing = true;
-      return server.shutdown();
+      await uploadsRead();
+      await server.shutdown();
     },
     // Aborting a server that is shutting down throws inside Deno; the exit that follows closes its sockets.
     cutOff: () => closing || abort.abort(),
   };
 }
 
-function listen(fetchHandler: FetchHandler, host: string, port: number): Promise<Listener> {
-  return deno ? Promise.resolve(listenDeno(deno, fetchHandler, host, port)) : listenNode(fetchHandler, host, port);
+function listen(fetchHandler: FetchHandler, host: string, port: number, uploadsRead: () => Promise<void> = () => Promise.resolve()): Promise<Listener> {
+  return deno ? Promise.resolve(listenDeno(deno, fetchHandler, host, port, uploadsRead)) : listenNode(fetchHandler, host, port);
 }
 
 function exit(code: number): never {
@@ -2477,16 +2497,18 @@ export async function main(env: Record<string, string | undefined>): Promise<voi
     }),
   });
 
-  let proxy: Listener;
-  let admin: Listener;
-  try {
-    proxy = await listen(amb.proxy.fetch as FetchHandler, config.host, config.port);
-    admin = await listen(amb.admin.fetch as FetchHandler, config.adminHost, config.adminPort);
-  } catch (err) {
-    log('error', `cannot listen: ${describeFailure(err)}`, { host: config.host, port: config.port,
-      admin_host: config.adminHost, admin_port: config.adminPort });
-    return exit(1);
-  }
+  // Where the ambassador cannot listen is a configuration error too: it names the variables (exit 2).
+  const listenOn = async (fetchHandler: FetchHandler, names: [string, string], host: string, port: number, uploads?: () => Promise<void>) => {
+    try {
+      return await listen(fetchHandler, host, port, uploads);
+    } catch (err) {
+      const problem = `${names[0]}=${JSON.stringify(host)}, ${names[1]}=${JSON.stringify(String(port))}: expected an address of this machine and a port free on it (${describeFailure(err)})`;
+      console.error(`ambassador: ${new ConfigError([problem]).message}`);
+      return exit(2);
+    }
+  };
+  const proxy = await listenOn(amb.proxy.fetch as FetchHandler, ['HOST', 'PORT'], config.host, config.port, amb.uploadsRead);
+  const admin = await listenOn(amb.admin.fetch as FetchHandler, ['ADMIN_HOST', 'ADMIN_PORT'], config.adminHost, config.adminPort);
   let signalled = false;
   onSignals((signal) => {
     // Only a second signal forces the exit: a drain begun by POST /shutdown goes on when SIGTERM follows.

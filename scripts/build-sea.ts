@@ -6,7 +6,7 @@
  *   npm run sea     →  bin/ambassador-node
  */
 import { execFileSync } from 'node:child_process';
-import { copyFileSync, chmodSync, mkdirSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, copyFileSync, mkdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -28,6 +28,8 @@ writeFileSync(path.join(root, 'dist', 'sea-config.json'), JSON.stringify({
   useCodeCache: true, // compiled once here, not at every start
 }));
 run(process.execPath, ['--experimental-sea-config', 'dist/sea-config.json']);
+// Unlinked first: a copy of the previous binary that is still running keeps its own file.
+rmSync(out, { force: true });
 copyFileSync(process.execPath, out);
 chmodSync(out, 0o755);
 try {

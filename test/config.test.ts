@@ -1,7 +1,13 @@
 /** Configuration: parsed by a pure function; bad values stop the process before it listens, with exit
  * code 2 and one message naming every bad variable, its value and what was expected. */
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig } from '../ambassador.ts';
+
+const read = (file: string) => readFileSync(file, 'utf8');
 import { RUNTIMES, command, startProcess } from './helpers.ts';
 
 describe('loadConfig', () => {
@@ -67,7 +73,67 @@ describe('loadConfig', () => {
   });
 });
 
+describe('loadConfig: values that would fail late, or never match', () => {
+  it('refuses listen addresses that are not addresses, and one port for both listeners where they overlap', () => {
+    for (const host of ['not-an-ip', '127.0.0.1:80', '999.1.1.1', 'example.com', '::1::1::']) {
+      expect(() => loadConfig({ UPSTREAM_URL: 'http://h', HOST: host }), host).toThrow(new RegExp(`HOST=${JSON.stringify(host).replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}: expected an IP address`));
+      expect(() => loadConfig({ UPSTREAM_URL: 'http://h', ADMIN_HOST: host }), host).toThrow(/ADMIN_HOST=/);
+    }
+    for (const host of ['127.0.0.1', '0.0.0.0', '::1', '::', 'localhost', '10.1.2.3', 'fe80::1']) expect(loadConfig({ UPSTREAM_URL: 'http://h', HOST: host }).host).toBe(host);
+    expect(() => loadConfig({ UPSTREAM_URL: 'http://h', PORT: '9000', ADMIN_PORT: '9000' })).toThrow(/ADMIN_PORT="9000": expected a port other than PORT/);
+    expect(() => loadConfig({ UPSTREAM_URL: 'http://h', PORT: '9000', ADMIN_PORT: '9000', HOST: '127.0.0.1', ADMIN_HOST: '::' })).toThrow(/ADMIN_PORT/);
+    expect(loadConfig({ UPSTREAM_URL: 'http://h', PORT: '9000', ADMIN_PORT: '9000', HOST: '127.0.0.1', ADMIN_HOST: '10.1.2.3' }).adminPort).toBe(9000);
+    expect(loadConfig({ UPSTREAM_URL: 'http://h', PORT: '0', ADMIN_PORT: '0' }).port).toBe(0);
+  });
+
+  it('refuses upstream URLs with port 0 or a bare ? or #', () => {
+    for (const url of ['http://h:0', 'http://h/?', 'http://h/#', 'http://h/a?b=1', 'http://h#x']) {
+      expect(() => loadConfig({ UPSTREAM_URL: url }), url).toThrow(/UPSTREAM_URL=/);
+    }
+  });
+
+  it('refuses route prefixes that could never match a request\'s path', () => {
+    const file = (prefix: string) => {
+      const dir = mkdtempSync(path.join(os.tmpdir(), 'ambassador-prefix-'));
+      const f = path.join(dir, 'routes.json');
+      writeFileSync(f, JSON.stringify({ routes: [{ name: 'r', prefix, upstream: 'http://h' }] }));
+      return f;
+    };
+    for (const prefix of ['/a/../b', '/a/./b', '/%2e%2e/b', '/a b', '/caf\u00e9', '/a%zz', '/a\\b']) {
+      expect(() => loadConfig({ ROUTES_FILE: file(prefix) }, read), prefix).toThrow(/routes\[0\]\.prefix: expected a path prefix/);
+    }
+    for (const prefix of ['/', '/inventory', '/a%2Fb', '/v1.2/items', '/a/'] ) expect(loadConfig({ ROUTES_FILE: file(prefix) }, read).routes[0].prefix, prefix).toBe(prefix === '/a/' ? '/a' : prefix);
+  });
+
+  it('checks a routes file of 20,000 routes in well under a second', () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'ambassador-many-'));
+    const f = path.join(dir, 'routes.json');
+    writeFileSync(f, JSON.stringify({ routes: Array.from({ length: 20_000 }, (_, i) => ({ name: `r${i}`, prefix: `/p${i}`, upstream: `http://h${i % 50}:${9000 + (i % 7)}` })) }));
+    const t0 = performance.now();
+    expect(loadConfig({ ROUTES_FILE: f }, read).routes).toHaveLength(20_000);
+    // Quadratic checking took over a minute here; the bound leaves a loaded machine plenty of room.
+    expect(performance.now() - t0).toBeLessThan(5000);
+  });
+});
+
 describe.each(RUNTIMES)('bad configuration stops the process (%s)', (runtime) => {
+  it('exits 2 naming HOST and PORT when it cannot listen there (an address not of this machine, a port taken)', async () => {
+    const blocker = net.createServer();
+    await new Promise<void>((r) => blocker.listen(0, '127.0.0.1', r));
+    const taken = (blocker.address() as net.AddressInfo).port;
+    try {
+      for (const env of [{ HOST: '10.255.255.254', PORT: '0' }, { HOST: '127.0.0.1', PORT: String(taken) }]) {
+        const p = startProcess(command(runtime), { UPSTREAM_URL: 'http://127.0.0.1:9', ADMIN_PORT: '0', ...env });
+        const { code } = await p.exited;
+        expect(code, JSON.stringify(env)).toBe(2);
+        const err = p.stderr.join('\n');
+        expect(err).toContain(`HOST=${JSON.stringify(env.HOST)}, PORT=${JSON.stringify(env.PORT)}: expected an address of this machine and a port free on it`);
+      }
+    } finally {
+      blocker.close();
+    }
+  });
+
   it('exits 2 before listening, naming every bad variable on stderr', async () => {
     const p = startProcess(command(runtime), { UPSTREAM_URL: 'not a url', RETRY_ATTEMPTS: '0', LOG_FORMAT: 'yaml', PORT: '0', ADMIN_PORT: '0' });
     const { code } = await p.exited;

@@ -96,6 +96,74 @@ describe.each(RUNTIMES)('drain on SIGTERM (%s)', (runtime) => {
   });
 });
 
+describe.each(RUNTIMES)('drain with work still arriving, and other signals (%s)', (runtime) => {
+  stopAfterEach();
+
+  /** An upload sent in 16 KiB pieces, one every 100 ms; its body length as the upstream counted it. */
+  function slowUpload(url: string, pieces: number, withLength: boolean): Promise<{ status: number; body: string }> {
+    return new Promise((resolve, reject) => {
+      const req = http.request(url, { method: 'PUT', headers: withLength ? { 'content-length': String(pieces * 16384) } : {} }, (res) => {
+        let body = '';
+        res.on('data', (c) => (body += c));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+      });
+      req.on('error', reject);
+      let sent = 0;
+      const timer = setInterval(() => {
+        req.write(Buffer.alloc(16384, 'u'));
+        if (++sent === pieces) {
+          clearInterval(timer);
+          req.end();
+        }
+      }, 100);
+    });
+  }
+
+  for (const withLength of [true, false]) {
+    it(`finishes an upload still arriving when SIGTERM comes (${withLength ? 'Content-Length' : 'chunked'})`, async () => {
+      const upstream = await startUpstream((_q, res, seen) => res.end(`got ${seen.body.length}`));
+      const amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
+      const upload = slowUpload(`${amb.url}/upload`, 12, withLength);
+      await sleep(350);
+      amb.kill('SIGTERM');
+      expect(await upload).toEqual({ status: 200, body: `got ${12 * 16384}` });
+      expect((await amb.exited).code).toBe(0);
+    });
+  }
+
+  it('goes on with a drain begun by POST /shutdown when SIGTERM follows; a second signal ends it at once', async () => {
+    const upstream = await startUpstream((_q, res) => setTimeout(() => res.end('finished'), 1000));
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
+    const inFlight = get(`${amb.url}/slow`);
+    await sleep(200);
+    expect((await fetch(`${amb.adminUrl}/shutdown`, { method: 'POST' })).status).toBe(202);
+    amb.kill('SIGTERM');
+    await sleep(200);
+    expect(amb.child.exitCode).toBeNull(); // still draining
+    expect(await inFlight).toMatchObject({ status: 200, body: 'finished' });
+    expect((await amb.exited).code).toBe(0);
+
+    const again = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
+    const stuck = get(`${again.url}/slow`).catch(() => 'cut');
+    await sleep(200);
+    again.kill('SIGTERM');
+    await again.waitForLine((l) => l.includes('drain started'));
+    again.kill('SIGTERM');
+    expect((await again.exited).code).toBe(1);
+    await stuck;
+  });
+
+  it('ignores SIGHUP, says so, and keeps serving', async () => {
+    const upstream = await startUpstream();
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
+    amb.kill('SIGHUP');
+    await amb.waitForLine((l) => l.includes('SIGHUP ignored'));
+    expect((await fetch(`${amb.url}/x`)).status).toBe(200);
+    expect((await fetch(`${amb.adminUrl}/readyz`)).status).toBe(200);
+    expect(amb.child.exitCode).toBeNull();
+  });
+});
+
 describe.each(RUNTIMES)('POST /shutdown, for Jobs on clusters without native sidecars (%s)', (runtime) => {
   it('drains and exits 0 when asked from loopback', async () => {
     const upstream = await startUpstream();

@@ -266,12 +266,12 @@ describe.each(RUNTIMES)('no place, timer or in-flight entry outlives its request
       req.on('error', (err) => (req.destroyed && (err as NodeJS.ErrnoException).code === 'EPIPE') || reject(err));
       req.end(Buffer.alloc(size));
     });
-    for (const size of [10 * 1024, 4 * 1024 * 1024]) {
-      for (let i = 0; i < 3; i++) {
-        const r = await upload(size);
-        expect(r.status, `${size} bytes`).toBe(413);
-        expect(r.text).toBe('too large');
-      }
+    // Small and large in turn, on the app's keep-alive connections: an answer that came before the body
+    // was all read closes its connection, so the next request is never stuck behind what is left of it.
+    for (const size of [10 * 1024, 4 * 1024 * 1024, 10 * 1024, 4 * 1024 * 1024, 10 * 1024, 10 * 1024, 4 * 1024 * 1024, 10 * 1024]) {
+      const r = await upload(size);
+      expect(r.status, `${size} bytes`).toBe(413);
+      expect(r.text).toBe('too large');
     }
     const m = await scrape(amb);
     expect(m.get(`ambassador_upstream_endpoint_ejections_total{route="default",endpoint="${new URL(up.url).host}"}`)).toBe(0);

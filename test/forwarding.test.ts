@@ -3,7 +3,7 @@
 import http from 'node:http';
 import zlib from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RUNTIMES, rawRequest, startAmbassador, startUpstream, type AmbassadorProc, type Upstream } from './helpers.ts';
+import { RUNTIMES, rawRequest, startAmbassador, startRawUpstream, startUpstream, stopAfterEach, type AmbassadorProc, type Upstream } from './helpers.ts';
 
 describe.each(RUNTIMES)('forwarding (%s)', (runtime) => {
   let upstream: Upstream;
@@ -163,3 +163,56 @@ function dechunk(buf: Buffer): Buffer {
     at = eol + 2 + size + 2;
   }
 }
+
+describe.each(RUNTIMES)('headers as the wire carries them (%s)', (runtime) => {
+  stopAfterEach();
+
+  it('sends the app\'s header lines on in order with their repeats, adding only the forwarding headers (Deno: exactly what its server and fetch change)', async () => {
+    const up = await startRawUpstream((_req, socket) => void socket.write('HTTP/1.1 200 OK\r\nX-Dup: a\r\nX-Dup: b\r\nWWW-Authenticate: Basic realm="a"\r\nWWW-Authenticate: Bearer\r\nContent-Length: 2\r\n\r\nok'));
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
+    const raw = await rawRequest(amb.port, 'GET /h HTTP/1.1\r\nHost: app.local\r\nZeta: 1\r\nX-A: 1\r\nX-A: 2\r\nAlpha: 3\r\nConnection: close\r\n\r\n', 3000);
+    const sent = up.requests[0].headers.map(([k, v]) => `${k.toLowerCase()}: ${v}`);
+    // Ours: the forwarding headers, and the client's own Connection (its keep-alive, hop-by-hop).
+    const own = ['host', 'accept-encoding', 'x-request-id', 'x-forwarded-for', 'x-forwarded-proto', 'x-forwarded-host', 'via', 'connection'];
+    const appLines = sent.filter((l) => !own.includes(l.split(':')[0]));
+    const received = raw.split('\r\n\r\n')[0].split('\r\n').slice(1).map((l) => l.toLowerCase());
+    if (runtime === 'deno') {
+      // Deno.serve hands the handler a Headers object: names sorted, repeats joined. Its fetch adds
+      // accept, accept-language and user-agent when the app sent none, and joins repeats on the way back.
+      expect(appLines).toEqual(['alpha: 3', 'x-a: 1, 2', 'zeta: 1', 'accept: */*', 'accept-language: *', expect.stringMatching(/^user-agent: Deno\//)]);
+      expect(received).toContain('x-dup: a, b');
+      expect(received).toContain('www-authenticate: basic realm="a", bearer');
+    } else {
+      expect(appLines).toEqual(['zeta: 1', 'x-a: 1', 'x-a: 2', 'alpha: 3']);
+      expect(received.filter((l) => l.startsWith('x-dup') || l.startsWith('www-authenticate'))).toEqual(['x-dup: a', 'x-dup: b', 'www-authenticate: basic realm="a"', 'www-authenticate: bearer']);
+    }
+  });
+
+  it('keeps an app\'s Content-Length on an upload too large to hold for a retry, on every runtime', async () => {
+    const up = await startRawUpstream();
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
+    const size = 16 * 16 * 1024; // sixteen pieces of 16 KiB
+    const status = await new Promise<number>((resolve, reject) => {
+      const req = http.request(`${amb.url}/upload`, { method: 'PUT', headers: { 'content-length': String(size) } }, (res) => {
+        res.resume();
+        res.on('end', () => resolve(res.statusCode ?? 0));
+      });
+      req.on('error', reject);
+      // In pieces, so the ambassador streams it rather than holding it whole.
+      let sent = 0;
+      const next = () => {
+        if (sent === size) return req.end();
+        req.write(Buffer.alloc(16 * 1024, 'p'));
+        sent += 16 * 1024;
+        setTimeout(next, 5);
+      };
+      next();
+    });
+    expect(status).toBe(200);
+    const got = up.requests[0];
+    expect(got.body.length).toBe(size);
+    const names = got.headers.map(([k]) => k.toLowerCase());
+    expect(got.headers.find(([k]) => k.toLowerCase() === 'content-length')?.[1]).toBe(String(size));
+    expect(names).not.toContain('transfer-encoding');
+  });
+});
