@@ -1614,28 +1614,33 @@ interface DenoHttpClient {
  * refuse, and Deno's node:http, which keeps the length, resends a request — a POST too — on a reused
  * keep-alive connection that fails under it, so it never gets one to reuse. */
 function fetchSend(d: DenoLike, withLength: Send): Send {
-  const clients = new WeakMap<TlsMaterial, DenoHttpClient>();
-  let byAddress: DenoHttpClient | undefined;
-  const clientFor = (tls: TlsMaterial) => {
-    let client = clients.get(tls);
-    if (!client) {
-      client = d.createHttpClient({ caCerts: tls.ca ? [tls.ca] : undefined, ...(tls.cert && tls.key ? { cert: tls.cert, key: tls.key } : {}) });
-      clients.set(tls, client);
-    }
-    return client;
+  // Deno's client sends a request again, on a new connection, when a reused one closes under it — even a
+  // POST the upstream has already read. A request that must not be repeated therefore never goes on a
+  // reused connection: its clients keep none idle (`once`).
+  const clients = new WeakMap<TlsMaterial, { pooled?: DenoHttpClient; once?: DenoHttpClient }>();
+  const plain: { pooled?: DenoHttpClient; once?: DenoHttpClient } = {};
+  const byAddress: { pooled?: DenoHttpClient; once?: DenoHttpClient } = {};
+  const make = (options: Parameters<DenoLike['createHttpClient']>[0], once: boolean) =>
+    d.createHttpClient(once ? { ...options, poolMaxIdlePerHost: 0 } : options);
+  const clientFor = (tls: TlsMaterial, once: boolean) => {
+    let set = clients.get(tls);
+    if (!set) clients.set(tls, (set = {}));
+    const options = { caCerts: tls.ca ? [tls.ca] : undefined, ...(tls.cert && tls.key ? { cert: tls.cert, key: tls.key } : {}) };
+    return once ? (set.once ??= make(options, true)) : (set.pooled ??= make(options, false));
   };
   return async (url, init) => {
     if (init.body instanceof ReadableStream && headerValue(init.headers, 'content-length') !== null) return withLength(url, init);
+    const once = !IDEMPOTENT.has(init.method) && headerValue(init.headers, 'idempotency-key') === null;
     let target = url;
     let headers = init.headers;
-    let client: DenoHttpClient | undefined;
-    if (init.tls) client = clientFor(init.tls);
+    let client: DenoHttpClient | undefined = once ? (plain.once ??= make({}, true)) : undefined;
+    if (init.tls) client = clientFor(init.tls, once);
     else if (init.address !== null) {
       const u = new URL(url);
       headers = [['host', u.host], ...headers];
       u.hostname = init.address.includes(':') ? `[${init.address}]` : init.address;
       target = u.href;
-      client = byAddress ??= d.createHttpClient({ allowHost: true });
+      client = once ? (byAddress.once ??= make({ allowHost: true }, true)) : (byAddress.pooled ??= make({ allowHost: true }, false));
     }
     let res: Response;
     try {
@@ -2215,7 +2220,7 @@ interface DenoLike {
   env: { toObject(): Record<string, string> };
   exit(code: number): never;
   mainModule: string;
-  createHttpClient(options: { caCerts?: string[]; cert?: string; key?: string; allowHost?: boolean }): DenoHttpClient;
+  createHttpClient(options: { caCerts?: string[]; cert?: string; key?: string; allowHost?: boolean; poolMaxIdlePerHost?: number }): DenoHttpClient;
   readTextFileSync(path: string): string;
   resolveDns(query: string, type: 'A' | 'AAAA'): Promise<string[]>;
 }

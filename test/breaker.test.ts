@@ -129,7 +129,7 @@ describe.each(RUNTIMES)('circuit breaking on real upstreams (%s)', (runtime) => 
     expect(lines).toEqual(['open', 'half-open', 'closed']);
   });
 
-  it('answers 503 with Retry-After in milliseconds once every endpoint is ejected, instead of waiting on timeouts', async () => {
+  it('answers 503 with Retry-After in seconds once every endpoint is ejected, instead of waiting on timeouts', async () => {
     // Two upstreams that accept and never answer: each attempt waits TRY_TIMEOUT_MS until the breakers open.
     const hang = () => startUpstream(() => {}, { readBody: false });
     const x = await hang();
@@ -140,15 +140,21 @@ describe.each(RUNTIMES)('circuit breaking on real upstreams (%s)', (runtime) => 
     for (let i = 0; i < 2; i++) expect((await fetch(`${amb.url}/slow`)).status).toBe(504);
     const seenBefore = x.seen.length + y.seen.length;
     expect(seenBefore).toBe(4);
+    const times: number[] = [];
     for (let i = 0; i < 20; i++) {
       const t0 = performance.now();
       const res = await fetch(`${amb.url}/slow`);
-      const ms = performance.now() - t0;
+      times.push(performance.now() - t0);
       expect(res.status).toBe(503);
-      expect(Number(res.headers.get('retry-after'))).toBeGreaterThanOrEqual(29);
+      // Seconds until the first ejection (30 s) ends: at most 30, and not yet much less.
+      const retryAfter = Number(res.headers.get('retry-after'));
+      expect(retryAfter).toBeGreaterThanOrEqual(20);
+      expect(retryAfter).toBeLessThanOrEqual(30);
       expect(await res.text()).toMatch(/circuit open: all 2 endpoints are ejected/);
-      expect(ms).toBeLessThan(250); // a timeout would be 1000 ms
     }
+    // A timeout would be 1000 ms each; room left for a loaded machine.
+    expect(times.sort((a, b) => a - b)[10]).toBeLessThan(250);
+    expect(Math.max(...times)).toBeLessThan(800);
     expect(x.seen.length + y.seen.length).toBe(seenBefore); // not one more request reached them
     const m = await scrape(amb);
     expect(m.get('ambassador_requests_rejected_total{route="default",reason="circuit_open"}')).toBe(20);

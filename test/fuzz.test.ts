@@ -2,7 +2,7 @@
  * the result keeps its promises. */
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { ConfigError, forwardHeaders, loadConfig, responseHeaders, stripHopByHop, type HeaderList } from '../ambassador.ts';
+import { ConfigError, forwardHeaders, loadConfig, matchRoute, responseHeaders, stripHopByHop, type HeaderList } from '../ambassador.ts';
 
 const NAMES = ['UPSTREAM_URL', 'HOST', 'PORT', 'ADMIN_HOST', 'ADMIN_PORT', 'RETRY_ATTEMPTS', 'RETRY_BACKOFF_MS', 'RETRY_BACKOFF_MAX_MS',
   'RETRY_BUDGET_PERCENT', 'RETRY_BUDGET_MIN_PER_SEC', 'RETRY_BODY_MAX_BYTES', 'TRY_TIMEOUT_MS', 'REQUEST_TIMEOUT_MS', 'DRAIN_TIMEOUT_MS',
@@ -10,14 +10,50 @@ const NAMES = ['UPSTREAM_URL', 'HOST', 'PORT', 'ADMIN_HOST', 'ADMIN_PORT', 'RETR
   'BREAKER_PROBES', 'MAX_IN_FLIGHT', 'QUEUE_SIZE', 'QUEUE_TIMEOUT_MS', 'RATE_LIMIT_PER_SEC', 'RATE_LIMIT_BURST', 'RATE_LIMIT_WAIT_MS', 'DNS_REFRESH_MS'];
 const HOP = ['connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'proxy-authorization', 'te', 'trailer', 'transfer-encoding', 'upgrade'];
 
-const value = fc.oneof(fc.string(), fc.integer({ min: -10, max: 100_000 }).map(String), fc.constantFrom('', ' ', 'json', 'text', 'debug', 'http://h:1', 'https://x/y', '1e3', '0x10', 'NaN'));
-const env = fc.dictionary(fc.constantFrom(...NAMES), value);
+/** A valid environment: every numeric setting in range (cross-field rules kept), a valid URL and hosts. */
+const validEnv = fc.record({
+  UPSTREAM_URL: fc.constantFrom('http://inventory:9000', 'https://payments.internal:8443/api', 'http://10.0.0.7:80,http://10.0.0.8:80', 'http://h/base/'),
+  HOST: fc.constantFrom('127.0.0.1', '::1', '0.0.0.0', 'localhost'),
+  PORT: fc.integer({ min: 1, max: 30000 }).map(String),
+  ADMIN_PORT: fc.integer({ min: 30001, max: 65535 }).map(String),
+  RETRY_ATTEMPTS: fc.integer({ min: 1, max: 100 }).map(String),
+  RETRY_BACKOFF_MS: fc.integer({ min: 0, max: 1000 }).map(String),
+  RETRY_BUDGET_PERCENT: fc.integer({ min: 0, max: 100 }).map(String),
+  TRY_TIMEOUT_MS: fc.integer({ min: 0, max: 60000 }).map(String),
+  REQUEST_TIMEOUT_MS: fc.integer({ min: 0, max: 60000 }).map(String),
+  BREAKER_OPEN_MS: fc.integer({ min: 1, max: 5000 }).map(String),
+  MAX_IN_FLIGHT: fc.integer({ min: 0, max: 5000 }).map(String),
+  RATE_LIMIT_PER_SEC: fc.integer({ min: 0, max: 1000 }).map(String),
+  LOG_FORMAT: fc.constantFrom('json', 'text', 'JSON'),
+  LOG_LEVEL: fc.constantFrom('debug', 'info', 'warn', 'error'),
+}, { requiredKeys: ['UPSTREAM_URL'] }).map((e): Record<string, string> => ({
+  ...e,
+  // The caps at least their bases, as the rules require.
+  ...(e.RETRY_BACKOFF_MS ? { RETRY_BACKOFF_MAX_MS: String(Number(e.RETRY_BACKOFF_MS) + 100) } : {}),
+  ...(e.BREAKER_OPEN_MS ? { BREAKER_OPEN_MAX_MS: String(Number(e.BREAKER_OPEN_MS) * 4) } : {}),
+}));
+/** Values each variable must refuse. */
+const BAD: Record<string, string[]> = {
+  UPSTREAM_URL: ['ftp://x', 'http://h:0', 'http://u:p@h', 'http://h/?', 'not a url', 'http://h#x'],
+  HOST: ['not-an-ip', '999.1.1.1', '127.0.0.1:80'], ADMIN_HOST: ['example.com'],
+  PORT: ['-1', '65536', 'abc', '80.5'], ADMIN_PORT: ['x'],
+  RETRY_ATTEMPTS: ['0', '101', 'three'], RETRY_BACKOFF_MS: ['-5', '1e3'], RETRY_BUDGET_PERCENT: ['101'], TRY_TIMEOUT_MS: ['0x10', 'NaN'],
+  BREAKER_OPEN_MS: ['0'], MAX_IN_FLIGHT: ['-1'], LOG_FORMAT: ['yaml'], LOG_LEVEL: ['verbose'], DRAIN_TIMEOUT_MS: ['soon'],
+};
+const mutations = fc.uniqueArray(fc.constantFrom(...Object.keys(BAD)), { maxLength: 3 })
+  .chain((names) => fc.tuple(fc.constant(names), fc.tuple(...names.map((n) => fc.constantFrom(...BAD[n])))));
 
-describe('loadConfig under arbitrary environments', () => {
-  it('returns a frozen, valid config or throws one ConfigError naming each bad variable', () => {
-    fc.assert(fc.property(env, (e) => {
+describe('loadConfig under mostly valid environments with targeted mutations', () => {
+  it('returns a frozen, valid config or throws one ConfigError naming each mutated variable, and both branches run often', () => {
+    let valid = 0;
+    let refused = 0;
+    fc.assert(fc.property(validEnv, fc.oneof({ weight: 2, arbitrary: fc.constant([[], []] as [string[], string[]]) }, { weight: 3, arbitrary: mutations }), (base, [names, values]) => {
+      const e = { ...base };
+      names.forEach((n, i) => (e[n] = values[i]));
       try {
         const c = loadConfig(e);
+        valid++;
+        expect(names).toEqual([]); // every mutation is refused
         expect(Object.isFrozen(c)).toBe(true);
         const [r] = c.routes;
         for (const u of r.upstreams) expect(['http:', 'https:']).toContain(u.protocol);
@@ -28,40 +64,76 @@ describe('loadConfig under arbitrary environments', () => {
         expect(r.breakerOpenMaxMs).toBeGreaterThanOrEqual(r.breakerOpenMs);
         if (r.rateLimitPerSec > 0) expect(r.rateLimitBurst).toBeGreaterThan(0);
       } catch (err) {
+        refused++;
         expect(err).toBeInstanceOf(ConfigError);
-        for (const problem of (err as ConfigError).problems) expect(NAMES.some((n) => problem.startsWith(n))).toBe(true);
+        const problems = (err as ConfigError).problems;
+        for (const n of names) expect(problems.some((p) => p.startsWith(`${n}=`)), `${n}=${e[n]}`).toBe(true);
+        for (const problem of problems) expect(NAMES.some((n) => problem.startsWith(n))).toBe(true);
       }
     }), { numRuns: 2000 });
+    expect(valid).toBeGreaterThan(400);
+    expect(refused).toBeGreaterThan(400);
   });
 });
 
-describe('loadConfig under arbitrary routes files', () => {
-  const field = fc.constantFrom('name', 'prefix', 'host', 'upstream', 'stripPrefix', 'tls', 'retryAttempts', 'maxInFlight', 'rateLimitPerSec', 'breakerOpenMs', 'typo');
-  const json = fc.oneof(fc.string(), fc.integer({ min: -5, max: 200 }), fc.boolean(), fc.constant(null),
-    fc.constantFrom('/', '/inventory', '/a/b/', 'inventory', 'http://h:1', 'https://x', ['http://a', 'http://b'], { caFile: '/nope' }, 'ftp://x'));
-  const route = fc.dictionary(field, json);
-  const doc = fc.oneof(fc.record({ routes: fc.array(route, { maxLength: 5 }) }), json, fc.array(route));
+describe('loadConfig under mostly valid routes files with targeted mutations', () => {
+  const segment = fc.constantFrom('inventory', 'payments', 'v1', 'items', 'a', 'b%2Fc', 'x.y');
+  const route = (i: number) => fc.record({
+    prefix: fc.array(segment, { minLength: 0, maxLength: 3 }).map((parts) => `/r${i}${parts.map((p) => `/${p}`).join('')}`),
+    host: fc.option(fc.constantFrom('shop.local', 'api.internal'), { nil: undefined }),
+    upstream: fc.oneof(fc.constantFrom('http://h:9000', 'https://p.internal:8443/base'), fc.constant(['http://a:1', 'http://b:2'])),
+    stripPrefix: fc.option(fc.boolean(), { nil: undefined }),
+    retryAttempts: fc.option(fc.integer({ min: 1, max: 100 }), { nil: undefined }),
+    maxInFlight: fc.option(fc.integer({ min: 0, max: 10000 }), { nil: undefined }),
+  }).map((r) => Object.fromEntries(Object.entries({ name: `route-${i}`, ...r }).filter(([, v]) => v !== undefined)));
+  // Routes that nest: a short prefix of one may cover another's longer one, so order matters.
+  const routes = fc.integer({ min: 1, max: 6 }).chain((n) => fc.tuple(...Array.from({ length: n }, (_, i) => route(i % 3))))
+    .map((list) => list.map((r, i) => ({ ...r, name: `route-${i}`, prefix: i >= 3 ? `${r.prefix}/deeper${i}` : r.prefix })));
+  const BAD_FIELDS: Record<string, unknown[]> = {
+    name: ['bad one', '', 7], prefix: ['inventory', '/a/../b', '/a b', '/%zz', 5], host: ['a b', 'h:80'], upstream: ['ftp://x', [], 'http://h:0', 'http://h?'],
+    stripPrefix: ['yes'], retryAttempts: [0, 101, '3'], maxInFlight: [-1, 1.5], typo: [1], tls: ['x', { pinned: true }],
+  };
+  const mutation = fc.tuple(fc.nat(), fc.constantFrom(...Object.keys(BAD_FIELDS)), fc.nat());
 
-  it('returns routes that keep their promises, or throws one ConfigError whose every problem names ROUTES_FILE and a field', () => {
-    fc.assert(fc.property(doc, (d) => {
-      const text = JSON.stringify(d) ?? 'null';
+  it('gives routes where each is reached by its own prefix, or one ConfigError naming ROUTES_FILE and each mutated field, and both branches run often', () => {
+    let valid = 0;
+    let refused = 0;
+    fc.assert(fc.property(routes, fc.oneof({ weight: 2, arbitrary: fc.constant([] as Array<[number, string, number]>) }, { weight: 3, arbitrary: fc.array(mutation, { minLength: 1, maxLength: 2 }) }), (list, muts) => {
+      const doc = { routes: list.map((r) => ({ ...r })) as Array<Record<string, unknown>> };
+      const mutated: string[] = [];
+      for (const [at, field, pick] of muts) {
+        const i = at % doc.routes.length;
+        doc.routes[i][field] = BAD_FIELDS[field][pick % BAD_FIELDS[field].length];
+        mutated.push(`routes[${i}].${field}`);
+      }
+      const text = JSON.stringify(doc);
       try {
         const c = loadConfig({ ROUTES_FILE: '/routes.json' }, () => text);
-        expect(c.routes.length).toBeGreaterThan(0);
-        for (const r of c.routes) {
-          expect(r.prefix.startsWith('/')).toBe(true);
-          expect(r.upstreams.length).toBeGreaterThan(0);
-          expect(r.retryAttempts).toBeGreaterThanOrEqual(1);
-        }
-        // Most specific first: no route is hidden behind an earlier one that covers it.
+        valid++;
+        expect(mutated).toEqual([]);
+        expect(c.routes).toHaveLength(list.length);
+        // Most specific first, and so every route is what its own prefix (and host) reaches.
         c.routes.forEach((r, i) => c.routes.slice(0, i).forEach((earlier) => {
           if (earlier.host === r.host) expect(earlier.prefix.length).toBeGreaterThanOrEqual(r.prefix.length);
         }));
+        for (const r of c.routes) expect(matchRoute(c.routes, r.host, r.prefix)?.name).toBe(r.name);
       } catch (err) {
+        refused++;
         expect(err).toBeInstanceOf(ConfigError);
-        for (const problem of (err as ConfigError).problems) expect(problem.startsWith('ROUTES_FILE="/routes.json"')).toBe(true);
+        const problems = (err as ConfigError).problems;
+        for (const m of mutated) expect(problems.some((p) => p.includes(`: ${m}`)), `${m}\n${problems.join('\n')}`).toBe(true);
+        for (const problem of problems) expect(problem.startsWith('ROUTES_FILE="/routes.json"')).toBe(true);
       }
     }), { numRuns: 2000 });
+    expect(valid).toBeGreaterThan(400);
+    expect(refused).toBeGreaterThan(400);
+  });
+
+  it('throws one ConfigError naming ROUTES_FILE for documents that are not routes at all', () => {
+    const junk = fc.oneof(fc.string(), fc.integer(), fc.constant(null), fc.array(fc.anything()), fc.record({ routes: fc.oneof(fc.constant([]), fc.string(), fc.integer()) }));
+    fc.assert(fc.property(junk, (d) => {
+      expect(() => loadConfig({ ROUTES_FILE: '/routes.json' }, () => JSON.stringify(d) ?? 'null')).toThrow(ConfigError);
+    }), { numRuns: 500 });
   });
 });
 

@@ -38,13 +38,22 @@ describe.each(RUNTIMES)('hostile input (%s)', (runtime) => {
     ['a URL over 64 KiB', `GET /${'a'.repeat(70_000)} HTTP/1.1\r\nHost: x\r\n\r\n`],
     ['an invalid method', 'G@T /a HTTP/1.1\r\nHost: x\r\n\r\n'],
     ['no Host header', 'GET /a HTTP/1.1\r\n\r\n'],
-  ])('%s: a 4xx, nothing smuggled upstream', async (_name, text) => {
-    const before = upstream.seen.length;
-    const raw = await rawRequest(amb.port, text, 2000);
-    const status = statusOf(raw);
-    expect(status === 0 || (status >= 400 && status < 500), raw.slice(0, 80)).toBe(true);
-    expect(upstream.seen.slice(before).some((s) => s.url.includes('smuggled'))).toBe(false);
-    await stillServing();
+  ])('%s: a 4xx or a closed connection within its bound, and not a byte of it smuggled upstream', async (_name, text) => {
+    const raw = await startRawUpstream();
+    const own = await startAmbassador(runtime, { UPSTREAM_URL: raw.url });
+    try {
+      // A hang is a failure: `exchange` rejects when neither an answer nor a close comes in 3 s.
+      const r = await exchange(own.port, text, 3000);
+      expect(r.status === 0 ? r.closed : r.status >= 400 && r.status < 500, r.raw.slice(0, 80)).toBe(true);
+      await sleep(100);
+      // Whatever the upstream received, byte for byte, holds no request the app did not send as one.
+      expect(raw.received.join('')).not.toContain('smuggled');
+      expect(raw.requests.map((q) => q.target).filter((t) => t !== '/a')).toEqual([]);
+      expect(await (await fetch(`${own.url}/ok`)).text()).toBe('ok');
+    } finally {
+      await own.stop();
+      await raw.close();
+    }
   });
 
   it('bare LF line endings: refused, or read as one request (RFC 9112 §2.2 allows it) — never two', async () => {
@@ -67,7 +76,9 @@ describe.each(RUNTIMES)('hostile input (%s)', (runtime) => {
     for (const s of slow) s.write('a');
     const t0 = performance.now();
     for (let i = 0; i < 20; i++) await stillServing();
-    expect(performance.now() - t0).toBeLessThan(2000);
+    // Served while 200 slow heads are held open: generously bounded for a loaded machine (a server that
+    // waited on them would take Node's 66 s headersTimeout).
+    expect(performance.now() - t0).toBeLessThan(10_000);
     for (const s of slow) s.destroy();
   });
 

@@ -129,15 +129,18 @@ describe.each(RUNTIMES)('retries (%s)', (runtime) => {
     expect(upstream.seen.length).toBe(3);
   });
 
-  it('keeps the whole request within REQUEST_TIMEOUT_MS, retries included', async () => {
+  it('keeps the whole request within REQUEST_TIMEOUT_MS, retries included: the deadline cuts the running try short', async () => {
     upstream = await startUpstream(() => {});
-    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, TRY_TIMEOUT_MS: '300', REQUEST_TIMEOUT_MS: '500', RETRY_ATTEMPTS: '5' });
+    // Tries of 1000 ms against a 1200 ms deadline: the first try times out, the second is cut to what is
+    // left. Without the deadline this takes 5 s; with a deadline that lets the running try finish, 2 s.
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, TRY_TIMEOUT_MS: '1000', REQUEST_TIMEOUT_MS: '1200', RETRY_ATTEMPTS: '5', RETRY_BACKOFF_MS: '0', RETRY_BACKOFF_MAX_MS: '0' });
     const t0 = performance.now();
     const res = await fetch(`${amb.url}/x`);
     const took = performance.now() - t0;
     expect(res.status).toBe(504);
-    expect(took).toBeLessThan(1500);
-    expect(upstream.seen.length).toBeLessThanOrEqual(2);
+    expect(took).toBeGreaterThanOrEqual(1150);
+    expect(took).toBeLessThan(1800);
+    expect(upstream.seen.length).toBe(2);
   });
 
   it('does not wait for a Retry-After that would pass the deadline', async () => {
@@ -152,6 +155,28 @@ describe.each(RUNTIMES)('retries (%s)', (runtime) => {
     expect(performance.now() - t0).toBeLessThan(1000);
     expect(upstream.seen.length).toBe(1);
     expect(attemptLines(amb)[0]).toMatchObject({ skip: 'deadline' });
+  });
+
+  it('keeps retries to RETRY_BUDGET_PERCENT of requests under steady load: a failing upstream gets about 1.2× its traffic, not 3×', async () => {
+    upstream = await startUpstream((_q, res) => {
+      res.writeHead(503);
+      res.end();
+    });
+    const a = (amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, BREAKER_FAILURES: '0', RETRY_BUDGET_PERCENT: '20', RETRY_BUDGET_MIN_PER_SEC: '0',
+      RETRY_ATTEMPTS: '3', RETRY_BACKOFF_MS: '0', RETRY_BACKOFF_MAX_MS: '0', LOG_LEVEL: 'error' }));
+    let sent = 0;
+    const stopAt = performance.now() + 3000;
+    await Promise.all(Array.from({ length: 8 }, async () => {
+      while (performance.now() < stopAt) {
+        await (await fetch(`${a.url}/x`)).arrayBuffer();
+        sent++;
+      }
+    }));
+    const ratio = upstream.seen.length / sent;
+    expect(sent).toBeGreaterThan(200);
+    // Without a budget every request is tried three times (3.0); the budget holds retries to 20 %.
+    expect(ratio).toBeGreaterThan(1.1);
+    expect(ratio).toBeLessThanOrEqual(1.21);
   });
 
   it('keeps retries within the budget when the upstream keeps failing', async () => {
