@@ -1,0 +1,147 @@
+/** Discovery as each runtime artifact does it in its own process: a name the runtime's own resolver looks
+ * up in DNS, answered by a DNS server the test runs. All of it lives in a network namespace the test
+ * creates (`ip netns exec` gives it its own /etc/resolv.conf, naming that server), with upstreams on
+ * 127.0.0.2–4 sharing one port, like the pods behind a headless Service. Needs root and iproute2; where
+ * network namespaces cannot be made, the test says so and skips. */
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { RUNTIMES, startAmbassador, stopAfterEach, waitFor } from './helpers.ts';
+
+const NS = `ambdns${process.pid % 100000}`;
+const NAME = 'inventory.test';
+const PORT = 18080;
+
+function ip(...args: string[]): void {
+  execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+}
+
+function canMakeNamespaces(): string | undefined {
+  try {
+    ip('netns', 'add', `${NS}-probe`);
+    ip('netns', 'del', `${NS}-probe`);
+    return undefined;
+  } catch (err) {
+    return (err as { stderr?: Buffer }).stderr?.toString().trim() || (err as Error).message;
+  }
+}
+
+/** A DNS server over node:dgram, in a few dozen lines: A records for NAME from the JSON file ANSWERS
+ * (read at each query, TTL 1 s), no AAAA records, NXDOMAIN for any other name; a line per query. */
+const DNS_SERVER = `
+const dgram = require('node:dgram'); const fs = require('node:fs');
+const s = dgram.createSocket('udp4');
+s.on('message', (q, from) => {
+  let at = 12; const labels = [];
+  while (q[at] !== 0) { labels.push(q.subarray(at + 1, at + 1 + q[at]).toString()); at += q[at] + 1; }
+  const name = labels.join('.').toLowerCase(); const type = q.readUInt16BE(at + 1); const question = q.subarray(12, at + 5);
+  const known = name === process.env.NAME;
+  const addresses = known && type === 1 ? JSON.parse(fs.readFileSync(process.env.ANSWERS, 'utf8')) : [];
+  console.log(JSON.stringify({ name, type, answered: addresses }));
+  const head = Buffer.alloc(12); q.copy(head, 0, 0, 2);
+  head.writeUInt16BE(0x8580 | (known ? 0 : 3), 2); head.writeUInt16BE(1, 4); head.writeUInt16BE(addresses.length, 6);
+  const answers = addresses.map((a) => { const r = Buffer.alloc(16); r.writeUInt16BE(0xc00c, 0); r.writeUInt16BE(1, 2); r.writeUInt16BE(1, 4);
+    r.writeUInt32BE(1, 6); r.writeUInt16BE(4, 10); a.split('.').forEach((o, i) => (r[12 + i] = Number(o))); return r; });
+  s.send(Buffer.concat([head, question, ...answers]), from.port, from.address);
+});
+s.bind(53, '127.0.0.1', () => console.log('ready'));
+`;
+
+/** Three upstreams on one port, each answering with its own address. */
+const PODS = `
+const http = require('node:http');
+let up = 0;
+for (const host of ['127.0.0.2', '127.0.0.3', '127.0.0.4']) http.createServer((q, r) => r.end(q.socket.localAddress)).listen(${PORT}, host, () => ++up === 3 && console.log('ready'));
+`;
+
+function inNamespace(code: string, env: Record<string, string> = {}): { child: ChildProcess; lines: string[]; ready: Promise<void> } {
+  const child = spawn('ip', ['netns', 'exec', NS, process.execPath, '-e', code], { env: { PATH: process.env.PATH ?? '', ...env }, stdio: ['ignore', 'pipe', 'inherit'] });
+  const lines: string[] = [];
+  let buf = '';
+  const ready = new Promise<void>((resolve) => child.stdout!.on('data', (d: Buffer) => {
+    buf += d.toString();
+    for (let i; (i = buf.indexOf('\n')) >= 0; buf = buf.slice(i + 1)) {
+      const line = buf.slice(0, i);
+      lines.push(line);
+      if (line === 'ready') resolve();
+    }
+  }));
+  return { child, lines, ready };
+}
+
+/** A GET from inside the namespace (the only place the ambassador can be reached): the body, or the error. */
+function get(url: string): string {
+  try {
+    return execFileSync('ip', ['netns', 'exec', NS, 'curl', '-s', '--max-time', '5', url]).toString();
+  } catch (err) {
+    return `curl failed: ${(err as Error).message}`;
+  }
+}
+
+const why = canMakeNamespaces();
+if (why) console.warn(`\n*** SKIPPED: DNS discovery test — cannot create network namespaces here (${why}). ***\n`);
+
+describe.skipIf(why !== undefined)('discovery through DNS, in each runtime\'s own process', () => {
+  const tmp = path.join(os.tmpdir(), `${NS}-answers`);
+  const answers = path.join(tmp, 'answers.json');
+  const answer = (addresses: string[]) => writeFileSync(answers, JSON.stringify(addresses));
+  let dns: ReturnType<typeof inNamespace>;
+  let pods: ReturnType<typeof inNamespace>;
+  beforeAll(async () => {
+    ip('netns', 'add', NS);
+    ip('-n', NS, 'link', 'set', 'lo', 'up');
+    // `ip netns exec` mounts this over /etc/resolv.conf for what runs in the namespace.
+    mkdirSync(`/etc/netns/${NS}`, { recursive: true });
+    writeFileSync(`/etc/netns/${NS}/resolv.conf`, 'nameserver 127.0.0.1\noptions timeout:1 attempts:1\n');
+    mkdirSync(tmp, { recursive: true });
+    answer(['127.0.0.2']);
+    dns = inNamespace(DNS_SERVER, { NAME, ANSWERS: answers });
+    pods = inNamespace(PODS);
+    await Promise.all([dns.ready, pods.ready]);
+  });
+  afterAll(() => {
+    dns?.child.kill('SIGKILL');
+    pods?.child.kill('SIGKILL');
+    try {
+      ip('netns', 'del', NS);
+    } catch { /* already gone */ }
+    rmSync(`/etc/netns/${NS}`, { recursive: true, force: true });
+    rmSync(tmp, { recursive: true, force: true });
+  });
+  stopAfterEach();
+
+  it.each(RUNTIMES)('%s: spreads over the addresses DNS gives, takes up new and gone ones, and keeps them when DNS fails', async (runtime) => {
+    answer(['127.0.0.2']);
+    const queriesBefore = dns.lines.length;
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: `http://${NAME}:${PORT}`, DNS_REFRESH_MS: '1000', RETRY_BACKOFF_MS: '0' }, ['ip', 'netns', 'exec', NS]);
+    const seen = (n: number) => new Set(Array.from({ length: n }, () => get(`${amb.url}/x`)));
+    expect([...seen(8)]).toEqual(['127.0.0.2']);
+    // The runtime's own resolver asked the test's DNS server (asserted here, outside the resolver).
+    await waitFor('the DNS server to log the query', () => dns.lines.slice(queriesBefore).some((l) => l.includes(`"name":"${NAME}"`) && l.includes('"type":1')), 3000);
+
+    answer(['127.0.0.2', '127.0.0.3', '127.0.0.4']);
+    await waitFor('all three addresses in use', () => seen(12).size === 3, 10_000);
+    await waitFor('the change in the log', () => amb.logs().some((l) => l.msg === 'endpoints changed' && (l.added as string[]).includes(`127.0.0.4:${PORT}`)), 3000)
+      .catch((err) => { throw new Error(`${err.message}\n${amb.lines.join('\n')}`); });
+
+    answer(['127.0.0.3']);
+    await waitFor('only 127.0.0.3 left', () => {
+      const now = seen(6);
+      return now.size === 1 && now.has('127.0.0.3');
+    }, 10_000);
+
+    // DNS goes silent: the endpoint it last gave stays in use, and the log says the lookup failed.
+    dns.child.kill('SIGSTOP');
+    try {
+      await waitFor('a failed lookup in the log', () => {
+        get(`${amb.url}/x`);
+        return amb.logs().some((l) => String(l.msg).startsWith('discovery failed'));
+      }, 15_000);
+      expect([...seen(4)]).toEqual(['127.0.0.3']);
+    } finally {
+      dns.child.kill('SIGCONT');
+    }
+  }, 60_000);
+});
