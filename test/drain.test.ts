@@ -2,7 +2,7 @@
  * connections do not hold the exit, and DRAIN_TIMEOUT_MS bounds it all. Real processes, real signals. */
 import http from 'node:http';
 import { describe, expect, it } from 'vitest';
-import { RUNTIMES, sleep, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach } from './helpers.ts';
+import { RUNTIMES, sleep, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach, waitFor } from './helpers.ts';
 
 function get(url: string, agent?: http.Agent): Promise<{ status: number; body: string; headers: http.IncomingHttpHeaders }> {
   return new Promise((resolve, reject) => {
@@ -24,8 +24,7 @@ describe.each(RUNTIMES)('drain on SIGTERM (%s)', (runtime) => {
     upstream = await startUpstream((_q, res) => setTimeout(() => res.end('finished'), 1000));
     amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
     const inFlight = get(`${amb.url}/slow`);
-    await sleep(200);
-    expect(upstream.seen.length).toBe(1);
+    await waitFor('the request at the upstream', () => upstream!.seen.length === 1);
     amb.kill('SIGTERM');
     await amb.waitForLine((l) => l.includes('drain started'));
     expect((await fetch(`${amb.adminUrl}/readyz`)).status).toBe(503);
@@ -45,10 +44,10 @@ describe.each(RUNTIMES)('drain on SIGTERM (%s)', (runtime) => {
     upstream = await startUpstream((_q, res) => setTimeout(() => res.end('finished'), 800));
     amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
     const inFlight = get(`${amb.url}/slow`);
-    await sleep(200);
+    await waitFor('the request at the upstream', () => upstream!.seen.length === 1);
     amb.kill('SIGTERM');
     await amb.waitForLine((l) => l.includes('no longer accepting'));
-    await sleep(100);
+    await sleep(100); // the listener closes right after that line
     // A fresh connection after the listener closed is refused: nothing was accepted, so the app's client
     // knows it may send the request elsewhere. (A reset after the request went out would not say that.)
     const late = await get(`${amb.url}/late`, new http.Agent({ keepAlive: false })).then((r) => `answered ${r.status}`, (e: NodeJS.ErrnoException) => e.code);
@@ -65,7 +64,7 @@ describe.each(RUNTIMES)('drain on SIGTERM (%s)', (runtime) => {
     const t0 = performance.now();
     amb.kill('SIGTERM');
     expect((await amb.exited).code).toBe(0);
-    expect(performance.now() - t0).toBeLessThan(2000);
+    expect(performance.now() - t0).toBeLessThan(5000); // DRAIN_TIMEOUT_MS is 20 s: an idle connection held on would take that
     agent.destroy();
   });
 
@@ -85,7 +84,7 @@ describe.each(RUNTIMES)('drain on SIGTERM (%s)', (runtime) => {
     upstream = await startUpstream(() => {}); // never answers
     amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, DRAIN_TIMEOUT_MS: '700', TRY_TIMEOUT_MS: '0', REQUEST_TIMEOUT_MS: '0' });
     const stuck = get(`${amb.url}/stuck`).catch((e: Error) => e.message);
-    await sleep(200);
+    await waitFor('the request at the upstream', () => upstream!.seen.length === 1);
     const t0 = performance.now();
     amb.kill('SIGTERM');
     expect((await amb.exited).code).toBe(0);
@@ -137,7 +136,7 @@ describe.each(RUNTIMES)('drain with work still arriving, and other signals (%s)'
     const upstream = await startUpstream((_q, res) => setTimeout(() => res.end('finished'), 1000));
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
     const inFlight = get(`${amb.url}/slow`);
-    await sleep(200);
+    await waitFor('the request at the upstream', () => upstream.seen.length === 1);
     expect((await fetch(`${amb.adminUrl}/shutdown`, { method: 'POST' })).status).toBe(202);
     amb.kill('SIGTERM');
     await sleep(200);
@@ -147,7 +146,7 @@ describe.each(RUNTIMES)('drain with work still arriving, and other signals (%s)'
 
     const again = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
     const stuck = get(`${again.url}/slow`).catch(() => 'cut');
-    await sleep(200);
+    await waitFor('the request at the upstream', () => upstream.seen.length === 2);
     again.kill('SIGTERM');
     await again.waitForLine((l) => l.includes('drain started'));
     again.kill('SIGTERM');
