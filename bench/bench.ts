@@ -10,82 +10,16 @@
  * upstream when nginx is not installed: the row then says so). Every load is bounded in time; all traffic
  * stays on 127.0.0.1. Prints a table and writes the figures as JSON to dist/bench.json.
  */
-import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { IMAGE_NODE_FLAGS, SMALL, arg, built, cpuSeconds, freePort, has, memory, pinned, proxyConfig, root, sleep, upstreamConfig, waitFor, wrk as wrkLoad, type Load } from './common.ts';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const root = path.resolve(here, path.basename(path.dirname(here)) === 'dist' ? '../..' : '..');
-const arg = (name: string, fallback: number) => {
-  const i = process.argv.indexOf(name);
-  return i >= 0 ? Number(process.argv[i + 1]) : fallback;
-};
 const ROUNDS = arg('--rounds', 3);
 const SECONDS = arg('--seconds', 5);
-const has = (tool: string) => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0;
-const pinned = (cpu: number, argv: string[]) => (has('taskset') && os.cpus().length > 1 ? ['taskset', '-c', String(cpu), ...argv] : argv);
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'ambassador-bench-'));
-
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
-  const { port } = s.address() as net.AddressInfo;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
-}
-
-async function waitFor(url: string, timeoutMs = 10_000): Promise<number> {
-  const t0 = performance.now();
-  for (;;) {
-    try {
-      const res = await fetch(url);
-      await res.arrayBuffer();
-      if (res.ok) return performance.now() - t0;
-    } catch {
-      // not yet
-    }
-    if (performance.now() - t0 > timeoutMs) throw new Error(`${url} not ready after ${timeoutMs} ms`);
-    await sleep(2);
-  }
-}
-
-/** The process and its children (nginx's workers), from /proc. */
-function tree(pid: number): number[] {
-  const children = readdirSync('/proc').filter((d) => /^\d+$/.test(d)).flatMap((d) => {
-    try {
-      return readFileSync(`/proc/${d}/stat`, 'utf8').split(') ')[1].split(' ')[1] === String(pid) ? [Number(d)] : [];
-    } catch {
-      return [];
-    }
-  });
-  return [pid, ...children.flatMap(tree)];
-}
-
-/** Resident memory of a process tree, now and at its peak (summed over the processes), in MiB. */
-function memory(pid: number): { rss: number; peak: number } {
-  let rss = 0;
-  let peak = 0;
-  for (const p of tree(pid)) {
-    const status = readFileSync(`/proc/${p}/status`, 'utf8');
-    const kb = (k: string) => Number(new RegExp(`${k}:\\s+(\\d+)`).exec(status)?.[1] ?? 0) / 1024;
-    rss += kb('VmRSS');
-    peak += kb('VmHWM');
-  }
-  return { rss, peak };
-}
-
-/** User and system CPU seconds of a process tree. */
-function cpuSeconds(pid: number): number {
-  return tree(pid).reduce((sum, p) => {
-    const fields = readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1].split(' ');
-    return sum + (Number(fields[11]) + Number(fields[12])) / 100; // utime + stime, in ticks of 1/100 s
-  }, 0);
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // The upstream: nginx (1 worker) when installed, else node:http.
@@ -93,20 +27,6 @@ function cpuSeconds(pid: number): number {
 
 const ONE_MIB = path.join(tmp, '1mib.bin');
 writeFileSync(ONE_MIB, Buffer.alloc(1024 * 1024, 'a'));
-const SMALL = '{"item":"widget","stock":42}';
-
-function nginxConfig(port: number, body: string): string {
-  writeFileSync(path.join(tmp, `nginx-${port}.conf`), [
-    `worker_processes 1; daemon off; pid ${tmp}/nginx-${port}.pid; error_log stderr error;`,
-    'events { worker_connections 4096; }',
-    'http {',
-    `  access_log off; client_body_temp_path ${tmp}; proxy_temp_path ${tmp}; fastcgi_temp_path ${tmp}; uwsgi_temp_path ${tmp}; scgi_temp_path ${tmp};`,
-    '  keepalive_requests 1000000;',
-    body,
-    '}',
-  ].join('\n'));
-  return path.join(tmp, `nginx-${port}.conf`);
-}
 
 interface Running {
   name: string;
@@ -136,7 +56,7 @@ function start(name: string, argv: string[], env: Record<string, string>, readyU
 async function startUpstream(): Promise<Running> {
   const port = await freePort();
   if (has('nginx')) {
-    const conf = nginxConfig(port, `  server { listen 127.0.0.1:${port}; location = /small { default_type application/json; return 200 '${SMALL}'; } location = /1mib { alias ${ONE_MIB}; } }`);
+    const conf = upstreamConfig(tmp, port, ONE_MIB);
     return start('upstream (nginx)', pinned(0, ['nginx', '-c', conf]), {}, `http://127.0.0.1:${port}/small`, `http://127.0.0.1:${port}`);
   }
   const big = readFileSync(ONE_MIB);
@@ -153,6 +73,8 @@ async function startUpstream(): Promise<Running> {
 interface Row {
   name: string;
   available: string | undefined; // why not, when it cannot run here
+  /** the bare proxy on the same runtime this row is measured against */
+  baseline?: string;
   start(upstream: string): Promise<Running>;
 }
 
@@ -160,13 +82,23 @@ const deno = path.join(root, 'node_modules', '.bin', 'deno');
 const ambassadorEnv = (upstream: string, port: number, admin: number) => ({
   UPSTREAM_URL: upstream, PORT: String(port), ADMIN_PORT: String(admin), ADMIN_HOST: '127.0.0.1', LOG_LEVEL: 'warn',
 });
-const ambassadorRow = (name: string, argv: string[], available: string | undefined): Row => ({
-  name, available,
+const ambassadorRow = (name: string, argv: string[], available: string | undefined, baseline: string): Row => ({
+  name, available, baseline,
   async start(upstream) {
     const [port, admin] = [await freePort(), await freePort()];
     return start(name, pinned(1, argv), ambassadorEnv(upstream, port, admin), `http://127.0.0.1:${admin}/readyz`, `http://127.0.0.1:${port}`);
   },
 });
+/** A bare proxy on one runtime, doing nothing but forward: what that runtime costs by itself. */
+const bareRow = (name: string, argv: string[], available: string | undefined): Row => ({
+  name, available,
+  async start(upstream) {
+    const port = await freePort();
+    return start(name, pinned(1, argv), { UPSTREAM_URL: upstream, PORT: String(port) }, `http://127.0.0.1:${port}/small`, `http://127.0.0.1:${port}`);
+  },
+});
+const BARE_NODE = 'bare node:http proxy';
+const BARE_DENO = 'bare Deno.serve + fetch';
 
 const rows: Row[] = [
   { name: 'direct', available: undefined, start: async (upstream) => ({ name: 'direct', pid: 0, url: upstream, startupMs: 0, idleRss: 0, stop: async () => {} }) },
@@ -174,19 +106,19 @@ const rows: Row[] = [
     name: 'nginx', available: has('nginx') ? undefined : 'not installed',
     async start(upstream) {
       const port = await freePort();
-      const conf = nginxConfig(port, [
-        `  upstream u { server ${new URL(upstream).host}; keepalive 128; }`,
-        `  server { listen 127.0.0.1:${port}; location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } }`,
-      ].join('\n'));
+      const conf = proxyConfig(tmp, port, new URL(upstream).host);
       return start('nginx', pinned(1, ['nginx', '-c', conf]), {}, `http://127.0.0.1:${port}/small`, `http://127.0.0.1:${port}`);
     },
   },
-  ambassadorRow('ambassador (node bundle)', [process.execPath, path.join(root, 'dist/ambassador.mjs')], existsSync(path.join(root, 'dist/ambassador.mjs')) ? undefined : 'run npm run build'),
+  bareRow(BARE_NODE, [process.execPath, path.join(root, 'dist/bench/bare-node.mjs')], built('dist/bench/bare-node.mjs', 'run npm run build')),
+  bareRow(BARE_DENO, [deno, 'run', '--quiet', '--allow-net', '--allow-env', path.join(root, 'bench/bare-deno.ts')], built('node_modules/.bin/deno', 'npm package deno missing')),
+  bareRow('naive Hono + fetch (deno)', [deno, 'run', '--quiet', '--allow-net', '--allow-env', '--allow-read', path.join(root, 'bench/hono-fetch.ts')], built('node_modules/.bin/deno', 'npm package deno missing')),
+  ambassadorRow('ambassador (node bundle)', [process.execPath, path.join(root, 'dist/ambassador.mjs')], built('dist/ambassador.mjs', 'run npm run build'), BARE_NODE),
   // The V8 flags the ambassador-node and ambassador-sea images run with (Containerfile).
-  ambassadorRow('ambassador (node, image flags)', [process.execPath, '--max-semi-space-size=8', '--max-old-space-size=48', path.join(root, 'dist/ambassador.mjs')], existsSync(path.join(root, 'dist/ambassador.mjs')) ? undefined : 'run npm run build'),
-  ambassadorRow('ambassador (node SEA)', [path.join(root, 'bin/ambassador-node')], existsSync(path.join(root, 'bin/ambassador-node')) ? undefined : 'run npm run sea'),
-  ambassadorRow('ambassador (deno)', [deno, 'run', '--quiet', '--allow-net', '--allow-env', path.join(root, 'ambassador.ts')], existsSync(deno) ? undefined : 'npm package deno missing'),
-  ambassadorRow('ambassador (deno compiled)', [path.join(root, 'bin/ambassador')], existsSync(path.join(root, 'bin/ambassador')) ? undefined : 'not built (deno compile needs its denort runtime)'),
+  ambassadorRow('ambassador (node, image flags)', [process.execPath, ...IMAGE_NODE_FLAGS, path.join(root, 'dist/ambassador.mjs')], built('dist/ambassador.mjs', 'run npm run build'), BARE_NODE),
+  ambassadorRow('ambassador (node SEA)', [path.join(root, 'bin/ambassador-node')], built('bin/ambassador-node', 'run npm run sea'), BARE_NODE),
+  ambassadorRow('ambassador (deno)', [deno, 'run', '--quiet', '--allow-net', '--allow-env', '--allow-read', path.join(root, 'ambassador.ts')], built('node_modules/.bin/deno', 'npm package deno missing'), BARE_DENO),
+  ambassadorRow('ambassador (deno compiled)', [path.join(root, 'bin/ambassador')], built('bin/ambassador', 'not built (deno compile needs its denort runtime)'), BARE_DENO),
 ];
 
 // ---------------------------------------------------------------------------------------------------------
@@ -212,12 +144,6 @@ interface Sample {
   errors: number;
 }
 
-function toMicros(v: string): number {
-  const m = /^([\d.]+)(us|ms|s)$/.exec(v.trim());
-  if (!m) return NaN;
-  return Number(m[1]) * (m[2] === 'us' ? 1 : m[2] === 'ms' ? 1000 : 1_000_000);
-}
-
 /** One bounded load: wrk where installed, autocannon (through npx) otherwise. */
 function measure(url: string, connections: number, pid: number): Sample {
   const cpu0 = pid ? cpuSeconds(pid) : 0;
@@ -226,22 +152,14 @@ function measure(url: string, connections: number, pid: number): Sample {
   return { ...sample, cpuPer10k: pid ? (cpu / sample.total) * 10_000 : null };
 }
 
-function autocannon(url: string, connections: number): Omit<Sample, 'cpuPer10k'> & { total: number } {
+function autocannon(url: string, connections: number): Load {
   const out = execFileSync('npx', ['--yes', 'autocannon@8', '--json', '-c', String(connections), '-d', String(SECONDS), url], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
   const r = JSON.parse(out) as { requests: { average: number; total: number }; latency: { p50: number; p99: number }; non2xx: number; errors: number };
   return { rps: r.requests.average, total: r.requests.total, p50us: r.latency.p50 * 1000, p99us: r.latency.p99 * 1000, errors: r.non2xx + r.errors };
 }
 
-function wrk(url: string, connections: number): Omit<Sample, 'cpuPer10k'> & { total: number } {
-  const out = execFileSync(pinned(0, ['wrk'])[0], [...pinned(0, ['wrk']).slice(1), '-t1', `-c${connections}`, `-d${SECONDS}s`, '--latency', '--timeout', '5s', url], { encoding: 'utf8' });
-  const rps = Number(/Requests\/sec:\s+([\d.]+)/.exec(out)?.[1]);
-  const total = Number(/(\d+) requests in/.exec(out)?.[1]);
-  const errors = Number(/Non-2xx or 3xx responses: (\d+)/.exec(out)?.[1] ?? 0) + Number(/Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)/.exec(out)?.slice(1).reduce((a, b) => a + Number(b), 0) ?? 0);
-  return {
-    rps, errors, total,
-    p50us: toMicros(/50%\s+(\S+)/.exec(out)?.[1] ?? ''),
-    p99us: toMicros(/99%\s+(\S+)/.exec(out)?.[1] ?? ''),
-  };
+function wrk(url: string, connections: number): Load {
+  return wrkLoad(url, connections, SECONDS);
 }
 
 const median = (xs: number[]) => {
@@ -285,11 +203,11 @@ async function main(): Promise<void> {
   const result: Record<string, unknown> = { machine: { cpus: os.cpus().length, model: os.cpus()[0]?.model, node: process.version }, rounds: ROUNDS, seconds: SECONDS, upstream: upstream.name, rows: {} };
   const rps = (row: string, sc: string) => median((samples.get(`${row}|${sc}`) ?? []).map((s) => s.rps));
   const p50 = (row: string, sc: string) => median((samples.get(`${row}|${sc}`) ?? []).map((s) => s.p50us));
-  console.log('\n| row | small 64c req/s | × nginx | × direct | p50 / p99 64c (µs) | added p50 1c (µs) | 1 MiB 64c req/s | × nginx | CPU s / 10k req | start-up (ms) | idle / peak RSS (MiB) |');
-  console.log('|---|---|---|---|---|---|---|---|---|---|---|');
+  console.log('\n| row | small 64c req/s | × nginx | × own bare | p50 / p99 64c (µs) | added p50 1c (µs) | 1 MiB 64c req/s | × nginx | CPU s / 10k req | CPU × own bare | start-up (ms) | idle / peak RSS (MiB) |');
+  console.log('|---|---|---|---|---|---|---|---|---|---|---|---|');
   for (const row of rows) {
     if (row.available) {
-      console.log(`| ${row.name} | ${row.available} | | | | | | | | | |`);
+      console.log(`| ${row.name} | ${row.available} | | | | | | | | | | |`);
       continue;
     }
     const s64 = samples.get(`${row.name}|small, 64 conns`) ?? [];
@@ -304,13 +222,18 @@ async function main(): Promise<void> {
       rps1mib: rps(row.name, '1 MiB, 64 conns'),
       vsNginx1mib: rps(row.name, '1 MiB, 64 conns') / rps('nginx', '1 MiB, 64 conns'),
       cpuPer10k: median(s64.map((s) => s.cpuPer10k ?? NaN)),
+      vsBare: row.baseline ? rps(row.name, 'small, 64 conns') / rps(row.baseline, 'small, 64 conns') : NaN,
+      cpuVsBare: row.baseline
+        ? median(s64.map((s) => s.cpuPer10k ?? NaN)) / median((samples.get(`${row.baseline}|small, 64 conns`) ?? []).map((s) => s.cpuPer10k ?? NaN))
+        : NaN,
       startupMs: median(l.startupMs),
       idleRssMiB: median(l.idleRss),
       peakRssMiB: median(l.peakRss),
       errors: [...samples.entries()].filter(([k]) => k.startsWith(`${row.name}|`)).flatMap(([, v]) => v).reduce((a, s) => a + s.errors, 0),
     };
     (result.rows as Record<string, unknown>)[row.name] = figures;
-    console.log(`| ${row.name} | ${fmt(s64.map((s) => s.rps))} | ${figures.vsNginx.toFixed(2)} | ${figures.vsDirect.toFixed(2)} | ${figures.p50us64.toFixed(0)} / ${figures.p99us64.toFixed(0)} | ${row.name === 'direct' ? '–' : figures.addedP50us1.toFixed(0)} | ${fmt((samples.get(`${row.name}|1 MiB, 64 conns`) ?? []).map((s) => s.rps))} | ${figures.vsNginx1mib.toFixed(2)} | ${Number.isFinite(figures.cpuPer10k) ? figures.cpuPer10k.toFixed(2) : '–'} | ${l.startupMs.length ? fmt(l.startupMs) : '–'} | ${l.idleRss.length ? `${fmt(l.idleRss)} / ${fmt(l.peakRss)}` : '–'} |`);
+    const ratio = (x: number) => (Number.isFinite(x) ? x.toFixed(2) : '–');
+    console.log(`| ${row.name} | ${fmt(s64.map((s) => s.rps))} | ${figures.vsNginx.toFixed(2)} | ${ratio(figures.vsBare)} | ${figures.p50us64.toFixed(0)} / ${figures.p99us64.toFixed(0)} | ${row.name === 'direct' ? '–' : figures.addedP50us1.toFixed(0)} | ${fmt((samples.get(`${row.name}|1 MiB, 64 conns`) ?? []).map((s) => s.rps))} | ${figures.vsNginx1mib.toFixed(2)} | ${ratio(figures.cpuPer10k)} | ${ratio(figures.cpuVsBare)} | ${l.startupMs.length ? fmt(l.startupMs) : '–'} | ${l.idleRss.length ? `${fmt(l.idleRss)} / ${fmt(l.peakRss)}` : '–'} |`);
   }
   writeFileSync(path.join(root, 'dist', 'bench.json'), JSON.stringify(result, null, 2));
   console.log('\nbench: figures written to dist/bench.json');

@@ -1,0 +1,156 @@
+/** What the two benchmarks share: tools on the machine, ports, readiness, process trees and their memory
+ * and CPU from /proc, wrk's figures, and nginx configurations. */
+import { execFileSync, spawnSync } from 'node:child_process';
+import { existsSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+/** The repository, from the sources (bench/) or the bundles (dist/bench/). */
+export const root = path.resolve(here, path.basename(path.dirname(here)) === 'dist' ? '../..' : '..');
+
+/** A numeric command-line option: `--seconds 10`. */
+export const arg = (name: string, fallback: number) => {
+  const i = process.argv.indexOf(name);
+  return i >= 0 ? Number(process.argv[i + 1]) : fallback;
+};
+
+/** undefined when `file` (from the repository root) exists, else how to make it: a row's `available`. */
+export const built = (file: string, how: string) => (existsSync(path.join(root, file)) ? undefined : how);
+
+/** The V8 flags the ambassador-node image runs with, read from the Containerfile's ENTRYPOINT, so the
+ * benchmarks measure what the image runs. */
+export const IMAGE_NODE_FLAGS = (/ENTRYPOINT \["\/nodejs\/bin\/node", ((?:"--[^"]+", )*)"\/app\/ambassador\.mjs"\]/.exec(readFileSync(path.join(root, 'Containerfile'), 'utf8'))?.[1] ?? '')
+  .split(', ').filter(Boolean).map((f) => f.replace(/"/g, ''));
+
+export const has = (tool: string) => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0;
+/** argv run on one CPU (the load generator and upstream on 0, the proxy on 1), where taskset exists. */
+export const pinned = (cpu: number, argv: string[]) => (has('taskset') && os.cpus().length > 1 ? ['taskset', '-c', String(cpu), ...argv] : argv);
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+export async function freePort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
+  const { port } = s.address() as net.AddressInfo;
+  await new Promise<void>((r) => s.close(() => r()));
+  return port;
+}
+
+/** Polls `url` until it answers 2xx; how long that took, in ms. */
+export async function waitFor(url: string, timeoutMs = 10_000): Promise<number> {
+  const t0 = performance.now();
+  for (;;) {
+    try {
+      const res = await fetch(url);
+      await res.arrayBuffer();
+      if (res.ok) return performance.now() - t0;
+    } catch {
+      // not yet
+    }
+    if (performance.now() - t0 > timeoutMs) throw new Error(`${url} not ready after ${timeoutMs} ms`);
+    await sleep(2);
+  }
+}
+
+/** The process and its children (nginx's workers), from /proc. */
+export function tree(pid: number): number[] {
+  const children = readdirSync('/proc').filter((d) => /^\d+$/.test(d)).flatMap((d) => {
+    try {
+      return readFileSync(`/proc/${d}/stat`, 'utf8').split(') ')[1].split(' ')[1] === String(pid) ? [Number(d)] : [];
+    } catch {
+      return [];
+    }
+  });
+  return [pid, ...children.flatMap(tree)];
+}
+
+/** Resident memory of a process tree, now and at its peak (summed over the processes), in MiB. */
+export function memory(pid: number): { rss: number; peak: number } {
+  let rss = 0;
+  let peak = 0;
+  for (const p of tree(pid)) {
+    try {
+      const status = readFileSync(`/proc/${p}/status`, 'utf8');
+      const kb = (k: string) => Number(new RegExp(`${k}:\\s+(\\d+)`).exec(status)?.[1] ?? 0) / 1024;
+      rss += kb('VmRSS');
+      peak += kb('VmHWM');
+    } catch {
+      // gone
+    }
+  }
+  return { rss, peak };
+}
+
+/** User and system CPU seconds of a process tree. */
+export function cpuSeconds(pid: number): number {
+  return tree(pid).reduce((sum, p) => {
+    try {
+      const fields = readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1].split(' ');
+      return sum + (Number(fields[11]) + Number(fields[12])) / 100; // utime + stime, in ticks of 1/100 s
+    } catch {
+      return sum;
+    }
+  }, 0);
+}
+
+export interface Load {
+  rps: number;
+  total: number;
+  p50us: number;
+  p99us: number;
+  /** non-2xx answers, and connect/read/write errors and timeouts */
+  errors: number;
+}
+
+function toMicros(v: string): number {
+  const m = /^([\d.]+)(us|ms|s)$/.exec(v.trim());
+  if (!m) return NaN;
+  return Number(m[1]) * (m[2] === 'us' ? 1 : m[2] === 'ms' ? 1000 : 1_000_000);
+}
+
+/** One bounded load with wrk (one thread, on CPU 0); an answer later than `timeoutS` counts as an error. */
+export function wrk(url: string, connections: number, seconds: number, timeoutS = 5): Load {
+  const argv = pinned(0, ['wrk', '-t1', `-c${connections}`, `-d${seconds}s`, '--latency', '--timeout', `${timeoutS}s`, url]);
+  const out = execFileSync(argv[0], argv.slice(1), { encoding: 'utf8' });
+  const socket = /Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)/.exec(out)?.slice(1).reduce((a, b) => a + Number(b), 0) ?? 0;
+  return {
+    rps: Number(/Requests\/sec:\s+([\d.]+)/.exec(out)?.[1]),
+    total: Number(/(\d+) requests in/.exec(out)?.[1]),
+    errors: Number(/Non-2xx or 3xx responses: (\d+)/.exec(out)?.[1] ?? 0) + socket,
+    p50us: toMicros(/50%\s+(\S+)/.exec(out)?.[1] ?? ''),
+    p99us: toMicros(/99%\s+(\S+)/.exec(out)?.[1] ?? ''),
+  };
+}
+
+/** An nginx configuration file in `dir` (one worker, no access log), around the given `http` block body. */
+export function nginxConfig(dir: string, port: number, body: string): string {
+  const file = path.join(dir, `nginx-${port}.conf`);
+  writeFileSync(file, [
+    `worker_processes 1; daemon off; pid ${dir}/nginx-${port}.pid; error_log stderr error;`,
+    'events { worker_connections 4096; }',
+    'http {',
+    `  access_log off; client_body_temp_path ${dir}; proxy_temp_path ${dir}; fastcgi_temp_path ${dir}; uwsgi_temp_path ${dir}; scgi_temp_path ${dir};`,
+    '  keepalive_requests 1000000;',
+    body,
+    '}',
+  ].join('\n'));
+  return file;
+}
+
+export const ONE_MIB_BYTES = 1024 * 1024;
+export const SMALL = '{"item":"widget","stock":42}';
+
+/** The upstream both benchmarks use: nginx serving the small JSON body at /small and 1 MiB at /1mib. */
+export function upstreamConfig(dir: string, port: number, oneMiBFile: string): string {
+  return nginxConfig(dir, port, `  server { listen 127.0.0.1:${port}; location = /small { default_type application/json; return 200 '${SMALL}'; } location = /1mib { alias ${oneMiBFile}; } }`);
+}
+
+/** nginx as a reverse proxy to `upstreamHost`, with a keep-alive pool and no buffering: the reference. */
+export function proxyConfig(dir: string, port: number, upstreamHost: string): string {
+  return nginxConfig(dir, port, [
+    `  upstream u { server ${upstreamHost}; keepalive 128; }`,
+    `  server { listen 127.0.0.1:${port}; location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } }`,
+  ].join('\n'));
+}

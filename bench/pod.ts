@@ -1,0 +1,239 @@
+/**
+ * The pod-budget benchmark: each artifact alone inside a cgroup with the CPU and memory limits of the
+ * ambassador container in k8s/ (100m, 64Mi), as the kubelet would run it, with the flags its image uses.
+ * Per artifact, started fresh in its group: a warm-up, then 64 keep-alive connections with the small body,
+ * then 64 with 1 MiB bodies; it prints req/s, p50/p99, errors (non-2xx, and answers later than 2 s),
+ * whether the kernel OOM-killed it, and the group's peak memory. nginx, in the same limits, is the
+ * reference row.
+ *
+ *   npm run bench:pod                          30 s per phase (about 7 minutes)
+ *   npm run bench:pod -- --seconds 10          a quicker look
+ *
+ * cgroup v2 where the machine has it, else v1 (memory and cpu hierarchies); root is needed to make the
+ * groups. Where none can be made it says so and exits 1. The load generator (wrk) and the upstream (nginx)
+ * run outside the group on CPU 0; all traffic stays on 127.0.0.1, every load bounded in time.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, rmdirSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { parseAllDocuments } from 'yaml';
+import { IMAGE_NODE_FLAGS, arg, built, freePort, has, pinned, proxyConfig, root, sleep, upstreamConfig, waitFor, wrk, type Load } from './common.ts';
+
+const SECONDS = arg('--seconds', 30);
+const WARMUP = arg('--warmup', 5);
+const tmp = mkdtempSync(path.join(os.tmpdir(), 'ambassador-pod-'));
+
+// ---------------------------------------------------------------------------------------------------------
+// The limits, from the manifest the pod runs with.
+// ---------------------------------------------------------------------------------------------------------
+
+interface Limits {
+  cpuMillis: number;
+  memoryBytes: number;
+}
+
+function podLimits(): Limits {
+  const docs = parseAllDocuments(readFileSync(path.join(root, 'k8s', 'order-service.yaml'), 'utf8')).map((d) => d.toJS());
+  const pod = docs.find((d) => d?.kind === 'Deployment')?.spec?.template?.spec;
+  const container = [...(pod?.initContainers ?? []), ...(pod?.containers ?? [])].find((c: { name: string }) => c.name === 'ambassador');
+  const { cpu, memory } = container?.resources?.limits ?? {};
+  const cpuMillis = String(cpu).endsWith('m') ? Number(String(cpu).slice(0, -1)) : Number(cpu) * 1000;
+  const units: Record<string, number> = { Ki: 1024, Mi: 1024 ** 2, Gi: 1024 ** 3 };
+  const m = /^(\d+)(Ki|Mi|Gi)?$/.exec(String(memory));
+  if (!Number.isFinite(cpuMillis) || !m) throw new Error(`k8s/order-service.yaml: no CPU and memory limits on the ambassador container (found ${cpu}, ${memory})`);
+  return { cpuMillis, memoryBytes: Number(m[1]) * (m[2] ? units[m[2]] : 1) };
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// A cgroup with those limits: v2, or v1's memory and cpu hierarchies.
+// ---------------------------------------------------------------------------------------------------------
+
+interface Group {
+  /** the cgroup.procs files a process is written into before it execs the artifact */
+  procs: string[];
+  peakBytes(): number;
+  oomKills(): number;
+  /** ends every process left in the group (nginx's workers outlive their master), then removes it */
+  remove(): Promise<void>;
+}
+
+/** Kills what is in the group, waits for it to be empty, then removes its directories. */
+async function emptyAndRemove(procs: string, dirs: string[]): Promise<void> {
+  for (let i = 0; i < 100; i++) {
+    const pids = read(procs).split('\n').filter(Boolean).map(Number);
+    if (pids.length === 0) break;
+    for (const pid of pids) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch { /* already gone */ }
+    }
+    await sleep(20);
+  }
+  for (const dir of dirs) rmdirSync(dir);
+}
+
+const read = (file: string) => readFileSync(file, 'utf8').trim();
+
+function makeGroup(name: string, limits: Limits): Group {
+  const periodUs = 100_000;
+  const quotaUs = Math.round((periodUs * limits.cpuMillis) / 1000);
+  if (existsSync('/sys/fs/cgroup/cgroup.controllers')) {
+    const dir = `/sys/fs/cgroup/${name}`;
+    mkdirSync(dir);
+    writeFileSync(`${dir}/memory.max`, String(limits.memoryBytes));
+    if (existsSync(`${dir}/memory.swap.max`)) writeFileSync(`${dir}/memory.swap.max`, '0');
+    writeFileSync(`${dir}/cpu.max`, `${quotaUs} ${periodUs}`);
+    return {
+      procs: [`${dir}/cgroup.procs`],
+      peakBytes: () => (existsSync(`${dir}/memory.peak`) ? Number(read(`${dir}/memory.peak`)) : NaN),
+      oomKills: () => Number(/oom_kill (\d+)/.exec(read(`${dir}/memory.events`))?.[1] ?? 0),
+      remove: () => emptyAndRemove(`${dir}/cgroup.procs`, [dir]),
+    };
+  }
+  const mem = `/sys/fs/cgroup/memory/${name}`;
+  const cpu = `/sys/fs/cgroup/cpu/${name}`;
+  mkdirSync(mem);
+  mkdirSync(cpu);
+  writeFileSync(`${mem}/memory.limit_in_bytes`, String(limits.memoryBytes));
+  // No swap to hide in, as in a pod.
+  if (existsSync(`${mem}/memory.memsw.limit_in_bytes`)) writeFileSync(`${mem}/memory.memsw.limit_in_bytes`, String(limits.memoryBytes));
+  writeFileSync(`${cpu}/cpu.cfs_period_us`, String(periodUs));
+  writeFileSync(`${cpu}/cpu.cfs_quota_us`, String(quotaUs));
+  return {
+    procs: [`${mem}/cgroup.procs`, `${cpu}/cgroup.procs`],
+    peakBytes: () => Number(read(`${mem}/memory.max_usage_in_bytes`)),
+    oomKills: () => Number(/oom_kill (\d+)/.exec(read(`${mem}/memory.oom_control`))?.[1] ?? 0),
+    remove: () => emptyAndRemove(`${mem}/cgroup.procs`, [mem, cpu]),
+  };
+}
+
+/** Why no group can be made here, or undefined when one can. */
+async function cannotMakeGroups(limits: Limits): Promise<string | undefined> {
+  if (process.getuid?.() !== 0) return 'not root';
+  try {
+    await makeGroup(`ambassador-probe-${process.pid}`, limits).remove();
+    return undefined;
+  } catch (err) {
+    return (err as Error).message;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The rows and the run.
+// ---------------------------------------------------------------------------------------------------------
+
+interface Row {
+  name: string;
+  available: string | undefined;
+  /** argv and env, given the upstream's URL and the ports to listen on; the URL to wait on */
+  command(upstream: string, port: number, admin: number): { argv: string[]; env: Record<string, string>; ready: string };
+}
+
+const deno = path.join(root, 'node_modules', '.bin', 'deno');
+const ambassador = (argv: string[], extraEnv: Record<string, string> = {}) => (upstream: string, port: number, admin: number) => ({
+  argv, ready: `http://127.0.0.1:${admin}/readyz`,
+  env: { UPSTREAM_URL: upstream, PORT: String(port), ADMIN_PORT: String(admin), ADMIN_HOST: '127.0.0.1', LOG_LEVEL: 'warn', ...extraEnv },
+});
+
+const rows: Row[] = [
+  {
+    name: 'nginx (1 worker)', available: has('nginx') ? undefined : 'not installed',
+    command: (upstream, port) => ({ argv: ['nginx', '-c', proxyConfig(tmp, port, new URL(upstream).host)], env: {}, ready: `http://127.0.0.1:${port}/small` }),
+  },
+  { name: 'ambassador, Node bundle, image flags (ambassador:node)', available: built('dist/ambassador.mjs', 'run npm run build'), command: ambassador([process.execPath, ...IMAGE_NODE_FLAGS, path.join(root, 'dist/ambassador.mjs')]) },
+  { name: 'ambassador, Node bundle, no flags', available: built('dist/ambassador.mjs', 'run npm run build'), command: ambassador([process.execPath, path.join(root, 'dist/ambassador.mjs')]) },
+  { name: 'ambassador, Node single executable (ambassador:sea)', available: built('bin/ambassador-node', 'run npm run sea'), command: ambassador([path.join(root, 'bin/ambassador-node')], { NODE_OPTIONS: IMAGE_NODE_FLAGS.join(' ') }) },
+  { name: 'ambassador, Deno', available: built('node_modules/.bin/deno', 'npm package deno missing'), command: ambassador([deno, 'run', '--quiet', '--allow-net', '--allow-env', '--allow-read', path.join(root, 'ambassador.ts')]) },
+];
+
+interface Result {
+  small?: Load;
+  big?: Load;
+  oomKilled: boolean;
+  peakMiB: number;
+  note?: string;
+}
+
+/** Runs one row alone in a fresh group: warm-up, the small body, then 1 MiB bodies. */
+async function runRow(row: Row, upstream: string, limits: Limits): Promise<Result> {
+  const group = makeGroup(`ambassador-bench-${process.pid}-${rows.indexOf(row)}`, limits);
+  const [port, admin] = [await freePort(), await freePort()];
+  const { argv, env, ready } = row.command(upstream, port, admin);
+  // The shell joins the group, then becomes the artifact: everything it starts stays in the group.
+  const join = group.procs.map((f) => `echo $$ > ${f}`).join('; ');
+  const child: ChildProcess = spawn('sh', ['-c', `${join}; exec "$@"`, 'sh', ...pinned(1, argv)], { env: { PATH: process.env.PATH ?? '', ...env }, stdio: ['ignore', 'ignore', 'inherit'] });
+  let exited = false;
+  child.once('exit', () => (exited = true));
+  const url = `http://127.0.0.1:${port}`;
+  const result: Result = { oomKilled: false, peakMiB: NaN };
+  try {
+    await waitFor(ready, 30_000);
+    wrk(`${url}/small`, 64, WARMUP, 2);
+    result.small = wrk(`${url}/small`, 64, SECONDS, 2);
+    if (!exited) result.big = wrk(`${url}/1mib`, 64, SECONDS, 2);
+  } catch (err) {
+    result.note = (err as Error).message.split('\n')[0];
+  } finally {
+    result.oomKilled = group.oomKills() > 0;
+    result.peakMiB = group.peakBytes() / 1024 ** 2;
+    await group.remove();
+  }
+  return result;
+}
+
+async function main(): Promise<void> {
+  const limits = podLimits();
+  const why = await cannotMakeGroups(limits);
+  if (why) {
+    console.error(`\n*** bench:pod: cannot make a cgroup with the pod's limits here (${why}): nothing measured. ***\n`);
+    process.exit(1);
+  }
+  if (!has('wrk') || !has('nginx')) {
+    console.error('\n*** bench:pod needs wrk and nginx (Debian packages wrk, nginx): nothing measured. ***\n');
+    process.exit(1);
+  }
+  const oneMiB = path.join(tmp, '1mib.bin');
+  writeFileSync(oneMiB, Buffer.alloc(1024 * 1024, 'a'));
+  const upPort = await freePort();
+  const upstreamProc = spawn(pinned(0, ['nginx'])[0], [...pinned(0, ['nginx']).slice(1), '-c', upstreamConfig(tmp, upPort, oneMiB)], { stdio: ['ignore', 'ignore', 'inherit'] });
+  process.once('exit', () => upstreamProc.kill('SIGTERM'));
+  const upstream = `http://127.0.0.1:${upPort}`;
+  await waitFor(`${upstream}/small`);
+  console.log(`bench:pod: limits from k8s/order-service.yaml: ${limits.cpuMillis}m CPU, ${limits.memoryBytes / 1024 ** 2} MiB; ${WARMUP} s warm-up, ${SECONDS} s per phase, 64 connections; ${os.cpus().length} CPUs (${os.cpus()[0]?.model})`);
+  const results: Array<[Row, Result | undefined]> = [];
+  for (const row of rows) {
+    if (row.available) {
+      results.push([row, undefined]);
+      continue;
+    }
+    const r = await runRow(row, upstream, limits);
+    results.push([row, r]);
+    const line = (l?: Load) => (l ? `${l.rps.toFixed(0)} req/s, ${l.errors} errors` : '—');
+    console.log(`  ${row.name}: small ${line(r.small)}; 1 MiB ${line(r.big)}; ${r.oomKilled ? 'OOM-KILLED' : 'alive'}; peak ${r.peakMiB.toFixed(0)} MiB${r.note ? ` (${r.note})` : ''}`);
+  }
+  upstreamProc.kill('SIGTERM');
+  const us = (x?: number) => (x === undefined || !Number.isFinite(x) ? '—' : (x / 1000).toFixed(1));
+  console.log('\n| row | small: req/s | p50 / p99 (ms) | errors | 1 MiB: req/s | p50 / p99 (ms) | errors | OOM-killed | peak memory (MiB) |');
+  console.log('|---|---|---|---|---|---|---|---|---|');
+  const json: Record<string, unknown> = { limits, seconds: SECONDS, warmup: WARMUP, rows: {} };
+  for (const [row, r] of results) {
+    if (!r) {
+      console.log(`| ${row.name} | ${row.available} | | | | | | | |`);
+      continue;
+    }
+    (json.rows as Record<string, unknown>)[row.name] = r;
+    const cells = (l?: Load) => (l ? [l.rps.toFixed(0), `${us(l.p50us)} / ${us(l.p99us)}`, String(l.errors)] : ['—', '—', '—']);
+    console.log(`| ${row.name} | ${[...cells(r.small), ...cells(r.big)].join(' | ')} | ${r.oomKilled ? '**yes**' : 'no'} | ${r.peakMiB.toFixed(0)} |`);
+  }
+  mkdirSync(path.join(root, 'dist'), { recursive: true });
+  writeFileSync(path.join(root, 'dist', 'bench-pod.json'), JSON.stringify(json, null, 2));
+  console.log('\nbench:pod: figures written to dist/bench-pod.json');
+  rmSync(tmp, { recursive: true, force: true });
+}
+
+main().catch((err) => {
+  console.error(err);
+  rmSync(tmp, { recursive: true, force: true });
+  process.exit(1);
+});
