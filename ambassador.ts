@@ -2315,10 +2315,12 @@ export function nodeSend(http: NodeHttp, https: NodeHttp, { pooled = true } = {}
     if (body === null) req.end();
     else if (body instanceof Uint8Array) req.end(body);
     else {
-      // An upstream may also answer while the body is on its way, and close. Between chunks the event
-      // loop reads what has come in, so that answer is seen and the upload stops, rather than a write into
-      // the closed connection failing first and the answer being lost with it.
-      let answered: { once(event: 'end', f: () => void): void } | undefined;
+      // An upstream may also turn the body down while it is on its way (RFC 9112 §9.6: the client stops
+      // sending). Between chunks the event loop reads what has come in, so that answer is seen and the
+      // upload stops, rather than a write into the closing connection failing first and the answer being
+      // lost with it. An answer that is not a refusal (a response streamed back while the body still
+      // goes) lets the upload go on.
+      let stop = false;
       let started = false;
       let whole = false;
       const upload = async () => {
@@ -2327,11 +2329,11 @@ export function nodeSend(http: NodeHttp, https: NodeHttp, { pooled = true } = {}
         clearTimeout(unasked);
         const reader = body.getReader();
         try {
-          for (let next = await reader.read(); !next.done && !answered; next = await reader.read()) {
+          for (let next = await reader.read(); !next.done && !stop; next = await reader.read()) {
             if (!req.write(next.value)) await new Promise((r) => req.once('drain', r));
             await new Promise((r) => setImmediate(r));
           }
-          if (answered) void reader.cancel().catch(() => {});
+          if (stop) void reader.cancel().catch(() => {});
           else (whole = true), req.end();
         } catch (err) {
           req.destroy(err as Error);
@@ -2340,10 +2342,11 @@ export function nodeSend(http: NodeHttp, https: NodeHttp, { pooled = true } = {}
       const unasked = setTimeout(upload, CONTINUE_WAIT_MS);
       req.once('continue', upload);
       req.once('response', (res) => {
-        answered = res;
         clearTimeout(unasked);
-        // Answered before the whole body went: the rest is not sent, and the connection, left with a
-        // request it cannot finish, is closed once the answer has been read.
+        if (started && (res.statusCode ?? 0) < 400) return;
+        // Answered before the body was asked for, or turned down on its way: the rest is not sent, and the
+        // connection, left with a request it cannot finish, is closed once the answer has been read.
+        stop = true;
         if (!started) void body.cancel().catch(() => {});
         started = true;
         res.once('end', () => whole || req.destroy());

@@ -8,25 +8,11 @@ import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RUNTIMES, startAmbassador, stopAfterEach, waitFor } from './helpers.ts';
+import { RUNTIMES, ip, namespacesUnavailable, startAmbassador, stopAfterEach, waitFor } from './helpers.ts';
 
 const NS = `ambdns${process.pid % 100000}`;
 const NAME = 'inventory.test';
 const PORT = 18080;
-
-function ip(...args: string[]): void {
-  execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'] });
-}
-
-function canMakeNamespaces(): string | undefined {
-  try {
-    ip('netns', 'add', `${NS}-probe`);
-    ip('netns', 'del', `${NS}-probe`);
-    return undefined;
-  } catch (err) {
-    return (err as { stderr?: Buffer }).stderr?.toString().trim() || (err as Error).message;
-  }
-}
 
 /** A DNS server over node:dgram, in a few dozen lines: A records for NAME from the JSON file ANSWERS
  * (read at each query, TTL 1 s), no AAAA records, NXDOMAIN for any other name; a line per query. */
@@ -80,7 +66,7 @@ function get(url: string): string {
   }
 }
 
-const why = canMakeNamespaces();
+const why = namespacesUnavailable(NS);
 if (why) console.warn(`\n*** SKIPPED: DNS discovery test — cannot create network namespaces here (${why}). ***\n`);
 
 describe.skipIf(why !== undefined)('discovery through DNS, in each runtime\'s own process', () => {

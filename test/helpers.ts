@@ -1,6 +1,6 @@
 /** Real servers and real processes for the tests: an upstream that records what it received, the
  * ambassador started as a child process (Node bundle or Deno), and a port nothing listens on. */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
@@ -357,5 +357,21 @@ export async function waitFor(what: string, check: () => boolean | Promise<boole
   while (!(await check())) {
     if (Date.now() > until) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await sleep(20);
+  }
+}
+
+/** `ip …` (iproute2), for tests that make network namespaces of their own. */
+export function ip(...args: string[]): void {
+  execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+}
+
+/** Why network namespaces cannot be made here (not root, no iproute2), or undefined when they can. */
+export function namespacesUnavailable(tag: string): string | undefined {
+  try {
+    ip('netns', 'add', `${tag}-probe`);
+    ip('netns', 'del', `${tag}-probe`);
+    return undefined;
+  } catch (err) {
+    return (err as { stderr?: Buffer }).stderr?.toString().trim() || (err as Error).message;
   }
 }

@@ -4,7 +4,7 @@
  * namespaces cannot be made, the test says so and skips. */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startAmbassador, startService, type AmbassadorProc, type ServiceProc } from './helpers.ts';
+import { ip, namespacesUnavailable, startAmbassador, startService, type AmbassadorProc, type ServiceProc } from './helpers.ts';
 
 const tag = `amb${process.pid % 100000}`;
 const POD = `${tag}-pod`;
@@ -13,21 +13,7 @@ const NODE = `${tag}-inv`;
 const POD_IP = '10.231.0.1';
 const INVENTORY_IP = '10.231.0.2';
 
-function ip(...args: string[]): void {
-  execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'] });
-}
-
-function canMakeNamespaces(): string | undefined {
-  try {
-    ip('netns', 'add', `${tag}-probe`);
-    ip('netns', 'del', `${tag}-probe`);
-    return undefined;
-  } catch (err) {
-    return (err as { stderr?: Buffer }).stderr?.toString().trim() || (err as Error).message;
-  }
-}
-
-const why = canMakeNamespaces();
+const why = namespacesUnavailable(tag);
 if (why) console.warn(`\n*** SKIPPED: pod topology test — cannot create network namespaces here (${why}). ***\n`);
 
 describe.skipIf(why !== undefined)('the walkthrough in a pod topology (network namespaces)', () => {

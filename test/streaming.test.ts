@@ -53,6 +53,34 @@ describe.each(RUNTIMES)('streaming (%s)', (runtime) => {
     expect(await response).toMatch(/^chunks:\d+$/);
   });
 
+  it('keeps sending an upload while the upstream already streams its answer back (full duplex)', async () => {
+    // The upstream answers 200 at once and echoes each piece as it comes: an answer that is no refusal,
+    // so the upload must go on to its end.
+    upstream = await startUpstream((req, res) => {
+      res.writeHead(200, { 'content-type': 'application/octet-stream' });
+      req.on('data', (c: Buffer) => res.write(c));
+      req.on('end', () => res.end());
+    }, { readBody: false });
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, RETRY_BODY_MAX_BYTES: '0' });
+    const pieces = 32;
+    const echoed = await new Promise<number>((resolve, reject) => {
+      const req = http.request(`${amb!.url}/echo`, { method: 'PUT', headers: { 'content-length': String(pieces * 16384) } }, (res) => {
+        let n = 0;
+        res.on('data', (c: Buffer) => (n += c.length));
+        res.on('end', () => resolve(n));
+      });
+      req.on('error', reject);
+      let sent = 0;
+      const next = () => {
+        if (sent++ === pieces) return req.end();
+        req.write(Buffer.alloc(16384, 'e'));
+        setTimeout(next, 5);
+      };
+      next();
+    });
+    expect(echoed).toBe(pieces * 16384);
+  });
+
   it('passes a 1 GiB download and a 1 GiB upload in bounded memory', async () => {
     const chunk = Buffer.alloc(MiB, 'a');
     upstream = await startUpstream((req, res) => {
