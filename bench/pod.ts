@@ -8,6 +8,7 @@
  *
  *   npm run bench:pod                          30 s per phase (about 7 minutes)
  *   npm run bench:pod -- --seconds 10          a quicker look
+ *   npm run bench:pod -- --only Deno           the rows whose name holds that text
  *
  * cgroup v2 where the machine has it, else v1 (memory and cpu hierarchies); root is needed to make the
  * groups. Where none can be made it says so and exits 1. The load generator (wrk) and the upstream (nginx)
@@ -22,6 +23,7 @@ import { IMAGE_NODE_FLAGS, arg, built, freePort, has, pinned, proxyConfig, root,
 
 const SECONDS = arg('--seconds', 30);
 const WARMUP = arg('--warmup', 5);
+const ONLY = process.argv.includes('--only') ? process.argv[process.argv.indexOf('--only') + 1] : undefined;
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'ambassador-pod-'));
 
 // ---------------------------------------------------------------------------------------------------------
@@ -203,6 +205,7 @@ async function main(): Promise<void> {
   console.log(`bench:pod: limits from k8s/order-service.yaml: ${limits.cpuMillis}m CPU, ${limits.memoryBytes / 1024 ** 2} MiB; ${WARMUP} s warm-up, ${SECONDS} s per phase, 64 connections; ${os.cpus().length} CPUs (${os.cpus()[0]?.model})`);
   const results: Array<[Row, Result | undefined]> = [];
   for (const row of rows) {
+    if (ONLY !== undefined && !row.name.includes(ONLY)) continue;
     if (row.available) {
       results.push([row, undefined]);
       continue;

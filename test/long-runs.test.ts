@@ -131,7 +131,7 @@ describe.each(RUNTIMES)('long runs (%s)', (runtime) => {
     upstream = await startUpstream(handler, { port });
     const outcomes = await running;
     // REQUEST_TIMEOUT_MS plus room for a loaded machine, well short of one 10 s try.
-    expect(Math.max(...outcomes.map((o) => o.ms))).toBeLessThan(1000 + 700);
+    expect(Math.max(...outcomes.map((o) => o.ms))).toBeLessThan(1000 + 1500);
     expect(outcomes.every((o) => [200, 502, 503, 504].includes(o.status ?? 0))).toBe(true);
     const deadline = outcomes.filter((o) => o.status === 504);
     expect(deadline.length).toBeGreaterThan(0);
