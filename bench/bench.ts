@@ -11,11 +11,11 @@
  * stays on 127.0.0.1. Prints a table and writes the figures as JSON to dist/bench.json.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
-import { IMAGE_NODE_FLAGS, SMALL, arg, built, cpuSeconds, freePort, has, memory, pinned, proxyConfig, root, sleep, upstreamConfig, waitFor, wrk as wrkLoad, type Load } from './common.ts';
+import { IMAGE_NODE_FLAGS, SMALL, arg, built, cpuSeconds, freePort, has, memory, pinned, proxyConfig, root, runBenchmark, sleep, upstreamConfig, waitFor, writeFigures, wrk as wrkLoad, type Load } from './common.ts';
 
 const ROUNDS = arg('--rounds', 3);
 const SECONDS = arg('--seconds', 5);
@@ -235,13 +235,7 @@ async function main(): Promise<void> {
     const ratio = (x: number) => (Number.isFinite(x) ? x.toFixed(2) : '–');
     console.log(`| ${row.name} | ${fmt(s64.map((s) => s.rps))} | ${figures.vsNginx.toFixed(2)} | ${ratio(figures.vsBare)} | ${figures.p50us64.toFixed(0)} / ${figures.p99us64.toFixed(0)} | ${row.name === 'direct' ? '–' : figures.addedP50us1.toFixed(0)} | ${fmt((samples.get(`${row.name}|1 MiB, 64 conns`) ?? []).map((s) => s.rps))} | ${figures.vsNginx1mib.toFixed(2)} | ${ratio(figures.cpuPer10k)} | ${ratio(figures.cpuVsBare)} | ${l.startupMs.length ? fmt(l.startupMs) : '–'} | ${l.idleRss.length ? `${fmt(l.idleRss)} / ${fmt(l.peakRss)}` : '–'} |`);
   }
-  writeFileSync(path.join(root, 'dist', 'bench.json'), JSON.stringify(result, null, 2));
-  console.log('\nbench: figures written to dist/bench.json');
-  rmSync(tmp, { recursive: true, force: true });
+  writeFigures('bench', 'bench.json', result);
 }
 
-main().catch((err) => {
-  console.error(err);
-  rmSync(tmp, { recursive: true, force: true });
-  process.exit(1);
-});
+runBenchmark(main, tmp);

@@ -1,7 +1,7 @@
 /** What the two benchmarks share: tools on the machine, ports, readiness, process trees and their memory
  * and CPU from /proc, wrk's figures, and nginx configurations. */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -153,4 +153,20 @@ export function proxyConfig(dir: string, port: number, upstreamHost: string): st
     `  upstream u { server ${upstreamHost}; keepalive 128; }`,
     `  server { listen 127.0.0.1:${port}; location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } }`,
   ].join('\n'));
+}
+
+/** Writes a benchmark's figures to dist/`file` and says so. */
+export function writeFigures(label: string, file: string, figures: unknown): void {
+  mkdirSync(path.join(root, 'dist'), { recursive: true });
+  writeFileSync(path.join(root, 'dist', file), JSON.stringify(figures, null, 2));
+  console.log(`\n${label}: figures written to dist/${file}`);
+}
+
+/** Runs a benchmark's main, removing its temporary folder however it ends. */
+export function runBenchmark(main: () => Promise<void>, tmp: string): void {
+  main().then(() => rmSync(tmp, { recursive: true, force: true }), (err) => {
+    console.error(err);
+    rmSync(tmp, { recursive: true, force: true });
+    process.exit(1);
+  });
 }

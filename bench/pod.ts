@@ -15,11 +15,11 @@
  * run outside the group on CPU 0; all traffic stays on 127.0.0.1, every load bounded in time.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, rmdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseAllDocuments } from 'yaml';
-import { IMAGE_NODE_FLAGS, arg, built, freePort, has, pinned, proxyConfig, root, sleep, upstreamConfig, waitFor, wrk, type Load } from './common.ts';
+import { IMAGE_NODE_FLAGS, arg, built, freePort, has, pinned, proxyConfig, root, runBenchmark, sleep, upstreamConfig, waitFor, writeFigures, wrk, type Load } from './common.ts';
 
 const SECONDS = arg('--seconds', 30);
 const WARMUP = arg('--warmup', 5);
@@ -229,14 +229,7 @@ async function main(): Promise<void> {
     const cells = (l?: Load) => (l ? [l.rps.toFixed(0), `${us(l.p50us)} / ${us(l.p99us)}`, String(l.errors)] : ['—', '—', '—']);
     console.log(`| ${row.name} | ${[...cells(r.small), ...cells(r.big)].join(' | ')} | ${r.oomKilled ? '**yes**' : 'no'} | ${r.peakMiB.toFixed(0)} |`);
   }
-  mkdirSync(path.join(root, 'dist'), { recursive: true });
-  writeFileSync(path.join(root, 'dist', 'bench-pod.json'), JSON.stringify(json, null, 2));
-  console.log('\nbench:pod: figures written to dist/bench-pod.json');
-  rmSync(tmp, { recursive: true, force: true });
+  writeFigures('bench:pod', 'bench-pod.json', json);
 }
 
-main().catch((err) => {
-  console.error(err);
-  rmSync(tmp, { recursive: true, force: true });
-  process.exit(1);
-});
+runBenchmark(main, tmp);
