@@ -957,6 +957,27 @@ export function responseHeaders(upstream: HeaderList, id: string): HeaderList {
   return out;
 }
 
+/** What makes a response head one the app must not get, whichever client read it: over Node's 16 KiB (every
+ * runtime is held to it, so the app, whose own client likely has the same limit, gets a clean 502 rather
+ * than a response it cannot read; Deno's client takes far more), or both framing headers at once (RFC 9112
+ * §6.1: how responses are smuggled; Deno's client takes them and passes on a Content-Length its body does
+ * not have). A protocol failure, as `classifyFailure` reads the code. */
+function responseHeadProblem(headers: HeaderList): Error | undefined {
+  let bytes = 0;
+  let framing = 0;
+  for (const [name, value] of headers) {
+    bytes += name.length + value.length + 4;
+    if (name === 'transfer-encoding') framing |= 1;
+    else if (name === 'content-length') framing |= 2;
+  }
+  if (bytes > MAX_RESPONSE_HEAD_BYTES) return Object.assign(new Error(`response headers larger than ${MAX_RESPONSE_HEAD_BYTES} bytes`), { code: 'HPE_HEADER_OVERFLOW' });
+  if (framing === 3) return Object.assign(new Error('the response has both Transfer-Encoding and Content-Length'), { code: 'HPE_UNEXPECTED_CONTENT_LENGTH' });
+  return undefined;
+}
+
+/** A 101 to a request that asked for no upgrade (the app's Upgrade is never sent on): a protocol failure. */
+const unaskedUpgrade = () => Object.assign(new Error('the upstream switched protocols, though no upgrade was asked for'), { code: 'HPE_UNEXPECTED_101' });
+
 /** One place maps a failure to what the app receives: 502 when the upstream could not be reached or
  * answered nonsense, 504 when it was too slow, 503 while the ambassador refuses work. Plain text, short,
  * saying what failed and after how many attempts. */
@@ -1617,30 +1638,30 @@ function fetchSend(d: DenoLike, withLength: Send): Send {
   // Deno's client sends a request again, on a new connection, when a reused one closes under it — even a
   // POST the upstream has already read. A request that must not be repeated therefore never goes on a
   // reused connection: its clients keep none idle (`once`).
-  const clients = new WeakMap<TlsMaterial, { pooled?: DenoHttpClient; once?: DenoHttpClient }>();
-  const plain: { pooled?: DenoHttpClient; once?: DenoHttpClient } = {};
-  const byAddress: { pooled?: DenoHttpClient; once?: DenoHttpClient } = {};
-  const make = (options: Parameters<DenoLike['createHttpClient']>[0], once: boolean) =>
-    d.createHttpClient(once ? { ...options, poolMaxIdlePerHost: 0 } : options);
+  type Clients = { pooled?: DenoHttpClient; once?: DenoHttpClient };
+  const pick = (set: Clients, options: Parameters<DenoLike['createHttpClient']>[0], once: boolean) =>
+    once ? (set.once ??= d.createHttpClient({ ...options, poolMaxIdlePerHost: 0 })) : (set.pooled ??= d.createHttpClient(options));
+  const byTls = new WeakMap<TlsMaterial, Clients>();
+  const plain: Clients = {};
+  const byAddress: Clients = {};
   const clientFor = (tls: TlsMaterial, once: boolean) => {
-    let set = clients.get(tls);
-    if (!set) clients.set(tls, (set = {}));
-    const options = { caCerts: tls.ca ? [tls.ca] : undefined, ...(tls.cert && tls.key ? { cert: tls.cert, key: tls.key } : {}) };
-    return once ? (set.once ??= make(options, true)) : (set.pooled ??= make(options, false));
+    let set = byTls.get(tls);
+    if (!set) byTls.set(tls, (set = {}));
+    return pick(set, { caCerts: tls.ca ? [tls.ca] : undefined, ...(tls.cert && tls.key ? { cert: tls.cert, key: tls.key } : {}) }, once);
   };
   return async (url, init) => {
     if (init.body instanceof ReadableStream && headerValue(init.headers, 'content-length') !== null) return withLength(url, init);
     const once = !IDEMPOTENT.has(init.method) && headerValue(init.headers, 'idempotency-key') === null;
     let target = url;
     let headers = init.headers;
-    let client: DenoHttpClient | undefined = once ? (plain.once ??= make({}, true)) : undefined;
+    let client: DenoHttpClient | undefined = once ? pick(plain, {}, true) : undefined;
     if (init.tls) client = clientFor(init.tls, once);
     else if (init.address !== null) {
       const u = new URL(url);
       headers = [['host', u.host], ...headers];
       u.hostname = init.address.includes(':') ? `[${init.address}]` : init.address;
       target = u.href;
-      client = once ? (byAddress.once ??= make({ allowHost: true }, true)) : (byAddress.pooled ??= make({ allowHost: true }, false));
+      client = pick(byAddress, { allowHost: true }, once);
     }
     let res: Response;
     try {
@@ -1655,20 +1676,10 @@ function fetchSend(d: DenoLike, withLength: Send): Send {
       throw err;
     }
     const list = [...res.headers];
-    let bytes = 0;
-    let framing = 0;
-    for (const [name, value] of list) {
-      bytes += name.length + value.length + 4;
-      if (name === 'transfer-encoding') framing |= 1;
-      else if (name === 'content-length') framing |= 2;
-    }
-    // Deno's client takes both framing headers at once and passes the Content-Length on with a body of
-    // another length; and it takes heads far larger than Node's 16 KiB. Both are refused, as on Node.
-    if (framing === 3 || bytes > MAX_RESPONSE_HEAD_BYTES) {
+    const problem = responseHeadProblem(list);
+    if (problem) {
       await res.body?.cancel();
-      throw framing === 3
-        ? Object.assign(new Error('the response has both Transfer-Encoding and Content-Length'), { code: 'HPE_UNEXPECTED_CONTENT_LENGTH' })
-        : Object.assign(new Error(`response headers larger than ${MAX_RESPONSE_HEAD_BYTES} bytes`), { code: 'HPE_HEADER_OVERFLOW' });
+      throw problem;
     }
     return { status: res.status, statusText: res.statusText, headers: list, body: res.body };
   };
@@ -1830,7 +1841,7 @@ export function createAmbassador(config: Config, options: {
     const record: RequestRecord = { id, route: '', endpoint: null, method: req.method, path: path ?? url.pathname, status: 0, attempts: 0,
       durationMs: 0, upstreamMs: null, bytesIn: 0, bytesOut: 0 };
 
-    const refused = refusal(req.method, rawTarget, url, incomingHeaders, path);
+    const refused = refusal(req.method, rawTarget, target, url, incomingHeaders, path);
     const route = refused ? undefined : matchRoute(config.routes, host, path!);
     if (refused || !route) {
       const answer = refused ?? { status: REJECTION_STATUS.no_route, reason: `no route for ${host ?? ''}${path}`, rejected: 'no_route' as const };
@@ -1981,7 +1992,7 @@ export function createAmbassador(config: Config, options: {
         if (res.status < 200) { // a 101 nobody asked for (the app's Upgrade is never sent on), or worse
           discard(res);
           res = undefined;
-          throw Object.assign(new Error('the upstream switched protocols, though no upgrade was asked for'), { code: 'HPE_UNEXPECTED_101' });
+          throw unaskedUpgrade();
         }
         record.upstreamMs = clock.now() - tryStarted;
         events.attemptResponded({ id, route: route.name, endpoint: endpoint.key, attempt: n, status: res.status, seconds: record.upstreamMs / 1000 });
@@ -2106,7 +2117,7 @@ const HOST_HEADER = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(:\d{0,5
 /** Requests the ambassador answers itself rather than forward: it only ever talks to its upstreams, and
  * sends on only requests every runtime can carry exactly as they came. `path` is the normalized path, null
  * when it could not be. */
-function refusal(method: string, rawTarget: string | undefined, url: URL, headers: HeaderList, path: string | null): Refusal | undefined {
+function refusal(method: string, rawTarget: string | undefined, target: string, url: URL, headers: HeaderList, path: string | null): Refusal | undefined {
   // Methods are case-sensitive (RFC 9110 §9.1); a fetch would send `get` as GET and `trace` as TRACE.
   if (/[a-z]/.test(method)) return { status: 400, reason: `method ${JSON.stringify(method)} is not forwarded: method names are case-sensitive`, headers: { connection: 'close' } };
   if (REFUSED_METHODS.has(method)) return { status: 405, reason: `method ${method} is not forwarded`, headers: { allow: ALLOW } };
@@ -2117,7 +2128,7 @@ function refusal(method: string, rawTarget: string | undefined, url: URL, header
   }
   let hosts = 0;
   let host: string | null = null;
-  let bytes = method.length + (rawTarget ?? url.pathname + url.search).length + 12; // the request line
+  let bytes = method.length + target.length + 12; // the request line
   let body = false;
   for (const [name, value] of headers) {
     bytes += name.length + value.length + 4;
@@ -2282,30 +2293,16 @@ export function nodeSend(http: NodeHttp, https: NodeHttp, { pooled = true } = {}
     // A 101 comes here, not as a response; the connection is then no longer HTTP, so it is closed.
     req.on('upgrade', (_res, socket: { destroy(): void }) => {
       socket.destroy();
-      reject(Object.assign(new Error('the upstream switched protocols, though no upgrade was asked for'), { code: 'HPE_UNEXPECTED_101' }));
+      reject(unaskedUpgrade());
     });
     req.on('response', (res) => {
       const status = res.statusCode ?? 502;
       const headers: HeaderList = [];
-      let framing = 0;
-      let bytes = 0;
-      for (let i = 0; i < res.rawHeaders.length; i += 2) {
-        const name = res.rawHeaders[i].toLowerCase();
-        if (name === 'transfer-encoding') framing |= 1;
-        else if (name === 'content-length') framing |= 2;
-        bytes += name.length + res.rawHeaders[i + 1].length + 4;
-        headers.push([name, res.rawHeaders[i + 1]]);
-      }
-      // Node's parser stops at 16 KiB; every runtime's client is held to it, so the app (whose own client
-      // likely has the same limit) gets a clean 502 rather than a response it cannot read.
-      if (bytes > MAX_RESPONSE_HEAD_BYTES) {
+      for (let i = 0; i < res.rawHeaders.length; i += 2) headers.push([res.rawHeaders[i].toLowerCase(), res.rawHeaders[i + 1]]);
+      const problem = responseHeadProblem(headers);
+      if (problem) {
         res.destroy();
-        return reject(Object.assign(new Error(`response headers larger than ${MAX_RESPONSE_HEAD_BYTES} bytes`), { code: 'HPE_HEADER_OVERFLOW' }));
-      }
-      // RFC 9112 §6.1: both at once is how responses are smuggled; not every parser refuses it.
-      if (framing === 3) {
-        res.destroy();
-        return reject(Object.assign(new Error('the response has both Transfer-Encoding and Content-Length'), { code: 'HPE_UNEXPECTED_CONTENT_LENGTH' }));
+        return reject(problem);
       }
       const noBody = init.method === 'HEAD' || NULL_BODY_STATUS.has(status);
       if (noBody) res.resume();

@@ -15,7 +15,7 @@ import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
-import { IMAGE_NODE_FLAGS, SMALL, arg, built, cpuSeconds, freePort, has, memory, pinned, proxyConfig, root, runBenchmark, sleep, upstreamConfig, waitFor, writeFigures, wrk as wrkLoad, type Load } from './common.ts';
+import { IMAGE_NODE_FLAGS, SMALL, ambassadorEnv, arg, built, cpuSeconds, freePort, has, memory, pinned, proxyConfig, root, runBenchmark, sleep, upstreamConfig, waitFor, writeFigures, wrk as wrkLoad, type Load } from './common.ts';
 
 const ROUNDS = arg('--rounds', 3);
 const SECONDS = arg('--seconds', 5);
@@ -79,9 +79,6 @@ interface Row {
 }
 
 const deno = path.join(root, 'node_modules', '.bin', 'deno');
-const ambassadorEnv = (upstream: string, port: number, admin: number) => ({
-  UPSTREAM_URL: upstream, PORT: String(port), ADMIN_PORT: String(admin), ADMIN_HOST: '127.0.0.1', LOG_LEVEL: 'warn',
-});
 const ambassadorRow = (name: string, argv: string[], available: string | undefined, baseline: string): Row => ({
   name, available, baseline,
   async start(upstream) {

@@ -139,7 +139,11 @@ export function nginxConfig(dir: string, port: number, body: string): string {
   return file;
 }
 
-export const ONE_MIB_BYTES = 1024 * 1024;
+/** How both benchmarks run the ambassador: on the given ports, admin on loopback, failures-only logging. */
+export const ambassadorEnv = (upstream: string, port: number, admin: number) => ({
+  UPSTREAM_URL: upstream, PORT: String(port), ADMIN_PORT: String(admin), ADMIN_HOST: '127.0.0.1', LOG_LEVEL: 'warn',
+});
+
 export const SMALL = '{"item":"widget","stock":42}';
 
 /** The upstream both benchmarks use: nginx serving the small JSON body at /small and 1 MiB at /1mib. */

@@ -19,7 +19,7 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmdirSync, writeFileS
 import os from 'node:os';
 import path from 'node:path';
 import { parseAllDocuments } from 'yaml';
-import { IMAGE_NODE_FLAGS, arg, built, freePort, has, pinned, proxyConfig, root, runBenchmark, sleep, upstreamConfig, waitFor, writeFigures, wrk, type Load } from './common.ts';
+import { IMAGE_NODE_FLAGS, ambassadorEnv, arg, built, freePort, has, pinned, proxyConfig, root, runBenchmark, sleep, upstreamConfig, waitFor, writeFigures, wrk, type Load } from './common.ts';
 
 const SECONDS = arg('--seconds', 30);
 const WARMUP = arg('--warmup', 5);
@@ -135,7 +135,7 @@ interface Row {
 const deno = path.join(root, 'node_modules', '.bin', 'deno');
 const ambassador = (argv: string[], extraEnv: Record<string, string> = {}) => (upstream: string, port: number, admin: number) => ({
   argv, ready: `http://127.0.0.1:${admin}/readyz`,
-  env: { UPSTREAM_URL: upstream, PORT: String(port), ADMIN_PORT: String(admin), ADMIN_HOST: '127.0.0.1', LOG_LEVEL: 'warn', ...extraEnv },
+  env: { ...ambassadorEnv(upstream, port, admin), ...extraEnv },
 });
 
 const rows: Row[] = [
