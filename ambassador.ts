@@ -1026,10 +1026,15 @@ export function createLogger(format: LogFormat, minLevel: LogLevel, write: (line
   };
 }
 
-function logEvents(log: Logger): Events {
+/** The log's view of the events. A record is built only when its level is written: at LOG_LEVEL=warn a
+ * request that went well costs no log work at all. */
+function logEvents(log: Logger, minLevel: LogLevel): Events {
+  const min = LEVELS[minLevel];
+  const debug = LEVELS.debug >= min;
+  const info = LEVELS.info >= min;
   return {
     attemptResponded(e) {
-      log('debug', 'upstream responded', { id: e.id, route: e.route, endpoint: e.endpoint, attempt: e.attempt, status: e.status, upstream_ms: round(e.seconds * 1000) });
+      if (debug) log('debug', 'upstream responded', { id: e.id, route: e.route, endpoint: e.endpoint, attempt: e.attempt, status: e.status, upstream_ms: round(e.seconds * 1000) });
     },
     attemptFailed(e) {
       const then = e.next.retry ? `retrying in ${e.next.delayMs} ms` : `giving up (${e.next.reason})`;
@@ -1039,7 +1044,9 @@ function logEvents(log: Logger): Events {
       });
     },
     requestDone(r) {
-      log(r.status >= 500 || r.rejected ? 'warn' : 'info', 'request', {
+      const warn = r.status >= 500 || r.rejected !== undefined;
+      if (!warn && !info) return;
+      log(warn ? 'warn' : 'info', 'request', {
         id: r.id, route: r.route, method: r.method, path: r.path, status: r.status, attempts: r.attempts, endpoint: r.endpoint,
         duration_ms: round(r.durationMs), upstream_ms: r.upstreamMs === null ? null : round(r.upstreamMs),
         bytes_in: r.bytesIn, bytes_out: r.bytesOut, ...(r.rejected ? { rejected: r.rejected } : {}), ...(r.error ? { error: r.error } : {}),
@@ -1243,15 +1250,17 @@ interface ForwardBody {
   replayable: boolean;
   bytes(): number;
   /** settles once the whole body has gone to fetch: timeouts count from then, as Envoy's do, so a
-   * large upload is not cut off for taking longer than TRY_TIMEOUT_MS to send */
-  sent: Promise<void>;
+   * large upload is not cut off for taking longer than TRY_TIMEOUT_MS to send; null: it has gone */
+  sent: Promise<void> | null;
 }
+
+const NO_BODY: ForwardBody = { take: () => null, replayable: true, bytes: () => 0, sent: null };
 
 /** Reads at most `limit` bytes of a request body. Small bodies are kept whole and can be sent again; a
  * larger one goes on as a stream (what was read, then the rest), sent once (Envoy's silent skip is
  * envoy#29386: here the log says so). */
 async function prepareBody(body: ReadableStream<Uint8Array> | null, declared: number | undefined, limit: number): Promise<ForwardBody> {
-  if (body === null) return { take: () => null, replayable: true, bytes: () => 0, sent: Promise.resolve() };
+  if (body === null) return NO_BODY;
   let streamed = 0;
   let markSent!: () => void;
   const sent = new Promise<void>((resolve) => (markSent = resolve));
@@ -1287,7 +1296,7 @@ async function prepareBody(body: ReadableStream<Uint8Array> | null, declared: nu
     }
   }
   const whole = chunks.length === 1 ? chunks[0] : concat(chunks, size);
-  return { take: () => whole, replayable: true, bytes: () => size, sent: Promise.resolve() };
+  return { take: () => whole, replayable: true, bytes: () => size, sent: null };
 }
 
 /** A Node stream as a web stream that reads only as fast as its consumer takes it (see `bodyStream`).
@@ -1373,6 +1382,7 @@ interface NodeOutgoing {
   readonly writableFinished: boolean;
   readonly destroyed: boolean;
   on(event: 'finish' | 'close', f: () => void): void;
+  once(event: 'close', f: () => void): void;
 }
 
 /** A reply's body as a web stream, made from the Node stream only where one is needed. */
@@ -1433,7 +1443,44 @@ export interface Endpoint extends Balanced {
   /** connect to this address rather than resolve `base.hostname`; null: the runtime resolves the name */
   readonly address: string | null;
   readonly breaker: Breaker;
+  /** where its attempts go, worked out once */
+  readonly target: Target;
   requests: number;
+}
+
+/** Where an endpoint's attempts go, worked out when the endpoint is made rather than per attempt. */
+export interface Target {
+  /** the upstream URL's origin and base path (no trailing slash): the request's path and query follow */
+  readonly prefix: string;
+  readonly basePath: string;
+  readonly https: boolean;
+  /** the URL's host and port, as Host carries them: what the upstream sees and what TLS verifies */
+  readonly authority: string;
+  /** the URL's host name, without brackets */
+  readonly hostname: string;
+  /** the name TLS sends (SNI) and verifies, unless the route names another: none for an address */
+  readonly serverName: string | undefined;
+  readonly port: number;
+  /** connect here rather than resolve `hostname`; null: the runtime resolves the name */
+  readonly address: string | null;
+}
+
+function targetOf(base: URL, address: string | null): Target {
+  const https = base.protocol === 'https:';
+  const prefix = upstreamUrl(base, '');
+  return { prefix, basePath: prefix.slice(base.origin.length), https, authority: base.host, hostname: base.hostname.replace(/^\[(.*)\]$/, '$1'),
+    serverName: isIpLiteral(base.hostname) ? undefined : base.hostname, port: Number(base.port || (https ? 443 : 80)), address };
+}
+
+/** The characters a request target may hold that WHATWG URL parsing leaves as they are, in path and query
+ * alike: such a target is sent as it is; any other is sent as a URL would have it (what fetch sends). */
+const PLAIN_TARGET = /^[\w\-.~!$&()*+,;=:@/%?]*$/;
+
+/** The path and query an attempt asks the upstream for: the base path, then the request's. */
+function requestTarget(target: Target, pathAndQuery: string): string {
+  if (PLAIN_TARGET.test(pathAndQuery)) return target.basePath + pathAndQuery;
+  const u = new URL(target.prefix + pathAndQuery);
+  return u.pathname + u.search;
 }
 
 /** The longest a request waits for a lookup (the first, or one after a quiet spell) before going on with
@@ -1472,24 +1519,27 @@ class EndpointPool {
     const key = address === null ? base.host : address.includes(':') ? `[${address}]:${port}` : `${address}:${port}`;
     const r = this.route;
     const breaker = new Breaker({ failures: r.breakerFailures, openMs: r.breakerOpenMs, openMaxMs: r.breakerOpenMaxMs, probes: r.breakerProbes });
-    return { key, base, address, breaker, inFlight: 0, ewmaMs: 0, lastSampleAt: this.clock.now(), requests: 0 };
+    return { key, base, address, breaker, target: targetOf(base, address), inFlight: 0, ewmaMs: 0, lastSampleAt: this.clock.now(), requests: 0 };
   }
 
   /** The endpoints now. Starts a refresh when one is due. Waits for it only before the first answer, or
    * after a quiet spell long enough that what is known may be long gone (pods replaced while no request
    * came); under steady traffic requests never wait on DNS. */
-  async current(): Promise<Endpoint[]> {
+  current(): Endpoint[] | Promise<Endpoint[]> {
     if (!this.discovering) return this.endpoints;
     const now = this.clock.now();
     const stale = now - this.nextRefreshAt > this.route.dnsRefreshMs;
     if (now >= this.nextRefreshAt && !this.refreshing) {
       this.refreshing = this.refresh().finally(() => (this.refreshing = undefined));
     }
-    if ((!this.resolvedOnce || stale) && this.refreshing) {
-      let timer: ReturnType<typeof setTimeout> | undefined;
-      await Promise.race([this.refreshing, new Promise((r) => (timer = setTimeout(r, FIRST_RESOLVE_WAIT_MS)))]);
-      clearTimeout(timer);
-    }
+    if ((!this.resolvedOnce || stale) && this.refreshing) return this.refreshed(this.refreshing);
+    return this.endpoints;
+  }
+
+  private async refreshed(refreshing: Promise<void>): Promise<Endpoint[]> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([refreshing, new Promise((r) => (timer = setTimeout(r, FIRST_RESOLVE_WAIT_MS)))]);
+    clearTimeout(timer);
     return this.endpoints;
   }
 
@@ -1617,11 +1667,11 @@ export interface Reply {
   node?: NodeReadable;
 }
 
-/** How one attempt reaches the upstream: `fetch` on Deno, `node:http` on Node (see `nodeSend`). `address`
- * is where to connect instead of resolving the URL's host; `tls` the route's certificates. */
-export type Send = (url: string, init: {
-  method: string; headers: HeaderList; body: Uint8Array | ReadableStream<Uint8Array> | null; signal: AbortSignal;
-  address: string | null; tls: TlsMaterial | null;
+/** How one attempt reaches the upstream: `fetch` on Deno, `node:http` on Node (see `nodeSend`): the
+ * endpoint's target, the request's path and query, and `tls` the route's certificates. `cancel` ends the
+ * attempt, before the response headers or after. */
+export type Send = (target: Target, pathAndQuery: string, init: {
+  method: string; headers: HeaderList; body: Uint8Array | ReadableStream<Uint8Array> | null; cancel: Cancel; tls: TlsMaterial | null;
 }) => Promise<Reply>;
 
 interface DenoHttpClient {
@@ -1649,24 +1699,26 @@ function fetchSend(d: DenoLike, withLength: Send): Send {
     if (!set) byTls.set(tls, (set = {}));
     return pick(set, { caCerts: tls.ca ? [tls.ca] : undefined, ...(tls.cert && tls.key ? { cert: tls.cert, key: tls.key } : {}) }, once);
   };
-  return async (url, init) => {
-    if (init.body instanceof ReadableStream && headerValue(init.headers, 'content-length') !== null) return withLength(url, init);
+  return async (target, pathAndQuery, init) => {
+    if (init.body instanceof ReadableStream && headerValue(init.headers, 'content-length') !== null) return withLength(target, pathAndQuery, init);
     const once = !IDEMPOTENT.has(init.method) && headerValue(init.headers, 'idempotency-key') === null;
-    let target = url;
+    let url = target.prefix + pathAndQuery;
     let headers = init.headers;
     let client: DenoHttpClient | undefined = once ? pick(plain, {}, true) : undefined;
     if (init.tls) client = clientFor(init.tls, once);
-    else if (init.address !== null) {
+    else if (target.address !== null) {
       const u = new URL(url);
-      headers = [['host', u.host], ...headers];
-      u.hostname = init.address.includes(':') ? `[${init.address}]` : init.address;
-      target = u.href;
+      headers = [['host', target.authority], ...headers];
+      u.hostname = target.address.includes(':') ? `[${target.address}]` : target.address;
+      url = u.href;
       client = pick(byAddress, { allowHost: true }, once);
     }
+    const abort = new AbortController();
+    init.cancel.on((reason) => abort.abort(reason));
     let res: Response;
     try {
       // `duplex: 'half'` lets fetch send a streamed body; redirects are the app's business, not ours.
-      res = await fetch(target, { method: init.method, headers, body: init.body, signal: init.signal, client, redirect: 'manual', duplex: 'half' } as RequestInit);
+      res = await fetch(url, { method: init.method, headers, body: init.body, signal: abort.signal, client, redirect: 'manual', duplex: 'half' } as RequestInit);
     } catch (err) {
       // fetch raises TypeError both for a request it will not make and for a network failure ("fetch
       // failed", with the cause). The first is the app's request at fault, and nothing was sent.
@@ -1726,19 +1778,51 @@ export interface Ambassador {
   readonly draining: boolean;
 }
 
-/** Sleeps `ms`, or until `signal` aborts. */
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal.aborted) return resolve();
-    const onAbort = () => {
-      clearTimeout(timer);
-      resolve();
+/** A request's or an attempt's cancellation: a flag, a reason, and what to do when it comes. The hot path
+ * makes one or two per request, and an `AbortController` with its listeners is an EventTarget each; only
+ * Deno's fetch needs a real `AbortSignal`, and `fetchSend` makes it there. */
+export class Cancel {
+  aborted = false;
+  reason: unknown = undefined;
+  private callbacks: Array<(reason: unknown) => void> | null = null;
+
+  abort(reason: unknown): void {
+    if (this.aborted) return;
+    this.aborted = true;
+    this.reason = reason;
+    const callbacks = this.callbacks;
+    this.callbacks = null;
+    if (callbacks) for (const f of callbacks) f(reason);
+  }
+
+  /** Runs `f` on cancellation (at once when it has come); the function returned takes `f` back. */
+  on(f: (reason: unknown) => void): () => void {
+    if (this.aborted) {
+      f(this.reason);
+      return noop;
+    }
+    (this.callbacks ??= []).push(f);
+    return () => {
+      const i = this.callbacks?.indexOf(f) ?? -1;
+      if (i >= 0) this.callbacks!.splice(i, 1);
     };
+  }
+}
+
+const noop = () => {};
+
+/** Sleeps `ms`, or until `cancel` comes. */
+function sleep(ms: number, cancel: Cancel): Promise<void> {
+  if (cancel.aborted) return Promise.resolve();
+  return new Promise((resolve) => {
     const timer = setTimeout(() => {
-      signal.removeEventListener('abort', onAbort);
+      off();
       resolve();
     }, ms);
-    signal.addEventListener('abort', onAbort, { once: true });
+    const off = cancel.on(() => {
+      clearTimeout(timer);
+      resolve();
+    });
   });
 }
 
@@ -1758,7 +1842,7 @@ export function createAmbassador(config: Config, options: {
   const log = options.log ?? createLogger(config.logFormat, config.logLevel);
   const clock = options.clock ?? systemClock;
   const metrics = options.metrics ?? new Metrics({ version: VERSION, runtime: deno ? 'deno' : 'node', startTimeSeconds: Date.now() / 1000 });
-  const events = fanOut(logEvents(log), metrics.events());
+  const events = fanOut(logEvents(log, config.logLevel), metrics.events());
   const send = options.send;
   const inFlight = new Map<number, InFlight>();
   let requestCount = 0;
@@ -1785,63 +1869,69 @@ export function createAmbassador(config: Config, options: {
     });
   }
 
-  /** One attempt: send until response headers arrive or `limitMs` passes. The client's abort reaches the
-   * upstream through the same controller, before and after the headers. */
-  async function attempt(url: string, init: Omit<Parameters<Send>[1], 'signal'>, limitMs: number, client: AbortSignal, bodySent: Promise<void>): Promise<Reply> {
-    const controller = new AbortController();
-    const onClientAbort = () => controller.abort(client.reason);
-    if (client.aborted) onClientAbort();
-    else client.addEventListener('abort', onClientAbort, { once: true });
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    let settled = false;
-    if (Number.isFinite(limitMs)) {
-      void bodySent.then(() => {
+  /** One attempt: send until response headers arrive or `limitMs` passes, counted from when the body has
+   * gone (`bodySent`; null: at once). The app going away ends it through the same cancellation, before the
+   * headers and after. The cancellation settles the attempt whatever the client makes of it (a client that
+   * loses track of a request after a stray 101 would otherwise hold its place forever); a reply that comes
+   * after it is let go. */
+  function attempt(target: Target, pathAndQuery: string, init: Omit<Parameters<Send>[2], 'cancel'>, limitMs: number, client: Cancel,
+    bodySent: Promise<void> | null): Promise<Reply> {
+    const cancel = new Cancel();
+    const offClient = client.on((reason) => cancel.abort(reason));
+    return new Promise<Reply>((resolve, reject) => {
+      let settled = false;
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const offSelf = cancel.on((reason) => {
         if (settled) return;
-        timer = setTimeout(() => controller.abort(new TimeoutError(`no response headers within ${Math.round(limitMs)} ms`)), limitMs);
+        settled = true;
+        clearTimeout(timer);
+        offClient();
+        reject(reason);
       });
-    }
-    try {
-      // The abort settles the attempt whatever the client makes of it (a client that loses track of a
-      // request after a stray 101 would otherwise hold its place forever); a reply that comes after is let go.
-      const sent = send(url, { ...init, signal: controller.signal });
-      const aborted = new Promise<never>((_, reject) => {
-        const onAbort = () => {
-          void sent.then(discard, () => {});
-          reject(controller.signal.reason);
-        };
-        if (controller.signal.aborted) onAbort();
-        else controller.signal.addEventListener('abort', onAbort, { once: true });
-        void sent.finally(() => controller.signal.removeEventListener('abort', onAbort)).catch(() => {});
+      if (settled) return;
+      const startTimer = () => {
+        if (!settled) timer = setTimeout(() => cancel.abort(new TimeoutError(`no response headers within ${Math.round(limitMs)} ms`)), limitMs);
+      };
+      if (Number.isFinite(limitMs)) {
+        if (bodySent === null) startTimer();
+        else void bodySent.then(startTimer);
+      }
+      send(target, pathAndQuery, { ...init, cancel }).then((reply) => {
+        if (settled) return discard(reply);
+        settled = true;
+        clearTimeout(timer);
+        offSelf(); // the app's going away still reaches the upstream while the body flows
+        resolve(reply);
+      }, (err) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        offClient();
+        reject(err);
       });
-      return await Promise.race([sent, aborted]);
-    } catch (err) {
-      client.removeEventListener('abort', onClientAbort);
-      // A client rejects with a generic AbortError; the reason says whether it was our timer.
-      throw controller.signal.aborted ? controller.signal.reason : err;
-    } finally {
-      settled = true;
-      clearTimeout(timer);
-    }
+    });
   }
 
   async function handle(c: Context<{ Bindings: Bindings }>): Promise<Response> {
     const req = c.req.raw;
     const started = clock.now();
+    const method = req.method;
     const incomingHeaders = headerList(c);
     const given = headerValue(incomingHeaders, 'x-request-id');
     const id = given !== null && SAFE_REQUEST_ID.test(given) ? given : crypto.randomUUID();
-    // Node hands over the target as it was sent; elsewhere it comes already parsed into a URL.
-    const rawTarget = c.env?.incoming?.asterisk ? '*' : c.env?.incoming?.url;
-    const url = parseUrl(req.url);
-    const target = rawTarget ?? url.pathname + url.search;
+    // Node hands over the target as it was sent (no URL is made); elsewhere it comes parsed into a URL.
+    const incoming = c.env?.incoming;
+    const rawTarget = incoming?.asterisk ? '*' : incoming?.url;
+    const url = rawTarget === undefined ? parseUrl(req.url) : undefined;
+    const target = rawTarget ?? url!.pathname + url!.search;
     const q = target.indexOf('?');
     const sentPath = q < 0 ? target : target.slice(0, q);
     const path = sentPath.startsWith('/') ? normalizePath(sentPath) : null;
     const host = headerValue(incomingHeaders, 'host');
-    const record: RequestRecord = { id, route: '', endpoint: null, method: req.method, path: path ?? url.pathname, status: 0, attempts: 0,
+    const record: RequestRecord = { id, route: '', endpoint: null, method, path: path ?? sentPath, status: 0, attempts: 0,
       durationMs: 0, upstreamMs: null, bytesIn: 0, bytesOut: 0 };
 
-    const refused = refusal(req.method, rawTarget, target, url, incomingHeaders, path);
+    const refused = refusal(method, rawTarget, target, url?.host, incomingHeaders, path);
     const route = refused ? undefined : matchRoute(config.routes, host, path!);
     if (refused || !route) {
       const answer = refused ?? { status: REJECTION_STATUS.no_route, reason: `no route for ${host ?? ''}${path}`, rejected: 'no_route' as const };
@@ -1858,17 +1948,25 @@ export function createAmbassador(config: Config, options: {
 
     // Keyed by a number of our own: two requests may well carry the same x-request-id.
     const key = ++requestCount;
-    inFlight.set(key, { id, method: req.method, path: record.path, started });
-    // One listener on the app's signal per request, removed when the response is done: Deno aborts
-    // request.signal after a successful response too (unless run with --unstable-no-legacy-abort, as
-    // deno.json asks), and that must not reach a finished exchange.
-    const gone = new AbortController();
-    const onGone = () => gone.abort(req.signal.reason);
-    req.signal.addEventListener('abort', onGone, { once: true });
+    inFlight.set(key, { id, method, path: record.path, started });
+    // The app going away: on Node its connection closing before the response is done (the request's
+    // `signal` would make an AbortController per request); elsewhere the request's signal, whose listener
+    // is removed when the response is done: Deno aborts request.signal after a successful response too
+    // (unless run with --unstable-no-legacy-abort, as deno.json asks), and that must not reach a finished
+    // exchange.
+    const gone = new Cancel();
+    const outgoing = c.env?.outgoing;
+    let offGone = noop;
+    if (outgoing) outgoing.once('close', () => outgoing.writableFinished || gone.abort(new Error('the app closed its connection')));
+    else {
+      const onAbort = () => gone.abort(req.signal.reason);
+      req.signal.addEventListener('abort', onAbort, { once: true });
+      offGone = () => req.signal.removeEventListener('abort', onAbort);
+    }
     let holding = false; // a place under the route's concurrency limit, given back when the response is done
     const finish = (bytesOut: number, error?: string) => {
       uploadEnded(key);
-      req.signal.removeEventListener('abort', onGone);
+      offGone();
       if (holding) up.limit.release();
       holding = false;
       inFlight.delete(key);
@@ -1881,16 +1979,16 @@ export function createAmbassador(config: Config, options: {
     const reqBody = requestBody(c, incomingHeaders, config.bodyIdleTimeoutMs, () => uploadEnded(key));
     if (reqBody) uploads.add(key);
     try {
-      const admission = await admit(up, gone.signal, id, record);
+      let admission = admit(up, gone, id, record);
+      if (admission instanceof Promise) admission = await admission; // only a rate limit's wait or a queue
       holding = admission === true;
       const reply = admission === true
-        ? await forward(up, req.method, incomingHeaders, reqBody, gone.signal, id, upstreamPath, started, clientAddress(c), record)
+        ? await forward(up, method, incomingHeaders, reqBody, gone, id, upstreamPath, started, clientAddress(c), record)
         : admission;
       // Draining, the app opens a fresh connection for its next call; and an answer that came before the
       // app's body was all read leaves the rest of that body on the connection (RFC 9112 §9.6: close it).
       if (draining || uploads.has(key)) reply.headers.push(['connection', 'close']);
       record.status = reply.status;
-      const outgoing = c.env?.outgoing;
       if (reply.node && outgoing && options.written) {
         // Node: the upstream's body goes straight into the app's connection, no web streams between.
         pipeNode(reply.node, outgoing, reply, config.bodyIdleTimeoutMs, finish);
@@ -1916,8 +2014,9 @@ export function createAmbassador(config: Config, options: {
   }
 
   /** The route's local rate limit, then its concurrency limit: true when the request may go on (holding a
-   * place under the limit), else the 429 or 503 the app gets. Throws only when the app went away. */
-  async function admit(up: Upstream, gone: AbortSignal, id: string, record: RequestRecord): Promise<true | Reply> {
+   * place under the limit), else the 429 or 503 the app gets. A promise only when the request must wait
+   * (for a token, or in the queue). Throws only when the app went away. */
+  function admit(up: Upstream, gone: Cancel, id: string, record: RequestRecord): true | Reply | Promise<true | Reply> {
     const { route } = up;
     if (up.bucket) {
       const token = up.bucket.take(clock.now(), route.rateLimitWaitMs);
@@ -1926,43 +2025,64 @@ export function createAmbassador(config: Config, options: {
         record.error = `rate limit: over ${route.rateLimitPerSec}/s (burst ${route.rateLimitBurst}) to ${route.name}`;
         return rejectionReply('rate_limit', record.error, id, token.retryAfterMs);
       }
-      if (token.waitMs > 0) await sleep(token.waitMs, gone);
-      if (gone.aborted) throw gone.reason;
+      if (token.waitMs > 0) {
+        return sleep(token.waitMs, gone).then(() => {
+          if (gone.aborted) throw gone.reason;
+          return takePlace(up, gone, id, record);
+        });
+      }
     }
+    if (gone.aborted) throw gone.reason;
+    return takePlace(up, gone, id, record);
+  }
+
+  function takePlace(up: Upstream, gone: Cancel, id: string, record: RequestRecord): true | Reply | Promise<true | Reply> {
     const place = up.limit.acquire();
     if (place === true) return true;
-    if (place !== false) {
-      let timer: ReturnType<typeof setTimeout> | undefined;
-      const waited = await Promise.race([
-        place.granted.then(() => 'granted' as const),
-        new Promise<'timeout'>((r) => (timer = setTimeout(r, route.queueTimeoutMs, 'timeout'))),
-        new Promise<'gone'>((r) => gone.addEventListener('abort', () => r('gone'), { once: true })),
-      ]);
-      clearTimeout(timer);
-      const granted = waited === 'granted' || !place.leave(); // leaving fails once the place was handed over
-      if (waited === 'gone') {
-        if (granted) up.limit.release();
-        throw gone.reason;
-      }
-      if (granted) return true;
+    if (place === false) return overloaded(up, id, record);
+    return waitForPlace(up, place, gone, id, record);
+  }
+
+  async function waitForPlace(up: Upstream, place: Exclude<ReturnType<ConcurrencyLimit['acquire']>, boolean>, gone: Cancel, id: string,
+    record: RequestRecord): Promise<true | Reply> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    let offGone = noop;
+    const waited = await Promise.race([
+      place.granted.then(() => 'granted' as const),
+      new Promise<'timeout'>((r) => (timer = setTimeout(r, up.route.queueTimeoutMs, 'timeout'))),
+      new Promise<'gone'>((r) => (offGone = gone.on(() => r('gone')))),
+    ]);
+    clearTimeout(timer);
+    offGone();
+    const granted = waited === 'granted' || !place.leave(); // leaving fails once the place was handed over
+    if (waited === 'gone') {
+      if (granted) up.limit.release();
+      throw gone.reason;
     }
+    return granted ? true : overloaded(up, id, record);
+  }
+
+  function overloaded(up: Upstream, id: string, record: RequestRecord): Reply {
     record.rejected = 'concurrency';
-    record.error = `overloaded: ${route.maxInFlight} requests in flight to ${route.name} and ${up.limit.queued} waiting`;
+    record.error = `overloaded: ${up.route.maxInFlight} requests in flight to ${up.route.name} and ${up.limit.queued} waiting`;
     return rejectionReply('concurrency', record.error, id, 1000);
   }
 
-  async function forward(up: Upstream, method: string, incoming: HeaderList, reqBody: ReadableStream<Uint8Array> | null, gone: AbortSignal, id: string,
+  async function forward(up: Upstream, method: string, incoming: HeaderList, reqBody: ReadableStream<Uint8Array> | null, gone: Cancel, id: string,
     path: string, started: number, client: string | undefined, record: RequestRecord): Promise<Reply> {
     const { route } = up;
     const idempotencyKey = headerValue(incoming, 'idempotency-key') !== null;
     const declared = headerValue(incoming, 'content-length');
-    const body = await prepareBody(reqBody, declared === null ? undefined : Number(declared), route.retryBodyMaxBytes);
+    const body = reqBody === null ? NO_BODY : await prepareBody(reqBody, declared === null ? undefined : Number(declared), route.retryBodyMaxBytes);
     const headers = forwardHeaders(incoming, id, client);
     const deadline = route.requestTimeoutMs > 0 ? started + route.requestTimeoutMs : Infinity;
     up.budget.recordRequest(clock.now());
-    const endpoints = await up.pool.current();
+    let endpoints = up.pool.current();
+    if (endpoints instanceof Promise) endpoints = await endpoints; // only while a lookup must be waited for
+    const all = endpoints;
     const tried = new Set<Endpoint>();
-    const available = (now: number) => endpoints.filter((e) => e.breaker.available(now));
+    /** The endpoints whose breaker lets a request through: the list itself while every one does. */
+    const available = (now: number) => (all.every((e) => e.breaker.available(now)) ? all : all.filter((e) => e.breaker.available(now)));
 
     for (let n = 1; ; n++) {
       const tryStarted = clock.now();
@@ -1988,7 +2108,7 @@ export function createAmbassador(config: Config, options: {
       endpoint.requests++;
       try {
         const tls = up.tls?.current((problem) => events.tlsReloaded({ route: route.name, error: problem })) ?? null;
-        res = await attempt(upstreamUrl(endpoint.base, path), { method, headers, body: body.take(), address: endpoint.address, tls }, limit, gone, body.sent);
+        res = await attempt(endpoint.target, path, { method, headers, body: body.take(), tls }, limit, gone, body.sent);
         if (res.status < 200) { // a 101 nobody asked for (the app's Upgrade is never sent on), or worse
           discard(res);
           res = undefined;
@@ -2117,7 +2237,7 @@ const HOST_HEADER = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(:\d{0,5
 /** Requests the ambassador answers itself rather than forward: it only ever talks to its upstreams, and
  * sends on only requests every runtime can carry exactly as they came. `path` is the normalized path, null
  * when it could not be. */
-function refusal(method: string, rawTarget: string | undefined, target: string, url: URL, headers: HeaderList, path: string | null): Refusal | undefined {
+function refusal(method: string, rawTarget: string | undefined, target: string, urlHost: string | undefined, headers: HeaderList, path: string | null): Refusal | undefined {
   // Methods are case-sensitive (RFC 9110 §9.1); a fetch would send `get` as GET and `trace` as TRACE.
   if (/[a-z]/.test(method)) return { status: 400, reason: `method ${JSON.stringify(method)} is not forwarded: method names are case-sensitive`, headers: { connection: 'close' } };
   if (REFUSED_METHODS.has(method)) return { status: 405, reason: `method ${method} is not forwarded`, headers: { allow: ALLOW } };
@@ -2144,7 +2264,7 @@ function refusal(method: string, rawTarget: string | undefined, target: string, 
   if (host !== null && !HOST_HEADER.test(host)) return { status: 400, reason: 'a Host header that is not a host', headers: { connection: 'close' } };
   // An absolute-form target (`GET http://other-host/ HTTP/1.1`) asks for a forward proxy. Node hands us
   // the raw target; elsewhere the URL's authority differs from the Host header.
-  const absolute = rawTarget !== undefined ? !rawTarget.startsWith('/') : url.host !== host;
+  const absolute = rawTarget !== undefined ? !rawTarget.startsWith('/') : urlHost !== host;
   if (absolute) return { status: 400, reason: 'absolute-form request targets are refused: this is not a forward proxy', headers: { connection: 'close' } };
   if (path === null) return { status: 400, reason: 'a path whose dot segments hide behind encoded slashes or backslashes', headers: { connection: 'close' } };
   // A GET or HEAD body has no meaning (RFC 9110 §9.3.1) and not every client can send one: such a request
@@ -2265,30 +2385,30 @@ export function nodeSend(http: NodeHttp, https: NodeHttp, { pooled = true } = {}
     }
     return agent;
   };
-  return (url, init) => new Promise<Reply>((resolve, reject) => {
-    const target = new URL(url);
-    const tlsTarget = target.protocol === 'https:';
+  return (target, pathAndQuery, init) => new Promise<Reply>((resolve, reject) => {
     // A flat list keeps the app's header order and repeats; Node then adds no Host of its own.
-    const streamed = init.body !== null && !(init.body instanceof Uint8Array);
-    const headers = ['host', target.host, ...(init.body instanceof Uint8Array
-      ? [...init.headers.filter(([name]) => name !== 'content-length'), ['content-length', String(init.body.byteLength)]].flat()
-      : init.headers.flat())];
+    const whole = init.body instanceof Uint8Array;
+    const streamed = init.body !== null && !whole;
+    const headers = ['host', target.authority];
+    for (const [name, value] of init.headers) if (!whole || name !== 'content-length') headers.push(name, value);
+    if (whole) headers.push('content-length', String((init.body as Uint8Array).byteLength));
     // A streamed body waits for the upstream's 100 Continue (RFC 9110 §10.1.1), as curl's large uploads do:
     // an upstream that turns it down on its head alone (413, 401) is heard before a byte of it is sent. One
     // that ignores Expect gets the body after CONTINUE_WAIT_MS.
     if (streamed) headers.push('expect', '100-continue');
-    const hostname = target.hostname.replace(/^\[(.*)\]$/, '$1');
     let req: ReturnType<NodeHttp['request']>;
     try {
-      req = (tlsTarget ? https : http).request({
-        method: init.method, headers, signal: init.signal, agent: tlsTarget ? agentFor(init.tls) : plain,
-        host: init.address ?? hostname, port: target.port || (tlsTarget ? 443 : 80), path: target.pathname + target.search,
+      req = (target.https ? https : http).request({
+        method: init.method, headers, agent: target.https ? agentFor(init.tls) : plain,
+        host: target.address ?? target.hostname, port: target.port, path: requestTarget(target, pathAndQuery),
         // The certificate must name the upstream (or UPSTREAM_SERVER_NAME), wherever discovery connected.
-        ...(tlsTarget ? { servername: init.tls?.serverName ?? (isIpLiteral(target.hostname) ? undefined : hostname) } : {}),
+        ...(target.https ? { servername: init.tls?.serverName ?? target.serverName } : {}),
       });
     } catch (err) { // a method or header the client will not write: nothing was sent
       return reject(new ClientError(400, `the request cannot be sent: ${describeFailure(err)}`));
     }
+    // The attempt's end, before the response or during its body, closes the upstream's connection.
+    init.cancel.on((reason) => req.destroy(reason instanceof Error ? reason : new Error(String(reason))));
     req.on('error', reject);
     // A 101 comes here, not as a response; the connection is then no longer HTTP, so it is closed.
     req.on('upgrade', (_res, socket: { destroy(): void }) => {
@@ -2319,7 +2439,7 @@ export function nodeSend(http: NodeHttp, https: NodeHttp, { pooled = true } = {}
       // goes) lets the upload go on.
       let stop = false;
       let started = false;
-      let whole = false;
+      let sentWhole = false;
       const upload = async () => {
         if (started) return;
         started = true;
@@ -2331,7 +2451,7 @@ export function nodeSend(http: NodeHttp, https: NodeHttp, { pooled = true } = {}
             await new Promise((r) => setImmediate(r));
           }
           if (stop) void reader.cancel().catch(() => {});
-          else (whole = true), req.end();
+          else (sentWhole = true), req.end();
         } catch (err) {
           req.destroy(err as Error);
         }
@@ -2346,7 +2466,7 @@ export function nodeSend(http: NodeHttp, https: NodeHttp, { pooled = true } = {}
         stop = true;
         if (!started) void body.cancel().catch(() => {});
         started = true;
-        res.once('end', () => whole || req.destroy());
+        res.once('end', () => sentWhole || req.destroy());
       });
       req.once('close', () => clearTimeout(unasked));
     }
@@ -2359,7 +2479,7 @@ const CONTINUE_WAIT_MS = 1000;
 /** A Send made the first time it is needed. */
 function lazySend(make: () => Promise<Send>): Send {
   let made: Promise<Send> | undefined;
-  return async (url, init) => (await (made ??= make()))(url, init);
+  return async (target, pathAndQuery, init) => (await (made ??= make()))(target, pathAndQuery, init);
 }
 
 /** Node's resolver: A and AAAA records with their TTL; a name only the hosts file knows (localhost, a
