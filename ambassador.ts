@@ -865,13 +865,20 @@ export function headerValue(headers: HeaderList, name: string): string | null {
 
 /** The headers without hop-by-hop ones and without every header `Connection` names. */
 export function stripHopByHop(headers: HeaderList): HeaderList {
+  const drop = hopByHop(headers);
+  return headers.filter(([name]) => !drop.has(name));
+}
+
+/** The names not to pass on: the hop-by-hop ones and every header `Connection` names (every Connection
+ * header counts, not only the first). The shared set unless a Connection header names more. */
+function hopByHop(headers: HeaderList): ReadonlySet<string> {
   let drop = HOP_BY_HOP_SET;
   for (const [name, value] of headers) {
-    if (name !== 'connection') continue; // every Connection header counts, not only the first
+    if (name !== 'connection') continue;
     if (drop === HOP_BY_HOP_SET) drop = new Set(HOP_BY_HOP);
     for (const named of value.split(',')) drop.add(named.trim().toLowerCase());
   }
-  return headers.filter(([name]) => !drop.has(name));
+  return drop;
 }
 
 /** A request path with its dot segments resolved (RFC 3986 §5.2.4), a `.` or `..` spelled with
@@ -919,7 +926,9 @@ export function forwardHeaders(incoming: HeaderList, id: string, clientAddress: 
   let proto = false;
   let forwardedHost = false;
   const out: HeaderList = [];
-  for (const [name, value] of stripHopByHop(incoming)) {
+  const drop = hopByHop(incoming);
+  for (const [name, value] of incoming) {
+    if (drop.has(name)) continue;
     switch (name) {
       // The client sets Host from the upstream URL, so the upstream sees its own authority.
       case 'host': host = value; break;
@@ -949,7 +958,9 @@ export function forwardHeaders(incoming: HeaderList, id: string, clientAddress: 
 export function responseHeaders(upstream: HeaderList, id: string): HeaderList {
   let via: string | null = null;
   const out: HeaderList = [];
-  for (const [name, value] of stripHopByHop(upstream)) {
+  const drop = hopByHop(upstream);
+  for (const [name, value] of upstream) {
+    if (drop.has(name)) continue;
     if (name === 'via') via = via ? `${via}, ${value}` : value;
     else if (name !== 'x-request-id') out.push([name, value]);
   }
@@ -1404,7 +1415,9 @@ function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, reply: Reply, idle
     body.destroy();
     return done(0, 'client went away before the response');
   }
-  outgoing.writeHead(reply.status, reply.statusText, reply.headers.flat());
+  const flat: string[] = [];
+  for (const [name, value] of reply.headers) flat.push(name, value);
+  outgoing.writeHead(reply.status, reply.statusText, flat);
   let bytes = 0;
   let ended = false;
   const end = (error?: string) => {
