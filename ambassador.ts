@@ -567,6 +567,9 @@ export interface RetryInput {
 
 /** The whole retry decision in one place. The order matters for what is reported: a request that was not
  * retryable anyway is `final`; one that would have been retried says what stopped it. */
+/** The least time left before the deadline that a retry is sent with. */
+const MIN_TRY_MS = 10;
+
 export function decideRetry(i: RetryInput): RetryDecision {
   if (!worthRetrying(i.outcome)) return { retry: false, reason: 'final' };
   if (i.attempt >= i.maxAttempts) return { retry: false, reason: 'attempts' };
@@ -574,7 +577,9 @@ export function decideRetry(i: RetryInput): RetryDecision {
   if (!i.bodyReplayable) return { retry: false, reason: 'body' };
   // Retry-After is the upstream telling us when it can take the request again: honour it when it fits.
   const delayMs = i.retryAfterMs ?? i.backoffMs;
-  if (delayMs >= i.remainingMs) return { retry: false, reason: 'deadline' };
+  // A try needs some time of its own: timers fire a millisecond or so off the clock (Bun's early), and a
+  // retry sent with nothing left would reach the upstream only to be cut off at once.
+  if (delayMs + MIN_TRY_MS > i.remainingMs) return { retry: false, reason: 'deadline' };
   if (!i.budgetAvailable) return { retry: false, reason: 'budget' };
   if (!i.endpointAvailable) return { retry: false, reason: 'circuit' };
   return { retry: true, delayMs };
@@ -636,7 +641,7 @@ export function classifyFailure(err: unknown): FailureKind {
   if (/ENOTFOUND|EAI_AGAIN|dns error|failed to lookup address/i.test(text)) return 'dns';
   if (/CERT|certificate|SSL|TLS|handshake/i.test(text)) return 'tls';
   if (/ECONNRESET|EPIPE|UND_ERR_SOCKET|other side closed|connection reset|connection closed|broken pipe|closed before/i.test(text)) return 'reset';
-  if (/HPE_|UND_ERR_INFO|invalid HTTP|parse|UND_ERR_HEADERS_OVERFLOW/i.test(text)) return 'protocol';
+  if (/HPE_|UND_ERR_INFO|invalid HTTP|parse|UND_ERR_HEADERS_OVERFLOW|Malformed_HTTP/i.test(text)) return 'protocol';
   return 'other';
 }
 
@@ -1348,9 +1353,11 @@ function trackBody(body: ReadableStream<Uint8Array>, idleMs: number, done: (byte
     let timer: ReturnType<typeof setTimeout> | undefined;
     const idle = new Promise<never>((_, reject) => {
       timer = setTimeout(() => {
+        // The rejection first: a runtime that settles the pending read at once on cancel (Bun's does, as
+        // done) would otherwise win the race and end a stalled body as if it were whole.
         const err = new TimeoutError(`no body bytes for ${idleMs} ms`);
-        void reader.cancel(err).catch(() => {});
         reject(err);
+        void reader.cancel(err).catch(() => {});
       }, idleMs);
     });
     return Promise.race([reader.read(), idle]).finally(() => clearTimeout(timer));
@@ -1851,10 +1858,13 @@ export function createAmbassador(config: Config, options: {
   checkTls?: CheckTls;
   /** @hono/node-server's "the handler wrote the response itself" (RESPONSE_ALREADY_SENT), for the Node path */
   written?: Response;
+  /** the runtime's name, for the metrics (and on Deno: https:// upstreams are reached by name); this one's */
+  runtime?: RuntimeName;
 }): Ambassador {
   const log = options.log ?? createLogger(config.logFormat, config.logLevel);
   const clock = options.clock ?? systemClock;
-  const metrics = options.metrics ?? new Metrics({ version: VERSION, runtime: deno ? 'deno' : 'node', startTimeSeconds: Date.now() / 1000 });
+  const runtime = options.runtime ?? RUNTIME_NAME;
+  const metrics = options.metrics ?? new Metrics({ version: VERSION, runtime, startTimeSeconds: Date.now() / 1000 });
   const events = fanOut(logEvents(log, config.logLevel), metrics.events());
   const send = options.send;
   const inFlight = new Map<number, InFlight>();
@@ -1877,7 +1887,7 @@ export function createAmbassador(config: Config, options: {
       limit: new ConcurrencyLimit(route.maxInFlight, route.queueSize),
       bucket: route.rateLimitPerSec > 0 ? new TokenBucket(route.rateLimitPerSec, route.rateLimitBurst, clock.now()) : null,
       // Deno's fetch cannot verify a certificate's name while connecting to an address: it goes by name.
-      pool: new EndpointPool(route, clock, options.resolve, !deno, (e) => events.endpointsChanged({ route: route.name, ...e })),
+      pool: new EndpointPool(route, clock, options.resolve, runtime !== 'deno', (e) => events.endpointsChanged({ route: route.name, ...e })),
       tls: route.tls ? new TlsSource(route.tls, options.readFile ?? (() => ''), clock, options.checkTls) : null,
     });
   }
@@ -2369,7 +2379,25 @@ interface DenoLike {
   resolveDns(query: string, type: 'A' | 'AAAA'): Promise<string[]>;
 }
 
+/** Bun's server and the parts of its API used here, typed locally like `DenoLike`: the file needs no Bun types. */
+interface BunLike {
+  serve(options: {
+    hostname: string; port: number; idleTimeout: number; maxRequestBodySize: number;
+    fetch(req: Request, server: BunServer): Response | Promise<Response>;
+  }): BunServer;
+}
+interface BunServer {
+  port: number;
+  /** stops accepting; idle keep-alive connections close at once, busy ones after their response; true: all now */
+  stop(closeActiveConnections?: boolean): Promise<void>;
+  requestIP(req: Request): { address: string } | null;
+}
+
 const deno = (globalThis as { Deno?: DenoLike }).Deno;
+const bun = (globalThis as { Bun?: BunLike }).Bun;
+type RuntimeName = 'node' | 'deno' | 'bun';
+/** Bun first: it also has `process`, and would otherwise be taken for Node. */
+const RUNTIME_NAME: RuntimeName = bun ? 'bun' : deno ? 'deno' : 'node';
 
 type NodeHttp = Pick<typeof import('node:http'), 'request' | 'Agent'>;
 type NodeAgent = InstanceType<NodeHttp['Agent']>;
@@ -2586,8 +2614,62 @@ function listenDeno(d: DenoLike, fetchHandler: FetchHandler, host: string, port:
   };
 }
 
-function listen(fetchHandler: FetchHandler, host: string, port: number, uploadsRead: () => Promise<void> = () => Promise.resolve()): Promise<Listener> {
-  return deno ? Promise.resolve(listenDeno(deno, fetchHandler, host, port, uploadsRead)) : listenNode(fetchHandler, host, port);
+/** Bun's server stops accepting and closes idle connections itself (`stop`). Its idle timeout is off: Bun
+ * counts a request waiting on a slow upstream as idle (and allows at most 255 s), while TRY_TIMEOUT_MS,
+ * REQUEST_TIMEOUT_MS and BODY_IDLE_TIMEOUT_MS already bound every wait; idle connections are left to the
+ * app's client to close. The body size is not capped, as on the other runtimes. */
+function listenBun(b: BunLike, fetchHandler: FetchHandler, host: string, port: number): Listener {
+  const server = b.serve({
+    hostname: host, port, idleTimeout: 0, maxRequestBodySize: Number.MAX_SAFE_INTEGER,
+    fetch: (req, srv) => fetchHandler(req, { remoteAddr: srv.requestIP(req)?.address }),
+  });
+  return { port: server.port, close: () => server.stop(), cutOff: () => void server.stop(true) };
+}
+
+/** Bun's upstream client: its fetch, with the route's TLS material per request (`tls`). An address found
+ * by discovery is reached by URL with the upstream's name kept in Host, and for https:// in the server
+ * name the certificate is verified against. */
+function bunSend(): Send {
+  return async (target, pathAndQuery, init) => {
+    let url = target.prefix + pathAndQuery;
+    let headers = init.headers;
+    if (target.address !== null) {
+      const address = target.address.includes(':') ? `[${target.address}]` : target.address;
+      url = `${target.https ? 'https' : 'http'}://${address}:${target.port}${requestTarget(target, pathAndQuery)}`;
+      headers = [['host', target.authority], ...headers];
+    }
+    const abort = new AbortController();
+    init.cancel.on((reason) => abort.abort(reason));
+    const tls = target.https ? {
+      rejectUnauthorized: true, serverName: init.tls?.serverName ?? target.serverName,
+      ...(init.tls?.ca ? { ca: init.tls.ca } : {}), ...(init.tls?.cert && init.tls.key ? { cert: init.tls.cert, key: init.tls.key } : {}),
+    } : undefined;
+    let res: Response;
+    try {
+      res = await fetch(url, { method: init.method, headers, body: init.body, signal: abort.signal, redirect: 'manual', decompress: false, tls, duplex: 'half' } as RequestInit);
+    } catch (err) {
+      if (init.cancel.aborted) throw init.cancel.reason;
+      if (err instanceof TypeError && (err as { code?: string }).code === undefined) throw new ClientError(400, `the request cannot be sent: ${describeFailure(err)}`);
+      throw bunFailure(err);
+    }
+    const list = [...res.headers];
+    const problem = responseHeadProblem(list);
+    if (problem) {
+      await res.body?.cancel();
+      throw problem;
+    }
+    return { status: res.status, statusText: res.statusText, headers: list, body: res.body };
+  };
+}
+
+/** Bun's fetch names a failure by its `code` and adds the URL and a hint to the message: the code is kept
+ * (`classifyFailure` reads it), the rest dropped; its unasked 101 is the same failure as on Node. */
+function bunFailure(err: unknown): unknown {
+  const { code, message } = err as { code?: unknown; message?: unknown };
+  if (typeof code !== 'string' || typeof message !== 'string') return err;
+  if (code === 'UnrequestedUpgrade') return unaskedUpgrade();
+  const text = message.replace(/ fetching "[^"]*"/, '').replace(/\.? For more information, pass `verbose: true`[\s\S]*$/, '');
+  return Object.assign(new Error(text.startsWith(code) ? text : `${code}: ${text}`), { code });
 }
 
 function exit(code: number): never {
@@ -2595,16 +2677,55 @@ function exit(code: number): never {
   return process.exit(code);
 }
 
-/** SIGTERM and SIGINT drain. SIGHUP, which would end the process at once by default, is ignored with a
- * log line: there is nothing to reload, and a closing terminal must not cut requests off. */
-function onSignals(drain: (signal: string) => void, ignore: (signal: string) => void): void {
-  const on = (signal: string, handler: (signal: string) => void) => {
-    if (deno) deno.addSignalListener(signal, () => handler(signal));
-    else process.on(signal, () => handler(signal));
+// ---------------------------------------------------------------------------------------------------------
+// The runtime seam: everything that differs between Node, Deno and Bun, in one object chosen once by main.
+// The next runtime is one more of these.
+// ---------------------------------------------------------------------------------------------------------
+
+interface Runtime {
+  name: RuntimeName;
+  readFile: ReadFile;
+  /** tries TLS material on the runtime's own TLS stack */
+  checkTls: CheckTls;
+  /** refuses at start, naming the setting, what this runtime's client cannot do */
+  limits(config: Config): void;
+  /** the upstream client */
+  send: Send;
+  resolve: Resolve;
+  /** Node: the adapter's "the handler wrote the response itself" */
+  written?: Response;
+  listen(fetchHandler: FetchHandler, host: string, port: number, uploadsRead: () => Promise<void>): Promise<Listener>;
+  onSignal(signal: string, f: () => void): void;
+}
+
+async function nodeRuntime(): Promise<Runtime> {
+  return {
+    name: 'node', readFile: await nodeReadFile(), checkTls: nodeCheckTls(await import('node:tls'), await import('node:crypto')), limits: () => {},
+    send: nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp), resolve: nodeResolve(await import('node:dns')),
+    written: (await import('@hono/node-server/utils/response')).RESPONSE_ALREADY_SENT,
+    listen: (fetchHandler, host, port) => listenNode(fetchHandler, host, port),
+    onSignal: (signal, f) => void process.on(signal, f),
   };
-  on('SIGTERM', drain);
-  on('SIGINT', drain);
-  on('SIGHUP', ignore);
+}
+
+function denoRuntime(d: DenoLike): Runtime {
+  // Deno imports node:http only when a streamed upload with a length first needs it (see `fetchSend`).
+  const withLength = lazySend(async () => nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp, { pooled: false }));
+  return {
+    name: 'deno', readFile: (path) => d.readTextFileSync(path), checkTls: denoCheckTls(d), limits: denoLimits,
+    send: fetchSend(d, withLength), resolve: denoResolve(d),
+    listen: (fetchHandler, host, port, uploadsRead) => Promise.resolve(listenDeno(d, fetchHandler, host, port, uploadsRead)),
+    onSignal: (signal, f) => d.addSignalListener(signal, f),
+  };
+}
+
+async function bunRuntime(b: BunLike): Promise<Runtime> {
+  return {
+    name: 'bun', readFile: await nodeReadFile(), checkTls: nodeCheckTls(await import('node:tls'), await import('node:crypto')), limits: bunLimits,
+    send: bunSend(), resolve: nodeResolve(await import('node:dns')),
+    listen: (fetchHandler, host, port) => Promise.resolve(listenBun(b, fetchHandler, host, port)),
+    onSignal: (signal, f) => void process.on(signal, f),
+  };
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -2612,33 +2733,24 @@ function onSignals(drain: (signal: string) => void, ignore: (signal: string) => 
 // ---------------------------------------------------------------------------------------------------------
 
 export async function main(env: Record<string, string | undefined>): Promise<void> {
-  const readFile: ReadFile = deno ? (path) => deno.readTextFileSync(path) : await nodeReadFile();
-  const checkTls: CheckTls = deno ? denoCheckTls(deno) : nodeCheckTls(await import('node:tls'), await import('node:crypto'));
+  const runtime = await (bun ? bunRuntime(bun) : deno ? denoRuntime(deno) : nodeRuntime());
+  const { readFile, checkTls } = runtime;
   let config: Config;
   try {
     config = loadConfig(env, readFile);
-    if (deno) denoLimits(config);
+    runtime.limits(config);
     usableTls(config, readFile, checkTls);
   } catch (err) {
     console.error(`ambassador: ${err instanceof Error ? err.message : String(err)}`);
     return exit(2);
   }
   const log = createLogger(config.logFormat, config.logLevel);
-  // Deno imports node:http only when a streamed upload first needs it (see `fetchSend`).
-  const nodeClient = async (pooled: boolean) => nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp, { pooled });
-  const amb = createAmbassador(config, {
-    log, readFile, checkTls,
-    ...(deno ? { send: fetchSend(deno, lazySend(() => nodeClient(false))), resolve: denoResolve(deno) } : {
-      send: await nodeClient(true),
-      resolve: nodeResolve(await import('node:dns')),
-      written: (await import('@hono/node-server/utils/response')).RESPONSE_ALREADY_SENT,
-    }),
-  });
+  const amb = createAmbassador(config, { log, readFile, checkTls, send: runtime.send, resolve: runtime.resolve, written: runtime.written, runtime: runtime.name });
 
   // Where the ambassador cannot listen is a configuration error too: it names the variables (exit 2).
   const listenOn = async (fetchHandler: FetchHandler, names: [string, string], host: string, port: number, uploads?: () => Promise<void>) => {
     try {
-      return await listen(fetchHandler, host, port, uploads);
+      return await runtime.listen(fetchHandler, host, port, uploads ?? (() => Promise.resolve()));
     } catch (err) {
       const problem = `${names[0]}=${JSON.stringify(host)}, ${names[1]}=${JSON.stringify(String(port))}: expected an address of this machine and a port free on it (${describeFailure(err)})`;
       console.error(`ambassador: ${new ConfigError([problem]).message}`);
@@ -2648,7 +2760,7 @@ export async function main(env: Record<string, string | undefined>): Promise<voi
   const proxy = await listenOn(amb.proxy.fetch as FetchHandler, ['HOST', 'PORT'], config.host, config.port, amb.uploadsRead);
   const admin = await listenOn(amb.admin.fetch as FetchHandler, ['ADMIN_HOST', 'ADMIN_PORT'], config.adminHost, config.adminPort);
   let signalled = false;
-  onSignals((signal) => {
+  const onStop = (signal: string) => {
     // Only a second signal forces the exit: a drain begun by POST /shutdown goes on when SIGTERM follows.
     if (signalled) {
       log('warn', `second ${signal}: exiting now`, { in_flight: amb.inFlight.size });
@@ -2656,13 +2768,18 @@ export async function main(env: Record<string, string | undefined>): Promise<voi
     }
     signalled = true;
     if (!amb.draining) void drain(signal, config, amb, proxy, admin, log);
-  }, (signal) => log('notice', `${signal} ignored: the configuration is read once at start, and TLS files are taken up when they change`));
+  };
+  // SIGTERM and SIGINT drain. SIGHUP, which would end the process at once by default, is ignored with a
+  // log line: there is nothing to reload, and a closing terminal must not cut requests off.
+  runtime.onSignal('SIGTERM', () => onStop('SIGTERM'));
+  runtime.onSignal('SIGINT', () => onStop('SIGINT'));
+  runtime.onSignal('SIGHUP', () => log('notice', 'SIGHUP ignored: the configuration is read once at start, and TLS files are taken up when they change'));
   amb.onShutdownRequest(() => amb.draining || void drain('POST /shutdown', config, amb, proxy, admin, log));
   amb.metrics.gauges = { ...amb.metrics.gauges, connections: proxy.connections };
   sampleEventLoopLag(amb.metrics);
   amb.markReady();
   log('notice', 'listening', {
-    version: VERSION, runtime: deno ? 'deno' : 'node', port: proxy.port, admin_port: admin.port,
+    version: VERSION, runtime: runtime.name, port: proxy.port, admin_port: admin.port,
     routes: config.routes.map((r) => ({ ...r, upstreams: r.upstreams.map((u) => u.href) })),
     config: { ...config, routes: undefined },
   });
@@ -2710,6 +2827,16 @@ function nodeCheckTls(tls: Pick<typeof import('node:tls'), 'createSecureContext'
 
 function denoCheckTls(d: DenoLike): CheckTls {
   return (m) => d.createHttpClient({ caCerts: m.ca ? [m.ca] : undefined, ...(m.cert && m.key ? { cert: m.cert, key: m.key } : {}) }).close();
+}
+
+/** What Bun's fetch cannot do is refused at start, never silently left out: it has no way to hold a
+ * connection to TLS 1.3 only. */
+function bunLimits(config: Config): void {
+  const problems: string[] = [];
+  for (const r of config.routes) {
+    if (r.tls?.minVersion === 'TLSv1.3') problems.push(`${tlsSettingName(config, r, 'minVersion')}="TLSv1.3": expected TLSv1.2 on Bun, whose fetch offers TLS 1.2 and 1.3 and cannot be held to 1.3 (use Node)`);
+  }
+  if (problems.length > 0) throw new ConfigError(problems);
 }
 
 /** What Deno's HTTP client cannot do is refused at start, never silently left out. */
@@ -2766,7 +2893,7 @@ async function drain(signal: string, config: Config, amb: Ambassador, proxy: Lis
 // ---------------------------------------------------------------------------------------------------------
 
 function isEntry(): boolean {
-  if (deno) return (import.meta as { main?: boolean }).main === true;
+  if (deno || bun) return (import.meta as { main?: boolean }).main === true;
   // A CommonJS bundle (the one a Node single executable is made from) has no import.meta: it is only
   // ever built to be the program.
   if (import.meta.url === undefined) return true;

@@ -127,8 +127,9 @@ describe.each(RUNTIMES)('upstream faults (%s)', (runtime) => {
   });
 
   it('declares a longer body than it sends: the app sees a broken body, never a short one that looks whole', async () => {
-    const res = await fetch(`${amb.url}/too-long`);
-    await expect(res.text()).rejects.toThrow();
+    // Broken either way: the body errors, or (Bun, whose server holds a Content-Length response's head until
+    // its body has begun) the response never comes whole.
+    await expect(fetch(`${amb.url}/too-long`).then((res) => res.text())).rejects.toThrow();
     await stillServing();
   });
 

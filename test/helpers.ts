@@ -76,19 +76,26 @@ export async function deadPort(): Promise<number> {
 }
 
 /** Every artifact the behavioural suite runs against: the esbuild bundle under `node`, `ambassador.ts`
- * under Deno (from the npm package `deno`), and the Node single executable (`npm run sea`). */
-export type Runtime = 'node' | 'deno' | 'sea';
-export const RUNTIMES: Runtime[] = ['node', 'deno', 'sea'];
+ * under Deno and under Bun (from the npm packages `deno` and `bun`), the Node single executable
+ * (`npm run sea`) and the Bun compiled binary (`npm run compile:bun`). */
+export type Runtime = 'node' | 'deno' | 'sea' | 'bun' | 'bun-bin';
+export const RUNTIMES: Runtime[] = ['node', 'deno', 'sea', 'bun', 'bun-bin'];
 export const SEA = path.join(ROOT, 'bin', 'ambassador-node');
+export const BUN = path.join(ROOT, 'node_modules', '.bin', 'bun');
+export const BUN_BIN = path.join(ROOT, 'bin', 'ambassador-bun');
+/** The runtime whose HTTP stack serves the app and reaches the upstream, whichever artifact carries it. */
+export const stackOf = (runtime: Runtime): 'node' | 'deno' | 'bun' => (runtime === 'sea' ? 'node' : runtime === 'bun-bin' ? 'bun' : runtime);
 
 export type Program = 'ambassador' | 'order-service' | 'inventory-service';
 
 export function command(runtime: Runtime, file: Program = 'ambassador'): string[] {
-  if (runtime === 'sea' && file === 'ambassador') {
-    if (!existsSync(SEA)) throw new Error(`${SEA} is missing: run \`npm run sea\` first`);
-    return [SEA];
+  if ((runtime === 'sea' || runtime === 'bun-bin') && file === 'ambassador') {
+    const binary = runtime === 'sea' ? SEA : BUN_BIN;
+    if (!existsSync(binary)) throw new Error(`${binary} is missing: run \`npm run ${runtime === 'sea' ? 'sea' : 'compile:bun'}\` first`);
+    return [binary];
   }
-  if (runtime === 'node' || runtime === 'sea') { // the demo services have no single-executable build
+  if (runtime === 'bun' && file === 'ambassador') return [BUN, path.join(ROOT, 'ambassador.ts')];
+  if (runtime !== 'deno') { // the demo services run as the Node bundle beside the Node and Bun artifacts
     const bundle = path.join(ROOT, 'dist', file === 'ambassador' ? 'ambassador.mjs' : `services/${file}.mjs`);
     if (!existsSync(bundle)) throw new Error(`${bundle} is missing: run \`npm run build\` first`);
     return [process.execPath, bundle];

@@ -6,7 +6,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RUNTIMES, deadPort, memoryOf, rawRequest, scrape, sleep, startAmbassador, startRawUpstream, startUpstream, stopAfterEach, waitFor, type AmbassadorProc, type Upstream } from './helpers.ts';
+import { stackOf, RUNTIMES, deadPort, memoryOf, rawRequest, scrape, sleep, startAmbassador, startRawUpstream, startUpstream, stopAfterEach, waitFor, type AmbassadorProc, type Upstream } from './helpers.ts';
 
 const statusOf = (raw: string) => Number(/^HTTP\/1\.1 (\d{3})/.exec(raw)?.[1] ?? 0);
 
@@ -60,7 +60,8 @@ describe.each(RUNTIMES)('hostile input (%s)', (runtime) => {
     const before = upstream.seen.length;
     const raw = await rawRequest(amb.port, 'GET /a HTTP/1.1\nHost: x\nConnection: close\n\nGET /smuggled HTTP/1.1\nHost: x\n\n', 2000);
     const status = statusOf(raw);
-    expect(status === 200 || (status >= 400 && status < 500)).toBe(true);
+    // Bun's server turns the request away with 505 (its parser reads bare LF as no HTTP/1.1 at all).
+    expect(status === 200 || (status >= 400 && status < 500) || (stackOf(runtime) === 'bun' && status === 505)).toBe(true);
     expect(upstream.seen.slice(before).map((s) => s.url)).not.toContain('/smuggled');
     expect(upstream.seen.length - before).toBeLessThanOrEqual(1);
   });
@@ -224,7 +225,9 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, BREAKER_FAILURES: '2' });
     for (const text of ['get /a HTTP/1.1\r\nHost: x\r\n\r\n', 'get /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}', 'trace /a HTTP/1.1\r\nHost: x\r\n\r\n', 'connect /a HTTP/1.1\r\nHost: x\r\n\r\n', 'Post /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n']) {
       const r = await exchange(amb.port, text);
-      expect(r.status >= 400 && r.status < 500, text).toBe(true);
+      // Bun's server closes the connection on a method it does not know, answering nothing.
+      const refused = (r.status >= 400 && r.status < 500) || (stackOf(runtime) === 'bun' && r.status === 0 && r.closed);
+      expect(refused, text).toBe(true);
     }
     expect(up.requests).toEqual([]);
     const m = await scrape(amb);
@@ -295,10 +298,16 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
     expect([...amb.lines, ...amb.stderr].join('\n')).not.toContain('SEKRIT');
   });
 
-  it('answers OPTIONS * itself (Node), where the server tells it from OPTIONS /* (Deno\'s does not)', async () => {
+  it('answers OPTIONS * itself (Node), where the server tells it from OPTIONS /* (Deno\'s does not; Bun\'s answers 400)', async () => {
     const up = await startRawUpstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
     const r = await exchange(amb.port, 'OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n');
+    if (stackOf(runtime) === 'bun') {
+      // Bun's server refuses the asterisk-form itself, before the handler.
+      expect(r.status).toBe(400);
+      expect(up.requests).toEqual([]);
+      return;
+    }
     expect(r.status).toBe(200);
     if (runtime === 'deno') {
       // Deno.serve hands the handler `http://x/*`: the same request as OPTIONS /*, and forwarded as that.

@@ -5,7 +5,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RUNTIMES, deadPort, parseMetrics as parse, rawRequest, sleep, startAmbassador, startProcess, startUpstream, type AmbassadorProc, type Upstream } from './helpers.ts';
+import { RUNTIMES, deadPort, parseMetrics as parse, stackOf, rawRequest, sleep, startAmbassador, startProcess, startUpstream, type AmbassadorProc, type Upstream } from './helpers.ts';
 
 const has = (tool: string) => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0;
 const missing = ['promtool', 'prometheus'].filter((t) => !has(t));
@@ -47,7 +47,7 @@ describe.each(RUNTIMES)('metrics (%s)', (runtime) => {
     expect(m.get('ambassador_request_duration_seconds_count')).toBe(12);
     expect(m.get('ambassador_requests_in_flight')).toBe(0);
     expect(m.get('ambassador_draining')).toBe(0);
-    expect(m.get(`ambassador_build_info{version="0.1.0",runtime="${runtime === "deno" ? "deno" : "node"}"}`)).toBe(1);
+    expect(m.get(`ambassador_build_info{version="0.1.0",runtime="${stackOf(runtime)}"}`)).toBe(1);
     expect(m.get('process_resident_memory_bytes')).toBeGreaterThan(1e6);
     expect(m.get('process_start_time_seconds')).toBeGreaterThan(1.7e9);
   });

@@ -153,7 +153,7 @@ describe.each(RUNTIMES)('routing through one ambassador (%s)', (runtime) => {
     };
     expect(await get('/inventory/items/a%2Fb?x=1')).toEqual({ status: 200, text: 'inventory saw /items/a%2Fb?x=1' });
     // Routed on the normalized path, so dot segments cannot carry a request past its route.
-    expect(await rawRequest(amb.port, 'GET /shipping/../inventory/items HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n')).toMatch(/\r\ninventory saw \/items\r\n/);
+    expect(await rawRequest(amb.port, 'GET /shipping/../inventory/items HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n')).toMatch(/\r\n(inventory saw \/items\r\n|inventory saw \/items$)/);
     expect(await get('/payments/balance')).toEqual({ status: 200, text: `payments saw /payments/balance for 127.0.0.1:${payments.port}` });
 
     // inventory retries (the default policy); payments has retryAttempts 1, so its POST is tried once.

@@ -8,7 +8,7 @@ import https from 'node:https';
 import type net from 'node:net';
 import type tls from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RUNTIMES, command, sleep, startAmbassador, startProcess, stopAfterEach } from './helpers.ts';
+import { stackOf, RUNTIMES, command, sleep, startAmbassador, startProcess, stopAfterEach } from './helpers.ts';
 import { makePki, type Pki } from './pki.ts';
 
 const hasOpenssl = spawnSync('sh', ['-c', 'command -v openssl']).status === 0;
@@ -201,9 +201,17 @@ describe.skipIf(!hasOpenssl).each(RUNTIMES)('TLS to the upstream (%s)', (runtime
       const unnamed = await startAmbassador(runtime, env);
       const res = await fetch(`${unnamed.url}/x`);
       expect(res.status).toBe(502);
-      expect(await res.text()).toMatch(/IP: 127\.0\.0\.1 is not in the cert's list|altnames/i);
+      expect(await res.text()).toMatch(/IP: 127\.0\.0\.1 is not in the cert's list|altnames|ERR_TLS_CERT_ALTNAME_INVALID/i);
     });
+  }
 
+  if (stackOf(runtime) === 'bun') {
+    it('refuses at start what Bun\'s fetch cannot do (TLS 1.3 only), rather than ignore it', async () => {
+      const p = startProcess(command(runtime), { UPSTREAM_URL: 'https://127.0.0.1:1', UPSTREAM_TLS_MIN_VERSION: 'TLSv1.3', PORT: '0', ADMIN_PORT: '0' });
+      expect((await p.exited).code).toBe(2);
+      expect(p.stderr.join('\n')).toContain('UPSTREAM_TLS_MIN_VERSION="TLSv1.3": expected TLSv1.2 on Bun');
+    });
+  } else if (runtime !== 'deno') {
     it('holds to UPSTREAM_TLS_MIN_VERSION: an upstream that offers only TLS 1.2 is refused under TLSv1.3', async () => {
       const up = await upstream({ maxVersion: 'TLSv1.2' });
       const env = { UPSTREAM_URL: `https://localhost:${up.port}`, UPSTREAM_CA_FILE: pki.file('upstream-ca.pem') };
