@@ -96,6 +96,8 @@ const bareRow = (name: string, argv: string[], available: string | undefined): R
 });
 const BARE_NODE = 'bare node:http proxy';
 const BARE_DENO = 'bare Deno.serve + fetch';
+const BARE_BUN = 'naive Hono + fetch (bun)';
+const bunRuntime = path.join(root, 'node_modules', '.bin', 'bun');
 
 const rows: Row[] = [
   { name: 'direct', available: undefined, start: async (upstream) => ({ name: 'direct', pid: 0, url: upstream, startupMs: 0, idleRss: 0, stop: async () => {} }) },
@@ -110,11 +112,14 @@ const rows: Row[] = [
   bareRow(BARE_NODE, [process.execPath, path.join(root, 'dist/bench/bare-node.mjs')], built('dist/bench/bare-node.mjs', 'run npm run build')),
   bareRow(BARE_DENO, [deno, 'run', '--quiet', '--allow-net', '--allow-env', path.join(root, 'bench/bare-deno.ts')], built('node_modules/.bin/deno', 'npm package deno missing')),
   bareRow('naive Hono + fetch (deno)', [deno, 'run', '--quiet', '--allow-net', '--allow-env', '--allow-read', path.join(root, 'bench/hono-fetch.ts')], built('node_modules/.bin/deno', 'npm package deno missing')),
+  bareRow(BARE_BUN, [bunRuntime, path.join(root, 'bench/hono-bun.ts')], built('node_modules/.bin/bun', 'npm package bun missing')),
   ambassadorRow('ambassador (node bundle)', [process.execPath, path.join(root, 'dist/ambassador.mjs')], built('dist/ambassador.mjs', 'run npm run build'), BARE_NODE),
   // The V8 flags the ambassador-node and ambassador-sea images run with (Containerfile).
   ambassadorRow('ambassador (node, image flags)', [process.execPath, ...IMAGE_NODE_FLAGS, path.join(root, 'dist/ambassador.mjs')], built('dist/ambassador.mjs', 'run npm run build'), BARE_NODE),
   ambassadorRow('ambassador (node SEA)', [path.join(root, 'bin/ambassador-node')], built('bin/ambassador-node', 'run npm run sea'), BARE_NODE),
   ambassadorRow('ambassador (deno)', [deno, 'run', '--quiet', '--allow-net', '--allow-env', '--allow-read', path.join(root, 'ambassador.ts')], built('node_modules/.bin/deno', 'npm package deno missing'), BARE_DENO),
+  ambassadorRow('ambassador (bun)', [bunRuntime, path.join(root, 'ambassador.ts')], built('node_modules/.bin/bun', 'npm package bun missing'), BARE_BUN),
+  ambassadorRow('ambassador (bun compiled)', [path.join(root, 'bin/ambassador-bun')], built('bin/ambassador-bun', 'run npm run compile:bun'), BARE_BUN),
   ambassadorRow('ambassador (deno compiled)', [path.join(root, 'bin/ambassador')], built('bin/ambassador', 'not built (deno compile needs its denort runtime)'), BARE_DENO),
 ];
 

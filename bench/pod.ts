@@ -9,117 +9,25 @@
  *   npm run bench:pod                          30 s per phase (about 7 minutes)
  *   npm run bench:pod -- --seconds 10          a quicker look
  *   npm run bench:pod -- --only Deno           the rows whose name holds that text
+ *   npm run bench:pod -- --memory-mib 128      another memory limit than the manifest's
  *
  * cgroup v2 where the machine has it, else v1 (memory and cpu hierarchies); root is needed to make the
  * groups. Where none can be made it says so and exits 1. The load generator (wrk) and the upstream (nginx)
  * run outside the group on CPU 0; all traffic stays on 127.0.0.1, every load bounded in time.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { parseAllDocuments } from 'yaml';
-import { IMAGE_NODE_FLAGS, ambassadorEnv, arg, built, freePort, has, pinned, proxyConfig, root, runBenchmark, sleep, upstreamConfig, waitFor, writeFigures, wrk, type Load } from './common.ts';
+import { cannotMakeGroups, makeGroup, podLimits, type Limits } from './cgroup.ts';
+import { IMAGE_NODE_FLAGS, ambassadorEnv, arg, built, freePort, has, pinned, proxyConfig, root, runBenchmark, upstreamConfig, waitFor, writeFigures, wrk, type Load } from './common.ts';
 
 const SECONDS = arg('--seconds', 30);
 const WARMUP = arg('--warmup', 5);
+/** Another memory limit than the manifest's, to find what an artifact holds: `--memory-mib 128`. */
+const MEMORY_MIB = arg('--memory-mib', 0);
 const ONLY = process.argv.includes('--only') ? process.argv[process.argv.indexOf('--only') + 1] : undefined;
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'ambassador-pod-'));
-
-// ---------------------------------------------------------------------------------------------------------
-// The limits, from the manifest the pod runs with.
-// ---------------------------------------------------------------------------------------------------------
-
-interface Limits {
-  cpuMillis: number;
-  memoryBytes: number;
-}
-
-function podLimits(): Limits {
-  const docs = parseAllDocuments(readFileSync(path.join(root, 'k8s', 'order-service.yaml'), 'utf8')).map((d) => d.toJS());
-  const pod = docs.find((d) => d?.kind === 'Deployment')?.spec?.template?.spec;
-  const container = [...(pod?.initContainers ?? []), ...(pod?.containers ?? [])].find((c: { name: string }) => c.name === 'ambassador');
-  const { cpu, memory } = container?.resources?.limits ?? {};
-  const cpuMillis = String(cpu).endsWith('m') ? Number(String(cpu).slice(0, -1)) : Number(cpu) * 1000;
-  const units: Record<string, number> = { Ki: 1024, Mi: 1024 ** 2, Gi: 1024 ** 3 };
-  const m = /^(\d+)(Ki|Mi|Gi)?$/.exec(String(memory));
-  if (!Number.isFinite(cpuMillis) || !m) throw new Error(`k8s/order-service.yaml: no CPU and memory limits on the ambassador container (found ${cpu}, ${memory})`);
-  return { cpuMillis, memoryBytes: Number(m[1]) * (m[2] ? units[m[2]] : 1) };
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// A cgroup with those limits: v2, or v1's memory and cpu hierarchies.
-// ---------------------------------------------------------------------------------------------------------
-
-interface Group {
-  /** the cgroup.procs files a process is written into before it execs the artifact */
-  procs: string[];
-  peakBytes(): number;
-  oomKills(): number;
-  /** ends every process left in the group (nginx's workers outlive their master), then removes it */
-  remove(): Promise<void>;
-}
-
-/** Kills what is in the group, waits for it to be empty, then removes its directories. */
-async function emptyAndRemove(procs: string, dirs: string[]): Promise<void> {
-  for (let i = 0; i < 100; i++) {
-    const pids = read(procs).split('\n').filter(Boolean).map(Number);
-    if (pids.length === 0) break;
-    for (const pid of pids) {
-      try {
-        process.kill(pid, 'SIGKILL');
-      } catch { /* already gone */ }
-    }
-    await sleep(20);
-  }
-  for (const dir of dirs) rmdirSync(dir);
-}
-
-const read = (file: string) => readFileSync(file, 'utf8').trim();
-
-function makeGroup(name: string, limits: Limits): Group {
-  const periodUs = 100_000;
-  const quotaUs = Math.round((periodUs * limits.cpuMillis) / 1000);
-  if (existsSync('/sys/fs/cgroup/cgroup.controllers')) {
-    const dir = `/sys/fs/cgroup/${name}`;
-    mkdirSync(dir);
-    writeFileSync(`${dir}/memory.max`, String(limits.memoryBytes));
-    if (existsSync(`${dir}/memory.swap.max`)) writeFileSync(`${dir}/memory.swap.max`, '0');
-    writeFileSync(`${dir}/cpu.max`, `${quotaUs} ${periodUs}`);
-    return {
-      procs: [`${dir}/cgroup.procs`],
-      peakBytes: () => (existsSync(`${dir}/memory.peak`) ? Number(read(`${dir}/memory.peak`)) : NaN),
-      oomKills: () => Number(/oom_kill (\d+)/.exec(read(`${dir}/memory.events`))?.[1] ?? 0),
-      remove: () => emptyAndRemove(`${dir}/cgroup.procs`, [dir]),
-    };
-  }
-  const mem = `/sys/fs/cgroup/memory/${name}`;
-  const cpu = `/sys/fs/cgroup/cpu/${name}`;
-  mkdirSync(mem);
-  mkdirSync(cpu);
-  writeFileSync(`${mem}/memory.limit_in_bytes`, String(limits.memoryBytes));
-  // No swap to hide in, as in a pod.
-  if (existsSync(`${mem}/memory.memsw.limit_in_bytes`)) writeFileSync(`${mem}/memory.memsw.limit_in_bytes`, String(limits.memoryBytes));
-  writeFileSync(`${cpu}/cpu.cfs_period_us`, String(periodUs));
-  writeFileSync(`${cpu}/cpu.cfs_quota_us`, String(quotaUs));
-  return {
-    procs: [`${mem}/cgroup.procs`, `${cpu}/cgroup.procs`],
-    peakBytes: () => Number(read(`${mem}/memory.max_usage_in_bytes`)),
-    oomKills: () => Number(/oom_kill (\d+)/.exec(read(`${mem}/memory.oom_control`))?.[1] ?? 0),
-    remove: () => emptyAndRemove(`${mem}/cgroup.procs`, [mem, cpu]),
-  };
-}
-
-/** Why no group can be made here, or undefined when one can. */
-async function cannotMakeGroups(limits: Limits): Promise<string | undefined> {
-  if (process.getuid?.() !== 0) return 'not root';
-  try {
-    await makeGroup(`ambassador-probe-${process.pid}`, limits).remove();
-    return undefined;
-  } catch (err) {
-    return (err as Error).message;
-  }
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // The rows and the run.
@@ -133,6 +41,7 @@ interface Row {
 }
 
 const deno = path.join(root, 'node_modules', '.bin', 'deno');
+const bunRuntime = path.join(root, 'node_modules', '.bin', 'bun');
 const ambassador = (argv: string[], extraEnv: Record<string, string> = {}) => (upstream: string, port: number, admin: number) => ({
   argv, ready: `http://127.0.0.1:${admin}/readyz`,
   env: { ...ambassadorEnv(upstream, port, admin), ...extraEnv },
@@ -146,6 +55,9 @@ const rows: Row[] = [
   { name: 'ambassador, Node bundle, image flags (ambassador:node)', available: built('dist/ambassador.mjs', 'run npm run build'), command: ambassador([process.execPath, ...IMAGE_NODE_FLAGS, path.join(root, 'dist/ambassador.mjs')]) },
   { name: 'ambassador, Node bundle, no flags', available: built('dist/ambassador.mjs', 'run npm run build'), command: ambassador([process.execPath, path.join(root, 'dist/ambassador.mjs')]) },
   { name: 'ambassador, Node single executable (ambassador:sea)', available: built('bin/ambassador-node', 'run npm run sea'), command: ambassador([path.join(root, 'bin/ambassador-node')], { NODE_OPTIONS: IMAGE_NODE_FLAGS.join(' ') }) },
+  { name: 'naive Hono + fetch on Bun (baseline)', available: built('node_modules/.bin/bun', 'npm package bun missing'), command: (upstream, port) => ({ argv: [bunRuntime, path.join(root, 'bench/hono-bun.ts')], env: { UPSTREAM_URL: upstream, PORT: String(port) }, ready: `http://127.0.0.1:${port}/small` }) },
+  { name: 'ambassador, Bun compiled binary (ambassador:bun)', available: built('bin/ambassador-bun', 'run npm run compile:bun'), command: ambassador([path.join(root, 'bin/ambassador-bun')]) },
+  { name: 'ambassador, Bun', available: built('node_modules/.bin/bun', 'npm package bun missing'), command: ambassador([bunRuntime, path.join(root, 'ambassador.ts')]) },
   { name: 'ambassador, Deno', available: built('node_modules/.bin/deno', 'npm package deno missing'), command: ambassador([deno, 'run', '--quiet', '--allow-net', '--allow-env', '--allow-read', path.join(root, 'ambassador.ts')]) },
 ];
 
@@ -185,7 +97,7 @@ async function runRow(row: Row, upstream: string, limits: Limits): Promise<Resul
 }
 
 async function main(): Promise<void> {
-  const limits = podLimits();
+  const limits = { ...podLimits(), ...(MEMORY_MIB ? { memoryBytes: MEMORY_MIB * 1024 ** 2 } : {}) };
   const why = await cannotMakeGroups(limits);
   if (why) {
     console.error(`\n*** bench:pod: cannot make a cgroup with the pod's limits here (${why}): nothing measured. ***\n`);
@@ -202,7 +114,7 @@ async function main(): Promise<void> {
   process.once('exit', () => upstreamProc.kill('SIGTERM'));
   const upstream = `http://127.0.0.1:${upPort}`;
   await waitFor(`${upstream}/small`);
-  console.log(`bench:pod: limits from k8s/order-service.yaml: ${limits.cpuMillis}m CPU, ${limits.memoryBytes / 1024 ** 2} MiB; ${WARMUP} s warm-up, ${SECONDS} s per phase, 64 connections; ${os.cpus().length} CPUs (${os.cpus()[0]?.model})`);
+  console.log(`bench:pod: limits from k8s/order-service.yaml${MEMORY_MIB ? ` (memory: --memory-mib)` : ''}: ${limits.cpuMillis}m CPU, ${limits.memoryBytes / 1024 ** 2} MiB; ${WARMUP} s warm-up, ${SECONDS} s per phase, 64 connections; ${os.cpus().length} CPUs (${os.cpus()[0]?.model})`);
   const results: Array<[Row, Result | undefined]> = [];
   for (const row of rows) {
     if (ONLY !== undefined && !row.name.includes(ONLY)) continue;

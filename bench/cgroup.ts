@@ -1,0 +1,105 @@
+/**
+ * A cgroup with a pod's CPU and memory limits (those of the ambassador container in k8s/), for the
+ * pod-budget benchmark and the memory test: cgroup v2 where the machine has it, else v1's memory and cpu
+ * hierarchies. Root is needed to make one.
+ */
+import { existsSync, mkdirSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { parseAllDocuments } from 'yaml';
+import { root, sleep } from './common.ts';
+
+// ---------------------------------------------------------------------------------------------------------
+// The limits, from the manifest the pod runs with.
+// ---------------------------------------------------------------------------------------------------------
+
+export interface Limits {
+  cpuMillis: number;
+  memoryBytes: number;
+}
+
+export function podLimits(): Limits {
+  const docs = parseAllDocuments(readFileSync(path.join(root, 'k8s', 'order-service.yaml'), 'utf8')).map((d) => d.toJS());
+  const pod = docs.find((d) => d?.kind === 'Deployment')?.spec?.template?.spec;
+  const container = [...(pod?.initContainers ?? []), ...(pod?.containers ?? [])].find((c: { name: string }) => c.name === 'ambassador');
+  const { cpu, memory } = container?.resources?.limits ?? {};
+  const cpuMillis = String(cpu).endsWith('m') ? Number(String(cpu).slice(0, -1)) : Number(cpu) * 1000;
+  const units: Record<string, number> = { Ki: 1024, Mi: 1024 ** 2, Gi: 1024 ** 3 };
+  const m = /^(\d+)(Ki|Mi|Gi)?$/.exec(String(memory));
+  if (!Number.isFinite(cpuMillis) || !m) throw new Error(`k8s/order-service.yaml: no CPU and memory limits on the ambassador container (found ${cpu}, ${memory})`);
+  return { cpuMillis, memoryBytes: Number(m[1]) * (m[2] ? units[m[2]] : 1) };
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// A cgroup with those limits: v2, or v1's memory and cpu hierarchies.
+// ---------------------------------------------------------------------------------------------------------
+
+export interface Group {
+  /** the cgroup.procs files a process is written into before it execs the artifact */
+  procs: string[];
+  peakBytes(): number;
+  oomKills(): number;
+  /** ends every process left in the group (nginx's workers outlive their master), then removes it */
+  remove(): Promise<void>;
+}
+
+/** Kills what is in the group, waits for it to be empty, then removes its directories. */
+async function emptyAndRemove(procs: string, dirs: string[]): Promise<void> {
+  for (let i = 0; i < 100; i++) {
+    const pids = read(procs).split('\n').filter(Boolean).map(Number);
+    if (pids.length === 0) break;
+    for (const pid of pids) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch { /* already gone */ }
+    }
+    await sleep(20);
+  }
+  for (const dir of dirs) rmdirSync(dir);
+}
+
+const read = (file: string) => readFileSync(file, 'utf8').trim();
+
+export function makeGroup(name: string, limits: Limits): Group {
+  const periodUs = 100_000;
+  const quotaUs = Math.round((periodUs * limits.cpuMillis) / 1000);
+  if (existsSync('/sys/fs/cgroup/cgroup.controllers')) {
+    const dir = `/sys/fs/cgroup/${name}`;
+    mkdirSync(dir);
+    writeFileSync(`${dir}/memory.max`, String(limits.memoryBytes));
+    if (existsSync(`${dir}/memory.swap.max`)) writeFileSync(`${dir}/memory.swap.max`, '0');
+    writeFileSync(`${dir}/cpu.max`, `${quotaUs} ${periodUs}`);
+    return {
+      procs: [`${dir}/cgroup.procs`],
+      peakBytes: () => (existsSync(`${dir}/memory.peak`) ? Number(read(`${dir}/memory.peak`)) : NaN),
+      oomKills: () => Number(/oom_kill (\d+)/.exec(read(`${dir}/memory.events`))?.[1] ?? 0),
+      remove: () => emptyAndRemove(`${dir}/cgroup.procs`, [dir]),
+    };
+  }
+  const mem = `/sys/fs/cgroup/memory/${name}`;
+  const cpu = `/sys/fs/cgroup/cpu/${name}`;
+  mkdirSync(mem);
+  mkdirSync(cpu);
+  writeFileSync(`${mem}/memory.limit_in_bytes`, String(limits.memoryBytes));
+  // No swap to hide in, as in a pod.
+  if (existsSync(`${mem}/memory.memsw.limit_in_bytes`)) writeFileSync(`${mem}/memory.memsw.limit_in_bytes`, String(limits.memoryBytes));
+  writeFileSync(`${cpu}/cpu.cfs_period_us`, String(periodUs));
+  writeFileSync(`${cpu}/cpu.cfs_quota_us`, String(quotaUs));
+  return {
+    procs: [`${mem}/cgroup.procs`, `${cpu}/cgroup.procs`],
+    peakBytes: () => Number(read(`${mem}/memory.max_usage_in_bytes`)),
+    oomKills: () => Number(/oom_kill (\d+)/.exec(read(`${mem}/memory.oom_control`))?.[1] ?? 0),
+    remove: () => emptyAndRemove(`${mem}/cgroup.procs`, [mem, cpu]),
+  };
+}
+
+/** Why no group can be made here, or undefined when one can. */
+export async function cannotMakeGroups(limits: Limits): Promise<string | undefined> {
+  if (process.getuid?.() !== 0) return 'not root';
+  try {
+    await makeGroup(`ambassador-probe-${process.pid}`, limits).remove();
+    return undefined;
+  } catch (err) {
+    return (err as Error).message;
+  }
+}
+

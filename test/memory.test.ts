@@ -1,0 +1,78 @@
+/** Memory is not timing, so it is tested: each image's runtime, with the flags its image runs with,
+ * streams 64 keep-alive connections of 1 MiB bodies for 10 s inside a cgroup with the CPU and memory limits
+ * the ambassador is shipped with, and must not be OOM-killed. ambassador:node, which the manifest runs, at the
+ * manifest's limit (k8s/order-service.yaml); the single executable and Bun at the limits the README gives
+ * them. Where no cgroup can be made (not root, no cgroup hierarchy) it says so loudly
+ * and skips. */
+import { spawn } from 'node:child_process';
+import http from 'node:http';
+import { describe, expect, it } from 'vitest';
+import { cannotMakeGroups, makeGroup, podLimits, type Limits } from '../bench/cgroup.ts';
+import { IMAGE_NODE_FLAGS } from '../bench/common.ts';
+import { BUN_BIN, SEA, deadPort, startUpstream, stopAfterEach, waitFor } from './helpers.ts';
+
+/** The memory the README asks for the Bun and single-executable images (measured with `npm run bench:pod --
+ * --memory-mib`): Bun's fetch takes about 125 MiB here; the 87 MB executable's own pages count against the
+ * group and, at 64Mi, it thrashes. */
+const BUN_MEMORY_MIB = 160;
+const SEA_MEMORY_MIB = 96;
+const SECONDS = 10;
+
+const limits = podLimits();
+const unavailable = await cannotMakeGroups(limits);
+if (unavailable) console.warn(`\n*** memory.test.ts SKIPPED: no cgroup with the pod's limits can be made here (${unavailable}) ***\n`);
+
+const images: Array<{ name: string; argv: string[]; env: Record<string, string>; limits: Limits }> = [
+  { name: 'ambassador:node (the bundle with the image\'s V8 flags)', argv: [process.execPath, ...IMAGE_NODE_FLAGS, 'dist/ambassador.mjs'], env: {}, limits },
+  { name: `ambassador:sea (NODE_OPTIONS as the image sets it, at ${SEA_MEMORY_MIB}Mi)`, argv: [SEA], env: { NODE_OPTIONS: IMAGE_NODE_FLAGS.join(' ') }, limits: { ...limits, memoryBytes: SEA_MEMORY_MIB * 1024 ** 2 } },
+  { name: `ambassador:bun (at ${BUN_MEMORY_MIB}Mi)`, argv: [BUN_BIN], env: {}, limits: { ...limits, memoryBytes: BUN_MEMORY_MIB * 1024 ** 2 } },
+];
+
+describe.skipIf(unavailable !== undefined)('memory inside the pod\'s limits', () => {
+  stopAfterEach();
+
+  it.each(images)('$name streams 64 connections of 1 MiB bodies for 10 s without an OOM kill', async ({ argv, env, limits: l }) => {
+    const body = Buffer.alloc(1024 * 1024, 'a');
+    const upstream = await startUpstream((_req, res) => res.end(body));
+    const group = makeGroup(`ambassador-memory-test-${process.pid}-${Math.round(Math.random() * 1e6)}`, l);
+    try {
+      const [port, admin] = [await deadPort(), await deadPort()]; // free now, and taken by the ambassador
+      const join = group.procs.map((f) => `echo $$ > ${f}`).join('; ');
+      const child = spawn('sh', ['-c', `${join}; exec "$@"`, 'sh', ...argv], {
+        cwd: new URL('..', import.meta.url).pathname,
+        env: { PATH: process.env.PATH ?? '', ...env, UPSTREAM_URL: upstream.url, PORT: String(port), ADMIN_PORT: String(admin), ADMIN_HOST: '127.0.0.1', LOG_LEVEL: 'warn' },
+        stdio: ['ignore', 'ignore', 'inherit'],
+      });
+      let exit: { code: number | null; signal: string | null } | undefined;
+      child.once('exit', (code, signal) => (exit = { code, signal }));
+      await waitFor('the ambassador ready', async () => (await fetch(`http://127.0.0.1:${admin}/readyz`).catch(() => undefined))?.status === 200, 30_000);
+
+      const agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
+      const until = performance.now() + SECONDS * 1000;
+      let done = 0;
+      let failed = 0;
+      const one = () => new Promise<void>((resolve) => {
+        const req = http.get({ host: '127.0.0.1', port, path: '/big', agent, timeout: 5000 }, (res) => {
+          let bytes = 0;
+          res.on('data', (c: Buffer) => (bytes += c.length));
+          res.on('end', () => ((bytes === body.length ? done++ : failed++), resolve()));
+          res.on('error', () => (failed++, resolve()));
+        });
+        req.on('timeout', () => req.destroy());
+        req.on('error', () => (failed++, resolve()));
+      });
+      await Promise.all(Array.from({ length: 64 }, async () => {
+        while (performance.now() < until && exit === undefined) await one();
+      }));
+      agent.destroy();
+      const oomKills = group.oomKills();
+      const peakMiB = group.peakBytes() / 1024 ** 2;
+      console.log(`memory: ${argv[argv.length - 1]}: ${done} bodies of 1 MiB in ${SECONDS} s (${failed} failed), peak ${peakMiB.toFixed(0)} of ${l.memoryBytes / 1024 ** 2} MiB, OOM kills ${oomKills}`);
+      expect({ oomKills, exit }).toEqual({ oomKills: 0, exit: undefined });
+      expect(done).toBeGreaterThan(0);
+      child.kill('SIGKILL');
+    } finally {
+      await group.remove();
+    }
+  }, 60_000);
+});
