@@ -119,8 +119,8 @@ export function wrk(url: string, connections: number, seconds: number, timeoutS 
     rps: Number(/Requests\/sec:\s+([\d.]+)/.exec(out)?.[1]),
     total: Number(/(\d+) requests in/.exec(out)?.[1]),
     errors: Number(/Non-2xx or 3xx responses: (\d+)/.exec(out)?.[1] ?? 0) + socket,
-    p50us: toMicros(/50%\s+(\S+)/.exec(out)?.[1] ?? ''),
-    p99us: toMicros(/99%\s+(\S+)/.exec(out)?.[1] ?? ''),
+    p50us: toMicros(/^\s*50%\s+(\S+)/m.exec(out)?.[1] ?? ''), // a line of its own: the Stdev column ends in % too
+    p99us: toMicros(/^\s*99%\s+(\S+)/m.exec(out)?.[1] ?? ''),
   };
 }
 
