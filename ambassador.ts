@@ -12,11 +12,14 @@
  * Run it:
  *   Node:   npm run build && UPSTREAM_URL=http://127.0.0.1:9000 node dist/ambassador.mjs
  *   Deno:   UPSTREAM_URL=http://127.0.0.1:9000 deno run --allow-net --allow-env --allow-read --unstable-no-legacy-abort ambassador.ts
+ *   Bun:    UPSTREAM_URL=http://127.0.0.1:9000 bun ambassador.ts
  *   Binary: npm run sea && UPSTREAM_URL=http://127.0.0.1:9000 ./bin/ambassador-node   (Node single executable)
  *           deno task compile && UPSTREAM_URL=http://127.0.0.1:9000 ./bin/ambassador  (needs Deno's denort)
+ *           npm run compile:bun && UPSTREAM_URL=http://127.0.0.1:9000 ./bin/ambassador-bun   (Bun)
  *
  * This file imports only `hono` and, on Node only and dynamically, `@hono/node-server` and Node's own
- * `node:http`, `node:https`, `node:tls`, `node:crypto`, `node:dns` and `node:fs`, so it can be copied into another
+ * `node:http`, `node:https`, `node:tls`, `node:crypto`, `node:dns` and `node:fs` (Deno and Bun reach some of
+ * the same built-ins), so it can be copied into another
  * project as it is.
  *
  * | variable                 | default     | meaning                                                             |
@@ -46,7 +49,7 @@
  * | DNS_REFRESH_MS *         | 5000        | look the upstream's name up again this often (sooner if its TTL says); 0 = leave names to the runtime |
  * | UPSTREAM_CA_FILE         | (none)      | PEM CA bundle the upstream's certificate is verified against (else the runtime's roots) |
  * | UPSTREAM_CERT_FILE / UPSTREAM_KEY_FILE | (none) | PEM client certificate and key, for mTLS; read again when they change |
- * | UPSTREAM_SERVER_NAME     | (none)      | the name sent as SNI and checked in the certificate (Node only)     |
+ * | UPSTREAM_SERVER_NAME     | (none)      | the name sent as SNI and checked in the certificate (Node, Bun)     |
  * | UPSTREAM_TLS_MIN_VERSION | TLSv1.2     | TLSv1.2 or TLSv1.3 (Node only)                                      |
  * | DRAIN_TIMEOUT_MS         | 20000       | the longest a drain may take before what is left is cut off         |
  * | DRAIN_GRACE_MS           | 0           | after SIGTERM, keep accepting new requests this long (older clusters) |
@@ -1731,69 +1734,6 @@ export type Send = (target: Target, pathAndQuery: string, init: {
   method: string; headers: HeaderList; body: Uint8Array | ReadableStream<Uint8Array> | null; cancel: Cancel; tls: TlsMaterial | null;
 }) => Promise<Reply>;
 
-interface DenoHttpClient {
-  close(): void;
-}
-
-/** Deno's upstream client: fetch. An address found by discovery is reached by URL with the upstream's name
- * kept in Host (`allowHost`); an https:// upstream is always reached by name, which its certificate must
- * carry. A streamed body whose Content-Length the app gave goes by `withLength` instead (`nodeSend`, one
- * connection per request): Deno's fetch sends every streamed body chunked, which S3-style upstreams
- * refuse, and Deno's node:http, which keeps the length, resends a request — a POST too — on a reused
- * keep-alive connection that fails under it, so it never gets one to reuse. */
-function fetchSend(d: DenoLike, withLength: Send): Send {
-  // Deno's client sends a request again, on a new connection, when a reused one closes under it — even a
-  // POST the upstream has already read. A request that must not be repeated therefore never goes on a
-  // reused connection: its clients keep none idle (`once`).
-  type Clients = { pooled?: DenoHttpClient; once?: DenoHttpClient };
-  const pick = (set: Clients, options: Parameters<DenoLike['createHttpClient']>[0], once: boolean) =>
-    once ? (set.once ??= d.createHttpClient({ ...options, poolMaxIdlePerHost: 0 })) : (set.pooled ??= d.createHttpClient(options));
-  const byTls = new WeakMap<TlsMaterial, Clients>();
-  const plain: Clients = {};
-  const byAddress: Clients = {};
-  const clientFor = (tls: TlsMaterial, once: boolean) => {
-    let set = byTls.get(tls);
-    if (!set) byTls.set(tls, (set = {}));
-    return pick(set, { caCerts: tls.ca ? [tls.ca] : undefined, ...(tls.cert && tls.key ? { cert: tls.cert, key: tls.key } : {}) }, once);
-  };
-  return async (target, pathAndQuery, init) => {
-    if (init.body instanceof ReadableStream && headerValue(init.headers, 'content-length') !== null) return withLength(target, pathAndQuery, init);
-    const once = !IDEMPOTENT.has(init.method) && headerValue(init.headers, 'idempotency-key') === null;
-    let url = target.prefix + pathAndQuery;
-    let headers = init.headers;
-    let client: DenoHttpClient | undefined = once ? pick(plain, {}, true) : undefined;
-    if (init.tls) client = clientFor(init.tls, once);
-    else if (target.address !== null) {
-      const u = new URL(url);
-      headers = [['host', target.authority], ...headers];
-      u.hostname = target.address.includes(':') ? `[${target.address}]` : target.address;
-      url = u.href;
-      client = pick(byAddress, { allowHost: true }, once);
-    }
-    const abort = new AbortController();
-    init.cancel.on((reason) => abort.abort(reason));
-    let res: Response;
-    try {
-      // `duplex: 'half'` lets fetch send a streamed body; redirects are the app's business, not ours.
-      res = await fetch(url, { method: init.method, headers, body: init.body, signal: abort.signal, client, redirect: 'manual', duplex: 'half' } as RequestInit);
-    } catch (err) {
-      // fetch raises TypeError both for a request it will not make and for a network failure ("fetch
-      // failed", with the cause). The first is the app's request at fault, and nothing was sent.
-      if (err instanceof TypeError && err.cause === undefined && !/fetch failed/i.test(err.message)) {
-        throw new ClientError(400, `the request cannot be sent: ${describeFailure(err)}`);
-      }
-      throw err;
-    }
-    const list = [...res.headers];
-    const problem = responseHeadProblem(list);
-    if (problem) {
-      await res.body?.cancel();
-      throw problem;
-    }
-    return { status: res.status, statusText: res.statusText, headers: list, body: res.body };
-  };
-}
-
 export interface Clock {
   now(): number;
   random(): number;
@@ -1806,16 +1746,6 @@ interface InFlight {
   method: string;
   path: string;
   started: number;
-}
-
-/** Everything one route needs at run time: its settings and the state of its policies. */
-interface Upstream {
-  route: Route;
-  budget: RetryBudget;
-  limit: ConcurrencyLimit;
-  bucket: TokenBucket | null;
-  pool: EndpointPool;
-  tls: TlsSource | null;
 }
 
 export interface Ambassador {
@@ -1883,96 +1813,88 @@ function sleep(ms: number, cancel: Cancel): Promise<void> {
   });
 }
 
-export function createAmbassador(config: Config, options: {
-  /** how attempts reach the upstream: `nodeSend`, or on Deno `fetchSend` */
-  send: Send;
-  log?: Logger; clock?: Clock; metrics?: Metrics;
-  /** finds the addresses behind an upstream's name; without it the runtime resolves names itself */
-  resolve?: Resolve;
-  /** reads TLS files (again when they change); needed when a route has TLS files */
-  readFile?: ReadFile;
-  /** checks TLS material before it is used (the runtime's own TLS stack) */
-  checkTls?: CheckTls;
-  /** @hono/node-server's "the handler wrote the response itself" (RESPONSE_ALREADY_SENT), for the Node path */
-  written?: Response;
-  /** the runtime's name, for the metrics (and on Deno: https:// upstreams are reached by name); this one's */
-  runtime?: RuntimeName;
-  /** how a response body is passed on, counted and timed (`trackBody`; Bun: `trackBodyDirect`) */
-  streamBody?: typeof trackBody;
-}): Ambassador {
-  const log = options.log ?? createLogger(config.logFormat, config.logLevel);
-  const clock = options.clock ?? systemClock;
-  const runtime = options.runtime ?? RUNTIME_NAME;
-  const metrics = options.metrics ?? new Metrics({ version: VERSION, runtime, startTimeSeconds: Date.now() / 1000 });
-  const events = fanOut(logEvents(log, config.logLevel), metrics.events());
-  const send = options.send;
-  const inFlight = new Map<number, InFlight>();
-  let requestCount = 0;
-  /** requests whose body is still arriving, and who waits for there to be none */
-  const uploads = new Set<number>();
-  let uploadsRead: Array<() => void> = [];
-  const uploadEnded = (key: number) => {
-    if (uploads.delete(key) && uploads.size === 0) for (const f of uploadsRead.splice(0)) f();
-  };
-  let ready = false;
-  let draining = false;
+/** Everything one route needs at run time: its settings and the state of its policies. */
+interface RouteState {
+  route: Route;
+  budget: RetryBudget;
+  concurrency: ConcurrencyLimit;
+  bucket: TokenBucket | null;
+  pool: EndpointPool;
+  tls: TlsSource | null;
+}
 
-  const upstreams = new Map<string, Upstream>();
+/** Each route's state, built once at start. `tlsByAddress`: whether an https:// upstream may be reached at
+ * an address discovery found (Deno's fetch cannot verify a certificate's name while connecting to an
+ * address: there it goes by name). */
+function routeStates(config: Config, clock: Clock, events: Events, tlsByAddress: boolean,
+  io: { resolve?: Resolve; readFile?: ReadFile; checkTls?: CheckTls }): Map<string, RouteState> {
+  const routes = new Map<string, RouteState>();
   for (const route of config.routes) {
-    if (route.tls && (route.tls.caFile || route.tls.certFile) && !options.readFile) throw new Error(`route ${route.name}: TLS files need options.readFile`);
-    upstreams.set(route.name, {
+    if (route.tls && (route.tls.caFile || route.tls.certFile) && !io.readFile) throw new Error(`route ${route.name}: TLS files need options.readFile`);
+    routes.set(route.name, {
       route,
       budget: new RetryBudget(route.retryBudgetPercent, route.retryBudgetMinPerSec),
-      limit: new ConcurrencyLimit(route.maxInFlight, route.queueSize),
+      concurrency: new ConcurrencyLimit(route.maxInFlight, route.queueSize),
       bucket: route.rateLimitPerSec > 0 ? new TokenBucket(route.rateLimitPerSec, route.rateLimitBurst, clock.now()) : null,
-      // Deno's fetch cannot verify a certificate's name while connecting to an address: it goes by name.
-      pool: new EndpointPool(route, clock, options.resolve, runtime !== 'deno', (e) => events.endpointsChanged({ route: route.name, ...e })),
-      tls: route.tls ? new TlsSource(route.tls, options.readFile ?? (() => ''), clock, options.checkTls) : null,
+      pool: new EndpointPool(route, clock, io.resolve, tlsByAddress, (e) => events.endpointsChanged({ route: route.name, ...e })),
+      tls: route.tls ? new TlsSource(route.tls, io.readFile ?? (() => ''), clock, io.checkTls) : null,
     });
+  }
+  return routes;
+}
+
+/** Requests whose body is still arriving (Deno's server cuts such bodies off when it shuts down, so the
+ * drain waits for them), and who waits for there to be none. */
+class Uploads {
+  private readonly open = new Set<number>();
+  private waiting: Array<() => void> = [];
+
+  add(key: number): void {
+    this.open.add(key);
   }
 
-  /** One attempt: send until response headers arrive or `limitMs` passes, counted from when the body has
-   * gone (`bodySent`; null: at once). The app going away ends it through the same cancellation, before the
-   * headers and after. The cancellation settles the attempt whatever the client makes of it (a client that
-   * loses track of a request after a stray 101 would otherwise hold its place forever); a reply that comes
-   * after it is let go. */
-  function attempt(target: Target, pathAndQuery: string, init: Omit<Parameters<Send>[2], 'cancel'>, limitMs: number, client: Cancel,
-    bodySent: Promise<void> | null): Promise<Reply> {
-    const cancel = new Cancel();
-    const offClient = client.on((reason) => cancel.abort(reason));
-    return new Promise<Reply>((resolve, reject) => {
-      let settled = false;
-      let timer: ReturnType<typeof setTimeout> | undefined;
-      const offSelf = cancel.on((reason) => {
-        if (settled) return;
-        settled = true;
-        clearTimeout(timer);
-        offClient();
-        reject(reason);
-      });
-      if (settled) return;
-      const startTimer = () => {
-        if (!settled) timer = setTimeout(() => cancel.abort(new TimeoutError(`no response headers within ${Math.round(limitMs)} ms`)), limitMs);
-      };
-      if (Number.isFinite(limitMs)) {
-        if (bodySent === null) startTimer();
-        else void bodySent.then(startTimer);
-      }
-      send(target, pathAndQuery, { ...init, cancel }).then((reply) => {
-        if (settled) return discard(reply);
-        settled = true;
-        clearTimeout(timer);
-        offSelf(); // the app's going away still reaches the upstream while the body flows
-        resolve(reply);
-      }, (err) => {
-        if (settled) return;
-        settled = true;
-        clearTimeout(timer);
-        offClient();
-        reject(err);
-      });
-    });
+  has(key: number): boolean {
+    return this.open.has(key);
   }
+
+  end(key: number): void {
+    if (this.open.delete(key) && this.open.size === 0) for (const f of this.waiting.splice(0)) f();
+  }
+
+  /** Settles once no request body is still arriving. */
+  read(): Promise<void> {
+    return this.open.size === 0 ? Promise.resolve() : new Promise<void>((r) => this.waiting.push(r));
+  }
+}
+
+/** What the proxy handler shares with the rest of the process: what is in flight, and whether the drain
+ * has begun. */
+interface ProxyState {
+  draining: boolean;
+  readonly inFlight: Map<number, InFlight>;
+  readonly uploads: Uploads;
+}
+
+/** What the proxy handler is given: how attempts reach the upstream, the clock, where events go. */
+interface ProxyDeps {
+  send: Send;
+  clock: Clock;
+  events: Events;
+  log: Logger;
+  /** @hono/node-server's "the handler wrote the response itself", for the Node path */
+  written?: Response;
+  /** how a web response body is passed on, counted and timed */
+  streamBody: typeof trackBody;
+}
+
+/** The proxy app (HOST:PORT). One request, in order, down the page: `handle` (refusals, the route, the
+ * answer) → `admit` (rate limit, then concurrency limit) → `forward` (endpoints, breaker, retries) →
+ * `attempt` (one try under its timeout, through the runtime's `send`) → `reply` (the upstream's answer, as
+ * the app gets it). */
+function createProxy(config: Config, routes: Map<string, RouteState>, state: ProxyState, deps: ProxyDeps): Hono<{ Bindings: Bindings }> {
+  const { send, clock, events, log } = deps;
+  const { inFlight, uploads } = state;
+  let requestCount = 0;
 
   async function handle(c: Context<{ Bindings: Bindings }>): Promise<Response> {
     const req = c.req.raw;
@@ -2004,7 +1926,7 @@ export function createAmbassador(config: Config, options: {
       events.requestDone({ ...record, status: answer.status, durationMs: clock.now() - started, ...(answer.status === 200 ? {} : { error: answer.reason }), rejected: answer.rejected });
       return res;
     }
-    const up = upstreams.get(route.name)!;
+    const up = routes.get(route.name)!;
     record.route = route.name;
     const upstreamPath = (route.stripPrefix ? stripPrefix(path!, route.prefix) : path!) + (q < 0 ? '' : target.slice(q));
 
@@ -2027,9 +1949,9 @@ export function createAmbassador(config: Config, options: {
     }
     let holding = false; // a place under the route's concurrency limit, given back when the response is done
     const finish = (bytesOut: number, error?: string) => {
-      uploadEnded(key);
+      uploads.end(key);
       offGone();
-      if (holding) up.limit.release();
+      if (holding) up.concurrency.release();
       holding = false;
       inFlight.delete(key);
       record.durationMs = clock.now() - started;
@@ -2038,7 +1960,7 @@ export function createAmbassador(config: Config, options: {
       events.requestDone(record);
     };
 
-    const reqBody = requestBody(c, incomingHeaders, config.bodyIdleTimeoutMs, () => uploadEnded(key));
+    const reqBody = requestBody(c, incomingHeaders, config.bodyIdleTimeoutMs, () => uploads.end(key));
     if (reqBody) uploads.add(key);
     try {
       let admission = admit(up, gone, id, record);
@@ -2049,16 +1971,16 @@ export function createAmbassador(config: Config, options: {
         : admission;
       // Draining, the app opens a fresh connection for its next call; and an answer that came before the
       // app's body was all read leaves the rest of that body on the connection (RFC 9112 §9.6: close it).
-      if (draining || uploads.has(key)) reply.headers.push(['connection', 'close']);
+      if (state.draining || uploads.has(key)) reply.headers.push(['connection', 'close']);
       record.status = reply.status;
-      if (reply.node && outgoing && options.written) {
+      if (reply.node && outgoing && deps.written) {
         // Node: the upstream's body goes straight into the app's connection, no web streams between.
         pipeNode(reply.node, outgoing, reply, config.bodyIdleTimeoutMs, finish);
-        return options.written;
+        return deps.written;
       }
       const body = bodyOf(reply);
       if (body === null) finish(0);
-      return new Response(body && (options.streamBody ?? trackBody)(body, config.bodyIdleTimeoutMs, finish), { status: reply.status, statusText: reply.statusText, headers: reply.headers });
+      return new Response(body && deps.streamBody(body, config.bodyIdleTimeoutMs, finish), { status: reply.status, statusText: reply.statusText, headers: reply.headers });
     } catch (err) {
       if (err instanceof ClientError) {
         // The app's own request failed it (a body that stalled): its answer, and its connection closed,
@@ -2078,7 +2000,7 @@ export function createAmbassador(config: Config, options: {
   /** The route's local rate limit, then its concurrency limit: true when the request may go on (holding a
    * place under the limit), else the 429 or 503 the app gets. A promise only when the request must wait
    * (for a token, or in the queue). Throws only when the app went away. */
-  function admit(up: Upstream, gone: Cancel, id: string, record: RequestRecord): true | Reply | Promise<true | Reply> {
+  function admit(up: RouteState, gone: Cancel, id: string, record: RequestRecord): true | Reply | Promise<true | Reply> {
     const { route } = up;
     if (up.bucket) {
       const token = up.bucket.take(clock.now(), route.rateLimitWaitMs);
@@ -2098,14 +2020,14 @@ export function createAmbassador(config: Config, options: {
     return takePlace(up, gone, id, record);
   }
 
-  function takePlace(up: Upstream, gone: Cancel, id: string, record: RequestRecord): true | Reply | Promise<true | Reply> {
-    const place = up.limit.acquire();
+  function takePlace(up: RouteState, gone: Cancel, id: string, record: RequestRecord): true | Reply | Promise<true | Reply> {
+    const place = up.concurrency.acquire();
     if (place === true) return true;
     if (place === false) return overloaded(up, id, record);
     return waitForPlace(up, place, gone, id, record);
   }
 
-  async function waitForPlace(up: Upstream, place: Exclude<ReturnType<ConcurrencyLimit['acquire']>, boolean>, gone: Cancel, id: string,
+  async function waitForPlace(up: RouteState, place: Exclude<ReturnType<ConcurrencyLimit['acquire']>, boolean>, gone: Cancel, id: string,
     record: RequestRecord): Promise<true | Reply> {
     let timer: ReturnType<typeof setTimeout> | undefined;
     let offGone = noop;
@@ -2118,19 +2040,19 @@ export function createAmbassador(config: Config, options: {
     offGone();
     const granted = waited === 'granted' || !place.leave(); // leaving fails once the place was handed over
     if (waited === 'gone') {
-      if (granted) up.limit.release();
+      if (granted) up.concurrency.release();
       throw gone.reason;
     }
     return granted ? true : overloaded(up, id, record);
   }
 
-  function overloaded(up: Upstream, id: string, record: RequestRecord): Reply {
+  function overloaded(up: RouteState, id: string, record: RequestRecord): Reply {
     record.rejected = 'concurrency';
-    record.error = `overloaded: ${up.route.maxInFlight} requests in flight to ${up.route.name} and ${up.limit.queued} waiting`;
+    record.error = `overloaded: ${up.route.maxInFlight} requests in flight to ${up.route.name} and ${up.concurrency.queued} waiting`;
     return rejectionReply('concurrency', record.error, id, 1000);
   }
 
-  async function forward(up: Upstream, method: string, incoming: HeaderList, reqBody: ReadableStream<Uint8Array> | null, gone: Cancel, id: string,
+  async function forward(up: RouteState, method: string, incoming: HeaderList, reqBody: ReadableStream<Uint8Array> | null, gone: Cancel, id: string,
     path: string, started: number, client: string | undefined, record: RequestRecord): Promise<Reply> {
     const { route } = up;
     const idempotencyKey = headerValue(incoming, 'idempotency-key') !== null;
@@ -2225,6 +2147,49 @@ export function createAmbassador(config: Config, options: {
     }
   }
 
+  /** One attempt: send until response headers arrive or `limitMs` passes, counted from when the body has
+   * gone (`bodySent`; null: at once). The app going away ends it through the same cancellation, before the
+   * headers and after. The cancellation settles the attempt whatever the client makes of it (a client that
+   * loses track of a request after a stray 101 would otherwise hold its place forever); a reply that comes
+   * after it is let go. */
+  function attempt(target: Target, pathAndQuery: string, init: Omit<Parameters<Send>[2], 'cancel'>, limitMs: number, client: Cancel,
+    bodySent: Promise<void> | null): Promise<Reply> {
+    const cancel = new Cancel();
+    const offClient = client.on((reason) => cancel.abort(reason));
+    return new Promise<Reply>((resolve, reject) => {
+      let settled = false;
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const offSelf = cancel.on((reason) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        offClient();
+        reject(reason);
+      });
+      if (settled) return;
+      const startTimer = () => {
+        if (!settled) timer = setTimeout(() => cancel.abort(new TimeoutError(`no response headers within ${Math.round(limitMs)} ms`)), limitMs);
+      };
+      if (Number.isFinite(limitMs)) {
+        if (bodySent === null) startTimer();
+        else void bodySent.then(startTimer);
+      }
+      send(target, pathAndQuery, { ...init, cancel }).then((reply) => {
+        if (settled) return discard(reply);
+        settled = true;
+        clearTimeout(timer);
+        offSelf(); // the app's going away still reaches the upstream while the body flows
+        resolve(reply);
+      }, (err) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        offClient();
+        reject(err);
+      });
+    });
+  }
+
   function reply(res: Reply, method: string, id: string): Reply {
     const noBody = method === 'HEAD' || NULL_BODY_STATUS.has(res.status);
     if (noBody) discard(res);
@@ -2240,17 +2205,17 @@ export function createAmbassador(config: Config, options: {
     log('error', `unexpected error: ${describeFailure(err)}`, { path: c.req.path });
     return c.text('ambassador: internal error\n', 500);
   });
+  return proxy;
+}
 
+/** The admin app (ADMIN_HOST:ADMIN_PORT): liveness, readiness, metrics, and `POST /shutdown`. */
+function createAdmin(metrics: Metrics, status: () => 'starting' | 'ready' | 'draining', shutdown: () => void): Hono<{ Bindings: Bindings }> {
   const admin = new Hono<{ Bindings: Bindings }>();
   admin.get('/healthz', (c) => c.text('ok\n'));
-  admin.get('/readyz', (c) => (ready && !draining ? c.text('ready\n') : c.text(draining ? 'draining\n' : 'starting\n', 503)));
-  metrics.gauges = {
-    ...metrics.gauges,
-    inFlight: () => inFlight.size,
-    draining: () => draining,
-    upstreams: () => [...upstreams.values()].map((u) => ({ route: u.route.name, active: u.limit.active, queued: u.limit.queued, endpoints: u.pool.endpoints })),
-    now: () => clock.now(),
-  };
+  admin.get('/readyz', (c) => {
+    const now = status();
+    return now === 'ready' ? c.text('ready\n') : c.text(`${now}\n`, 503);
+  });
   admin.get('/metrics', (c) => {
     const openMetrics = (c.req.header('accept') ?? '').includes('application/openmetrics-text');
     return c.body(metrics.render(openMetrics), 200, {
@@ -2259,25 +2224,63 @@ export function createAmbassador(config: Config, options: {
   });
   // A Job's main container, on a cluster without native sidecars, ends its pod by asking the sidecar to
   // drain. Only from inside the pod: the admin port is reachable from outside for the kubelet's probes.
-  const shutdown = { requested: () => {} };
   admin.post('/shutdown', (c) => {
     const peer = clientAddress(c) ?? '';
     if (!/^(127\.|::1$|::ffff:127\.)/.test(peer)) return c.text('ambassador: /shutdown is for loopback clients only\n', 403);
-    shutdown.requested();
+    shutdown();
     return c.text('draining\n', 202);
   });
+  return admin;
+}
 
+export function createAmbassador(config: Config, options: {
+  /** how attempts reach the upstream: `nodeSend`, or on Deno `fetchSend` */
+  send: Send;
+  log?: Logger; clock?: Clock; metrics?: Metrics;
+  /** finds the addresses behind an upstream's name; without it the runtime resolves names itself */
+  resolve?: Resolve;
+  /** reads TLS files (again when they change); needed when a route has TLS files */
+  readFile?: ReadFile;
+  /** checks TLS material before it is used (the runtime's own TLS stack) */
+  checkTls?: CheckTls;
+  /** @hono/node-server's "the handler wrote the response itself" (RESPONSE_ALREADY_SENT), for the Node path */
+  written?: Response;
+  /** the runtime's name, for the metrics (and on Deno: https:// upstreams are reached by name); this one's */
+  runtime?: RuntimeName;
+  /** how a response body is passed on, counted and timed (`trackBody`; Bun: `trackBodyDirect`) */
+  streamBody?: typeof trackBody;
+}): Ambassador {
+  const log = options.log ?? createLogger(config.logFormat, config.logLevel);
+  const clock = options.clock ?? systemClock;
+  const runtime = options.runtime ?? RUNTIME_NAME;
+  const metrics = options.metrics ?? new Metrics({ version: VERSION, runtime, startTimeSeconds: Date.now() / 1000 });
+  const events = fanOut(logEvents(log, config.logLevel), metrics.events());
+  const routes = routeStates(config, clock, events, runtime !== 'deno', options);
+  const state: ProxyState = { draining: false, inFlight: new Map(), uploads: new Uploads() };
+  let ready = false;
+  let shutdownRequested = () => {};
+  const proxy = createProxy(config, routes, state, {
+    send: options.send, clock, events, log, written: options.written, streamBody: options.streamBody ?? trackBody,
+  });
+  const admin = createAdmin(metrics, () => (state.draining ? 'draining' : ready ? 'ready' : 'starting'), () => shutdownRequested());
+  metrics.gauges = {
+    ...metrics.gauges,
+    inFlight: () => state.inFlight.size,
+    draining: () => state.draining,
+    upstreams: () => [...routes.values()].map((r) => ({ route: r.route.name, active: r.concurrency.active, queued: r.concurrency.queued, endpoints: r.pool.endpoints })),
+    now: () => clock.now(),
+  };
   return {
     proxy,
     admin,
-    inFlight,
+    inFlight: state.inFlight,
     metrics,
     markReady: () => void (ready = true),
-    startDrain: () => void (draining = true),
-    uploadsRead: () => (uploads.size === 0 ? Promise.resolve() : new Promise<void>((r) => uploadsRead.push(r))),
-    onShutdownRequest: (f) => void (shutdown.requested = f),
+    startDrain: () => void (state.draining = true),
+    uploadsRead: () => state.uploads.read(),
+    onShutdownRequest: (f) => void (shutdownRequested = f),
     get draining() {
-      return draining;
+      return state.draining;
     },
   };
 }
@@ -2389,7 +2392,8 @@ function clientAddress(c: Context<{ Bindings: Bindings }>): string | undefined {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Runtime adapters: listen, stop accepting, cut off — on Node (@hono/node-server) and on Deno (Deno.serve).
+// Runtime adapters: the server, the upstream client and the resolver of each runtime — Node
+// (@hono/node-server, node:http), Deno (Deno.serve, fetch) and Bun (Bun.serve, fetch).
 // ---------------------------------------------------------------------------------------------------------
 
 interface Listener {
@@ -2437,6 +2441,8 @@ const bun = (globalThis as { Bun?: BunLike }).Bun;
 type RuntimeName = 'node' | 'deno' | 'bun';
 /** Bun first: it also has `process`, and would otherwise be taken for Node. */
 const RUNTIME_NAME: RuntimeName = bun ? 'bun' : deno ? 'deno' : 'node';
+
+// Node: node:http to the upstream, its resolver, @hono/node-server.
 
 type NodeHttp = Pick<typeof import('node:http'), 'request' | 'Agent'>;
 type NodeAgent = InstanceType<NodeHttp['Agent']>;
@@ -2573,16 +2579,6 @@ export function nodeResolve(dns: Pick<typeof import('node:dns'), 'promises'>): R
   };
 }
 
-/** Deno's resolver: A and AAAA records (Deno.resolveDns tells no TTL). */
-function denoResolve(d: DenoLike): Resolve {
-  return async (hostname) => {
-    const answers = await Promise.allSettled([d.resolveDns(hostname, 'A'), d.resolveDns(hostname, 'AAAA')]);
-    const addresses = answers.flatMap((a) => (a.status === 'fulfilled' ? a.value : []));
-    if (addresses.length === 0) throw answers.find((a) => a.status === 'rejected')?.reason ?? new Error('no addresses');
-    return { addresses };
-  };
-}
-
 async function listenNode(fetchHandler: FetchHandler, host: string, port: number): Promise<Listener> {
   const { createAdaptorServer } = await import('@hono/node-server');
   const { createServer } = await import('node:http');
@@ -2632,6 +2628,81 @@ async function listenNode(fetchHandler: FetchHandler, host: string, port: number
   };
 }
 
+// Deno: fetch (node:http for a streamed upload with a length), Deno's resolver, Deno.serve.
+
+interface DenoHttpClient {
+  close(): void;
+}
+
+/** Deno's upstream client: fetch. An address found by discovery is reached by URL with the upstream's name
+ * kept in Host (`allowHost`); an https:// upstream is always reached by name, which its certificate must
+ * carry. A streamed body whose Content-Length the app gave goes by `withLength` instead (`nodeSend`, one
+ * connection per request): Deno's fetch sends every streamed body chunked, which S3-style upstreams
+ * refuse, and Deno's node:http, which keeps the length, resends a request — a POST too — on a reused
+ * keep-alive connection that fails under it, so it never gets one to reuse. */
+function fetchSend(d: DenoLike, withLength: Send): Send {
+  // Deno's client sends a request again, on a new connection, when a reused one closes under it — even a
+  // POST the upstream has already read. A request that must not be repeated therefore never goes on a
+  // reused connection: its clients keep none idle (`once`).
+  type Clients = { pooled?: DenoHttpClient; once?: DenoHttpClient };
+  const pick = (set: Clients, options: Parameters<DenoLike['createHttpClient']>[0], once: boolean) =>
+    once ? (set.once ??= d.createHttpClient({ ...options, poolMaxIdlePerHost: 0 })) : (set.pooled ??= d.createHttpClient(options));
+  const byTls = new WeakMap<TlsMaterial, Clients>();
+  const plain: Clients = {};
+  const byAddress: Clients = {};
+  const clientFor = (tls: TlsMaterial, once: boolean) => {
+    let set = byTls.get(tls);
+    if (!set) byTls.set(tls, (set = {}));
+    return pick(set, { caCerts: tls.ca ? [tls.ca] : undefined, ...(tls.cert && tls.key ? { cert: tls.cert, key: tls.key } : {}) }, once);
+  };
+  return async (target, pathAndQuery, init) => {
+    if (init.body instanceof ReadableStream && headerValue(init.headers, 'content-length') !== null) return withLength(target, pathAndQuery, init);
+    const once = !IDEMPOTENT.has(init.method) && headerValue(init.headers, 'idempotency-key') === null;
+    let url = target.prefix + pathAndQuery;
+    let headers = init.headers;
+    let client: DenoHttpClient | undefined = once ? pick(plain, {}, true) : undefined;
+    if (init.tls) client = clientFor(init.tls, once);
+    else if (target.address !== null) {
+      const u = new URL(url);
+      headers = [['host', target.authority], ...headers];
+      u.hostname = target.address.includes(':') ? `[${target.address}]` : target.address;
+      url = u.href;
+      client = pick(byAddress, { allowHost: true }, once);
+    }
+    const abort = new AbortController();
+    init.cancel.on((reason) => abort.abort(reason));
+    let res: Response;
+    try {
+      // `duplex: 'half'` lets fetch send a streamed body; redirects are the app's business, not ours.
+      res = await fetch(url, { method: init.method, headers, body: init.body, signal: abort.signal, client, redirect: 'manual', duplex: 'half' } as RequestInit);
+    } catch (err) {
+      // fetch raises TypeError both for a request it will not make and for a network failure ("fetch
+      // failed", with the cause). The first is the app's request at fault, and nothing was sent.
+      if (err instanceof TypeError && err.cause === undefined && !/fetch failed/i.test(err.message)) {
+        throw new ClientError(400, `the request cannot be sent: ${describeFailure(err)}`);
+      }
+      throw err;
+    }
+    const list = [...res.headers];
+    const problem = responseHeadProblem(list);
+    if (problem) {
+      await res.body?.cancel();
+      throw problem;
+    }
+    return { status: res.status, statusText: res.statusText, headers: list, body: res.body };
+  };
+}
+
+/** Deno's resolver: A and AAAA records (Deno.resolveDns tells no TTL). */
+function denoResolve(d: DenoLike): Resolve {
+  return async (hostname) => {
+    const answers = await Promise.allSettled([d.resolveDns(hostname, 'A'), d.resolveDns(hostname, 'AAAA')]);
+    const addresses = answers.flatMap((a) => (a.status === 'fulfilled' ? a.value : []));
+    if (addresses.length === 0) throw answers.find((a) => a.status === 'rejected')?.reason ?? new Error('no addresses');
+    return { addresses };
+  };
+}
+
 /** Deno's server cuts off request bodies still arriving when it shuts down, so `close` first waits for
  * `uploadsRead` (the drain's deadline still bounds it). */
 function listenDeno(d: DenoLike, fetchHandler: FetchHandler, host: string, port: number, uploadsRead: () => Promise<void>): Listener {
@@ -2652,6 +2723,8 @@ function listenDeno(d: DenoLike, fetchHandler: FetchHandler, host: string, port:
     cutOff: () => closing || abort.abort(),
   };
 }
+
+// Bun: Bun.serve, Bun's fetch.
 
 /** Bun's server stops accepting and closes idle connections itself (`stop`). Its idle timeout is off: Bun
  * counts a request waiting on a slow upstream as idle (and allows at most 255 s), while TRY_TIMEOUT_MS,
@@ -2737,6 +2810,48 @@ interface Runtime {
   streamBody?: typeof trackBody;
   listen(fetchHandler: FetchHandler, host: string, port: number, uploadsRead: () => Promise<void>): Promise<Listener>;
   onSignal(signal: string, f: () => void): void;
+}
+
+async function nodeReadFile(): Promise<ReadFile> {
+  const fs = await import('node:fs');
+  return (path) => fs.readFileSync(path, 'utf8');
+}
+
+/** Node: a secure context finds a key that is not its certificate's; each CA certificate is parsed on its
+ * own, since a secure context passes over a CA block it cannot read. */
+function nodeCheckTls(tls: Pick<typeof import('node:tls'), 'createSecureContext'>, crypto: Pick<typeof import('node:crypto'), 'X509Certificate'>): CheckTls {
+  return (m) => {
+    if (m.ca !== undefined) {
+      const blocks = m.ca.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
+      if (blocks.length === 0) throw new Error('no CERTIFICATE block in the CA file');
+      for (const block of blocks) new crypto.X509Certificate(block);
+    }
+    tls.createSecureContext({ ca: m.ca, cert: m.cert, key: m.key, minVersion: m.minVersion });
+  };
+}
+
+function denoCheckTls(d: DenoLike): CheckTls {
+  return (m) => d.createHttpClient({ caCerts: m.ca ? [m.ca] : undefined, ...(m.cert && m.key ? { cert: m.cert, key: m.key } : {}) }).close();
+}
+
+/** What Bun's fetch cannot do is refused at start, never silently left out: it has no way to hold a
+ * connection to TLS 1.3 only. */
+function bunLimits(config: Config): void {
+  const problems: string[] = [];
+  for (const r of config.routes) {
+    if (r.tls?.minVersion === 'TLSv1.3') problems.push(`${tlsSettingName(config, r, 'minVersion')}="TLSv1.3": expected TLSv1.2 on Bun, whose fetch offers TLS 1.2 and 1.3 and cannot be held to 1.3 (use Node)`);
+  }
+  if (problems.length > 0) throw new ConfigError(problems);
+}
+
+/** What Deno's HTTP client cannot do is refused at start, never silently left out. */
+function denoLimits(config: Config): void {
+  const problems: string[] = [];
+  for (const r of config.routes) {
+    if (r.tls?.serverName) problems.push(`${tlsSettingName(config, r, 'serverName')}=${JSON.stringify(r.tls.serverName)}: expected nothing on Deno, whose client always verifies the URL's own host name (use Node, or name the upstream by that name)`);
+    if (r.tls?.minVersion === 'TLSv1.3') problems.push(`${tlsSettingName(config, r, 'minVersion')}="TLSv1.3": expected TLSv1.2 on Deno, whose client offers TLS 1.2 and 1.3 and cannot be held to 1.3 (use Node)`);
+  }
+  if (problems.length > 0) throw new ConfigError(problems);
 }
 
 async function nodeRuntime(): Promise<Runtime> {
@@ -2827,11 +2942,6 @@ export async function main(env: Record<string, string | undefined>): Promise<voi
   });
 }
 
-async function nodeReadFile(): Promise<ReadFile> {
-  const fs = await import('node:fs');
-  return (path) => fs.readFileSync(path, 'utf8');
-}
-
 /** Where a route's TLS setting came from, for a message: its variable, or its field in the routes file. */
 function tlsSettingName(config: Config, route: Route, key: keyof TlsFiles): string {
   return config.routesFile === null ? TLS_VARIABLES[key] : `ROUTES_FILE=${JSON.stringify(config.routesFile)}: ${route.name}.tls.${key}`;
@@ -2850,43 +2960,6 @@ function usableTls(config: Config, readFile: ReadFile, check: CheckTls): void {
         .map((k) => `${tlsSettingName(config, r, k)}=${JSON.stringify(r.tls![k])}`);
       problems.push(`${named.join(', ')}: expected TLS files that can be used together (${describeFailure(err)})`);
     }
-  }
-  if (problems.length > 0) throw new ConfigError(problems);
-}
-
-/** Node: a secure context finds a key that is not its certificate's; each CA certificate is parsed on its
- * own, since a secure context passes over a CA block it cannot read. */
-function nodeCheckTls(tls: Pick<typeof import('node:tls'), 'createSecureContext'>, crypto: Pick<typeof import('node:crypto'), 'X509Certificate'>): CheckTls {
-  return (m) => {
-    if (m.ca !== undefined) {
-      const blocks = m.ca.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
-      if (blocks.length === 0) throw new Error('no CERTIFICATE block in the CA file');
-      for (const block of blocks) new crypto.X509Certificate(block);
-    }
-    tls.createSecureContext({ ca: m.ca, cert: m.cert, key: m.key, minVersion: m.minVersion });
-  };
-}
-
-function denoCheckTls(d: DenoLike): CheckTls {
-  return (m) => d.createHttpClient({ caCerts: m.ca ? [m.ca] : undefined, ...(m.cert && m.key ? { cert: m.cert, key: m.key } : {}) }).close();
-}
-
-/** What Bun's fetch cannot do is refused at start, never silently left out: it has no way to hold a
- * connection to TLS 1.3 only. */
-function bunLimits(config: Config): void {
-  const problems: string[] = [];
-  for (const r of config.routes) {
-    if (r.tls?.minVersion === 'TLSv1.3') problems.push(`${tlsSettingName(config, r, 'minVersion')}="TLSv1.3": expected TLSv1.2 on Bun, whose fetch offers TLS 1.2 and 1.3 and cannot be held to 1.3 (use Node)`);
-  }
-  if (problems.length > 0) throw new ConfigError(problems);
-}
-
-/** What Deno's HTTP client cannot do is refused at start, never silently left out. */
-function denoLimits(config: Config): void {
-  const problems: string[] = [];
-  for (const r of config.routes) {
-    if (r.tls?.serverName) problems.push(`${tlsSettingName(config, r, 'serverName')}=${JSON.stringify(r.tls.serverName)}: expected nothing on Deno, whose client always verifies the URL's own host name (use Node, or name the upstream by that name)`);
-    if (r.tls?.minVersion === 'TLSv1.3') problems.push(`${tlsSettingName(config, r, 'minVersion')}="TLSv1.3": expected TLSv1.2 on Deno, whose client offers TLS 1.2 and 1.3 and cannot be held to 1.3 (use Node)`);
   }
   if (problems.length > 0) throw new ConfigError(problems);
 }

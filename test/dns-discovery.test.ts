@@ -103,7 +103,7 @@ describe.skipIf(why !== undefined)('discovery through DNS, in each runtime\'s ow
     const queriesBefore = dns.lines.length;
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: `http://${NAME}:${PORT}`, DNS_REFRESH_MS: '1000', RETRY_BACKOFF_MS: '0' }, ['ip', 'netns', 'exec', NS]);
     const seen = (n: number) => new Set(Array.from({ length: n }, () => get(`${amb.url}/x`)));
-    expect([...seen(8)]).toEqual(['127.0.0.2']);
+    expect([...seen(8)], amb.lines.join('\n')).toEqual(['127.0.0.2']);
     // The runtime's own resolver asked the test's DNS server (asserted here, outside the resolver).
     await waitFor('the DNS server to log the query', () => dns.lines.slice(queriesBefore).some((l) => l.includes(`"name":"${NAME}"`) && l.includes('"type":1')), 3000);
 
