@@ -6,6 +6,7 @@
  *
  *   npm start                 Node: the bundles in dist/ (npm start builds them first)
  *   deno task demo            Deno: the TypeScript sources
+ *   npm run build && npx bun scripts/demo.ts   Bun: ambassador.ts (the demo services stay on Node)
  *
  * The ambassador is configured by a routes file written here, next to the certificates the mTLS leg
  * needs (a CA, the payments server's certificate, the order service's client certificate), made with
@@ -24,6 +25,7 @@ import { fileURLToPath } from 'node:url';
 import { issue, makeCa } from './certificates.ts';
 
 const onDeno = typeof (globalThis as { Deno?: unknown }).Deno !== 'undefined';
+const onBun = typeof (globalThis as { Bun?: unknown }).Bun !== 'undefined';
 const here = path.dirname(fileURLToPath(import.meta.url));
 // From scripts/demo.ts the project is one level up; from dist/scripts/demo.mjs, two.
 const root = path.resolve(here, path.basename(path.dirname(here)) === 'dist' ? '../..' : '..');
@@ -43,8 +45,12 @@ function argv(name: 'ambassador' | 'order-service' | 'inventory-service' | 'paym
     // line and rewrites it. `deno task` puts node_modules/.bin (the npm package `deno`) on the PATH.
     return ['deno', 'run', '--quiet', '--allow-net', '--allow-env', '--allow-read', path.join(root, source)];
   }
+  // Bun runs the ambassador from its source, with the executable running this script. The demo services
+  // stay on Node (the bundles): under Bun's node:https the payments service would not hold its clients
+  // to a certificate.
+  if (onBun && name === 'ambassador') return [process.execPath, path.join(root, 'ambassador.ts')];
   const bundle = name === 'ambassador' ? 'dist/ambassador.mjs' : `dist/services/${name}.mjs`;
-  return [process.execPath, path.join(root, bundle)];
+  return [onBun ? 'node' : process.execPath, path.join(root, bundle)];
 }
 
 const color = process.stdout.isTTY ? (code: number, s: string) => `\x1b[${code}m${s}\x1b[0m` : (_: number, s: string) => s;
@@ -173,7 +179,7 @@ try {
 
 const a = `http://localhost:${ports.ambassador}`;
 console.log(`
-The chain is up (${onDeno ? 'Deno, from the sources' : 'Node, from the bundles'}): one ambassador in front of
+The chain is up (${onDeno ? 'Deno, from the sources' : onBun ? 'Bun, the ambassador from its source' : 'Node, from the bundles'}): one ambassador in front of
 the inventory (plain HTTP)${mtls ? ' and the payments service (mutual TLS, certificates in ' + dir + ')' : ''}. Try:
   curl http://localhost:${ports.order}/order                     # the whole chain
   curl ${a}/inventory                 # the ambassador on its own

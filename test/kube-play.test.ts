@@ -1,7 +1,11 @@
 /** The manifests run for real: images built from the Containerfile on local bases, the Deployments run
  * by `podman kube play` on an internal network of their own, and the article's checks made inside it.
  * Everything it creates (storage, network, pods, images) lives under one temporary folder and is removed
- * at the end, even on failure. Where podman cannot run containers, the test says so and skips. */
+ * at the end, even on failure. Where podman cannot run containers, the test says so and skips.
+ *
+ *   AMBASSADOR_IMAGE=localhost/ambassador:bun npx vitest run test/kube-play.test.ts
+ *
+ * plays another of the images `npm run images` builds as the sidecar (by default the kustomization's). */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
@@ -40,7 +44,7 @@ function render(object: K8sObject): K8sObject {
   if (spec.initContainers.length === 0) delete spec.initContainers;
   spec.containers = [...sidecars.map(({ restartPolicy: _, ...c }: { restartPolicy?: string }) => c), ...spec.containers];
   for (const c of spec.containers) {
-    c.image = resolveImage(c.image, kustomization());
+    c.image = c.name === 'ambassador' && process.env.AMBASSADOR_IMAGE ? process.env.AMBASSADOR_IMAGE : resolveImage(c.image, kustomization());
     c.imagePullPolicy = 'Never';
     // Shorter limits than production's, so "inventory down" is over in seconds.
     if (c.name === 'ambassador') c.env = [...c.env, { name: 'TRY_TIMEOUT_MS', value: '1000' }, { name: 'REQUEST_TIMEOUT_MS', value: '4000' }];
