@@ -2683,14 +2683,19 @@ function fetchSend(d: DenoLike, withLength: Send): Send {
       }
       throw err;
     }
-    const list = [...res.headers];
-    const problem = responseHeadProblem(list);
-    if (problem) {
-      await res.body?.cancel();
-      throw problem;
-    }
-    return { status: res.status, statusText: res.statusText, headers: list, body: res.body };
+    return replyOf(res);
   };
+}
+
+/** A fetch response as a `Reply` (Deno's and Bun's clients), held to the same head rules as Node's. */
+async function replyOf(res: Response): Promise<Reply> {
+  const headers = [...res.headers];
+  const problem = responseHeadProblem(headers);
+  if (problem) {
+    await res.body?.cancel();
+    throw problem;
+  }
+  return { status: res.status, statusText: res.statusText, headers, body: res.body };
 }
 
 /** Deno's resolver: A and AAAA records (Deno.resolveDns tells no TTL). */
@@ -2764,13 +2769,7 @@ function bunSend(): Send {
       if (err instanceof TypeError && (err as { code?: string }).code === undefined) throw new ClientError(400, `the request cannot be sent: ${describeFailure(err)}`);
       throw bunFailure(err);
     }
-    const list = [...res.headers];
-    const problem = responseHeadProblem(list);
-    if (problem) {
-      await res.body?.cancel();
-      throw problem;
-    }
-    return { status: res.status, statusText: res.statusText, headers: list, body: res.body };
+    return replyOf(res);
   };
 }
 
