@@ -63,7 +63,8 @@ describe.skipIf(why !== undefined)('podman kube play: the article\'s system in p
   };
   const until = async (url: string, pred: (out: string) => boolean, seconds = 30) => {
     let out = '';
-    for (let i = 0; i < seconds * 2 && !pred((out = client(url))); i++) await sleep(500);
+    // Bounded by the clock: each try is itself a `podman run` of a second or so.
+    for (const end = Date.now() + seconds * 1000; !pred((out = client(url))) && Date.now() < end;) await sleep(500);
     return out;
   };
 
