@@ -1727,8 +1727,8 @@ export interface Reply {
   node?: NodeReadable;
 }
 
-/** How one attempt reaches the upstream: `fetch` on Deno, `node:http` on Node (see `nodeSend`): the
- * endpoint's target, the request's path and query, and `tls` the route's certificates. `cancel` ends the
+/** How one attempt reaches the upstream: `fetch` on Deno and Bun, `node:http` on Node (see `nodeSend`):
+ * the endpoint's target, the request's path and query, and `tls` the route's certificates. `cancel` ends the
  * attempt, before the response headers or after. */
 export type Send = (target: Target, pathAndQuery: string, init: {
   method: string; headers: HeaderList; body: Uint8Array | ReadableStream<Uint8Array> | null; cancel: Cancel; tls: TlsMaterial | null;
@@ -1767,7 +1767,7 @@ export interface Ambassador {
 
 /** A request's or an attempt's cancellation: a flag, a reason, and what to do when it comes. The hot path
  * makes one or two per request, and an `AbortController` with its listeners is an EventTarget each; only
- * Deno's fetch needs a real `AbortSignal`, and `fetchSend` makes it there. */
+ * a fetch (Deno's, Bun's) needs a real `AbortSignal`, and `fetchSend` and `bunSend` make it there. */
 export class Cancel {
   aborted = false;
   reason: unknown = undefined;
