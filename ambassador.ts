@@ -1117,7 +1117,7 @@ class Histogram {
 export interface Gauges {
   inFlight(): number;
   draining(): boolean;
-  connections?(): number; // Node only: Deno.serve does not expose its connections
+  connections?(): number; // Node only: Deno.serve and Bun.serve do not expose their connections
   upstreams?(): Array<{ route: string; active: number; queued: number; endpoints: readonly Endpoint[] }>;
   now?(): number;
 }
