@@ -568,10 +568,11 @@ export interface RetryInput {
   remainingMs: number; // until the request's deadline; Infinity when there is none
 }
 
-/** The whole retry decision in one place. The order matters for what is reported: a request that was not
- * retryable anyway is `final`; one that would have been retried says what stopped it. */
 /** The least time left before the deadline that a retry is sent with. */
 const MIN_TRY_MS = 10;
+
+/** The whole retry decision in one place. The order matters for what is reported: a request that was not
+ * retryable anyway is `final`; one that would have been retried says what stopped it. */
 
 export function decideRetry(i: RetryInput): RetryDecision {
   if (!worthRetrying(i.outcome)) return { retry: false, reason: 'final' };
@@ -2234,7 +2235,7 @@ function createAdmin(metrics: Metrics, status: () => 'starting' | 'ready' | 'dra
 }
 
 export function createAmbassador(config: Config, options: {
-  /** how attempts reach the upstream: `nodeSend`, or on Deno `fetchSend` */
+  /** how attempts reach the upstream: `nodeSend`, on Deno `fetchSend`, on Bun `bunSend` */
   send: Send;
   log?: Logger; clock?: Clock; metrics?: Metrics;
   /** finds the addresses behind an upstream's name; without it the runtime resolves names itself */
@@ -2663,10 +2664,8 @@ function fetchSend(d: DenoLike, withLength: Send): Send {
     let client: DenoHttpClient | undefined = once ? pick(plain, {}, true) : undefined;
     if (init.tls) client = clientFor(init.tls, once);
     else if (target.address !== null) {
-      const u = new URL(url);
+      url = addressUrl(target, pathAndQuery);
       headers = [['host', target.authority], ...headers];
-      u.hostname = target.address.includes(':') ? `[${target.address}]` : target.address;
-      url = u.href;
       client = pick(byAddress, { allowHost: true }, once);
     }
     const abort = new AbortController();
@@ -2685,6 +2684,12 @@ function fetchSend(d: DenoLike, withLength: Send): Send {
     }
     return replyOf(res);
   };
+}
+
+/** The URL a fetch client is given for an address discovery found (the upstream's name goes in Host). */
+function addressUrl(target: Target, pathAndQuery: string): string {
+  const address = target.address!.includes(':') ? `[${target.address}]` : target.address;
+  return `${target.https ? 'https' : 'http'}://${address}:${target.port}${requestTarget(target, pathAndQuery)}`;
 }
 
 /** A fetch response as a `Reply` (Deno's and Bun's clients), held to the same head rules as Node's. */
@@ -2751,8 +2756,7 @@ function bunSend(): Send {
     let url = target.prefix + pathAndQuery;
     let headers = init.headers;
     if (target.address !== null) {
-      const address = target.address.includes(':') ? `[${target.address}]` : target.address;
-      url = `${target.https ? 'https' : 'http'}://${address}:${target.port}${requestTarget(target, pathAndQuery)}`;
+      url = addressUrl(target, pathAndQuery);
       headers = [['host', target.authority], ...headers];
     }
     const abort = new AbortController();
@@ -2783,11 +2787,6 @@ function bunFailure(err: unknown): unknown {
   return Object.assign(new Error(text.startsWith(code) ? text : `${code}: ${text}`), { code });
 }
 
-function exit(code: number): never {
-  if (deno) return deno.exit(code);
-  return process.exit(code);
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // The runtime seam: everything that differs between Node, Deno and Bun, in one object chosen once by main.
 // The next runtime is one more of these.
@@ -2809,6 +2808,7 @@ interface Runtime {
   streamBody?: typeof trackBody;
   listen(fetchHandler: FetchHandler, host: string, port: number, uploadsRead: () => Promise<void>): Promise<Listener>;
   onSignal(signal: string, f: () => void): void;
+  exit(code: number): never;
 }
 
 async function nodeReadFile(): Promise<ReadFile> {
@@ -2833,33 +2833,33 @@ function denoCheckTls(d: DenoLike): CheckTls {
   return (m) => d.createHttpClient({ caCerts: m.ca ? [m.ca] : undefined, ...(m.cert && m.key ? { cert: m.cert, key: m.key } : {}) }).close();
 }
 
-/** What Bun's fetch cannot do is refused at start, never silently left out: it has no way to hold a
- * connection to TLS 1.3 only. */
-function bunLimits(config: Config): void {
-  const problems: string[] = [];
-  for (const r of config.routes) {
-    if (r.tls?.minVersion === 'TLSv1.3') problems.push(`${tlsSettingName(config, r, 'minVersion')}="TLSv1.3": expected TLSv1.2 on Bun, whose fetch offers TLS 1.2 and 1.3 and cannot be held to 1.3 (use Node)`);
-  }
-  if (problems.length > 0) throw new ConfigError(problems);
+/** What a fetch-based client cannot do is refused at start, never silently left out: neither Deno's nor
+ * Bun's can be held to TLS 1.3 only, and Deno's always verifies the URL's own host name. */
+function fetchClientLimits(runtime: 'Deno' | 'Bun', client: string, serverName: boolean): (config: Config) => void {
+  return (config) => {
+    const problems: string[] = [];
+    for (const r of config.routes) {
+      if (!serverName && r.tls?.serverName) problems.push(`${tlsSettingName(config, r, 'serverName')}=${JSON.stringify(r.tls.serverName)}: expected nothing on ${runtime}, whose ${client} always verifies the URL's own host name (use Node, or name the upstream by that name)`);
+      if (r.tls?.minVersion === 'TLSv1.3') problems.push(`${tlsSettingName(config, r, 'minVersion')}="TLSv1.3": expected TLSv1.2 on ${runtime}, whose ${client} offers TLS 1.2 and 1.3 and cannot be held to 1.3 (use Node)`);
+    }
+    if (problems.length > 0) throw new ConfigError(problems);
+  };
 }
 
-/** What Deno's HTTP client cannot do is refused at start, never silently left out. */
-function denoLimits(config: Config): void {
-  const problems: string[] = [];
-  for (const r of config.routes) {
-    if (r.tls?.serverName) problems.push(`${tlsSettingName(config, r, 'serverName')}=${JSON.stringify(r.tls.serverName)}: expected nothing on Deno, whose client always verifies the URL's own host name (use Node, or name the upstream by that name)`);
-    if (r.tls?.minVersion === 'TLSv1.3') problems.push(`${tlsSettingName(config, r, 'minVersion')}="TLSv1.3": expected TLSv1.2 on Deno, whose client offers TLS 1.2 and 1.3 and cannot be held to 1.3 (use Node)`);
-  }
-  if (problems.length > 0) throw new ConfigError(problems);
+/** What Node and Bun share: Node's file, TLS, DNS and process APIs (Bun has them too). */
+async function nodeBuiltins(): Promise<Pick<Runtime, 'readFile' | 'checkTls' | 'resolve' | 'onSignal' | 'exit'>> {
+  return {
+    readFile: await nodeReadFile(), checkTls: nodeCheckTls(await import('node:tls'), await import('node:crypto')), resolve: nodeResolve(await import('node:dns')),
+    onSignal: (signal, f) => void process.on(signal, f), exit: (code) => process.exit(code),
+  };
 }
 
 async function nodeRuntime(): Promise<Runtime> {
   return {
-    name: 'node', readFile: await nodeReadFile(), checkTls: nodeCheckTls(await import('node:tls'), await import('node:crypto')), limits: () => {},
-    send: nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp), resolve: nodeResolve(await import('node:dns')),
+    ...await nodeBuiltins(), name: 'node', limits: () => {},
+    send: nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp),
     written: (await import('@hono/node-server/utils/response')).RESPONSE_ALREADY_SENT,
     listen: (fetchHandler, host, port) => listenNode(fetchHandler, host, port),
-    onSignal: (signal, f) => void process.on(signal, f),
   };
 }
 
@@ -2867,19 +2867,17 @@ function denoRuntime(d: DenoLike): Runtime {
   // Deno imports node:http only when a streamed upload with a length first needs it (see `fetchSend`).
   const withLength = lazySend(async () => nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp, { pooled: false }));
   return {
-    name: 'deno', readFile: (path) => d.readTextFileSync(path), checkTls: denoCheckTls(d), limits: denoLimits,
+    name: 'deno', readFile: (path) => d.readTextFileSync(path), checkTls: denoCheckTls(d), limits: fetchClientLimits('Deno', 'client', false),
     send: fetchSend(d, withLength), resolve: denoResolve(d),
     listen: (fetchHandler, host, port, uploadsRead) => Promise.resolve(listenDeno(d, fetchHandler, host, port, uploadsRead)),
-    onSignal: (signal, f) => d.addSignalListener(signal, f),
+    onSignal: (signal, f) => d.addSignalListener(signal, f), exit: (code) => d.exit(code),
   };
 }
 
 async function bunRuntime(b: BunLike): Promise<Runtime> {
   return {
-    name: 'bun', readFile: await nodeReadFile(), checkTls: nodeCheckTls(await import('node:tls'), await import('node:crypto')), limits: bunLimits,
-    send: bunSend(), resolve: nodeResolve(await import('node:dns')), streamBody: trackBodyDirect,
+    ...await nodeBuiltins(), name: 'bun', limits: fetchClientLimits('Bun', 'fetch', true), send: bunSend(), streamBody: trackBodyDirect,
     listen: (fetchHandler, host, port) => Promise.resolve(listenBun(b, fetchHandler, host, port)),
-    onSignal: (signal, f) => void process.on(signal, f),
   };
 }
 
@@ -2897,7 +2895,7 @@ export async function main(env: Record<string, string | undefined>): Promise<voi
     usableTls(config, readFile, checkTls);
   } catch (err) {
     console.error(`ambassador: ${err instanceof Error ? err.message : String(err)}`);
-    return exit(2);
+    return runtime.exit(2);
   }
   const log = createLogger(config.logFormat, config.logLevel);
   const amb = createAmbassador(config, { log, readFile, checkTls, send: runtime.send, resolve: runtime.resolve, written: runtime.written, runtime: runtime.name,
@@ -2910,7 +2908,7 @@ export async function main(env: Record<string, string | undefined>): Promise<voi
     } catch (err) {
       const problem = `${names[0]}=${JSON.stringify(host)}, ${names[1]}=${JSON.stringify(String(port))}: expected an address of this machine and a port free on it (${describeFailure(err)})`;
       console.error(`ambassador: ${new ConfigError([problem]).message}`);
-      return exit(2);
+      return runtime.exit(2);
     }
   };
   const proxy = await listenOn(amb.proxy.fetch as FetchHandler, ['HOST', 'PORT'], config.host, config.port, amb.uploadsRead);
@@ -2920,17 +2918,17 @@ export async function main(env: Record<string, string | undefined>): Promise<voi
     // Only a second signal forces the exit: a drain begun by POST /shutdown goes on when SIGTERM follows.
     if (signalled) {
       log('warn', `second ${signal}: exiting now`, { in_flight: amb.inFlight.size });
-      return exit(1);
+      return runtime.exit(1);
     }
     signalled = true;
-    if (!amb.draining) void drain(signal, config, amb, proxy, admin, log);
+    if (!amb.draining) void drain(signal, config, amb, proxy, admin, log, runtime.exit);
   };
   // SIGTERM and SIGINT drain. SIGHUP, which would end the process at once by default, is ignored with a
   // log line: there is nothing to reload, and a closing terminal must not cut requests off.
   runtime.onSignal('SIGTERM', () => onStop('SIGTERM'));
   runtime.onSignal('SIGINT', () => onStop('SIGINT'));
   runtime.onSignal('SIGHUP', () => log('notice', 'SIGHUP ignored: the configuration is read once at start, and TLS files are taken up when they change'));
-  amb.onShutdownRequest(() => amb.draining || void drain('POST /shutdown', config, amb, proxy, admin, log));
+  amb.onShutdownRequest(() => amb.draining || void drain('POST /shutdown', config, amb, proxy, admin, log, runtime.exit));
   amb.metrics.gauges = { ...amb.metrics.gauges, connections: proxy.connections };
   sampleEventLoopLag(amb.metrics);
   amb.markReady();
@@ -2977,7 +2975,7 @@ function sampleEventLoopLag(metrics: Metrics): void {
 /** The drain, as Kubernetes needs it: not ready at once; still serving for DRAIN_GRACE_MS (an app that
  * is itself draining may still call out); then no new connections, busy ones closed after their
  * response, idle ones closed again and again; exit 0 once nothing is left, or at DRAIN_TIMEOUT_MS. */
-async function drain(signal: string, config: Config, amb: Ambassador, proxy: Listener, admin: Listener, log: Logger) {
+async function drain(signal: string, config: Config, amb: Ambassador, proxy: Listener, admin: Listener, log: Logger, exit: (code: number) => never) {
   amb.startDrain();
   log('notice', `${signal}: drain started, /readyz now answers 503`, {
     in_flight: amb.inFlight.size, grace_ms: config.drainGraceMs, timeout_ms: config.drainTimeoutMs,
