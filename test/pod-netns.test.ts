@@ -4,19 +4,19 @@
  * namespaces cannot be made, the test says so and skips. */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ip, namespacesUnavailable, startAmbassador, startService, type AmbassadorProc, type ServiceProc } from './helpers.ts';
+import { RUNTIMES, ip, namespacesUnavailable, startAmbassador, startService, type AmbassadorProc, type ServiceProc } from './helpers.ts';
 
-const tag = `amb${process.pid % 100000}`;
-const POD = `${tag}-pod`;
-const NODE = `${tag}-inv`;
-// Addresses inside the two namespaces this test creates; nothing outside them is ever addressed.
+// Addresses inside the two namespaces each run creates; nothing outside them is ever addressed.
 const POD_IP = '10.231.0.1';
 const INVENTORY_IP = '10.231.0.2';
 
-const why = namespacesUnavailable(tag);
+const why = namespacesUnavailable(`amb${process.pid % 100000}`);
 if (why) console.warn(`\n*** SKIPPED: pod topology test — cannot create network namespaces here (${why}). ***\n`);
 
-describe.skipIf(why !== undefined)('the walkthrough in a pod topology (network namespaces)', () => {
+// Each artifact in a pair of namespaces of its own (names short enough for a veth: 15 characters).
+describe.skipIf(why !== undefined).each(RUNTIMES.map((runtime, i) => [runtime, `amb${process.pid % 100000}${i}`] as const))('the walkthrough in a pod topology, network namespaces (%s)', (runtime, tag) => {
+  const POD = `${tag}-pod`;
+  const NODE = `${tag}-inv`;
   let inventory: ServiceProc | undefined;
   let amb: AmbassadorProc;
   let order: ServiceProc;
@@ -37,7 +37,7 @@ describe.skipIf(why !== undefined)('the walkthrough in a pod topology (network n
       ip('-n', ns, 'link', 'set', dev, 'up');
     }
     inventory = await startService('node', 'inventory-service', { PORT: '9000', HOST: INVENTORY_IP }, inNode);
-    amb = await startAmbassador('node', { UPSTREAM_URL: `http://${INVENTORY_IP}:9000`, PORT: '8080', ADMIN_HOST: '0.0.0.0', ADMIN_PORT: '9901',
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: `http://${INVENTORY_IP}:9000`, PORT: '8080', ADMIN_HOST: '0.0.0.0', ADMIN_PORT: '9901',
       TRY_TIMEOUT_MS: '500', REQUEST_TIMEOUT_MS: '3000', RETRY_BACKOFF_MS: '50' }, inPod);
     order = await startService('node', 'order-service', { PORT: '3000', AMBASSADOR_URL: 'http://localhost:8080' }, inPod);
   });
