@@ -92,6 +92,8 @@ const NULL_BODY_STATUS = new Set([101, 103, 204, 205, 304]);
 
 const BUDGET_WINDOW_SECONDS = 10;
 
+const noop = () => {};
+
 /** Node's default `maxHeaderSize`: the largest response head passed on, and the largest request head
  * taken, on every runtime. Node's own parser holds requests to it; elsewhere the handler does. */
 const MAX_RESPONSE_HEAD_BYTES = 16 * 1024;
@@ -113,28 +115,32 @@ export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
 type LineLevel = LogLevel | 'notice';
 export type LogFormat = 'json' | 'text';
 
+/** The longest a timer can wait: setTimeout takes a signed 32-bit count of ms, and fires at once past it
+ * (Node says TimeoutOverflowWarning; the others say nothing). Every time setting is held to it. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
 /** The settings each route has: the environment variable that sets the default for every route, and the
  * key a route in ROUTES_FILE overrides it with. One table, so the two can never drift apart. */
 const ROUTE_SETTINGS = [
   { key: 'retryAttempts', env: 'RETRY_ATTEMPTS', fallback: 3, min: 1, max: 100 },
-  { key: 'retryBackoffMs', env: 'RETRY_BACKOFF_MS', fallback: 100, min: 0 },
-  { key: 'retryBackoffMaxMs', env: 'RETRY_BACKOFF_MAX_MS', fallback: 2000, min: 0 },
+  { key: 'retryBackoffMs', env: 'RETRY_BACKOFF_MS', fallback: 100, min: 0, max: MAX_TIMER_MS },
+  { key: 'retryBackoffMaxMs', env: 'RETRY_BACKOFF_MAX_MS', fallback: 2000, min: 0, max: MAX_TIMER_MS },
   { key: 'retryBudgetPercent', env: 'RETRY_BUDGET_PERCENT', fallback: 20, min: 0, max: 100 },
   { key: 'retryBudgetMinPerSec', env: 'RETRY_BUDGET_MIN_PER_SEC', fallback: 10, min: 0 },
   { key: 'retryBodyMaxBytes', env: 'RETRY_BODY_MAX_BYTES', fallback: 64 * 1024, min: 0 },
-  { key: 'tryTimeoutMs', env: 'TRY_TIMEOUT_MS', fallback: 5000, min: 0 },
-  { key: 'requestTimeoutMs', env: 'REQUEST_TIMEOUT_MS', fallback: 15000, min: 0 },
+  { key: 'tryTimeoutMs', env: 'TRY_TIMEOUT_MS', fallback: 5000, min: 0, max: MAX_TIMER_MS },
+  { key: 'requestTimeoutMs', env: 'REQUEST_TIMEOUT_MS', fallback: 15000, min: 0, max: MAX_TIMER_MS },
   { key: 'breakerFailures', env: 'BREAKER_FAILURES', fallback: 5, min: 0 },
-  { key: 'breakerOpenMs', env: 'BREAKER_OPEN_MS', fallback: 5000, min: 1 },
-  { key: 'breakerOpenMaxMs', env: 'BREAKER_OPEN_MAX_MS', fallback: 60_000, min: 1 },
+  { key: 'breakerOpenMs', env: 'BREAKER_OPEN_MS', fallback: 5000, min: 1, max: MAX_TIMER_MS },
+  { key: 'breakerOpenMaxMs', env: 'BREAKER_OPEN_MAX_MS', fallback: 60_000, min: 1, max: MAX_TIMER_MS },
   { key: 'breakerProbes', env: 'BREAKER_PROBES', fallback: 1, min: 1 },
   { key: 'maxInFlight', env: 'MAX_IN_FLIGHT', fallback: 1024, min: 0 },
   { key: 'queueSize', env: 'QUEUE_SIZE', fallback: 128, min: 0 },
-  { key: 'queueTimeoutMs', env: 'QUEUE_TIMEOUT_MS', fallback: 1000, min: 0 },
+  { key: 'queueTimeoutMs', env: 'QUEUE_TIMEOUT_MS', fallback: 1000, min: 0, max: MAX_TIMER_MS },
   { key: 'rateLimitPerSec', env: 'RATE_LIMIT_PER_SEC', fallback: 0, min: 0 },
   { key: 'rateLimitBurst', env: 'RATE_LIMIT_BURST', fallback: 0, min: 0 },
-  { key: 'rateLimitWaitMs', env: 'RATE_LIMIT_WAIT_MS', fallback: 0, min: 0 },
-  { key: 'dnsRefreshMs', env: 'DNS_REFRESH_MS', fallback: 5000, min: 0 },
+  { key: 'rateLimitWaitMs', env: 'RATE_LIMIT_WAIT_MS', fallback: 0, min: 0, max: MAX_TIMER_MS },
+  { key: 'dnsRefreshMs', env: 'DNS_REFRESH_MS', fallback: 5000, min: 0, max: MAX_TIMER_MS },
 ] as const;
 
 export type RouteSettings = { readonly [S in (typeof ROUTE_SETTINGS)[number] as S['key']]: number };
@@ -168,6 +174,8 @@ export interface Config {
   readonly drainTimeoutMs: number;
   readonly drainGraceMs: number;
   readonly bodyIdleTimeoutMs: number;
+  /** RETRY_BODIES_MAX_BYTES: what every body kept for replay may hold at once, together */
+  readonly replayMemoryBytes: number;
   readonly logFormat: LogFormat;
   readonly logLevel: LogLevel;
   readonly routesFile: string | null;
@@ -493,9 +501,10 @@ export function loadConfig(env: Record<string, string | undefined>, readFile?: R
     port: int('PORT', 8080, 0, 65535),
     adminHost: address('ADMIN_HOST', '0.0.0.0'),
     adminPort: int('ADMIN_PORT', 9901, 0, 65535),
-    drainTimeoutMs: int('DRAIN_TIMEOUT_MS', 20000, 0),
-    drainGraceMs: int('DRAIN_GRACE_MS', 0, 0),
-    bodyIdleTimeoutMs: int('BODY_IDLE_TIMEOUT_MS', 300_000, 0),
+    drainTimeoutMs: int('DRAIN_TIMEOUT_MS', 20000, 0, MAX_TIMER_MS),
+    drainGraceMs: int('DRAIN_GRACE_MS', 0, 0, MAX_TIMER_MS),
+    bodyIdleTimeoutMs: int('BODY_IDLE_TIMEOUT_MS', 300_000, 0, MAX_TIMER_MS),
+    replayMemoryBytes: int('RETRY_BODIES_MAX_BYTES', 8 * 1024 * 1024, 0),
     logFormat: oneOf<LogFormat>('LOG_FORMAT', 'json', ['json', 'text']),
     logLevel: oneOf<LogLevel>('LOG_LEVEL', 'info', ['debug', 'info', 'warn', 'error']),
     routesFile,
@@ -570,6 +579,9 @@ export interface RetryInput {
 
 /** The least time left before the deadline that a retry is sent with. */
 const MIN_TRY_MS = 10;
+/** The longest a retry waits, whatever Retry-After asks and even without a deadline (Linkerd's cap): an
+ * upstream that asks for longer gets no retry, and the app gets its answer, Retry-After and all. */
+export const MAX_RETRY_WAIT_MS = 300_000;
 
 /** The whole retry decision in one place. The order matters for what is reported: a request that was not
  * retryable anyway is `final`; one that would have been retried says what stopped it. */
@@ -583,7 +595,7 @@ export function decideRetry(i: RetryInput): RetryDecision {
   const delayMs = i.retryAfterMs ?? i.backoffMs;
   // A try needs some time of its own: timers fire a millisecond or so off the clock (Bun's early), and a
   // retry sent with nothing left would reach the upstream only to be cut off at once.
-  if (delayMs + MIN_TRY_MS > i.remainingMs) return { retry: false, reason: 'deadline' };
+  if (delayMs + MIN_TRY_MS > Math.min(i.remainingMs, MAX_RETRY_WAIT_MS)) return { retry: false, reason: 'deadline' };
   if (!i.budgetAvailable) return { retry: false, reason: 'budget' };
   if (!i.endpointAvailable) return { retry: false, reason: 'circuit' };
   return { retry: true, delayMs };
@@ -764,6 +776,9 @@ export function pickEndpoint<E extends Balanced>(candidates: readonly E[], avoid
   const cost = (e: E) => (ewmaAt(e, now) + 1) * (e.inFlight + 1);
   return cost(from[j]) < cost(from[i]) ? from[j] : from[i];
 }
+
+/** What a failed attempt (refused, reset, timed out, 5xx) counts as in an endpoint's latency average. */
+const FAILURE_PENALTY_MS = 1000;
 
 /** EWMA decay time (Linkerd's default): a sample this old weighs 1/e of a fresh one. */
 const EWMA_DECAY_MS = 10_000;
@@ -985,18 +1000,37 @@ export function responseHeaders(upstream: HeaderList, id: string): HeaderList {
 function responseHeadProblem(headers: HeaderList): Error | undefined {
   let bytes = 0;
   let framing = 0;
+  let codings = false;
   for (const [name, value] of headers) {
     bytes += name.length + value.length + 4;
-    if (name === 'transfer-encoding') framing |= 1;
-    else if (name === 'content-length') framing |= 2;
+    if (name === 'transfer-encoding') {
+      codings ||= (framing & 1) !== 0 || !isChunked(value);
+      framing |= 1;
+    } else if (name === 'content-length') framing |= 2;
   }
   if (bytes > MAX_RESPONSE_HEAD_BYTES) return Object.assign(new Error(`response headers larger than ${MAX_RESPONSE_HEAD_BYTES} bytes`), { code: 'HPE_HEADER_OVERFLOW' });
   if (framing === 3) return Object.assign(new Error('the response has both Transfer-Encoding and Content-Length'), { code: 'HPE_UNEXPECTED_CONTENT_LENGTH' });
+  // A coding under the chunked framing (`gzip, chunked`) is taken off with Transfer-Encoding, a hop-by-hop
+  // header: the app would get coded bytes it is not told about.
+  if (codings) return Object.assign(new Error('the response has a transfer coding other than chunked'), { code: 'HPE_INVALID_TRANSFER_ENCODING' });
   return undefined;
 }
 
+/** Transfer-Encoding that is the chunked framing alone (RFC 9112 §7): the only coding passed through. */
+const isChunked = (value: string) => value.trim().toLowerCase() === 'chunked';
+
 /** A 101 to a request that asked for no upgrade (the app's Upgrade is never sent on): a protocol failure. */
 const unaskedUpgrade = () => Object.assign(new Error('the upstream switched protocols, though no upgrade was asked for'), { code: 'HPE_UNEXPECTED_101' });
+/** A final status outside 200–599: no answer the app could be given. */
+const badStatus = (status: number) => Object.assign(new Error(`the upstream answered with status ${status}, which is no final HTTP status`), { code: 'HPE_INVALID_STATUS' });
+
+/** RFC 9112 §4: a reason phrase is tabs, spaces and visible characters. An upstream's that is not (a
+ * control character would make Node throw, and a fetch Response refuse it) is not passed on: the app gets
+ * its runtime's standard phrase for the status instead. */
+const REASON_PHRASE = /^[\t\x20-\x7e]*$/;
+export function reasonPhrase(text: string): string {
+  return REASON_PHRASE.test(text) ? text : '';
+}
 
 /** One place maps a failure to what the app receives: 502 when the upstream could not be reached or
  * answered nonsense, 504 when it was too slow, 503 while the ambassador refuses work. Plain text, short,
@@ -1265,36 +1299,76 @@ function fanOut(...all: Events[]): Events {
 // ---------------------------------------------------------------------------------------------------------
 
 interface ForwardBody {
-  /** what to hand fetch for one attempt */
+  /** what to hand the client for one attempt */
   take(): Uint8Array | ReadableStream<Uint8Array> | null;
   replayable: boolean;
   bytes(): number;
-  /** settles once the whole body has gone to fetch: timeouts count from then, as Envoy's do, so a
+  /** settles once the whole body has gone to the client: timeouts count from then, as Envoy's do, so a
    * large upload is not cut off for taking longer than TRY_TIMEOUT_MS to send; null: it has gone */
   sent: Promise<void> | null;
+  /** a streamed body: `stalled` is told once the upstream has taken none of it for the body idle time */
+  watch(stalled: (err: Error) => void): void;
+  /** gives back the memory a body kept for replay held (see `ReplayMemory`) */
+  release(): void;
 }
 
-const NO_BODY: ForwardBody = { take: () => null, replayable: true, bytes: () => 0, sent: null };
+const NO_BODY: ForwardBody = { take: () => null, replayable: true, bytes: () => 0, sent: null, watch: noop, release: noop };
+
+/** The bodies kept for replay, in bytes, across every request at once: each at most RETRY_BODY_MAX_BYTES,
+ * all of them at most RETRY_BODIES_MAX_BYTES. A body that would go past it is streamed, sent once, as a
+ * large one is: a burst of uploads cannot buy the process's memory with replay copies. */
+export class ReplayMemory {
+  held = 0;
+  constructor(readonly max: number) {}
+  take(bytes: number): boolean {
+    if (this.held + bytes > this.max) return false;
+    this.held += bytes;
+    return true;
+  }
+  give(bytes: number): void {
+    this.held -= bytes;
+  }
+}
 
 /** Reads at most `limit` bytes of a request body. Small bodies are kept whole and can be sent again; a
  * larger one goes on as a stream (what was read, then the rest), sent once (Envoy's silent skip is
- * envoy#29386: here the log says so). */
-async function prepareBody(body: ReadableStream<Uint8Array> | null, declared: number | undefined, limit: number): Promise<ForwardBody> {
+ * envoy#29386: here the log says so). A streamed body counts as stalled when the upstream takes none of
+ * it for `idleMs` (0: never) — an upstream that accepts a request and never reads it — which is timed
+ * only while nothing is asking for the next chunk: a slow app is the request body's own 408. */
+async function prepareBody(body: ReadableStream<Uint8Array> | null, declared: number | undefined, limit: number, memory: ReplayMemory,
+  idleMs: number): Promise<ForwardBody> {
   if (body === null) return NO_BODY;
-  let streamed = 0;
-  let markSent!: () => void;
-  const sent = new Promise<void>((resolve) => (markSent = resolve));
-  const counted = (stream: ReadableStream<Uint8Array>): ReadableStream<Uint8Array> => stream.pipeThrough(new TransformStream({
-    transform(chunk, c) {
-      streamed += chunk.byteLength;
-      c.enqueue(chunk);
-    },
-    flush: () => markSent(),
-  }));
-  if (declared !== undefined && declared > limit) {
-    return { take: once(counted(body)), replayable: false, bytes: () => streamed, sent };
-  }
   const reader = body.getReader();
+  const streamedBody = (first: Uint8Array[]): ForwardBody => {
+    let streamed = 0;
+    let markSent!: () => void;
+    const sent = new Promise<void>((resolve) => (markSent = resolve));
+    let stalled: ((err: Error) => void) | undefined;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const stream = new ReadableStream<Uint8Array>({
+      async pull(c) {
+        clearTimeout(timer);
+        const next = first.length > 0 ? { done: false as const, value: first.shift()! } : await reader.read();
+        if (next.done) {
+          c.close();
+          return markSent();
+        }
+        streamed += next.value.byteLength;
+        c.enqueue(next.value);
+        if (idleMs > 0 && stalled) {
+          const f = stalled;
+          timer = setTimeout(() => f(new TimeoutError(`the upstream took no request body bytes for ${idleMs} ms`)), idleMs);
+        }
+      },
+      cancel(reason) {
+        clearTimeout(timer);
+        return reader.cancel(reason);
+      },
+    }, { highWaterMark: 0 });
+    void sent.then(() => clearTimeout(timer));
+    return { take: once(stream), replayable: false, bytes: () => streamed, sent, watch: (f) => void (stalled = f), release: noop };
+  };
+  if (declared !== undefined && declared > limit) return streamedBody([]);
   const chunks: Uint8Array[] = [];
   let size = 0;
   for (;;) {
@@ -1302,28 +1376,21 @@ async function prepareBody(body: ReadableStream<Uint8Array> | null, declared: nu
     if (done) break;
     chunks.push(value);
     size += value.byteLength;
-    if (size > limit) {
-      const rest = new ReadableStream<Uint8Array>({
-        start(c) { for (const chunk of chunks) c.enqueue(chunk); },
-        async pull(c) {
-          const next = await reader.read();
-          if (next.done) c.close();
-          else c.enqueue(next.value);
-        },
-        cancel(reason) { return reader.cancel(reason); },
-      }, { highWaterMark: 0 });
-      return { take: once(counted(rest)), replayable: false, bytes: () => streamed, sent };
+    if (size > limit || !memory.take(value.byteLength)) {
+      memory.give(size - value.byteLength);
+      return streamedBody(chunks);
     }
   }
   const whole = chunks.length === 1 ? chunks[0] : concat(chunks, size);
-  return { take: () => whole, replayable: true, bytes: () => size, sent: null };
+  let held = size;
+  return { take: () => whole, replayable: true, bytes: () => size, sent: null, watch: noop, release: () => void (memory.give(held), (held = 0)) };
 }
 
 /** A Node stream as a web stream that reads only as fast as its consumer takes it (see `bodyStream`).
  * Cancelling it destroys the Node stream. */
-function streamFromNode(incoming: AsyncIterable<Uint8Array>, idleMs = 0, done?: () => void): ReadableStream<Uint8Array> {
+function streamFromNode(incoming: AsyncIterable<Uint8Array>, idleMs = 0, done?: () => void, gone?: Cancel): ReadableStream<Uint8Array> {
   const it = incoming[Symbol.asyncIterator]();
-  return bodyStream(() => it.next(), async (reason) => void (await it.return?.(reason)), idleMs, done);
+  return bodyStream(() => it.next(), async (reason) => void (await it.return?.(reason)), idleMs, done, gone);
 }
 
 function once<T>(value: T): () => T | null {
@@ -1429,16 +1496,19 @@ function bodyReader(body: ReadableStream<Uint8Array>, idleMs: number, done: (byt
 /** The parts of Node's streams the Node path uses, so this file needs no Node types. */
 interface NodeReadable extends AsyncIterable<Uint8Array> {
   pipe(to: NodeOutgoing): void;
-  setTimeout(ms: number, f: () => void): void;
   resume(): void;
   destroy(err?: Error): void;
   on(event: 'data', f: (chunk: Uint8Array) => void): void;
   on(event: 'error', f: (err: Error) => void): void;
+  on(event: 'close', f: () => void): void;
 }
 interface NodeOutgoing {
   writeHead(status: number, statusText: string, headers: string[]): void;
+  writeHead(status: number, headers: string[]): void;
+  statusMessage: string;
   destroy(): void;
   readonly writableFinished: boolean;
+  readonly writableNeedDrain: boolean;
   readonly destroyed: boolean;
   on(event: 'finish' | 'close', f: () => void): void;
   once(event: 'close', f: () => void): void;
@@ -1455,6 +1525,12 @@ function discard(reply: Reply): void {
   else reply.body?.cancel().catch(() => {});
 }
 
+/** Lets go of a reply that broke the protocol: its connection is closed, never read on or pooled. */
+function drop(reply: Reply): void {
+  if (reply.node) reply.node.destroy();
+  else reply.body?.cancel().catch(() => {});
+}
+
 /** Node: writes the response head, then pipes the upstream body into the app's connection with Node's own
  * backpressure, counting bytes. An upstream failure mid-body destroys the app's connection (the app sees
  * a broken response, never a short one that looks whole); the app going away destroys the upstream's. */
@@ -1465,15 +1541,34 @@ function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, reply: Reply, idle
   }
   const flat: string[] = [];
   for (const [name, value] of reply.headers) flat.push(name, value);
-  outgoing.writeHead(reply.status, reply.statusText, flat);
+  try {
+    if (reply.statusText === '') outgoing.writeHead(reply.status, flat);
+    else outgoing.writeHead(reply.status, reply.statusText, flat);
+  } catch (err) {
+    // Node keeps what it was given even when it refuses it, and would write it again with the answer
+    // that replaces this one: nothing written, the body let go, and the handler answers instead.
+    outgoing.statusMessage = '';
+    body.destroy();
+    throw err;
+  }
   let bytes = 0;
   let ended = false;
   const end = (error?: string) => {
     if (!ended) (ended = true), done(bytes, error);
   };
-  body.on('data', (chunk) => (bytes += chunk.byteLength));
-  // The upstream socket's own inactivity timer: a body that stalls is cut off like a broken one.
-  if (idleMs > 0) body.setTimeout(idleMs, () => body.destroy(new TimeoutError(`no body bytes for ${idleMs} ms`)));
+  // A body that stops arriving is cut off like a broken one. An app that reads slowly is not a stall: while
+  // its connection is full (backpressure pauses the upstream's body) the time does not count.
+  let idle: ReturnType<typeof setTimeout> | undefined;
+  const stalled = () => {
+    if (outgoing.writableNeedDrain) idle!.refresh();
+    else body.destroy(new TimeoutError(`no body bytes for ${idleMs} ms`));
+  };
+  if (idleMs > 0) idle = setTimeout(stalled, idleMs);
+  body.on('data', (chunk) => {
+    bytes += chunk.byteLength;
+    idle?.refresh();
+  });
+  body.on('close', () => clearTimeout(idle));
   body.on('error', (err) => {
     end(`upstream body failed: ${describeFailure(err)}`);
     outgoing.destroy();
@@ -1797,8 +1892,6 @@ export class Cancel {
   }
 }
 
-const noop = () => {};
-
 /** Sleeps `ms`, or until `cancel` comes. */
 function sleep(ms: number, cancel: Cancel): Promise<void> {
   if (cancel.aborted) return Promise.resolve();
@@ -1886,6 +1979,8 @@ interface ProxyDeps {
   written?: Response;
   /** how a web response body is passed on, counted and timed */
   streamBody: typeof trackBody;
+  /** what the bodies kept for replay may hold, all requests together */
+  replayMemory: ReplayMemory;
 }
 
 /** The proxy app (HOST:PORT). One request, in order, down the page: `handle` (refusals, the route, the
@@ -1916,13 +2011,16 @@ function createProxy(config: Config, routes: Map<string, RouteState>, state: Pro
     const record: RequestRecord = { id, route: '', endpoint: null, method, path: path ?? sentPath, status: 0, attempts: 0,
       durationMs: 0, upstreamMs: null, bytesIn: 0, bytesOut: 0 };
 
-    const refused = refusal(method, rawTarget, target, url?.host, incomingHeaders, path);
+    // RFC 9112 §9.6: an app that says it closes gets an answer that says so too, whatever the answer is,
+    // so no server reads on past it (a request pipelined behind it is never served).
+    const closes = appCloses(incomingHeaders);
+    const refused = refusal(method, rawTarget, rawTarget ?? req.url, target, url?.host, incomingHeaders, path);
     const route = refused ? undefined : matchRoute(config.routes, host, path!);
     if (refused || !route) {
       const answer = refused ?? { status: REJECTION_STATUS.no_route, reason: `no route for ${host ?? ''}${path}`, rejected: 'no_route' as const };
       const res = new Response(answer.status === 200 ? null : `ambassador: ${answer.reason}\n`, {
         status: answer.status,
-        headers: { 'content-type': 'text/plain; charset=utf-8', 'x-request-id': id, ...answer.headers },
+        headers: { 'content-type': 'text/plain; charset=utf-8', 'x-request-id': id, ...answer.headers, ...(closes ? { connection: 'close' } : {}) },
       });
       events.requestDone({ ...record, status: answer.status, durationMs: clock.now() - started, ...(answer.status === 200 ? {} : { error: answer.reason }), rejected: answer.rejected });
       return res;
@@ -1961,7 +2059,7 @@ function createProxy(config: Config, routes: Map<string, RouteState>, state: Pro
       events.requestDone(record);
     };
 
-    const reqBody = requestBody(c, incomingHeaders, config.bodyIdleTimeoutMs, () => uploads.end(key));
+    const reqBody = requestBody(c, incomingHeaders, config.bodyIdleTimeoutMs, () => uploads.end(key), gone);
     if (reqBody) uploads.add(key);
     try {
       let admission = admit(up, gone, id, record);
@@ -1972,7 +2070,7 @@ function createProxy(config: Config, routes: Map<string, RouteState>, state: Pro
         : admission;
       // Draining, the app opens a fresh connection for its next call; and an answer that came before the
       // app's body was all read leaves the rest of that body on the connection (RFC 9112 §9.6: close it).
-      if (state.draining || uploads.has(key)) reply.headers.push(['connection', 'close']);
+      if (closes || state.draining || uploads.has(key)) reply.headers.push(['connection', 'close']);
       record.status = reply.status;
       if (reply.node && outgoing && deps.written) {
         // Node: the upstream's body goes straight into the app's connection, no web streams between.
@@ -1991,10 +2089,17 @@ function createProxy(config: Config, routes: Map<string, RouteState>, state: Pro
         const reply = textReply(err.status, `ambassador: ${err.message}\n`, id);
         return new Response(reply.body, { status: reply.status, headers: [...reply.headers, ['connection', 'close']] });
       }
-      // Only a client that went away gets here: everything else became a response in `forward`.
-      record.status = 499;
-      finish(0, `client went away: ${describeFailure(err)}`);
-      return new Response(null, { status: 499 });
+      if (gone.aborted) {
+        record.status = 499;
+        finish(0, `client went away: ${describeFailure(err)}`);
+        return new Response(null, { status: 499 });
+      }
+      // Anything else is an answer the runtime would not write: the app gets a 502, the process lives on.
+      log('error', `unexpected error: ${describeFailure(err)}`, { id, route: route.name });
+      record.status = 502;
+      finish(0, `the upstream's answer could not be passed on: ${describeFailure(err)}`);
+      const reply = textReply(502, `ambassador: the upstream's answer could not be passed on\n`, id);
+      return new Response(reply.body, { status: reply.status, headers: [...reply.headers, ['connection', 'close']] });
     }
   }
 
@@ -2056,11 +2161,28 @@ function createProxy(config: Config, routes: Map<string, RouteState>, state: Pro
   async function forward(up: RouteState, method: string, incoming: HeaderList, reqBody: ReadableStream<Uint8Array> | null, gone: Cancel, id: string,
     path: string, started: number, client: string | undefined, record: RequestRecord): Promise<Reply> {
     const { route } = up;
-    const idempotencyKey = headerValue(incoming, 'idempotency-key') !== null;
     const declared = headerValue(incoming, 'content-length');
-    const body = reqBody === null ? NO_BODY : await prepareBody(reqBody, declared === null ? undefined : Number(declared), route.retryBodyMaxBytes);
+    const readFrom = clock.now();
+    const body = reqBody === null ? NO_BODY
+      : await prepareBody(reqBody, declared === null ? undefined : Number(declared), route.retryBodyMaxBytes, deps.replayMemory, config.bodyIdleTimeoutMs);
+    try {
+      return await attempts(up, method, incoming, body, gone, id, path, started, readFrom, client, record);
+    } finally {
+      body.release();
+    }
+  }
+
+  /** The attempts of one request: an endpoint each, retried as `decideRetry` says, within the request's
+   * deadline. The time the app takes to send its body does not count against REQUEST_TIMEOUT_MS: the clock
+   * stops from when the body began to be read until it was read whole (kept for replay) or sent (streamed). */
+  async function attempts(up: RouteState, method: string, incoming: HeaderList, body: ForwardBody, gone: Cancel, id: string, path: string,
+    started: number, readFrom: number, client: string | undefined, record: RequestRecord): Promise<Reply> {
+    const { route } = up;
+    const idempotencyKey = headerValue(incoming, 'idempotency-key') !== null;
     const headers = forwardHeaders(incoming, id, client);
-    const deadline = route.requestTimeoutMs > 0 ? started + route.requestTimeoutMs : Infinity;
+    const deadlineAfter = (bodyRead: number) => (route.requestTimeoutMs > 0 ? started + route.requestTimeoutMs + (bodyRead - readFrom) : Infinity);
+    let deadline = body.sent === null ? deadlineAfter(clock.now()) : Infinity;
+    if (body.sent !== null) void body.sent.then(() => (deadline = deadlineAfter(clock.now())));
     up.budget.recordRequest(clock.now());
     let endpoints = up.pool.current();
     if (endpoints instanceof Promise) endpoints = await endpoints; // only while a lookup must be waited for
@@ -2083,8 +2205,8 @@ function createProxy(config: Config, routes: Map<string, RouteState>, state: Pro
       record.endpoint = endpoint.key;
       const probe = endpoint.breaker.admit(tryStarted);
       if (probe) events.endpointChanged({ route: route.name, endpoint: endpoint.key, change: 'probing' });
-      const remaining = deadline - tryStarted;
-      const limit = Math.min(route.tryTimeoutMs > 0 ? route.tryTimeoutMs : Infinity, remaining);
+      // Worked out when the timer starts: once the body has gone, when the deadline is known too.
+      const limit = () => Math.min(route.tryTimeoutMs > 0 ? route.tryTimeoutMs : Infinity, deadline - clock.now());
       let res: Reply | undefined;
       let failure: FailureKind | undefined;
       let error = '';
@@ -2093,11 +2215,14 @@ function createProxy(config: Config, routes: Map<string, RouteState>, state: Pro
       endpoint.requests++;
       try {
         const tls = up.tls?.current((problem) => events.tlsReloaded({ route: route.name, error: problem })) ?? null;
-        res = await attempt(endpoint.target, path, { method, headers, body: body.take(), tls }, limit, gone, body.sent);
-        if (res.status < 200) { // a 101 nobody asked for (the app's Upgrade is never sent on), or worse
-          discard(res);
+        res = await attempt(endpoint.target, path, { method, headers, body: body.take(), tls }, limit, gone, body);
+        if (res.status < 200 || res.status > 599) {
+          // A 101 nobody asked for (the app's Upgrade is never sent on), another 1xx a client let through,
+          // or no status at all (RFC 9110 §15: three digits, 1xx to 5xx): the connection is closed.
+          const status = res.status;
+          drop(res);
           res = undefined;
-          throw unaskedUpgrade();
+          throw status === 101 ? unaskedUpgrade() : badStatus(status);
         }
         record.upstreamMs = clock.now() - tryStarted;
         events.attemptResponded({ id, route: route.name, endpoint: endpoint.key, attempt: n, status: res.status, seconds: record.upstreamMs / 1000 });
@@ -2109,7 +2234,10 @@ function createProxy(config: Config, routes: Map<string, RouteState>, state: Pro
         endpoint.inFlight--;
       }
       const now = clock.now();
-      if (res) updateEwma(endpoint, now - tryStarted, now);
+      // A failure costs the balancer as a slow answer would (Finagle's and Linkerd's failure penalty): a
+      // refusing endpoint answers fastest of all and would otherwise win every pick the breaker leaves it.
+      const failed = !gone.aborted && !appFault && (res === undefined || res.status >= 500);
+      if (res || failed) updateEwma(endpoint, failed ? Math.max(now - tryStarted, FAILURE_PENALTY_MS) : now - tryStarted, now);
       // What this attempt says of the endpoint: an answer below 500 is health; 5xx, a refused or broken
       // connection and a timeout are failures; the app going away, or its request at fault, says nothing.
       const change = endpoint.breaker.record(now, gone.aborted || appFault ? undefined : res !== undefined && res.status < 500, probe);
@@ -2149,14 +2277,15 @@ function createProxy(config: Config, routes: Map<string, RouteState>, state: Pro
   }
 
   /** One attempt: send until response headers arrive or `limitMs` passes, counted from when the body has
-   * gone (`bodySent`; null: at once). The app going away ends it through the same cancellation, before the
+   * gone (`body.sent`; null: at once), or until the upstream stops taking a streamed body (`body.watch`). The app going away ends it through the same cancellation, before the
    * headers and after. The cancellation settles the attempt whatever the client makes of it (a client that
    * loses track of a request after a stray 101 would otherwise hold its place forever); a reply that comes
    * after it is let go. */
-  function attempt(target: Target, pathAndQuery: string, init: Omit<Parameters<Send>[2], 'cancel'>, limitMs: number, client: Cancel,
-    bodySent: Promise<void> | null): Promise<Reply> {
+  function attempt(target: Target, pathAndQuery: string, init: Omit<Parameters<Send>[2], 'cancel'>, limitMs: () => number, client: Cancel,
+    body: ForwardBody): Promise<Reply> {
     const cancel = new Cancel();
     const offClient = client.on((reason) => cancel.abort(reason));
+    body.watch((err) => cancel.abort(err));
     return new Promise<Reply>((resolve, reject) => {
       let settled = false;
       let timer: ReturnType<typeof setTimeout> | undefined;
@@ -2169,12 +2298,11 @@ function createProxy(config: Config, routes: Map<string, RouteState>, state: Pro
       });
       if (settled) return;
       const startTimer = () => {
-        if (!settled) timer = setTimeout(() => cancel.abort(new TimeoutError(`no response headers within ${Math.round(limitMs)} ms`)), limitMs);
+        const ms = limitMs();
+        if (!settled && Number.isFinite(ms)) timer = setTimeout(() => cancel.abort(new TimeoutError(`no response headers within ${Math.round(ms)} ms`)), Math.max(0, ms));
       };
-      if (Number.isFinite(limitMs)) {
-        if (bodySent === null) startTimer();
-        else void bodySent.then(startTimer);
-      }
+      if (body.sent === null) startTimer();
+      else void body.sent.then(startTimer);
       send(target, pathAndQuery, { ...init, cancel }).then((reply) => {
         if (settled) return discard(reply);
         settled = true;
@@ -2196,7 +2324,7 @@ function createProxy(config: Config, routes: Map<string, RouteState>, state: Pro
     if (noBody) discard(res);
     const headers = responseHeaders(res.headers, id);
     // RFC 9110 §8.6: a 204 carries no Content-Length (a 304's and a HEAD's describe the representation).
-    return { status: res.status, statusText: res.statusText, headers: res.status === 204 ? headers.filter(([name]) => name !== 'content-length') : headers,
+    return { status: res.status, statusText: reasonPhrase(res.statusText), headers: res.status === 204 ? headers.filter(([name]) => name !== 'content-length') : headers,
       body: noBody ? null : res.body, node: noBody ? undefined : res.node };
   }
 
@@ -2262,6 +2390,7 @@ export function createAmbassador(config: Config, options: {
   let shutdownRequested = () => {};
   const proxy = createProxy(config, routes, state, {
     send: options.send, clock, events, log, written: options.written, streamBody: options.streamBody ?? trackBody,
+    replayMemory: new ReplayMemory(config.replayMemoryBytes),
   });
   const admin = createAdmin(metrics, () => (state.draining ? 'draining' : ready ? 'ready' : 'starting'), () => shutdownRequested());
   metrics.gauges = {
@@ -2298,12 +2427,13 @@ type Refusal = { status: number; reason: string; headers?: Record<string, string
 
 const ALLOW = 'GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS';
 /** A Host header: a name or an address, and a port (RFC 9110 §7.2, RFC 3986 §3.2.2). */
-const HOST_HEADER = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(:\d{0,5})?$/;
+const HOST_HEADER = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(:\d{1,5})?$/;
 
 /** Requests the ambassador answers itself rather than forward: it only ever talks to its upstreams, and
  * sends on only requests every runtime can carry exactly as they came. `path` is the normalized path, null
  * when it could not be. */
-function refusal(method: string, rawTarget: string | undefined, target: string, urlHost: string | undefined, headers: HeaderList, path: string | null): Refusal | undefined {
+function refusal(method: string, rawTarget: string | undefined, sent: string, target: string, urlHost: string | undefined, headers: HeaderList,
+  path: string | null): Refusal | undefined {
   // Methods are case-sensitive (RFC 9110 §9.1); a fetch would send `get` as GET and `trace` as TRACE.
   if (/[a-z]/.test(method)) return { status: 400, reason: `method ${JSON.stringify(method)} is not forwarded: method names are case-sensitive`, headers: { connection: 'close' } };
   if (REFUSED_METHODS.has(method)) return { status: 405, reason: `method ${method} is not forwarded`, headers: { allow: ALLOW } };
@@ -2316,10 +2446,14 @@ function refusal(method: string, rawTarget: string | undefined, target: string, 
   let host: string | null = null;
   let bytes = method.length + target.length + 12; // the request line
   let body = false;
+  let codings = false;
   for (const [name, value] of headers) {
     bytes += name.length + value.length + 4;
     if (name === 'host') (hosts++, (host = value));
-    else if (name === 'transfer-encoding' || (name === 'content-length' && value !== '0')) body = true;
+    else if (name === 'transfer-encoding') {
+      codings ||= body || !isChunked(value);
+      body = true;
+    } else if (name === 'content-length' && value !== '0') body = true;
   }
   // The same limits on every runtime (Node's parser already holds the size): 431, before anything is read.
   if (headers.length > MAX_REQUEST_HEADERS) return { status: 431, reason: `more than ${MAX_REQUEST_HEADERS} header fields`, headers: { connection: 'close' } };
@@ -2330,13 +2464,45 @@ function refusal(method: string, rawTarget: string | undefined, target: string, 
   if (host !== null && !HOST_HEADER.test(host)) return { status: 400, reason: 'a Host header that is not a host', headers: { connection: 'close' } };
   // An absolute-form target (`GET http://other-host/ HTTP/1.1`) asks for a forward proxy. Node hands us
   // the raw target; elsewhere the URL's authority differs from the Host header.
-  const absolute = rawTarget !== undefined ? !rawTarget.startsWith('/') : urlHost !== host;
+  const absolute = rawTarget !== undefined ? !rawTarget.startsWith('/') : !sameAuthority(urlHost, host);
   if (absolute) return { status: 400, reason: 'absolute-form request targets are refused: this is not a forward proxy', headers: { connection: 'close' } };
+  // RFC 9112 §3.2: a request target carries no fragment. A URL parser would drop it, and with it whatever
+  // stood before it in the last segment (`/..#` is `..` once parsed): refused, never parsed.
+  if (sent.includes('#')) return { status: 400, reason: 'a request target with a fragment (#)', headers: { connection: 'close' } };
+  // Only visible ASCII reaches a URL parser, which would drop tabs and line breaks and re-read what is left.
+  // Node's parser refuses raw bytes that are not ASCII; Bun's server turns those that are not UTF-8 into
+  // U+FFFD, so a target carrying one (%EF%BF%BD) lost bytes on the way in: refused on every runtime.
+  if (!VISIBLE_ASCII.test(sent) || /%EF%BF%BD/i.test(sent)) {
+    return { status: 400, reason: 'a request target with bytes that are not visible ASCII, or that lost bytes on the way (U+FFFD)', headers: { connection: 'close' } };
+  }
   if (path === null) return { status: 400, reason: 'a path whose dot segments hide behind encoded slashes or backslashes', headers: { connection: 'close' } };
+  // RFC 9112 §6.1: a transfer coding the ambassador cannot apply is 501; only chunked framing is passed on.
+  if (codings) return { status: 501, reason: 'transfer codings other than chunked are not forwarded', headers: { connection: 'close' } };
   // A GET or HEAD body has no meaning (RFC 9110 §9.3.1) and not every client can send one: such a request
   // is refused whole, never sent on with framing headers that announce a body it does not carry.
   if (body && (method === 'GET' || method === 'HEAD')) return { status: 400, reason: `a ${method} request with a body is not forwarded`, headers: { connection: 'close' } };
   return undefined;
+}
+
+const VISIBLE_ASCII = /^[\x21-\x7e]*$/;
+
+/** Whether a request URL's authority is the one its Host header names, as a URL would write it: the name
+ * in lower case, the default port left out (RFC 9110 §4.2.3). Deno and Bun build the URL from the Host
+ * header unless the target was absolute-form, which this tells apart. */
+function sameAuthority(urlHost: string | undefined, host: string | null): boolean {
+  if (urlHost === host) return true;
+  if (urlHost === undefined || host === null) return false;
+  try {
+    return new URL(`http://${host}`).host === urlHost;
+  } catch {
+    return false;
+  }
+}
+
+/** Whether the app's request says `Connection: close`. */
+function appCloses(headers: HeaderList): boolean {
+  for (const [name, value] of headers) if (name === 'connection' && /(^|,)\s*close\s*(,|$)/i.test(value)) return true;
+  return false;
 }
 
 /** The request's URL. Deno makes it from the Host header, so a Host that is no host (`a b`, `one, two`)
@@ -2361,24 +2527,37 @@ function headerList(c: Context<{ Bindings: Bindings }>): HeaderList {
 /** The app's request body, or null when its head announces none. Reads only as fast as the upstream takes
  * it, and fails with a 408 once the app has sent nothing for `idleMs` (Envoy's stream idle timeout covers
  * both directions too), so a stalled upload cannot hold its place under the concurrency limit. */
-function requestBody(c: Context<{ Bindings: Bindings }>, headers: HeaderList, idleMs: number, read: () => void): ReadableStream<Uint8Array> | null {
+function requestBody(c: Context<{ Bindings: Bindings }>, headers: HeaderList, idleMs: number, read: () => void, gone: Cancel): ReadableStream<Uint8Array> | null {
   if (headerValue(headers, 'transfer-encoding') === null && headerValue(headers, 'content-length') === null) return null;
   const incoming = c.env?.incoming;
-  if (incoming && Symbol.asyncIterator in incoming) return streamFromNode(incoming as AsyncIterable<Uint8Array>, idleMs, read);
+  if (incoming && Symbol.asyncIterator in incoming) return streamFromNode(incoming as AsyncIterable<Uint8Array>, idleMs, read, gone);
   const reader = c.req.raw.body?.getReader();
-  return reader ? bodyStream(() => reader.read(), (reason) => reader.cancel(reason), idleMs, read) : null;
+  if (!reader) return null;
+  // A body given up on is cancelled at its source: Deno's server otherwise keeps the app's connection, even
+  // one the app has closed, waiting for the rest of it.
+  const cancel = (reason: unknown) => reader.cancel(reason).catch(noop);
+  return bodyStream(() => reader.read(), cancel, idleMs, read, gone, cancel);
 }
 
 /** A body as a web stream that pulls one chunk at a time from `next` (nothing is read ahead: Node 20's
  * Readable.toWeb would queue up to 16384 chunks), and errors with a 408 after `idleMs` (if > 0) without one. */
 function bodyStream(next: () => Promise<IteratorResult<Uint8Array> | ReadableStreamReadResult<Uint8Array>>, cancel: (reason: unknown) => Promise<void>,
-  idleMs: number, done?: () => void): ReadableStream<Uint8Array> {
+  idleMs: number, done?: () => void, gone?: Cancel, giveUp: (reason: unknown) => void = noop): ReadableStream<Uint8Array> {
   return new ReadableStream<Uint8Array>({
     async pull(c) {
       let timer: ReturnType<typeof setTimeout> | undefined;
-      const chunk = idleMs <= 0 ? await next() : await Promise.race([next(), new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new ClientError(408, `the request body stalled: no bytes for ${idleMs} ms`)), idleMs);
-      })]).finally(() => clearTimeout(timer));
+      let chunk: IteratorResult<Uint8Array> | ReadableStreamReadResult<Uint8Array>;
+      try {
+        chunk = idleMs <= 0 ? await next() : await Promise.race([next(), new Promise<never>((_, reject) => {
+          timer = setTimeout(() => reject(new ClientError(408, `the request body stalled: no bytes for ${idleMs} ms`)), idleMs);
+        })]).finally(() => clearTimeout(timer));
+      } catch (err) {
+        // A body that breaks off is the app gone (its connection closed or reset mid-body), however its
+        // runtime tells it; one that stalled is the app's 408.
+        if (!(err instanceof ClientError)) gone?.abort(err);
+        giveUp(err);
+        throw err;
+      }
       if (chunk.done) {
         c.close();
         done?.();

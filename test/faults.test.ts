@@ -4,7 +4,7 @@
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import http from 'node:http';
-import { RUNTIMES, rawRequest, scrape, sleep, startAmbassador, startRawUpstream, startUpstream, stopAfterEach, waitFor, type AmbassadorProc } from './helpers.ts';
+import { RUNTIMES, stackOf, rawRequest, scrape, sleep, startAmbassador, startRawUpstream, startUpstream, stopAfterEach, waitFor, type AmbassadorProc } from './helpers.ts';
 
 const OK = 'HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok';
 
@@ -72,6 +72,11 @@ function answer(path: string, socket: net.Socket, n: number): void {
       return void socket.write('HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n');
     case '/no-content':
       return void socket.write('HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n');
+    case '/bad-reason-soh': return void socket.write('HTTP/1.1 200 O\x01K\r\ncontent-length: 2\r\n\r\nok');
+    case '/bad-reason-del': return void socket.write('HTTP/1.1 200 O\x7fK\r\ncontent-length: 2\r\n\r\nok');
+    case '/bad-reason-nul': return void socket.write('HTTP/1.1 200 O\x00K\r\ncontent-length: 2\r\n\r\nok');
+    case '/gzip-chunked': // a transfer coding under the chunked framing, which the app would never be told of
+      return void socket.write('HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n');
     case '/reset-first':
       if (n === 1) return void socket.resetAndDestroy();
       return void socket.write(OK);
@@ -213,10 +218,63 @@ describe.each(RUNTIMES)('upstream faults (%s)', (runtime) => {
     await stillServing();
   });
 
+  it.each(['soh', 'del', 'nul'])('sends a control character (%s) in its reason phrase: never passed on, and the process lives on', async (which) => {
+    const own = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, RETRY_ATTEMPTS: '1', BREAKER_FAILURES: '0' });
+    try {
+      const raw = await rawRequest(own.port, `GET /bad-reason-${which} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`, 3000);
+      const statusLine = raw.slice(0, raw.indexOf('\r\n'));
+      if (stackOf(runtime) === 'node') {
+        // Node's client reads the head: the app gets the answer, with the standard reason phrase.
+        expect(statusLine).toBe('HTTP/1.1 200 OK');
+        expect(raw.endsWith('\r\n\r\nok')).toBe(true);
+      } else {
+        // Deno's and Bun's clients refuse such a head themselves: a clean 502.
+        expect(statusLine).toBe('HTTP/1.1 502 Bad Gateway');
+      }
+      expect((await fetch(`${own.url}/ok`)).status).toBe(200);
+      expect(own.child.exitCode).toBe(null);
+    } finally {
+      await own.stop();
+    }
+  });
+
+  it('sends a transfer coding other than chunked: a clean 502, never coded bytes the app is not told of', async () => {
+    const own = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, RETRY_ATTEMPTS: '1', BREAKER_FAILURES: '0' });
+    try {
+      const res = await fetch(`${own.url}/gzip-chunked`);
+      expect(res.status).toBe(502);
+      expect(await res.text()).toContain(stackOf(runtime) === 'node' ? 'transfer coding other than chunked' : 'ambassador: upstream failed');
+    } finally {
+      await own.stop();
+    }
+  });
+
   it('sends a Content-Length on a 204: the app gets the 204 without it', async () => {
     const raw = await rawRequest(Number(new URL(amb.url).port), 'GET /no-content HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n', 3000);
     expect(raw).toMatch(/^HTTP\/1\.1 204/);
     expect(raw.toLowerCase()).not.toContain('content-length');
+  });
+});
+
+describe.each(RUNTIMES)('statuses that are no final HTTP status (%s)', (runtime) => {
+  stopAfterEach();
+
+  it.each(['999', '600', '099', '000'])('answers 502 to status %s, closes that upstream connection, and keeps serving', async (code) => {
+    const up = await startRawUpstream((req, socket) => {
+      if (req.target === '/ok') return void socket.write(OK);
+      socket.write(`HTTP/1.1 ${code} Weird\r\ncontent-length: 2\r\n\r\nno`);
+    });
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, RETRY_ATTEMPTS: '1', BREAKER_FAILURES: '0' });
+    const res = await fetch(`${amb.url}/weird`);
+    expect(res.status).toBe(502);
+    expect(await res.text()).toMatch(/^ambassador: upstream failed: /);
+    expect((await fetch(`${amb.url}/ok`)).status).toBe(200);
+    const [weird, ok] = up.requests.slice(-2);
+    expect(weird.target).toBe('/weird');
+    // Node: the connection that carried it is closed, and the next request comes on a fresh one. Deno's and
+    // Bun's fetch keep their own pools: the answer's body is cancelled, and a connection whose framing was
+    // whole may carry the next request.
+    if (stackOf(runtime) === 'node') expect(ok.connection).not.toBe(weird.connection);
   });
 });
 
