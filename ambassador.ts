@@ -2633,10 +2633,11 @@ type NodeAgent = InstanceType<NodeHttp['Agent']>;
  * times slower than a pooled http.request, and takes no per-connection TLS settings without the undici
  * package; this gives the handler the same `Reply` fetch would, byte for byte. `pooled: false` (Deno's
  * streamed uploads, see `fetchSend`) opens a connection per request. */
-export function nodeSend(http: NodeHttp, https: NodeHttp, { pooled = true } = {}): Send {
+export function nodeSend(http: NodeHttp, https: NodeHttp, { pooled = true, checkServerIdentity }: { pooled?: boolean; checkServerIdentity?: CheckServerIdentity } = {}): Send {
   // `timeout` closes pooled sockets idle for 4 s, before a Node upstream's own 5 s keep-alive timeout
   // closes them under a request that is reusing them.
-  const pool = pooled ? { keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256, scheduling: 'lifo' as const, timeout: 4000 } : { keepAlive: false };
+  const pool = { ...(pooled ? { keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256, scheduling: 'lifo' as const, timeout: 4000 } : { keepAlive: false }),
+    ...(checkServerIdentity ? { checkServerIdentity } : {}) };
   const plain = new http.Agent(pool);
   const systemRoots = new https.Agent(pool);
   // One pool per TLS material: after a rotation new connections use the new files, open ones finish.
@@ -2741,6 +2742,17 @@ export function nodeSend(http: NodeHttp, https: NodeHttp, { pooled = true } = {}
 
 /** How long a streamed upload waits for the upstream's 100 Continue before it is sent anyway (curl's wait). */
 const CONTINUE_WAIT_MS = 1000;
+
+/** How a TLS client checks the name in an upstream's certificate (node:tls's signature). */
+type CheckServerIdentity = (hostname: string, cert: { subjectaltname?: string }) => Error | undefined;
+
+/** The name check of Node's TLS (also Bun's), without its fallback to the Common Name of a certificate
+ * that has no subjectAltName: RFC 6125 §6.4.4 and every browser require the SAN. Deno's client already does. */
+function subjectAltNameOnly(tls: { checkServerIdentity(hostname: string, cert: never): Error | undefined }): CheckServerIdentity {
+  return (hostname, cert) => cert.subjectaltname
+    ? tls.checkServerIdentity(hostname, cert as never)
+    : Object.assign(new Error(`the certificate for ${hostname} has no subjectAltName, and its Common Name is not checked`), { code: 'ERR_TLS_CERT_ALTNAME_INVALID' });
+}
 
 /** A Send made the first time it is needed. */
 function lazySend(make: () => Promise<Send>): Send {
@@ -2930,7 +2942,7 @@ function listenBun(b: BunLike, fetchHandler: FetchHandler, host: string, port: n
 /** Bun's upstream client: its fetch, with the route's TLS material per request (`tls`). An address found
  * by discovery is reached by URL with the upstream's name kept in Host, and for https:// in the server
  * name the certificate is verified against. */
-function bunSend(): Send {
+function bunSend(checkServerIdentity: CheckServerIdentity): Send {
   return async (target, pathAndQuery, init) => {
     let url = target.prefix + pathAndQuery;
     let headers = init.headers;
@@ -2941,7 +2953,7 @@ function bunSend(): Send {
     const abort = new AbortController();
     init.cancel.on((reason) => abort.abort(reason));
     const tls = target.https ? {
-      rejectUnauthorized: true, serverName: init.tls?.serverName ?? target.serverName,
+      rejectUnauthorized: true, serverName: init.tls?.serverName ?? target.serverName, checkServerIdentity,
       ...(init.tls?.ca ? { ca: init.tls.ca } : {}), ...(init.tls?.cert && init.tls.key ? { cert: init.tls.cert, key: init.tls.key } : {}),
     } : undefined;
     let res: Response;
@@ -3036,7 +3048,7 @@ async function nodeBuiltins(): Promise<Pick<Runtime, 'readFile' | 'checkTls' | '
 async function nodeRuntime(): Promise<Runtime> {
   return {
     ...await nodeBuiltins(), name: 'node', limits: () => {},
-    send: nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp),
+    send: nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp, { checkServerIdentity: subjectAltNameOnly(await import('node:tls')) }),
     written: (await import('@hono/node-server/utils/response')).RESPONSE_ALREADY_SENT,
     listen: (fetchHandler, host, port) => listenNode(fetchHandler, host, port),
   };
@@ -3055,7 +3067,7 @@ function denoRuntime(d: DenoLike): Runtime {
 
 async function bunRuntime(b: BunLike): Promise<Runtime> {
   return {
-    ...await nodeBuiltins(), name: 'bun', limits: fetchClientLimits('Bun', 'fetch', true), send: bunSend(), streamBody: trackBodyDirect,
+    ...await nodeBuiltins(), name: 'bun', limits: fetchClientLimits('Bun', 'fetch', true), send: bunSend(subjectAltNameOnly(await import('node:tls'))), streamBody: trackBodyDirect,
     listen: (fetchHandler, host, port) => Promise.resolve(listenBun(b, fetchHandler, host, port)),
   };
 }

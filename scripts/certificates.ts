@@ -17,9 +17,11 @@ export function makeCa(dir: string, name: string, days = 7): void {
 }
 
 /** A certificate `${name}.pem` (and `${name}.key`) for `subject`, signed by the CA `ca`: a server
- * certificate for `altNames` (e.g. `DNS:localhost,IP:127.0.0.1`), or without them a client certificate. */
+ * certificate for `altNames` (e.g. `DNS:localhost,IP:127.0.0.1`), or without them a client certificate;
+ * `''` makes a server certificate that names its host in the Common Name only (no subjectAltName). */
 export function issue(dir: string, name: string, ca: string, subject: string, altNames?: string, days = 7): void {
   openssl(dir, 'req', ...KEY, '-keyout', `${name}.key`, '-out', `${name}.csr`, '-subj', `/CN=${subject}`);
-  writeFileSync(path.join(dir, `${name}.ext`), altNames ? `subjectAltName=${altNames}\n` : 'extendedKeyUsage=clientAuth\n');
+  const ext = altNames ? `subjectAltName=${altNames}\n` : altNames === '' ? 'extendedKeyUsage=serverAuth\n' : 'extendedKeyUsage=clientAuth\n';
+  writeFileSync(path.join(dir, `${name}.ext`), ext);
   openssl(dir, 'x509', '-req', '-in', `${name}.csr`, '-CA', `${ca}.pem`, '-CAkey', `${ca}.key`, '-CAcreateserial', '-out', `${name}.pem`, '-days', String(days), '-extfile', `${name}.ext`);
 }

@@ -2,7 +2,7 @@
  * a fixed random sequence, then real upstreams of different speeds, counted at the upstream. */
 import { describe, expect, it } from 'vitest';
 import { ewmaAt, pickEndpoint, updateEwma } from '../ambassador.ts';
-import { RUNTIMES, startAmbassador, startUpstream, stopAfterEach } from './helpers.ts';
+import { RUNTIMES, deadPort, scrape, startAmbassador, startUpstream, stopAfterEach } from './helpers.ts';
 
 /** A random source that plays back the given numbers. */
 const sequence = (...values: number[]) => () => values.shift() ?? 0;
@@ -72,5 +72,17 @@ describe.each(RUNTIMES)('load balancing on real upstreams (%s)', (runtime) => {
     // Round robin would give each 150; P2C on latency gives the slow one a small share.
     expect(slow.seen.length).toBeLessThan(300 * 0.2);
     expect(slow.seen.length).toBeGreaterThan(0); // still tried now and then: it is not written off
+  });
+
+  it('gives a refusing endpoint a failure penalty, so it does not win the first pick of every request when no breaker hides it', async () => {
+    const healthy = await startUpstream((_q, res) => res.end('ok'));
+    const dead = `127.0.0.1:${await deadPort()}`;
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: `http://${dead},${healthy.url}`, BREAKER_FAILURES: '0', RETRY_ATTEMPTS: '2', LOG_LEVEL: 'warn' });
+    for (let i = 0; i < 30; i++) expect((await fetch(`${amb.url}/x`)).status).toBe(200);
+    expect(healthy.seen.length).toBe(30);
+    // A refused attempt answers in well under a millisecond: without a penalty the dead endpoint looks the
+    // cheapest and takes every first attempt (30 retries). With one, it is tried about once.
+    const m = await scrape(amb);
+    expect(m.get(`ambassador_upstream_endpoint_requests_total{route="default",endpoint="${dead}"}`)).toBeLessThanOrEqual(2);
   });
 });

@@ -1,6 +1,6 @@
 /** Configuration: parsed by a pure function; bad values stop the process before it listens, with exit
  * code 2 and one message naming every bad variable, its value and what was expected. */
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -74,6 +74,31 @@ describe('loadConfig', () => {
 });
 
 describe('loadConfig: values that would fail late, or never match', () => {
+  it('holds every time setting, variable and routes-file field alike, to what a timer can wait (2^31 - 1 ms)', () => {
+    const times = ['RETRY_BACKOFF_MS', 'RETRY_BACKOFF_MAX_MS', 'TRY_TIMEOUT_MS', 'REQUEST_TIMEOUT_MS', 'BREAKER_OPEN_MS', 'BREAKER_OPEN_MAX_MS',
+      'QUEUE_TIMEOUT_MS', 'RATE_LIMIT_WAIT_MS', 'DNS_REFRESH_MS', 'DRAIN_TIMEOUT_MS', 'DRAIN_GRACE_MS', 'BODY_IDLE_TIMEOUT_MS'];
+    const over = Object.fromEntries(times.map((t) => [t, '2147483648']));
+    const err = (() => {
+      try {
+        loadConfig({ UPSTREAM_URL: 'http://a:1', ...over });
+      } catch (e) {
+        return e as ConfigError;
+      }
+    })();
+    expect(err).toBeInstanceOf(ConfigError);
+    for (const t of times) expect(err!.message).toContain(`${t}="2147483648": expected a whole number from 0 to 2147483647`.replace('from 0', t.startsWith('BREAKER_OPEN') ? 'from 1' : 'from 0'));
+    const max = Object.fromEntries(times.map((t) => [t, '2147483647']));
+    expect(loadConfig({ UPSTREAM_URL: 'http://a:1', ...max }).drainTimeoutMs).toBe(2147483647);
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'ambassador-timers-'));
+    try {
+      const file = path.join(dir, 'routes.json');
+      writeFileSync(file, JSON.stringify({ routes: [{ name: 'r', prefix: '/', upstream: 'http://a:1', queueTimeoutMs: 2 ** 31 }] }));
+      expect(() => loadConfig({ ROUTES_FILE: file }, (f) => readFileSync(f, 'utf8'))).toThrow(/routes\[0\]\.queueTimeoutMs: expected a whole number from 0 to 2147483647/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('refuses listen addresses that are not addresses, and one port for both listeners where they overlap', () => {
     for (const host of ['not-an-ip', '127.0.0.1:80', '999.1.1.1', 'example.com', '::1::1::']) {
       expect(() => loadConfig({ UPSTREAM_URL: 'http://h', HOST: host }), host).toThrow(new RegExp(`HOST=${JSON.stringify(host).replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}: expected an IP address`));
@@ -131,6 +156,15 @@ describe.each(RUNTIMES)('bad configuration stops the process (%s)', (runtime) =>
       }
     } finally {
       blocker.close();
+    }
+  });
+
+  it('exits 2 naming a time setting past what a timer can wait (2^31 - 1 ms), rather than fire it at once', async () => {
+    for (const name of ['DRAIN_TIMEOUT_MS', 'QUEUE_TIMEOUT_MS']) {
+      const p = startProcess(command(runtime), { UPSTREAM_URL: 'http://127.0.0.1:9', PORT: '0', ADMIN_PORT: '0', [name]: '2147483648' });
+      const { code } = await p.exited;
+      expect(code, name).toBe(2);
+      expect(p.stderr.join('\n')).toContain(`${name}="2147483648": expected a whole number from 0 to 2147483647`);
     }
   });
 

@@ -1,7 +1,7 @@
 /** Real servers and real processes for the tests: an upstream that records what it received, the
  * ambassador started as a child process (Node bundle or Deno), and a port nothing listens on. */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
@@ -381,4 +381,25 @@ export function namespacesUnavailable(tag: string): string | undefined {
   } catch (err) {
     return (err as { stderr?: Buffer }).stderr?.toString().trim() || (err as Error).message;
   }
+}
+
+/** Connections a server on `port` of this machine still holds open, from the kernel's own tables
+ * (/proc/net/tcp and tcp6): ESTABLISHED, and CLOSE_WAIT (the peer has closed, the server has not). */
+export function openConnections(port: number): { established: number; closeWait: number } {
+  const out = { established: 0, closeWait: 0 };
+  for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
+    let text = '';
+    try {
+      text = readFileSync(table, 'utf8');
+    } catch {
+      continue;
+    }
+    for (const line of text.split('\n').slice(1)) {
+      const [, local, , state] = line.trim().split(/\s+/);
+      if (!local || parseInt(local.slice(local.lastIndexOf(':') + 1), 16) !== port) continue;
+      if (state === '01') out.established++;
+      else if (state === '08') out.closeWait++;
+    }
+  }
+  return out;
 }

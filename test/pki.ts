@@ -17,6 +17,7 @@ export function makePki(): Pki {
   for (const name of ['upstream-ca', 'other-ca', 'client-ca']) makeCa(dir, name, 2);
   issue(dir, 'server', 'upstream-ca', 'localhost', 'DNS:localhost,DNS:inventory.internal,IP:127.0.0.1', 2);
   issue(dir, 'only-internal', 'upstream-ca', 'inventory.internal', 'DNS:inventory.internal', 2);
+  issue(dir, 'cn-only', 'upstream-ca', 'localhost', '', 2);
   issue(dir, 'client-one', 'client-ca', 'client-one', undefined, 2);
   issue(dir, 'client-two', 'client-ca', 'client-two', undefined, 2);
   const file = (name: string) => path.join(dir, name);

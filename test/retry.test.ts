@@ -1,6 +1,7 @@
 /** Every retry rule, proved by counting requests at a real upstream (or, for a dead port, in the log). */
+import http from 'node:http';
 import { describe, expect, it } from 'vitest';
-import { RUNTIMES, deadPort, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach } from './helpers.ts';
+import { RUNTIMES, deadPort, sleep, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach } from './helpers.ts';
 
 describe.each(RUNTIMES)('retries (%s)', (runtime) => {
   let upstream: Upstream | undefined;
@@ -190,5 +191,46 @@ describe.each(RUNTIMES)('retries (%s)', (runtime) => {
     for (let i = 0; i < 20; i++) await (await fetch(`${amb.url}/x`)).text();
     expect(upstream.seen.length).toBe(20 + 10);
     expect(attemptLines(amb).some((l) => l.skip === 'budget')).toBe(true);
+  });
+
+  it('does not count the time the app takes to send a small body against REQUEST_TIMEOUT_MS', async () => {
+    upstream = await startUpstream((_q, res, seen) => res.end(`got ${seen.body.length}`));
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, REQUEST_TIMEOUT_MS: '1500' });
+    // 1 KiB, kept for replay, sent in eight pieces over 2.4 s: longer than the request's whole limit.
+    const answer = await new Promise<{ status: number; body: string }>((resolve, reject) => {
+      const req = http.request(`${amb!.url}/orders`, { method: 'POST', headers: { 'content-length': '1024' } }, (res) => {
+        let body = '';
+        res.on('data', (c) => (body += c));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+      });
+      req.on('error', reject);
+      void (async () => {
+        for (let i = 0; i < 8; i++) {
+          req.write(Buffer.alloc(128, 'p'));
+          await sleep(300);
+        }
+        req.end();
+      })();
+    });
+    expect(answer).toEqual({ status: 200, body: 'got 1024' });
+    expect(upstream.seen.length).toBe(1);
+  });
+
+  it('does not wait out a Retry-After longer than 300 s, even without a deadline: the app gets the 503 and its Retry-After at once', async () => {
+    upstream = await startUpstream((_q, res) => {
+      res.writeHead(503, { 'retry-after': '99999999' });
+      res.end('come back much later');
+    });
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, REQUEST_TIMEOUT_MS: '0', BREAKER_FAILURES: '0' });
+    const t0 = performance.now();
+    const res = await fetch(`${amb.url}/a`);
+    expect(res.status).toBe(503);
+    expect(res.headers.get('retry-after')).toBe('99999999');
+    expect(performance.now() - t0).toBeLessThan(1000);
+    expect(upstream.seen.length).toBe(1);
+    expect(attemptLines(amb)[0]).toMatchObject({ skip: 'deadline' });
+    await sleep(200); // a timer that overflowed would have fired at once: a second attempt would be here by now
+    expect(upstream.seen.length).toBe(1);
+    expect(amb.stderr.join('\n')).not.toContain('TimeoutOverflowWarning');
   });
 });

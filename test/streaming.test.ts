@@ -1,5 +1,6 @@
 /** Bodies are streamed both ways, never buffered whole; aborts travel from the app to the upstream. */
 import http from 'node:http';
+import net from 'node:net';
 import { describe, expect, it } from 'vitest';
 import { RUNTIMES, memoryOf, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach } from './helpers.ts';
 
@@ -162,5 +163,81 @@ describe.each(RUNTIMES)('streaming (%s)', (runtime) => {
     amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
     const res = await fetch(`${amb.url}/cut`);
     await expect(res.text()).rejects.toThrow();
+  });
+
+  it('cuts off an upload the upstream never reads after BODY_IDLE_TIMEOUT_MS, answers 504 within REQUEST_TIMEOUT_MS, and frees its place', async () => {
+    // Reads a request's head, answers GETs, and never reads a byte of an upload's body.
+    const sockets = new Set<net.Socket>();
+    const server = net.createServer((socket) => {
+      sockets.add(socket);
+      socket.on('error', () => {});
+      let head = '';
+      const onData = (d: Buffer) => {
+        head += d.toString('latin1');
+        if (!head.includes('\r\n\r\n')) return;
+        if (head.startsWith('GET ')) {
+          head = '';
+          return void socket.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok');
+        }
+        socket.off('data', onData);
+        socket.pause(); // the upload's body stays in the kernel's buffers, and then in the sender's
+      };
+      socket.on('data', onData);
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    try {
+      const url = `http://127.0.0.1:${(server.address() as net.AddressInfo).port}`;
+      amb = await startAmbassador(runtime, { UPSTREAM_URL: url, BODY_IDLE_TIMEOUT_MS: '1500', REQUEST_TIMEOUT_MS: '3000', MAX_IN_FLIGHT: '1', QUEUE_SIZE: '0' });
+      const t0 = performance.now();
+      const answer = await new Promise<{ status: number; ms: number }>((resolve, reject) => {
+        const req = http.request(`${amb!.url}/upload`, { method: 'PUT', headers: { 'content-length': String(64 * MiB) } }, (res) => {
+          res.resume();
+          resolve({ status: res.statusCode ?? 0, ms: performance.now() - t0 });
+        });
+        req.on('error', (err) => (req.destroyed ? undefined : reject(err)));
+        const chunk = Buffer.alloc(64 * 1024, 'u');
+        let sent = 0;
+        const pump = () => {
+          while (sent < 64 * MiB && !req.destroyed) {
+            sent += chunk.length;
+            if (!req.write(chunk)) return void req.once('drain', pump);
+          }
+          if (!req.destroyed) req.end();
+        };
+        pump();
+        setTimeout(() => reject(new Error('no answer within 12 s')), 12_000);
+      });
+      expect(answer.status).toBe(504);
+      expect(answer.ms).toBeGreaterThanOrEqual(1400);
+      expect(answer.ms).toBeLessThan(8000);
+      // Its place under MAX_IN_FLIGHT=1 is free again: the next request is served, not refused with 503.
+      expect((await fetch(`${amb.url}/next`)).status).toBe(200);
+    } finally {
+      for (const s of sockets) s.destroy();
+      server.close();
+    }
+  });
+
+  it('lets an app read a download slowly: backpressure is no stall, and BODY_IDLE_TIMEOUT_MS does not cut it off', async () => {
+    const size = 32 * MiB;
+    upstream = await startUpstream((_q, res) => {
+      res.writeHead(200, { 'content-length': String(size) });
+      res.end(Buffer.alloc(size, 'd'));
+    });
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, BODY_IDLE_TIMEOUT_MS: '1000' });
+    const received = await new Promise<number>((resolve, reject) => {
+      http.get(`${amb!.url}/big`, (res) => {
+        res.pause();
+        let bytes = 0;
+        // The app waits 2.5 s before it reads anything, as a busy app might.
+        setTimeout(() => {
+          res.on('data', (c: Buffer) => (bytes += c.length));
+          res.on('end', () => resolve(bytes));
+          res.on('error', reject);
+          res.resume();
+        }, 2500);
+      }).on('error', reject);
+    });
+    expect(received).toBe(size);
   });
 });

@@ -81,6 +81,16 @@ describe.skipIf(!hasOpenssl).each(RUNTIMES)('TLS to the upstream (%s)', (runtime
     expect(attempt).toMatchObject({ level: 'warn', attempt: 1, skip: 'final' });
   });
 
+  it('refuses a certificate that names its host in the Common Name only, without a subjectAltName (RFC 6125)', async () => {
+    const up = await upstream({ cert: 'cn-only' });
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: `https://localhost:${up.port}`, UPSTREAM_CA_FILE: pki.file('upstream-ca.pem'), RETRY_ATTEMPTS: '1' });
+    const res = await fetch(`${amb.url}/x`);
+    expect(res.status).toBe(502);
+    expect(up.seen).toEqual([]);
+    const line = JSON.parse(await amb.waitForLine((l) => l.includes('"msg":"request"'))) as { error: string };
+    expect(line.error).toMatch(stackOf(runtime) === 'deno' ? /certificate|name/i : /has no subjectAltName/);
+  });
+
   it('verifies by default: without a CA file, a certificate from a private CA is refused', async () => {
     const up = await upstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: `https://localhost:${up.port}` });
