@@ -34,6 +34,7 @@
  * | RETRY_BUDGET_PERCENT *   | 20          | retries allowed, as a percentage of requests over the last 10 s     |
  * | RETRY_BUDGET_MIN_PER_SEC *| 10         | retries per second always allowed, whatever the percentage says     |
  * | RETRY_BODY_MAX_BYTES *   | 65536       | largest request body kept in memory for replay; 0 = never replay a body |
+ * | RETRY_BODIES_MAX_BYTES   | 8388608     | all bodies kept for replay at once, together; past it a body is streamed, sent once |
  * | TRY_TIMEOUT_MS *         | 5000        | one attempt's limit until response headers; 0 = none                |
  * | REQUEST_TIMEOUT_MS *     | 15000       | the whole request's limit until response headers, retries included; 0 = none |
  * | BREAKER_FAILURES *       | 5           | failures in a row (5xx, refused, reset, timeout) that eject an endpoint; 0 = no breaker |
@@ -1155,6 +1156,8 @@ export interface Gauges {
   connections?(): number; // Node only: Deno.serve and Bun.serve do not expose their connections
   upstreams?(): Array<{ route: string; active: number; queued: number; endpoints: readonly Endpoint[] }>;
   now?(): number;
+  /** bytes of request bodies kept for replay now */
+  replayBytes?(): number;
 }
 
 export class Metrics {
@@ -1259,6 +1262,10 @@ export class Metrics {
     for (const u of upstreams) out.push(`ambassador_upstream_queued_requests${labels({ route: u.route })} ${u.queued}`);
     family('ambassador_tls_reloads_total', 'counter', 'Changes to a route\'s TLS files: ok (taken up) or error (the previous ones kept).');
     series('ambassador_tls_reloads_total', this.tlsReloads, ['route', 'result']);
+    if (this.gauges.replayBytes) {
+      family('ambassador_retry_body_bytes', 'gauge', 'Bytes of request bodies kept in memory for replay now (at most RETRY_BODIES_MAX_BYTES).');
+      out.push(`ambassador_retry_body_bytes ${this.gauges.replayBytes()}`);
+    }
     family('ambassador_requests_in_flight', 'gauge', 'Requests not yet answered in full.');
     out.push(`ambassador_requests_in_flight ${this.gauges.inFlight()}`);
     if (this.gauges.connections) {
@@ -2386,11 +2393,12 @@ export function createAmbassador(config: Config, options: {
   const events = fanOut(logEvents(log, config.logLevel), metrics.events());
   const routes = routeStates(config, clock, events, runtime !== 'deno', options);
   const state: ProxyState = { draining: false, inFlight: new Map(), uploads: new Uploads() };
+  const replayMemory = new ReplayMemory(config.replayMemoryBytes);
   let ready = false;
   let shutdownRequested = () => {};
   const proxy = createProxy(config, routes, state, {
     send: options.send, clock, events, log, written: options.written, streamBody: options.streamBody ?? trackBody,
-    replayMemory: new ReplayMemory(config.replayMemoryBytes),
+    replayMemory,
   });
   const admin = createAdmin(metrics, () => (state.draining ? 'draining' : ready ? 'ready' : 'starting'), () => shutdownRequested());
   metrics.gauges = {
@@ -2399,6 +2407,7 @@ export function createAmbassador(config: Config, options: {
     draining: () => state.draining,
     upstreams: () => [...routes.values()].map((r) => ({ route: r.route.name, active: r.concurrency.active, queued: r.concurrency.queued, endpoints: r.pool.endpoints })),
     now: () => clock.now(),
+    replayBytes: () => replayMemory.held,
   };
   return {
     proxy,

@@ -1,7 +1,7 @@
 /** Every retry rule, proved by counting requests at a real upstream (or, for a dead port, in the log). */
 import http from 'node:http';
 import { describe, expect, it } from 'vitest';
-import { RUNTIMES, deadPort, sleep, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach } from './helpers.ts';
+import { RUNTIMES, deadPort, scrape, sleep, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach } from './helpers.ts';
 
 describe.each(RUNTIMES)('retries (%s)', (runtime) => {
   let upstream: Upstream | undefined;
@@ -232,5 +232,36 @@ describe.each(RUNTIMES)('retries (%s)', (runtime) => {
     await sleep(200); // a timer that overflowed would have fired at once: a second attempt would be here by now
     expect(upstream.seen.length).toBe(1);
     expect(amb.stderr.join('\n')).not.toContain('TimeoutOverflowWarning');
+  });
+
+  it('holds every body kept for replay together to RETRY_BODIES_MAX_BYTES: past it a body is streamed and sent once', async () => {
+    // Every attempt waits 400 ms and answers 503, so each request would be retried if its body could be.
+    upstream = await startUpstream((_q, res) => setTimeout(() => {
+      res.writeHead(503);
+      res.end('busy');
+    }, 400));
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, RETRY_ATTEMPTS: '2', RETRY_BODIES_MAX_BYTES: String(256 * 1024), BREAKER_FAILURES: '0',
+      RETRY_BUDGET_MIN_PER_SEC: '1000', LOG_LEVEL: 'warn' });
+    const body = new Uint8Array(64 * 1024).fill(98);
+    let peak = 0;
+    let polling = true;
+    const poll = (async () => {
+      while (polling) {
+        peak = Math.max(peak, (await scrape(amb!)).get('ambassador_retry_body_bytes') ?? NaN);
+        await sleep(20);
+      }
+    })();
+    const answers = await Promise.all(Array.from({ length: 40 }, () => fetch(`${amb!.url}/put`, { method: 'PUT', body }).then((r) => r.status)));
+    polling = false;
+    await poll;
+    expect(answers.every((s) => s === 503)).toBe(true);
+    // Four bodies of 64 KiB fit in 256 KiB at once: those four are sent twice, the other 36 once.
+    expect(upstream.seen.length).toBeGreaterThanOrEqual(41);
+    expect(upstream.seen.length).toBeLessThanOrEqual(44);
+    expect(peak).toBeGreaterThan(0);
+    expect(peak).toBeLessThanOrEqual(256 * 1024);
+    const m = await scrape(amb);
+    expect(m.get('ambassador_upstream_retries_skipped_total{route="default",reason="body"}')).toBe(40 - (upstream.seen.length - 40));
+    expect(m.get('ambassador_retry_body_bytes')).toBe(0);
   });
 });
