@@ -2587,13 +2587,29 @@ function clientAddress(c: Context<{ Bindings: Bindings }>): string | undefined {
 
 interface Listener {
   port: number;
-  /** Stops accepting and resolves once every connection has ended. */
+  /** How long it must go on accepting, every answer saying close, before `close` can stop it without
+   * cutting off a request already on its way (Deno's and Bun's servers close idle connections the moment
+   * they stop accepting); 0 where it stops accepting at once and closes connections only once idle. */
+  settleMs: number;
+  /** Stops accepting; closes each connection once it has had no request for DRAIN_IDLE_MS; resolves once
+   * every connection has ended. */
   close(): Promise<void>;
   /** Ends every connection now. */
   cutOff(): void;
   /** Open connections, where the runtime tells. */
   connections?(): number;
 }
+
+/** What a listener's drain waits on: request bodies still arriving, and requests not yet answered. */
+interface Work {
+  uploadsRead(): Promise<void>;
+  inFlight(): number;
+}
+
+/** During a drain, a connection is closed once it has carried no request this long: a request sent just
+ * as the one before it was answered is still read and answered (with `Connection: close`), where closing
+ * every idle connection at once resets it (Envoy's drain does the same). */
+const DRAIN_IDLE_MS = 1000;
 
 type FetchHandler = (req: Request, env: Bindings) => Response | Promise<Response>;
 
@@ -2800,11 +2816,24 @@ async function listenNode(fetchHandler: FetchHandler, host: string, port: number
   server.on('connect', (_req: unknown, socket: { end(data: string): void }) => {
     socket.end('HTTP/1.1 405 Method Not Allowed\r\nconnection: close\r\ncontent-length: 0\r\n\r\n');
   });
-  let open = 0;
-  server.on('connection', (socket: { once(event: 'close', f: () => void): void }) => {
-    open++;
-    socket.once('close', () => open--);
+  // Each connection's requests in progress, and since when it has had none: the drain closes a connection
+  // only once it has been idle DRAIN_IDLE_MS.
+  type Tracked = { destroy(): void; once(event: 'close', f: () => void): void };
+  const sockets = new Map<Tracked, { busy: number; idleSince: number }>();
+  server.on('connection', (socket: Tracked) => {
+    sockets.set(socket, { busy: 0, idleSince: performance.now() });
+    socket.once('close', () => sockets.delete(socket));
   });
+  server.on('request', (req: { socket: unknown }, res: { once(event: 'close', f: () => void): void }) => {
+    const state = sockets.get(req.socket as Tracked);
+    if (!state) return;
+    state.busy++;
+    res.once('close', () => {
+      state.busy--;
+      state.idleSince = performance.now();
+    });
+  });
+  const { Server: NetServer } = await import('node:net');
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(port, host, () => {
@@ -2815,17 +2844,23 @@ async function listenNode(fetchHandler: FetchHandler, host: string, port: number
   const address = server.address();
   return {
     port: typeof address === 'object' && address ? address.port : port,
+    settleMs: 0,
     close: () => new Promise<void>((resolve) => {
-      // A connection turns idle only after its last response, so closing idle ones once is not enough.
-      const sweep = setInterval(() => server.closeIdleConnections(), 50);
-      server.close(() => {
+      // A connection turns idle only after its last response, so idle ones are looked for again and again;
+      // a half-sent request head counts as idle too, so it cannot hold the drain.
+      const sweep = setInterval(() => {
+        const now = performance.now();
+        for (const [socket, state] of sockets) if (state.busy === 0 && now - state.idleSince >= DRAIN_IDLE_MS) socket.destroy();
+      }, 50);
+      // net.Server's close stops accepting; http.Server's (Node ≥ 19) would also close every idle connection
+      // at once, and reset a request already on its way on one.
+      NetServer.prototype.close.call(server, () => {
         clearInterval(sweep);
         resolve();
       });
-      server.closeIdleConnections();
     }),
     cutOff: () => server.closeAllConnections(),
-    connections: () => open,
+    connections: () => sockets.size,
   };
 }
 
@@ -2914,8 +2949,9 @@ function denoResolve(d: DenoLike): Resolve {
 }
 
 /** Deno's server cuts off request bodies still arriving when it shuts down, so `close` first waits for
- * `uploadsRead` (the drain's deadline still bounds it). */
-function listenDeno(d: DenoLike, fetchHandler: FetchHandler, host: string, port: number, uploadsRead: () => Promise<void>): Listener {
+ * `uploadsRead` (the drain's deadline still bounds it). It cannot stop accepting without closing idle
+ * connections at once: the drain lets it go on accepting for DRAIN_IDLE_MS first (`settleMs`). */
+function listenDeno(d: DenoLike, fetchHandler: FetchHandler, host: string, port: number, work: Work): Listener {
   const abort = new AbortController();
   const server = d.serve({
     hostname: host, port, signal: abort.signal, onListen: () => {},
@@ -2924,9 +2960,10 @@ function listenDeno(d: DenoLike, fetchHandler: FetchHandler, host: string, port:
   let closing = false;
   return {
     port: server.addr.port,
+    settleMs: DRAIN_IDLE_MS,
     close: async () => {
       closing = true;
-      await uploadsRead();
+      await work.uploadsRead();
       await server.shutdown();
     },
     // Aborting a server that is shutting down throws inside Deno; the exit that follows closes its sockets.
@@ -2934,18 +2971,134 @@ function listenDeno(d: DenoLike, fetchHandler: FetchHandler, host: string, port:
   };
 }
 
+// The admin port: one small server over node:net, the same on every runtime.
+
+/** The admin listener's bounds. It listens on every address by default (the kubelet's probes and
+ * Prometheus come from outside the pod), so no client may hold it: one request per connection, its head
+ * within ADMIN_HEAD_TIMEOUT_MS (a kubelet probe's own timeout is 1 s), and at most ADMIN_MAX_CONNECTIONS
+ * at once, a new one taking the place of the oldest still waiting for its head, so idle connections can
+ * neither use up the process's descriptors nor keep a probe out. (Deno's and Bun's servers have no idle or
+ * head timeouts to set, and Node's allow a minute.) */
+const ADMIN_HEAD_TIMEOUT_MS = 5_000;
+const ADMIN_MAX_CONNECTIONS = 64;
+const ADMIN_MAX_HEAD_BYTES = 8 * 1024;
+const ADMIN_REASONS: Record<number, string> = { 200: 'OK', 202: 'Accepted', 400: 'Bad Request', 403: 'Forbidden', 404: 'Not Found',
+  405: 'Method Not Allowed', 408: 'Request Timeout', 431: 'Request Header Fields Too Large', 500: 'Internal Server Error', 503: 'Service Unavailable' };
+
+/** Serves the admin app: reads one request head (no body: the admin endpoints take none), answers it, and
+ * closes the connection. */
+async function listenAdmin(fetchHandler: FetchHandler, host: string, port: number): Promise<Listener> {
+  const net = await import('node:net');
+  type Socket = InstanceType<typeof net.Socket>;
+  const sockets = new Set<Socket>();
+  const serving = new Set<Socket>(); // a request read, its answer not yet written: cutOff lets it finish
+  const answer = (socket: Socket, status: number, headers: Array<[string, string]>, body: Uint8Array) => {
+    let head = `HTTP/1.1 ${status} ${ADMIN_REASONS[status] ?? ''}\r\n`;
+    for (const [name, value] of headers) if (name !== 'content-length' && name !== 'connection' && name !== 'transfer-encoding') head += `${name}: ${value}\r\n`;
+    const bytes = new TextEncoder().encode(`${head}content-length: ${body.byteLength}\r\nconnection: close\r\n\r\n`);
+    socket.end(concat([bytes, body], bytes.byteLength + body.byteLength));
+  };
+  const refuse = (socket: Socket, status: number, text: string) => answer(socket, status, [['content-type', 'text/plain; charset=utf-8']], new TextEncoder().encode(`ambassador: ${text}\n`));
+  const serve = async (socket: Socket, head: string) => {
+    const [line, ...fields] = head.split('\r\n');
+    const request = /^([A-Z]{1,16}) (\/[\x21-\x7e]*) HTTP\/1\.[01]$/.exec(line);
+    if (!request) return refuse(socket, 400, 'a request line that is not HTTP/1.1');
+    const headers: Array<[string, string]> = [];
+    for (const field of fields) {
+      const m = /^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([\x20-\x7e\t]*?)[ \t]*$/.exec(field);
+      if (!m) return refuse(socket, 400, 'a header field that is not one');
+      const name = m[1].toLowerCase();
+      if ((name === 'content-length' && m[2] !== '0') || name === 'transfer-encoding') return refuse(socket, 400, 'the admin endpoints take no request body');
+      headers.push([name, m[2]]);
+    }
+    const [, method, target] = request;
+    let res: Response;
+    try {
+      res = await fetchHandler(new Request(`http://admin${target}`, { method, headers }), { remoteAddr: socket.remoteAddress });
+    } catch {
+      return refuse(socket, 400, 'a request the admin endpoints cannot read');
+    }
+    const body = method === 'HEAD' ? new Uint8Array(0) : new Uint8Array(await res.arrayBuffer());
+    answer(socket, res.status, [...res.headers], body);
+  };
+  const server = net.createServer((socket) => {
+    if (sockets.size >= ADMIN_MAX_CONNECTIONS) {
+      for (const waiting of sockets) {
+        if (serving.has(waiting)) continue;
+        waiting.destroy();
+        sockets.delete(waiting);
+        break;
+      }
+    }
+    sockets.add(socket);
+    socket.once('close', () => sockets.delete(socket));
+    socket.on('error', noop);
+    socket.setTimeout(ADMIN_HEAD_TIMEOUT_MS, () => socket.destroy());
+    let head = '';
+    const onData = (chunk: Uint8Array) => {
+      head += new TextDecoder('latin1').decode(chunk);
+      const end = head.indexOf('\r\n\r\n');
+      if (end < 0 && head.length <= ADMIN_MAX_HEAD_BYTES) return;
+      socket.off('data', onData);
+      if (end < 0 || end > ADMIN_MAX_HEAD_BYTES) return refuse(socket, 431, 'a request head larger than 8 KiB');
+      serving.add(socket);
+      void serve(socket, head.slice(0, end)).catch(() => socket.destroy()).finally(() => serving.delete(socket));
+    };
+    socket.on('data', onData);
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+  const address = server.address();
+  return {
+    port: typeof address === 'object' && address ? address.port : port,
+    settleMs: 0,
+    // Stops accepting, closes what is not being answered, and resolves once every answer has gone out.
+    close: () => new Promise<void>((resolve) => {
+      server.close(() => resolve());
+      for (const socket of sockets) if (!serving.has(socket)) socket.destroy();
+    }),
+    cutOff: () => {
+      server.close();
+      for (const socket of sockets) socket.destroy();
+    },
+  };
+}
+
 // Bun: Bun.serve, Bun's fetch.
 
-/** Bun's server stops accepting and closes idle connections itself (`stop`). Its idle timeout is off: Bun
- * counts a request waiting on a slow upstream as idle (and allows at most 255 s), while TRY_TIMEOUT_MS,
- * REQUEST_TIMEOUT_MS and BODY_IDLE_TIMEOUT_MS already bound every wait; idle connections are left to the
- * app's client to close. The body size is not capped, as on the other runtimes. */
-function listenBun(b: BunLike, fetchHandler: FetchHandler, host: string, port: number): Listener {
+/** Bun's server stops accepting and closes idle connections itself (`stop`), at once: the drain lets it go
+ * on accepting for DRAIN_IDLE_MS first (`settleMs`). A connection holding half a request head is not idle
+ * to Bun, so once no request has been in flight for DRAIN_IDLE_MS what is left is closed. Its idle timeout
+ * is off: Bun counts a request waiting on a slow upstream as idle (and allows at most 255 s), while
+ * TRY_TIMEOUT_MS, REQUEST_TIMEOUT_MS and BODY_IDLE_TIMEOUT_MS already bound every wait; idle connections
+ * are left to the app's client to close. The body size is not capped, as on the other runtimes. */
+function listenBun(b: BunLike, fetchHandler: FetchHandler, host: string, port: number, work: Work): Listener {
   const server = b.serve({
     hostname: host, port, idleTimeout: 0, maxRequestBodySize: Number.MAX_SAFE_INTEGER,
     fetch: (req, srv) => fetchHandler(req, { remoteAddr: srv.requestIP(req)?.address }),
   });
-  return { port: server.port, close: () => server.stop(), cutOff: () => void server.stop(true) };
+  return {
+    port: server.port,
+    settleMs: DRAIN_IDLE_MS,
+    close: () => new Promise<void>((resolve) => {
+      let quietSince = performance.now();
+      const sweep = setInterval(() => {
+        const now = performance.now();
+        if (work.inFlight() > 0) quietSince = now;
+        else if (now - quietSince >= DRAIN_IDLE_MS) void server.stop(true);
+      }, 50);
+      void server.stop().then(() => {
+        clearInterval(sweep);
+        resolve();
+      });
+    }),
+    cutOff: () => void server.stop(true),
+  };
 }
 
 /** Bun's upstream client: its fetch, with the route's TLS material per request (`tls`). An address found
@@ -3006,7 +3159,7 @@ interface Runtime {
   written?: Response;
   /** how a web response body is passed on (see `trackBody`) */
   streamBody?: typeof trackBody;
-  listen(fetchHandler: FetchHandler, host: string, port: number, uploadsRead: () => Promise<void>): Promise<Listener>;
+  listen(fetchHandler: FetchHandler, host: string, port: number, work: Work): Promise<Listener>;
   onSignal(signal: string, f: () => void): void;
   exit(code: number): never;
 }
@@ -3069,7 +3222,7 @@ function denoRuntime(d: DenoLike): Runtime {
   return {
     name: 'deno', readFile: (path) => d.readTextFileSync(path), checkTls: denoCheckTls(d), limits: fetchClientLimits('Deno', 'client', false),
     send: fetchSend(d, withLength), resolve: denoResolve(d),
-    listen: (fetchHandler, host, port, uploadsRead) => Promise.resolve(listenDeno(d, fetchHandler, host, port, uploadsRead)),
+    listen: (fetchHandler, host, port, work) => Promise.resolve(listenDeno(d, fetchHandler, host, port, work)),
     onSignal: (signal, f) => d.addSignalListener(signal, f), exit: (code) => d.exit(code),
   };
 }
@@ -3077,7 +3230,7 @@ function denoRuntime(d: DenoLike): Runtime {
 async function bunRuntime(b: BunLike): Promise<Runtime> {
   return {
     ...await nodeBuiltins(), name: 'bun', limits: fetchClientLimits('Bun', 'fetch', true), send: bunSend(subjectAltNameOnly(await import('node:tls'))), streamBody: trackBodyDirect,
-    listen: (fetchHandler, host, port) => Promise.resolve(listenBun(b, fetchHandler, host, port)),
+    listen: (fetchHandler, host, port, work) => Promise.resolve(listenBun(b, fetchHandler, host, port, work)),
   };
 }
 
@@ -3102,17 +3255,18 @@ export async function main(env: Record<string, string | undefined>): Promise<voi
     streamBody: runtime.streamBody });
 
   // Where the ambassador cannot listen is a configuration error too: it names the variables (exit 2).
-  const listenOn = async (fetchHandler: FetchHandler, names: [string, string], host: string, port: number, uploads?: () => Promise<void>) => {
+  const listenOn = async (names: [string, string], host: string, port: number, listen: () => Promise<Listener>) => {
     try {
-      return await runtime.listen(fetchHandler, host, port, uploads ?? (() => Promise.resolve()));
+      return await listen();
     } catch (err) {
       const problem = `${names[0]}=${JSON.stringify(host)}, ${names[1]}=${JSON.stringify(String(port))}: expected an address of this machine and a port free on it (${describeFailure(err)})`;
       console.error(`ambassador: ${new ConfigError([problem]).message}`);
       return runtime.exit(2);
     }
   };
-  const proxy = await listenOn(amb.proxy.fetch as FetchHandler, ['HOST', 'PORT'], config.host, config.port, amb.uploadsRead);
-  const admin = await listenOn(amb.admin.fetch as FetchHandler, ['ADMIN_HOST', 'ADMIN_PORT'], config.adminHost, config.adminPort);
+  const work: Work = { uploadsRead: amb.uploadsRead, inFlight: () => amb.inFlight.size };
+  const proxy = await listenOn(['HOST', 'PORT'], config.host, config.port, () => runtime.listen(amb.proxy.fetch as FetchHandler, config.host, config.port, work));
+  const admin = await listenOn(['ADMIN_HOST', 'ADMIN_PORT'], config.adminHost, config.adminPort, () => listenAdmin(amb.admin.fetch as FetchHandler, config.adminHost, config.adminPort));
   let signalled = false;
   const onStop = (signal: string) => {
     // Only a second signal forces the exit: a drain begun by POST /shutdown goes on when SIGTERM follows.
@@ -3185,9 +3339,9 @@ async function drain(signal: string, config: Config, amb: Ambassador, proxy: Lis
     timedOut = true;
     resolve();
   }, config.drainTimeoutMs));
-  if (config.drainGraceMs > 0) {
-    await Promise.race([new Promise((r) => setTimeout(r, Math.min(config.drainGraceMs, config.drainTimeoutMs))), deadline]);
-  }
+  // The grace, then (Deno, Bun) the time the server must go on accepting before it can stop cleanly.
+  const accepting = config.drainGraceMs + proxy.settleMs;
+  if (accepting > 0) await Promise.race([new Promise((r) => setTimeout(r, Math.min(accepting, config.drainTimeoutMs))), deadline]);
   log('notice', 'drain: no longer accepting connections', { in_flight: amb.inFlight.size });
   await Promise.race([proxy.close(), deadline]);
   if (timedOut) {
@@ -3195,7 +3349,8 @@ async function drain(signal: string, config: Config, amb: Ambassador, proxy: Lis
     log('warn', `drain: timed out after ${config.drainTimeoutMs} ms, cutting off ${cut.length} request(s)`, { cut_off: cut });
     proxy.cutOff();
   }
-  admin.cutOff();
+  // The admin answers being written (the 202 to POST /shutdown among them) go out first, briefly.
+  await Promise.race([admin.close(), new Promise((r) => setTimeout(r, 1000))]);
   log('notice', 'drain complete, exiting', { exit_code: 0 });
   exit(0);
 }

@@ -434,6 +434,43 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
     expect(m.get('ambassador_requests_total{route="default",method="POST",code="408"}')).toBe(2);
   });
 
+  it('holds no admin connection long: one answer each, a head within 5 s, and idle ones never keep a probe out', async () => {
+    const up = await startRawUpstream();
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
+    // An answered request's connection is closed by the ambassador.
+    const answered = await rawRequest(amb.adminPort, 'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n', 3000);
+    expect(answered).toMatch(/^HTTP\/1\.1 200 OK\r\n[\s\S]*\r\n\r\nok\n$/);
+    // A flood of connections that send nothing: the admin holds at most 64 of them, and still answers.
+    const descriptors = () => readdirSync(`/proc/${amb.pid}/fd`).length;
+    const baseline = descriptors();
+    const idle: net.Socket[] = [];
+    for (let i = 0; i < 200; i++) {
+      const s = net.connect(amb.adminPort, '127.0.0.1');
+      s.on('error', () => {});
+      idle.push(s);
+    }
+    await sleep(500);
+    expect(descriptors() - baseline).toBeLessThanOrEqual(64);
+    const t0 = performance.now();
+    expect((await fetch(`${amb.adminUrl}/readyz`)).status).toBe(200);
+    expect(performance.now() - t0).toBeLessThan(1000);
+    // A connection that never finishes its head is closed after ADMIN_HEAD_TIMEOUT_MS (5 s).
+    const slow = net.connect(amb.adminPort, '127.0.0.1');
+    slow.on('error', () => {});
+    slow.write('GET /metrics HTTP/1.1\r\nHost: ');
+    const closedAfter = await new Promise<number>((resolve) => {
+      const start = performance.now();
+      slow.on('close', () => resolve(performance.now() - start));
+    });
+    expect(closedAfter).toBeGreaterThan(4000);
+    expect(closedAfter).toBeLessThan(8000);
+    for (const s of idle) s.destroy();
+    // Requests it cannot take are answered, not held: a body, and a head that is not HTTP.
+    expect(statusOf(await rawRequest(amb.adminPort, 'POST /shutdown HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello', 3000))).toBe(400);
+    expect(statusOf(await rawRequest(amb.adminPort, 'GARBAGE\r\n\r\n', 3000))).toBe(400);
+    expect(amb.child.exitCode).toBe(null);
+  });
+
   it('never lets a query string reach the log or the answer when an attempt fails', async () => {
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: `http://127.0.0.1:${await deadPort()}`, RETRY_ATTEMPTS: '2', LOG_LEVEL: 'debug' });
     const res = await fetch(`${amb.url}/x?token=SEKRIT&user=me`);
