@@ -760,6 +760,8 @@ export interface Balanced {
   /** peak-sensitive moving average of response time, in ms (Linkerd's PeakEWMA), as of `lastSampleAt` */
   ewmaMs: number;
   lastSampleAt: number;
+  /** when an attempt last failed here, for the failure penalty (`penaltyAt`); absent: never, or not counted */
+  failedAt?: number;
 }
 
 /** Power of two choices (Mitzenmacher): two endpoints at random, the less loaded wins. The load is the
@@ -774,12 +776,22 @@ export function pickEndpoint<E extends Balanced>(candidates: readonly E[], avoid
   const i = Math.floor(random() * from.length);
   let j = Math.floor(random() * (from.length - 1));
   if (j >= i) j++;
-  const cost = (e: E) => (ewmaAt(e, now) + 1) * (e.inFlight + 1);
+  const cost = (e: E) => (ewmaAt(e, now) + penaltyAt(e, now) + 1) * (e.inFlight + 1);
   return cost(from[j]) < cost(from[i]) ? from[j] : from[i];
 }
 
-/** What a failed attempt (refused, reset, timed out, 5xx) counts as in an endpoint's latency average. */
+/** A failed attempt (refused, reset, timed out, a 5xx) weighs as a response this slow (Finagle's and
+ * Linkerd's failure penalty), fading with FAILURE_DECAY_MS: a refusing endpoint answers fastest of all and
+ * would otherwise win every pick. It fades fast (against a 1 ms endpoint it is tried again within about six
+ * seconds), so one that is back is soon used again. Counted only where no breaker acts on failures: a
+ * breaker ejects a failing endpoint within its first few failures and decides by probes when it is back,
+ * and a penalty on top would keep from it the failures it counts and the probes that re-admit it. */
 const FAILURE_PENALTY_MS = 1000;
+const FAILURE_DECAY_MS = 1000;
+
+export function penaltyAt(e: Balanced, now: number): number {
+  return e.failedAt === undefined ? 0 : FAILURE_PENALTY_MS * Math.exp(-Math.max(0, now - e.failedAt) / FAILURE_DECAY_MS);
+}
 
 /** EWMA decay time (Linkerd's default): a sample this old weighs 1/e of a fresh one. */
 const EWMA_DECAY_MS = 10_000;
@@ -2241,10 +2253,10 @@ function createProxy(config: Config, routes: Map<string, RouteState>, state: Pro
         endpoint.inFlight--;
       }
       const now = clock.now();
-      // A failure costs the balancer as a slow answer would (Finagle's and Linkerd's failure penalty): a
-      // refusing endpoint answers fastest of all and would otherwise win every pick the breaker leaves it.
+      // Without a breaker, a failure costs in the balancer (`penaltyAt`).
+      if (res) updateEwma(endpoint, now - tryStarted, now);
       const failed = !gone.aborted && !appFault && (res === undefined || res.status >= 500);
-      if (res || failed) updateEwma(endpoint, failed ? Math.max(now - tryStarted, FAILURE_PENALTY_MS) : now - tryStarted, now);
+      if (failed && route.breakerFailures === 0) endpoint.failedAt = now;
       // What this attempt says of the endpoint: an answer below 500 is health; 5xx, a refused or broken
       // connection and a timeout are failures; the app going away, or its request at fault, says nothing.
       const change = endpoint.breaker.record(now, gone.aborted || appFault ? undefined : res !== undefined && res.status < 500, probe);
@@ -2834,16 +2846,8 @@ async function listenNode(fetchHandler: FetchHandler, host: string, port: number
     });
   });
   const { Server: NetServer } = await import('node:net');
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(port, host, () => {
-      server.off('error', reject);
-      resolve();
-    });
-  });
-  const address = server.address();
   return {
-    port: typeof address === 'object' && address ? address.port : port,
+    port: await listenOnPort(server, host, port),
     settleMs: 0,
     close: () => new Promise<void>((resolve) => {
       // A connection turns idle only after its last response, so idle ones are looked for again and again;
@@ -2862,6 +2866,18 @@ async function listenNode(fetchHandler: FetchHandler, host: string, port: number
     cutOff: () => server.closeAllConnections(),
     connections: () => sockets.size,
   };
+}
+
+/** Has a node:net or node:http server listen on host:port, and says which port it got (port 0: any). */
+function listenOnPort(server: Pick<import('node:net').Server, 'once' | 'off' | 'listen' | 'address'>, host: string, port: number): Promise<number> {
+  return new Promise<number>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => {
+      server.off('error', reject);
+      const address = server.address();
+      resolve(typeof address === 'object' && address ? address.port : port);
+    });
+  });
 }
 
 // Deno: fetch (node:http for a streamed upload with a length), Deno's resolver, Deno.serve.
@@ -3046,16 +3062,8 @@ async function listenAdmin(fetchHandler: FetchHandler, host: string, port: numbe
     };
     socket.on('data', onData);
   });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(port, host, () => {
-      server.off('error', reject);
-      resolve();
-    });
-  });
-  const address = server.address();
   return {
-    port: typeof address === 'object' && address ? address.port : port,
+    port: await listenOnPort(server, host, port),
     settleMs: 0,
     // Stops accepting, closes what is not being answered, and resolves once every answer has gone out.
     close: () => new Promise<void>((resolve) => {

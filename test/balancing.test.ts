@@ -1,7 +1,7 @@
 /** Load balancing by power of two choices over in-flight requests and a latency average: the policy with
  * a fixed random sequence, then real upstreams of different speeds, counted at the upstream. */
 import { describe, expect, it } from 'vitest';
-import { ewmaAt, pickEndpoint, updateEwma } from '../ambassador.ts';
+import { ewmaAt, penaltyAt, pickEndpoint, updateEwma } from '../ambassador.ts';
 import { RUNTIMES, deadPort, scrape, startAmbassador, startUpstream, stopAfterEach } from './helpers.ts';
 
 /** A random source that plays back the given numbers. */
@@ -33,6 +33,20 @@ describe('pickEndpoint', () => {
     expect(pickEndpoint([a, b], new Set([a]), 0, sequence(0, 0))).toBe(b);
     expect(pickEndpoint([a, b], new Set([a, b]), 0, sequence(0, 0.9))).toBe(a);
     expect(pickEndpoint([], new Set(), 0, Math.random)).toBeUndefined();
+  });
+});
+
+describe('the failure penalty', () => {
+  it('makes an endpoint whose attempt just failed lose the pick, and lets it win again once the penalty fades', () => {
+    const failing = { name: 'failing', ewmaMs: 0, inFlight: 0, lastSampleAt: 0, failedAt: 1000 };
+    const healthy = { name: 'healthy', ewmaMs: 2, inFlight: 0, lastSampleAt: 1000 };
+    expect(penaltyAt(failing, 1000)).toBe(1000);
+    expect(pickEndpoint([failing, healthy], new Set(), 1000, sequence(0, 0))).toBe(healthy);
+    expect(pickEndpoint([failing, healthy], new Set(), 4000, sequence(0, 0))).toBe(healthy);
+    // Seven seconds on, the penalty (1000 ms, fading over 1 s) is below a 2 ms endpoint's cost.
+    expect(penaltyAt(failing, 8000)).toBeLessThan(1);
+    expect(pickEndpoint([failing, healthy], new Set(), 8000, sequence(0, 0))).toBe(failing);
+    expect(penaltyAt(healthy, 1000)).toBe(0);
   });
 });
 

@@ -1,7 +1,8 @@
 /** Real servers and real processes for the tests: an upstream that records what it received, the
  * ambassador started as a child process (Node bundle or Deno), and a port nothing listens on. */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
 import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
@@ -64,6 +65,16 @@ export async function startUpstream(handler: UpstreamHandler = (_q, res) => res.
   });
   started.push(close);
   return { url: `http://${host}:${port}`, port, seen, server, close };
+}
+
+/** A routes file (`{"routes": [...]}`) in a temporary folder of its own, removed after the test (for files
+ * that call `stopAfterEach`). */
+export function routesFile(routes: unknown[]): string {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'ambassador-routes-'));
+  const file = path.join(dir, 'routes.json');
+  writeFileSync(file, JSON.stringify({ routes }));
+  started.push(async () => rmSync(dir, { recursive: true, force: true }));
+  return file;
 }
 
 /** A port on which nothing listens: bound, then closed (connections to it are refused). */

@@ -1,12 +1,10 @@
 /** Hostile or broken input from the client side. Each gets a 4xx or a closed connection; nothing reaches
  * any host but the configured upstream, and no request is smuggled past the one the app sent; the
  * ambassador keeps serving throughout with bounded memory. */
-import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { readdirSync } from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
-import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { stackOf, RUNTIMES, deadPort, memoryOf, openConnections, rawRequest, scrape, sleep, startAmbassador, startRawUpstream, startUpstream, stopAfterEach, waitFor, type AmbassadorProc, type Upstream } from './helpers.ts';
+import { stackOf, RUNTIMES, deadPort, memoryOf, openConnections, rawRequest, routesFile, scrape, sleep, startAmbassador, startRawUpstream, startUpstream, stopAfterEach, waitFor, type AmbassadorProc, type Upstream } from './helpers.ts';
 
 const statusOf = (raw: string) => Number(/^HTTP\/1\.1 (\d{3})/.exec(raw)?.[1] ?? 0);
 
@@ -194,67 +192,47 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
 
   it('keeps a stripPrefix route\'s paths under what its prefix maps to', async () => {
     const up = await startRawUpstream();
-    const dir = mkdtempSync(path.join(os.tmpdir(), 'ambassador-dots-'));
-    const file = path.join(dir, 'routes.json');
-    writeFileSync(file, JSON.stringify({ routes: [{ name: 's', prefix: '/s', stripPrefix: true, upstream: `${up.url}/base` }] }));
-    try {
-      const amb = await startAmbassador(runtime, { ROUTES_FILE: file });
-      for (const [target, status, seen] of [['/s/../s/t', 200, '/base/t'], ['/s/%2e%2e/s/u', 200, '/base/u'], ['/s/../other', 404, undefined], ['/s/..%2f..%2fother', 400, undefined]] as const) {
-        const before = up.requests.length;
-        const r = await exchange(amb.port, `GET ${target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`);
-        expect(r.status, target).toBe(status);
-        expect(up.requests.slice(before).map((q) => q.target), target).toEqual(seen ? [seen] : []);
-      }
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
+    const amb = await startAmbassador(runtime, { ROUTES_FILE: routesFile([{ name: 's', prefix: '/s', stripPrefix: true, upstream: `${up.url}/base` }]) });
+    for (const [target, status, seen] of [['/s/../s/t', 200, '/base/t'], ['/s/%2e%2e/s/u', 200, '/base/u'], ['/s/../other', 404, undefined], ['/s/..%2f..%2fother', 400, undefined]] as const) {
+      const before = up.requests.length;
+      const r = await exchange(amb.port, `GET ${target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`);
+      expect(r.status, target).toBe(status);
+      expect(up.requests.slice(before).map((q) => q.target), target).toEqual(seen ? [seen] : []);
     }
   });
 
   it('refuses a request target with a fragment (400), so no parser can read a dot segment out of it', async () => {
     const up = await startRawUpstream();
-    const dir = mkdtempSync(path.join(os.tmpdir(), 'ambassador-fragment-'));
-    const file = path.join(dir, 'routes.json');
-    writeFileSync(file, JSON.stringify({ routes: [
+    const amb = await startAmbassador(runtime, { ROUTES_FILE: routesFile([
       { name: 's', prefix: '/s', stripPrefix: true, upstream: `${up.url}/base` },
       { name: 'api', prefix: '/', upstream: `${up.url}/api/v1` },
-    ] }));
-    try {
-      const amb = await startAmbassador(runtime, { ROUTES_FILE: file });
-      for (const target of ['/..#', '/a/..#x', '/s/..#', '/a#frag', '/a?q=1#frag', '/s/x#', '/#']) {
-        const r = await exchange(amb.port, `GET ${target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`);
-        expect(r.status, target).toBe(400);
-      }
-      expect(up.requests).toEqual([]);
-      // An encoded # is part of a name, not a fragment.
-      expect((await exchange(amb.port, 'GET /a%23b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')).status).toBe(200);
-      expect(up.requests.map((q) => q.target)).toEqual(['/api/v1/a%23b']);
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
+    ]) });
+    for (const target of ['/..#', '/a/..#x', '/s/..#', '/a#frag', '/a?q=1#frag', '/s/x#', '/#']) {
+      const r = await exchange(amb.port, `GET ${target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`);
+      expect(r.status, target).toBe(400);
     }
+    expect(up.requests).toEqual([]);
+    // An encoded # is part of a name, not a fragment.
+    expect((await exchange(amb.port, 'GET /a%23b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')).status).toBe(200);
+    expect(up.requests.map((q) => q.target)).toEqual(['/api/v1/a%23b']);
   });
 
   it('reads Host case-insensitively and with its default port, as a URL would, and refuses only a target that names another host', async () => {
     const up = await startRawUpstream();
-    const dir = mkdtempSync(path.join(os.tmpdir(), 'ambassador-hostcase-'));
-    const file = path.join(dir, 'routes.json');
-    writeFileSync(file, JSON.stringify({ routes: [{ name: 'shop', host: 'shop.local', prefix: '/', upstream: `${up.url}/shop` }, { name: 'other', prefix: '/', upstream: `${up.url}/other` }] }));
-    try {
-      const amb = await startAmbassador(runtime, { ROUTES_FILE: file });
-      for (const host of ['Shop.Local', 'SHOP.LOCAL:8080', 'shop.local:80', 'SHOP.local:0080']) {
-        const before = up.requests.length;
-        const r = await exchange(amb.port, `GET /a HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`);
-        expect(r.status, host).toBe(200);
-        expect(up.requests.slice(before).map((q) => q.target), host).toEqual(['/shop/a']);
-      }
+    const file = routesFile([{ name: 'shop', host: 'shop.local', prefix: '/', upstream: `${up.url}/shop` }, { name: 'other', prefix: '/', upstream: `${up.url}/other` }]);
+    const amb = await startAmbassador(runtime, { ROUTES_FILE: file });
+    for (const host of ['Shop.Local', 'SHOP.LOCAL:8080', 'shop.local:80', 'SHOP.local:0080']) {
       const before = up.requests.length;
-      const absolute = await exchange(amb.port, 'GET http://elsewhere/a HTTP/1.1\r\nHost: shop.local\r\nConnection: close\r\n\r\n');
-      // Bun's server drops an absolute-form target's authority before the handler (see forwarding.test.ts):
-      // the request is read as GET /a on its Host, and goes to that route's upstream.
-      expect(absolute.status).toBe(stackOf(runtime) === 'bun' ? 200 : 400);
-      expect(up.requests.slice(before).map((q) => q.target)).toEqual(stackOf(runtime) === 'bun' ? ['/shop/a'] : []);
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
+      const r = await exchange(amb.port, `GET /a HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`);
+      expect(r.status, host).toBe(200);
+      expect(up.requests.slice(before).map((q) => q.target), host).toEqual(['/shop/a']);
     }
+    const before = up.requests.length;
+    const absolute = await exchange(amb.port, 'GET http://elsewhere/a HTTP/1.1\r\nHost: shop.local\r\nConnection: close\r\n\r\n');
+    // Bun's server drops an absolute-form target's authority before the handler (see forwarding.test.ts):
+    // the request is read as GET /a on its Host, and goes to that route's upstream.
+    expect(absolute.status).toBe(stackOf(runtime) === 'bun' ? 200 : 400);
+    expect(up.requests.slice(before).map((q) => q.target)).toEqual(stackOf(runtime) === 'bun' ? ['/shop/a'] : []);
   });
 
   it('refuses a target carrying raw bytes that are not UTF-8 (400) on every runtime, never U+FFFD in their place', async () => {
