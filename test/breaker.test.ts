@@ -2,7 +2,7 @@
  * and coming back, with every request counted at the upstream and the state read from /metrics. */
 import { describe, expect, it } from 'vitest';
 import { Breaker } from '../ambassador.ts';
-import { RUNTIMES, deadPort, scrape, sleep, startAmbassador, startUpstream, stopAfterEach, type Upstream } from './helpers.ts';
+import { RUNTIMES, deadPort, scrape, sleep, startAmbassador, startUpstream, stopAfterEach, waitFor, type Upstream } from './helpers.ts';
 
 describe('Breaker', () => {
   const make = () => new Breaker({ failures: 3, openMs: 1000, openMaxMs: 4000, probes: 1 });
@@ -182,5 +182,39 @@ describe.each(RUNTIMES)('circuit breaking on real upstreams (%s)', (runtime) => 
     release();
     expect((await probe).status).toBe(200);
     expect((await fetch(`${amb.url}/x`)).status).toBe(200);
+  });
+
+  it('answers Retry-After with the seconds until the first ejection ends, when every endpoint is ejected', async () => {
+    const a = await ok('a');
+    const b = await ok('b');
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: `${a.url},${b.url}`, BREAKER_FAILURES: '1', BREAKER_OPEN_MS: '10000', RETRY_ATTEMPTS: '1' });
+    await a.close();
+    await waitFor('a ejected', async () => {
+      await fetch(`${amb.url}/x`);
+      return state(await scrape(amb), key(a), 'open') === 1;
+    });
+    const firstEjected = performance.now();
+    await sleep(3000 - (performance.now() - firstEjected));
+    await b.close();
+    expect((await fetch(`${amb.url}/x`)).status).toBe(502); // b refuses, and is ejected 3 s after a
+    const all = await fetch(`${amb.url}/x`);
+    expect(all.status).toBe(503);
+    // a's ejection ends 7 s from now, b's 10 s from now: the app may come back when the first one ends.
+    expect(all.headers.get('retry-after')).toBe('7');
+  });
+
+  it('doubles an ejection that follows soon after the last, end to end', async () => {
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: `http://127.0.0.1:${await deadPort()}`, BREAKER_FAILURES: '1', BREAKER_OPEN_MS: '400', RETRY_ATTEMPTS: '1' });
+    const ejections = () => amb.logs().filter((l) => String(l.msg).includes('ejected for')).map((l) => l.open_ms);
+    expect((await fetch(`${amb.url}/x`)).status).toBe(502);
+    await waitFor('the first ejection', () => ejections().length === 1);
+    // Once it is over, the probe fails too: the next ejection is twice as long, and the one after that 4×.
+    for (const n of [2, 3]) {
+      await waitFor(`ejection ${n}`, async () => {
+        await fetch(`${amb.url}/x`);
+        return ejections().length === n;
+      }, 10_000);
+    }
+    expect(ejections()).toEqual([400, 800, 1600]);
   });
 });

@@ -157,6 +157,47 @@ describe.each(RUNTIMES)('drain under keep-alive load (%s)', (runtime) => {
     expect(performance.now() - t0).toBeLessThan(8000);
   });
 
+  it('closes a keep-alive connection that turns idle after SIGTERM, and exits soon after its last body ends', async () => {
+    const upstream = await startUpstream((_q, res) => {
+      res.writeHead(200, { 'content-type': 'text/plain' });
+      let n = 0;
+      res.write(`part ${n++}\n`); // the head goes out with the first part, before SIGTERM
+      const timer = setInterval(() => {
+        res.write(`part ${n}\n`);
+        if (++n === 8) {
+          clearInterval(timer);
+          res.end();
+        }
+      }, 200);
+    });
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
+    const agent = new http.Agent({ keepAlive: true }); // the app keeps the connection open after the answer
+    let firstPart!: () => void;
+    const started = new Promise<void>((r) => (firstPart = r));
+    const answer = new Promise<{ body: string; connection: string | undefined }>((resolve, reject) => {
+      http.get(`${amb.url}/slow-body`, { agent }, (res) => {
+        let body = '';
+        res.on('data', (c) => {
+          body += c;
+          firstPart();
+        });
+        res.on('end', () => resolve({ body, connection: res.headers.connection }));
+        res.on('error', reject);
+      }).on('error', reject);
+    });
+    await started;
+    amb.kill('SIGTERM');
+    const res = await answer;
+    const ended = performance.now();
+    expect(res.body.split('\n').filter(Boolean)).toHaveLength(8);
+    expect(res.connection).not.toBe('close'); // its head went out before the drain began
+    expect((await amb.exited).code).toBe(0);
+    // The connection turned idle after its body: the drain closes it within about a second, well before
+    // DRAIN_TIMEOUT_MS (20 s).
+    expect(performance.now() - ended).toBeLessThan(4000);
+    agent.destroy();
+  });
+
   it('does not let a half-sent request head hold the drain until DRAIN_TIMEOUT_MS', async () => {
     const upstream = await startUpstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });

@@ -124,6 +124,21 @@ describe.each(RUNTIMES)('upstream faults (%s)', (runtime) => {
     await stillServing();
   });
 
+  it('cuts a stalled response body after BODY_IDLE_TIMEOUT_MS, not after the much shorter TRY_TIMEOUT_MS', async () => {
+    const own = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, BODY_IDLE_TIMEOUT_MS: '1000', TRY_TIMEOUT_MS: '200' });
+    try {
+      const res = await fetch(`${own.url}/stall-body`);
+      expect(res.status).toBe(200);
+      const t0 = performance.now();
+      await expect(res.text()).rejects.toThrow();
+      const took = performance.now() - t0;
+      expect(took).toBeGreaterThanOrEqual(900);
+      expect(took).toBeLessThan(3000);
+    } finally {
+      await own.stop();
+    }
+  });
+
   it('sends garbage instead of HTTP: 502, retried as a GET may be', async () => {
     const res = await fetch(`${amb.url}/garbage`);
     expect(res.status).toBe(502);

@@ -157,6 +157,12 @@ describe.each(RUNTIMES)('forwarding (%s)', (runtime) => {
     expect((await fetch(`${amb.adminUrl}/readyz`)).status).toBe(200);
     expect((await fetch(`${amb.adminUrl}/items`)).status).toBe(404);
   });
+
+  it('appends the app\'s peer to an X-Forwarded-For the app already sent, keeping what was there', async () => {
+    const before = upstream.seen.length;
+    expect((await fetch(`${amb.url}/xff`, { headers: { 'x-forwarded-for': '203.0.113.7, 10.1.2.3' } })).status).toBe(200);
+    expect(upstream.seen[before].headers['x-forwarded-for']).toBe('203.0.113.7, 10.1.2.3, 127.0.0.1');
+  });
 });
 
 function dechunk(buf: Buffer): Buffer {

@@ -264,4 +264,41 @@ describe.each(RUNTIMES)('retries (%s)', (runtime) => {
     expect(m.get('ambassador_upstream_retries_skipped_total{route="default",reason="body"}')).toBe(40 - (upstream.seen.length - 40));
     expect(m.get('ambassador_retry_body_bytes')).toBe(0);
   });
+
+  it('replays a body of exactly RETRY_BODY_MAX_BYTES, and sends one byte more only once', async () => {
+    upstream = await startUpstream((_q, res) => {
+      res.writeHead(503);
+      res.end('busy');
+    });
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, RETRY_BODY_MAX_BYTES: '1024', BREAKER_FAILURES: '0' });
+    expect((await fetch(`${amb.url}/at-limit`, { method: 'PUT', body: new Uint8Array(1024).fill(97) })).status).toBe(503);
+    expect(upstream.seen.map((s) => `${s.url} ${s.body.length}`)).toEqual(Array(3).fill('/at-limit 1024'));
+    expect((await fetch(`${amb.url}/past-limit`, { method: 'PUT', body: new Uint8Array(1025).fill(98) })).status).toBe(503);
+    expect(upstream.seen.slice(3).map((s) => `${s.url} ${s.body.length}`)).toEqual(['/past-limit 1025']);
+    // The same two sizes sent chunked, with no Content-Length to decide by: the bytes read decide.
+    const chunked = (size: number) => new ReadableStream<Uint8Array>({
+      start(c) {
+        c.enqueue(new Uint8Array(size - 1).fill(99));
+        c.enqueue(new Uint8Array(1).fill(99));
+        c.close();
+      },
+    });
+    for (const [name, size, times] of [['chunked-at-limit', 1024, 3], ['chunked-past-limit', 1025, 1]] as const) {
+      const before = upstream.seen.length;
+      const res = await fetch(`${amb.url}/${name}`, { method: 'PUT', body: chunked(size), duplex: 'half' } as RequestInit);
+      expect(res.status, name).toBe(503);
+      expect(upstream.seen.slice(before).map((s) => `${s.url} ${s.body.length}`), name).toEqual(Array(times).fill(`/${name} ${size}`));
+    }
+  });
+
+  it('sends a retry to another endpoint than the one that failed, so one dead endpoint costs the app nothing', async () => {
+    upstream = await startUpstream((_q, res) => res.end('alive'));
+    const dead = `127.0.0.1:${await deadPort()}`;
+    // A breaker that never trips (100 failures), so neither it nor the balancer's failure penalty (counted
+    // only without a breaker) keeps the dead endpoint away: only the retry's choice of endpoint does.
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: `http://${dead},${upstream.url}`, BREAKER_FAILURES: '100', RETRY_ATTEMPTS: '2', LOG_LEVEL: 'warn' });
+    for (let i = 0; i < 20; i++) expect((await fetch(`${amb.url}/x`)).status).toBe(200);
+    expect(upstream.seen.length).toBe(20);
+    expect((await scrape(amb)).get(`ambassador_upstream_endpoint_requests_total{route="default",endpoint="${dead}"}`)).toBeGreaterThan(0);
+  });
 });

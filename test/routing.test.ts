@@ -182,4 +182,19 @@ describe.each(RUNTIMES)('routing through one ambassador (%s)', (runtime) => {
     expect((await p.exited).code).toBe(2);
     expect(p.stderr.join('\n')).toContain(`ROUTES_FILE=${JSON.stringify(file)}: routes[0].tryTimeoutMs: expected a whole number from 0 to 2147483647, got "soon"`);
   });
+
+  it('matches a prefix at whole path segments only, end to end: /inventory takes /inventory/42, not /inventory-old', async () => {
+    const inventory = await startUpstream((q, res) => res.end(`inventory ${q.url}`));
+    const rest = await startUpstream((q, res) => res.end(`rest ${q.url}`));
+    const file = routesFile({ routes: [
+      { name: 'inventory', prefix: '/inventory', upstream: inventory.url },
+      { name: 'rest', prefix: '/', upstream: rest.url },
+    ] });
+    const amb = await startAmbassador(runtime, { ROUTES_FILE: file });
+    const text = async (p: string) => (await fetch(`${amb.url}${p}`)).text();
+    expect(await text('/inventory')).toBe('inventory /inventory');
+    expect(await text('/inventory/42')).toBe('inventory /inventory/42');
+    expect(await text('/inventory-old')).toBe('rest /inventory-old');
+    expect(await text('/inventoryx/1')).toBe('rest /inventoryx/1');
+  });
 });
