@@ -3283,7 +3283,8 @@ export async function main(env: Record<string, string | undefined>): Promise<voi
       return runtime.exit(1);
     }
     signalled = true;
-    if (!amb.draining) void drain(signal, config, amb, proxy, admin, log, runtime.exit);
+    if (amb.draining) log('notice', `${signal}: a drain is already under way; a second signal exits at once`);
+    else void drain(signal, config, amb, proxy, admin, log, runtime.exit);
   };
   // SIGTERM and SIGINT drain. SIGHUP, which would end the process at once by default, is ignored with a
   // log line: there is nothing to reload, and a closing terminal must not cut requests off.

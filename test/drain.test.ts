@@ -3,7 +3,7 @@
 import http from 'node:http';
 import net from 'node:net';
 import { describe, expect, it } from 'vitest';
-import { RUNTIMES, sleep, stackOf, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach, waitFor } from './helpers.ts';
+import { RUNTIMES, openConnections, sleep, stackOf, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach, waitFor } from './helpers.ts';
 
 function get(url: string, agent?: http.Agent): Promise<{ status: number; body: string; headers: http.IncomingHttpHeaders }> {
   return new Promise((resolve, reject) => {
@@ -48,7 +48,12 @@ describe.each(RUNTIMES)('drain on SIGTERM (%s)', (runtime) => {
     await waitFor('the request at the upstream', () => upstream!.seen.length === 1);
     amb.kill('SIGTERM');
     await amb.waitForLine((l) => l.includes('no longer accepting'));
-    await sleep(100); // the listener closes right after that line
+    // The listener closes right after that line.
+    await waitFor('the listener closed', () => new Promise<boolean>((resolve) => {
+      const s = net.connect(amb!.port, '127.0.0.1');
+      s.on('connect', () => (s.destroy(), resolve(false)));
+      s.on('error', () => resolve(true));
+    }), 3000);
     // A fresh connection after the listener closed is refused: nothing was accepted, so the app's client
     // knows it may send the request elsewhere. (A reset after the request went out would not say that.)
     const late = await get(`${amb.url}/late`, new http.Agent({ keepAlive: false })).then((r) => `answered ${r.status}`, (e: NodeJS.ErrnoException) => e.code);
@@ -74,7 +79,6 @@ describe.each(RUNTIMES)('drain on SIGTERM (%s)', (runtime) => {
     amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, DRAIN_GRACE_MS: '1500' });
     amb.kill('SIGTERM');
     await amb.waitForLine((l) => l.includes('drain started'));
-    await sleep(500);
     const res = await get(`${amb.url}/during-grace`);
     expect(res.status).toBe(200);
     expect(res.headers.connection).toBe('close');
@@ -206,7 +210,7 @@ describe.each(RUNTIMES)('drain under keep-alive load (%s)', (runtime) => {
       s.on('error', () => {});
     });
     half.write('GET /never-finished HTTP/1.1\r\nHost: x\r\nX-Part: ');
-    await sleep(100);
+    await waitFor('the half-sent head at the ambassador', () => openConnections(amb.port).established >= 1);
     const t0 = performance.now();
     amb.kill('SIGTERM');
     expect((await amb.exited).code).toBe(0);
@@ -244,7 +248,7 @@ describe.each(RUNTIMES)('drain with work still arriving, and other signals (%s)'
       const upstream = await startUpstream((_q, res, seen) => res.end(`got ${seen.body.length}`));
       const amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
       const upload = slowUpload(`${amb.url}/upload`, 12, withLength);
-      await sleep(350);
+      await waitFor('the upload under way at the upstream', () => upstream.seen.length === 1);
       amb.kill('SIGTERM');
       expect(await upload).toEqual({ status: 200, body: `got ${12 * 16384}` });
       expect((await amb.exited).code).toBe(0);
@@ -258,7 +262,7 @@ describe.each(RUNTIMES)('drain with work still arriving, and other signals (%s)'
     await waitFor('the request at the upstream', () => upstream.seen.length === 1);
     expect((await fetch(`${amb.adminUrl}/shutdown`, { method: 'POST' })).status).toBe(202);
     amb.kill('SIGTERM');
-    await sleep(200);
+    await amb.waitForLine((l) => l.includes('SIGTERM: a drain is already under way'));
     expect(amb.child.exitCode).toBeNull(); // still draining
     expect(await inFlight).toMatchObject({ status: 200, body: 'finished' });
     expect((await amb.exited).code).toBe(0);

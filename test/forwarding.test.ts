@@ -108,15 +108,11 @@ describe.each(RUNTIMES)('forwarding (%s)', (runtime) => {
     expect(upstream.seen[before].headers['accept-encoding']).toBe('identity');
     const raw = await rawRequest(amb.port, 'GET /gzip HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n');
     const [head] = raw.split('\r\n\r\n');
-    if (/content-encoding: gzip/i.test(head)) {
-      // Passed through still compressed: the body must really be gzip.
-      const body = Buffer.from(raw.slice(raw.indexOf('\r\n\r\n') + 4), 'latin1');
-      const dechunked = /transfer-encoding: chunked/i.test(head) ? dechunk(body) : body;
-      expect(zlib.gunzipSync(dechunked).toString()).toBe('compressed hello');
-    } else {
-      expect(raw).toContain('compressed hello');
-      expect(head).not.toMatch(/content-length: (?!16\b)/i);
-    }
+    // Passed through still compressed on every runtime, labelled so: the body must really be gzip.
+    expect(head).toMatch(/\r\ncontent-encoding: gzip\r\n/i);
+    const body = Buffer.from(raw.slice(raw.indexOf('\r\n\r\n') + 4), 'latin1');
+    const dechunked = /transfer-encoding: chunked/i.test(head) ? dechunk(body) : body;
+    expect(zlib.gunzipSync(dechunked).toString()).toBe('compressed hello');
   });
 
   it('answers a 204 with no body', async () => {
@@ -128,7 +124,7 @@ describe.each(RUNTIMES)('forwarding (%s)', (runtime) => {
   it('refuses CONNECT, absolute-form targets to other hosts and TRACE, and sends nothing upstream for them', async () => {
     const before = upstream.seen.length;
     const connect = await rawRequest(amb.port, 'CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n', 1000);
-    expect(connect).toMatch(/^HTTP\/1\.1 4\d\d/);
+    expect(connect).toMatch(/^HTTP\/1\.1 405 /);
     const trace = await rawRequest(amb.port, 'TRACE / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n');
     expect(trace).toMatch(/^HTTP\/1\.1 405/);
     const absolute = await rawRequest(amb.port, 'GET http://example.com/steal HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n');
@@ -146,10 +142,15 @@ describe.each(RUNTIMES)('forwarding (%s)', (runtime) => {
   it('sends an absolute-form request to the upstream only, whatever host it names', async () => {
     const before = upstream.seen.length;
     const res = await rawRequest(amb.port, 'GET http://example.com/steal HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n');
-    // Refused (Node sees the raw target) or forwarded to the configured upstream (Deno rewrites the target
-    // to origin-form): never a connection to example.com.
-    if (/^HTTP\/1\.1 400/.test(res)) expect(upstream.seen.length).toBe(before);
-    else expect(upstream.seen[before].url).toBe('/base/steal');
+    // Refused on Node, which sees the raw target; forwarded to the configured upstream on Deno and Bun,
+    // whose servers rewrite the target to origin-form: never a connection to example.com.
+    if (stackOf(runtime) === 'node') {
+      expect(res).toMatch(/^HTTP\/1\.1 400 /);
+      expect(upstream.seen.length).toBe(before);
+    } else {
+      expect(res).toMatch(/^HTTP\/1\.1 200 /);
+      expect(upstream.seen.slice(before).map((s) => s.url)).toEqual(['/base/steal']);
+    }
   });
 
   it('answers readiness and liveness on the admin port, and nothing of the upstream there', async () => {

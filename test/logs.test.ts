@@ -41,19 +41,26 @@ describe.each(RUNTIMES)('logs (%s)', (runtime) => {
   });
 
   it('writes readable text lines with LOG_FORMAT=text, and only failures with LOG_LEVEL=warn', async () => {
-    upstream = await startUpstream();
+    upstream = await startUpstream((q, res) => {
+      res.writeHead(q.url === '/failing' ? 500 : 200);
+      res.end();
+    });
     amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, LOG_FORMAT: 'text', LOG_LEVEL: 'warn' });
     await (await fetch(`${amb.url}/quiet`)).text();
+    await (await fetch(`${amb.url}/failing`)).text();
     expect(amb.lines.join('\n')).toMatch(/^\S+Z NOTICE listening version=0\.1\.0 runtime=\w+ port=\d+/m);
-    await new Promise((r) => setTimeout(r, 200));
+    // The failure's line is written; the quiet request's, sent before it, would have come first.
+    const failing = await amb.waitForLine((l) => l.includes(' WARN ') && l.includes('path=/failing'));
+    expect(failing).toMatch(/ WARN {3}request .*status=500/);
     expect(amb.lines.join('\n')).not.toContain('/quiet');
   });
 
   it('writes nothing to stderr while serving (no runtime notices)', async () => {
     upstream = await startUpstream();
     amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
-    for (let i = 0; i < 3; i++) await (await fetch(`${amb.url}/x`)).text();
-    await new Promise((r) => setTimeout(r, 200));
+    for (let i = 0; i < 3; i++) await (await fetch(`${amb.url}/x${i}`)).text();
+    // The last request's access-log line is out, so anything written to stderr while serving is too.
+    await amb.waitForLine((l) => l.includes('"path":"/x2"'));
     expect(amb.stderr.join('\n')).toBe('');
   });
 });

@@ -174,7 +174,7 @@ describe.each(RUNTIMES)('retries (%s)', (runtime) => {
       }
     }));
     const ratio = upstream.seen.length / sent;
-    expect(sent).toBeGreaterThan(200);
+    expect(sent).toBeGreaterThan(60); // enough for the budget to bind, on a loaded machine too
     // Without a budget every request is tried three times (3.0); the budget holds retries to 20 %.
     expect(ratio).toBeGreaterThan(1.1);
     expect(ratio).toBeLessThanOrEqual(1.21);
