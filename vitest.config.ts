@@ -7,5 +7,7 @@ export default defineConfig({
     hookTimeout: 60_000,
     // Each test file starts real processes; two cores run two files at a time.
     maxWorkers: 2,
+    // The usual report, then every skipped test with why (test/skipped.ts).
+    reporters: ['default', './test/skipped.ts'],
   },
 });

@@ -5,7 +5,7 @@
  *
  *   npm run sea     →  bin/ambassador-node
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { chmodSync, copyFileSync, mkdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -33,10 +33,20 @@ rmSync(out, { force: true });
 copyFileSync(process.execPath, out);
 chmodSync(out, 0o755);
 try {
-  run('strip', [out]); // the debug symbols are most of node's size
-} catch {
-  console.warn('build-sea: `strip` not found (binutils); the executable keeps its symbols');
+  // The debug symbols are most of node's size. strip warns once per note section it does not know
+  // ("Can't find string offset for section name '.note.100'"): harmless, so only other lines are shown.
+  const stripped = spawnSync('strip', [out], { encoding: 'utf8' });
+  if (stripped.error) throw stripped.error;
+  const said = stripped.stderr.split('\n').filter((l) => l.trim() && !/Can't find string offset for section name/.test(l));
+  if (said.length) console.warn(said.join('\n'));
+  if (stripped.status !== 0) throw new Error(`strip exited ${stripped.status}`);
+} catch (err) {
+  console.warn(`build-sea: could not strip the executable (${(err as Error).message}; strip is in binutils); it keeps its symbols`);
 }
-run(path.join(root, 'node_modules', '.bin', 'postject'), [out, 'NODE_SEA_BLOB', 'dist/ambassador.blob',
-  '--sentinel-fuse', 'NODE_SEA_FUSE_fce680ab2cc467b6e072b8b5df1996b2']);
+// postject (LIEF) warns the same of the note sections it rewrites: only its other lines are shown.
+const injected = spawnSync(path.join(root, 'node_modules', '.bin', 'postject'), [out, 'NODE_SEA_BLOB', 'dist/ambassador.blob',
+  '--sentinel-fuse', 'NODE_SEA_FUSE_fce680ab2cc467b6e072b8b5df1996b2'], { cwd: root, encoding: 'utf8' });
+const quiet = (text: string) => text.split('\n').filter((l) => l.trim() && !/Can't find string offset for section name|Injection done/.test(l)).join('\n');
+if (quiet(injected.stdout + injected.stderr)) console.warn(quiet(injected.stdout + injected.stderr));
+if (injected.status !== 0) throw new Error(`postject failed (exit ${injected.status})`);
 console.log(`build-sea: ${path.relative(root, out)} (${(statSync(out).size / 1024 / 1024).toFixed(1)} MiB)`);

@@ -6,7 +6,7 @@ import { existsSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { BUNDLE, DENO, ROOT, deadPort, startProcess, startUpstream } from './helpers.ts';
+import { BUNDLE, DENO, ROOT, deadPort, startProcess, startUpstream, skippedBecause } from './helpers.ts';
 
 const dir = mkdtempSync(path.join(os.tmpdir(), 'ambassador-compile-'));
 const binary = path.join(dir, 'ambassador');
@@ -15,13 +15,14 @@ const compile = spawnSync(DENO, ['compile', '--no-config', '--allow-net', '--all
   cwd: ROOT, encoding: 'utf8', timeout: 120_000, env: { ...process.env, DENO_NO_UPDATE_CHECK: '1', NO_COLOR: '1' },
 });
 const compiled = compile.status === 0 && existsSync(binary);
+let reason = '';
 if (!compiled) {
-  const reason = (compile.stderr || compile.stdout || String(compile.error)).split('\n').filter((l) => /error|dns|denort|download/i.test(l)).slice(0, 3).join(' | ');
+  reason = (compile.stderr || compile.stdout || String(compile.error)).split('\n').filter((l) => /error|dns|denort|download/i.test(l)).slice(0, 3).join(' | ');
   console.warn(`\n*** SKIPPED: the deno-compiled binary — \`deno compile\` could not get its denort runtime here (${reason.trim() || 'unknown failure'}). ` +
     'Set DENORT_BIN to a denort binary, or run where Deno\'s download host is reachable. ***\n');
 }
 
-describe.skipIf(!compiled)('the deno-compiled binary', () => {
+describe.skipIf(!compiled)(skippedBecause('the deno-compiled binary', compiled ? undefined : `deno compile could not get its denort runtime here (${reason.trim() || 'unknown failure'})`), () => {
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
   it('proxies, retries and drains like the source', async () => {

@@ -4,10 +4,19 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig } from '../ambassador.ts';
 
 const read = (file: string) => readFileSync(file, 'utf8');
+/** The files this file's tests write, in one folder removed when they are done. */
+const dir = mkdtempSync(path.join(os.tmpdir(), 'ambassador-config-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+let files = 0;
+const tempFile = (text: string) => {
+  const f = path.join(dir, `routes-${++files}.json`);
+  writeFileSync(f, text);
+  return f;
+};
 import { RUNTIMES, command, startProcess } from './helpers.ts';
 
 describe('loadConfig', () => {
@@ -89,14 +98,8 @@ describe('loadConfig: values that would fail late, or never match', () => {
     for (const t of times) expect(err!.message).toContain(`${t}="2147483648": expected a whole number from 0 to 2147483647`.replace('from 0', t.startsWith('BREAKER_OPEN') ? 'from 1' : 'from 0'));
     const max = Object.fromEntries(times.map((t) => [t, '2147483647']));
     expect(loadConfig({ UPSTREAM_URL: 'http://a:1', ...max }).drainTimeoutMs).toBe(2147483647);
-    const dir = mkdtempSync(path.join(os.tmpdir(), 'ambassador-timers-'));
-    try {
-      const file = path.join(dir, 'routes.json');
-      writeFileSync(file, JSON.stringify({ routes: [{ name: 'r', prefix: '/', upstream: 'http://a:1', queueTimeoutMs: 2 ** 31 }] }));
-      expect(() => loadConfig({ ROUTES_FILE: file }, (f) => readFileSync(f, 'utf8'))).toThrow(/routes\[0\]\.queueTimeoutMs: expected a whole number from 0 to 2147483647/);
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    const file = tempFile(JSON.stringify({ routes: [{ name: 'r', prefix: '/', upstream: 'http://a:1', queueTimeoutMs: 2 ** 31 }] }));
+    expect(() => loadConfig({ ROUTES_FILE: file }, read)).toThrow(/routes\[0\]\.queueTimeoutMs: expected a whole number from 0 to 2147483647/);
   });
 
   it('refuses listen addresses that are not addresses, and one port for both listeners where they overlap', () => {
@@ -118,12 +121,7 @@ describe('loadConfig: values that would fail late, or never match', () => {
   });
 
   it('refuses route prefixes that could never match a request\'s path', () => {
-    const file = (prefix: string) => {
-      const dir = mkdtempSync(path.join(os.tmpdir(), 'ambassador-prefix-'));
-      const f = path.join(dir, 'routes.json');
-      writeFileSync(f, JSON.stringify({ routes: [{ name: 'r', prefix, upstream: 'http://h' }] }));
-      return f;
-    };
+    const file = (prefix: string) => tempFile(JSON.stringify({ routes: [{ name: 'r', prefix, upstream: 'http://h' }] }));
     for (const prefix of ['/a/../b', '/a/./b', '/%2e%2e/b', '/a b', '/caf\u00e9', '/a%zz', '/a\\b']) {
       expect(() => loadConfig({ ROUTES_FILE: file(prefix) }, read), prefix).toThrow(/routes\[0\]\.prefix: expected a path prefix/);
     }
@@ -131,9 +129,7 @@ describe('loadConfig: values that would fail late, or never match', () => {
   });
 
   it('checks a routes file of 20,000 routes in well under a second', () => {
-    const dir = mkdtempSync(path.join(os.tmpdir(), 'ambassador-many-'));
-    const f = path.join(dir, 'routes.json');
-    writeFileSync(f, JSON.stringify({ routes: Array.from({ length: 20_000 }, (_, i) => ({ name: `r${i}`, prefix: `/p${i}`, upstream: `http://h${i % 50}:${9000 + (i % 7)}` })) }));
+    const f = tempFile(JSON.stringify({ routes: Array.from({ length: 20_000 }, (_, i) => ({ name: `r${i}`, prefix: `/p${i}`, upstream: `http://h${i % 50}:${9000 + (i % 7)}` })) }));
     const t0 = performance.now();
     expect(loadConfig({ ROUTES_FILE: f }, read).routes).toHaveLength(20_000);
     // Quadratic checking took over a minute here; the bound leaves a loaded machine plenty of room.

@@ -8,7 +8,7 @@ import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RUNTIMES, ip, namespacesUnavailable, startAmbassador, stopAfterEach, waitFor } from './helpers.ts';
+import { RUNTIMES, ip, namespacesUnavailable, startAmbassador, stopAfterEach, waitFor, skippedBecause } from './helpers.ts';
 
 const NS = `ambdns${process.pid % 100000}`;
 const NAME = 'inventory.test';
@@ -69,7 +69,7 @@ function get(url: string): string {
 const why = namespacesUnavailable(NS);
 if (why) console.warn(`\n*** SKIPPED: DNS discovery test — cannot create network namespaces here (${why}). ***\n`);
 
-describe.skipIf(why !== undefined)('discovery through DNS, in each runtime\'s own process', () => {
+describe.skipIf(why !== undefined)(skippedBecause('discovery through DNS, in each runtime\'s own process', why && `cannot create network namespaces here (${why})`), () => {
   const tmp = path.join(os.tmpdir(), `${NS}-answers`);
   const answers = path.join(tmp, 'answers.json');
   const answer = (addresses: string[]) => writeFileSync(answers, JSON.stringify(addresses));

@@ -77,6 +77,12 @@ export function routesFile(routes: unknown[]): string {
   return file;
 }
 
+/** A suite's name, with why it is skipped when it is: the reason then shows in the run's list of skipped
+ * tests (see `test/skipped.ts`), so a green run with skips is visibly not a full run. */
+export function skippedBecause(name: string, why: string | undefined): string {
+  return why === undefined ? name : `${name} — SKIPPED: ${why}`;
+}
+
 /** A port on which nothing listens: bound, then closed (connections to it are refused). */
 export async function deadPort(): Promise<number> {
   const s = net.createServer();

@@ -58,7 +58,7 @@ const openFiles = (pid: number) => readdirSync(`/proc/${pid}/fd`).length;
 describe.each(RUNTIMES)('long runs (%s)', (runtime) => {
   stopAfterEach();
 
-  it(`soak: ${SOAK_SECONDS} s of steady load after warm-up, on a flaky upstream — no errors it did not cause, flat memory and sockets`, async () => {
+  it(`soak (${runtime}): ${SOAK_SECONDS} s of steady load after warm-up, on a flaky upstream — no errors it did not cause, flat memory and sockets`, async () => {
     // One request in ten fails its first attempt, never its retry: retries stay inside the default 20 %
     // budget, so the app should see none of it.
     const failedOnce = new Set<string>();

@@ -9,7 +9,7 @@ import http from 'node:http';
 import { describe, expect, it } from 'vitest';
 import { cannotMakeGroups, makeGroup, podLimits, type Limits } from '../bench/cgroup.ts';
 import { IMAGE_NODE_FLAGS } from '../bench/common.ts';
-import { BUN_BIN, SEA, deadPort, startUpstream, stopAfterEach, waitFor } from './helpers.ts';
+import { BUN_BIN, SEA, deadPort, startUpstream, stopAfterEach, waitFor, skippedBecause } from './helpers.ts';
 
 /** The memory the README asks for the Bun and single-executable images (measured with `npm run bench:pod --
  * --memory-mib`): Bun's fetch takes about 125 MiB here; the 87 MB executable's own pages count against the
@@ -28,7 +28,7 @@ const images: Array<{ name: string; argv: string[]; env: Record<string, string>;
   { name: `ambassador:bun (at ${BUN_MEMORY_MIB}Mi)`, argv: [BUN_BIN], env: {}, limits: { ...limits, memoryBytes: BUN_MEMORY_MIB * 1024 ** 2 } },
 ];
 
-describe.skipIf(unavailable !== undefined)('memory inside the pod\'s limits', () => {
+describe.skipIf(unavailable !== undefined)(skippedBecause('memory inside the pod\'s limits', unavailable && `no cgroup with the pod's limits can be made here (${unavailable})`), () => {
   stopAfterEach();
 
   it.each(images)('$name streams 64 connections of 1 MiB bodies for 10 s without an OOM kill', async ({ argv, env, limits: l }) => {
@@ -50,16 +50,19 @@ describe.skipIf(unavailable !== undefined)('memory inside the pod\'s limits', ()
       const agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
       const until = performance.now() + SECONDS * 1000;
       let done = 0;
-      let failed = 0;
+      let short = 0; // ended as if whole, with fewer bytes: never allowed
+      let late = 0; // no progress for 5 s under the CPU limit: the client gave up
+      let broken = 0; // ended in an error, as a body the ambassador could not finish must
       const one = () => new Promise<void>((resolve) => {
         const req = http.get({ host: '127.0.0.1', port, path: '/big', agent, timeout: 5000 }, (res) => {
           let bytes = 0;
           res.on('data', (c: Buffer) => (bytes += c.length));
-          res.on('end', () => ((bytes === body.length ? done++ : failed++), resolve()));
-          res.on('error', () => (failed++, resolve()));
+          res.on('end', () => ((bytes === body.length ? done++ : short++), resolve()));
+          res.on('error', () => (req.destroyed && timedOut ? late++ : broken++, resolve()));
         });
-        req.on('timeout', () => req.destroy());
-        req.on('error', () => (failed++, resolve()));
+        let timedOut = false;
+        req.on('timeout', () => ((timedOut = true), req.destroy()));
+        req.on('error', () => (timedOut ? late++ : broken++, resolve()));
       });
       await Promise.all(Array.from({ length: 64 }, async () => {
         while (performance.now() < until && exit === undefined) await one();
@@ -67,9 +70,11 @@ describe.skipIf(unavailable !== undefined)('memory inside the pod\'s limits', ()
       agent.destroy();
       const oomKills = group.oomKills();
       const peakMiB = group.peakBytes() / 1024 ** 2;
-      console.log(`memory: ${argv[argv.length - 1]}: ${done} bodies of 1 MiB in ${SECONDS} s (${failed} failed), peak ${peakMiB.toFixed(0)} of ${l.memoryBytes / 1024 ** 2} MiB, OOM kills ${oomKills}`);
-      expect({ oomKills, exit }).toEqual({ oomKills: 0, exit: undefined });
-      expect(done).toBeGreaterThan(0);
+      console.log(`memory: ${argv[argv.length - 1]}: ${done} bodies of 1 MiB in ${SECONDS} s (${late} later than 5 s, ${broken} broken, ${short} short), peak ${peakMiB.toFixed(0)} of ${l.memoryBytes / 1024 ** 2} MiB, OOM kills ${oomKills}`);
+      // What holds inside 100m CPU today (the pod issue's work is the rest): never OOM-killed, never a
+      // body that ends short as if whole, none broken; some answers take longer than the client's 5 s.
+      expect({ oomKills, exit, short, broken }).toEqual({ oomKills: 0, exit: undefined, short: 0, broken: 0 });
+      expect(done).toBeGreaterThan(late);
       child.kill('SIGKILL');
     } finally {
       await group.remove();

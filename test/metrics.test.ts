@@ -5,7 +5,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RUNTIMES, deadPort, parseMetrics as parse, stackOf, rawRequest, sleep, startAmbassador, startProcess, startUpstream, type AmbassadorProc, type Upstream } from './helpers.ts';
+import { RUNTIMES, deadPort, parseMetrics as parse, stackOf, rawRequest, sleep, startAmbassador, startProcess, startUpstream, type AmbassadorProc, type Upstream, skippedBecause } from './helpers.ts';
 
 const has = (tool: string) => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0;
 const missing = ['promtool', 'prometheus'].filter((t) => !has(t));
@@ -73,7 +73,7 @@ describe.each(RUNTIMES)('metrics (%s)', (runtime) => {
     expect(text.endsWith('# EOF\n')).toBe(true);
   });
 
-  it.skipIf(!has('promtool'))('passes promtool check metrics', async () => {
+  it.skipIf(!has('promtool'))(skippedBecause('passes promtool check metrics', has('promtool') ? undefined : 'promtool not installed (Debian package prometheus)'), async () => {
     const text = await (await fetch(`${amb.adminUrl}/metrics`)).text();
     const check = spawnSync('promtool', ['check', 'metrics'], { input: text });
     expect(check.stderr.toString() + check.stdout.toString()).toBe('');
@@ -81,7 +81,7 @@ describe.each(RUNTIMES)('metrics (%s)', (runtime) => {
   });
 });
 
-describe.skipIf(!has('prometheus'))('a real Prometheus server scraping the ambassador', () => {
+describe.skipIf(!has('prometheus'))(skippedBecause('a real Prometheus server scraping the ambassador', has('prometheus') ? undefined : 'prometheus not installed (Debian package prometheus)'), () => {
   it('answers PromQL with the request and retry counts the test caused', async () => {
     const upstream = await startUpstream((_q, res, _s, n) => {
       res.writeHead(n % 2 === 1 ? 503 : 200);

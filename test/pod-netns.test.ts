@@ -4,7 +4,7 @@
  * namespaces cannot be made, the test says so and skips. */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RUNTIMES, ip, namespacesUnavailable, startAmbassador, startService, type AmbassadorProc, type ServiceProc } from './helpers.ts';
+import { RUNTIMES, ip, namespacesUnavailable, startAmbassador, startService, type AmbassadorProc, type ServiceProc, skippedBecause } from './helpers.ts';
 
 // Addresses inside the two namespaces each run creates; nothing outside them is ever addressed.
 const POD_IP = '10.231.0.1';
@@ -14,7 +14,7 @@ const why = namespacesUnavailable(`amb${process.pid % 100000}`);
 if (why) console.warn(`\n*** SKIPPED: pod topology test — cannot create network namespaces here (${why}). ***\n`);
 
 // Each artifact in a pair of namespaces of its own (names short enough for a veth: 15 characters).
-describe.skipIf(why !== undefined).each(RUNTIMES.map((runtime, i) => [runtime, `amb${process.pid % 100000}${i}`] as const))('the walkthrough in a pod topology, network namespaces (%s)', (runtime, tag) => {
+describe.skipIf(why !== undefined).each(RUNTIMES.map((runtime, i) => [runtime, `amb${process.pid % 100000}${i}`] as const))(skippedBecause('the walkthrough in a pod topology, network namespaces (%s)', why && `cannot create network namespaces here (${why})`), (runtime, tag) => {
   const POD = `${tag}-pod`;
   const NODE = `${tag}-inv`;
   let inventory: ServiceProc | undefined;

@@ -8,7 +8,7 @@ import https from 'node:https';
 import type net from 'node:net';
 import type tls from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { stackOf, RUNTIMES, command, sleep, startAmbassador, startProcess, stopAfterEach } from './helpers.ts';
+import { stackOf, RUNTIMES, command, sleep, startAmbassador, startProcess, stopAfterEach, skippedBecause } from './helpers.ts';
 import { makePki, type Pki } from './pki.ts';
 
 const hasOpenssl = spawnSync('sh', ['-c', 'command -v openssl']).status === 0;
@@ -49,7 +49,7 @@ async function tlsUpstream(options: { cert?: string; clientCa?: boolean; maxVers
   };
 }
 
-describe.skipIf(!hasOpenssl).each(RUNTIMES)('TLS to the upstream (%s)', (runtime) => {
+describe.skipIf(!hasOpenssl).each(RUNTIMES)(skippedBecause('TLS to the upstream (%s)', hasOpenssl ? undefined : 'openssl not installed (Debian package openssl)'), (runtime) => {
   stopAfterEach();
   const upstreams: TlsUpstream[] = [];
   const upstream = async (options?: Parameters<typeof tlsUpstream>[0]) => {
