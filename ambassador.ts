@@ -1041,7 +1041,7 @@ const badStatus = (status: number) => Object.assign(new Error(`the upstream answ
  * control character would make Node throw, and a fetch Response refuse it) is not passed on: the app gets
  * its runtime's standard phrase for the status instead. */
 const REASON_PHRASE = /^[\t\x20-\x7e]*$/;
-export function reasonPhrase(text: string): string {
+function reasonPhrase(text: string): string {
   return REASON_PHRASE.test(text) ? text : '';
 }
 
@@ -2253,8 +2253,8 @@ function createProxy(config: Config, routes: Map<string, RouteState>, state: Pro
         endpoint.inFlight--;
       }
       const now = clock.now();
-      // Without a breaker, a failure costs in the balancer (`penaltyAt`).
       if (res) updateEwma(endpoint, now - tryStarted, now);
+      // Without a breaker, a failure costs in the balancer (`penaltyAt`).
       const failed = !gone.aborted && !appFault && (res === undefined || res.status >= 500);
       if (failed && route.breakerFailures === 0) endpoint.failedAt = now;
       // What this attempt says of the endpoint: an answer below 500 is health; 5xx, a refused or broken
@@ -2296,10 +2296,10 @@ function createProxy(config: Config, routes: Map<string, RouteState>, state: Pro
   }
 
   /** One attempt: send until response headers arrive or `limitMs` passes, counted from when the body has
-   * gone (`body.sent`; null: at once), or until the upstream stops taking a streamed body (`body.watch`). The app going away ends it through the same cancellation, before the
-   * headers and after. The cancellation settles the attempt whatever the client makes of it (a client that
-   * loses track of a request after a stray 101 would otherwise hold its place forever); a reply that comes
-   * after it is let go. */
+   * gone (`body.sent`; null: at once), or until the upstream stops taking a streamed body (`body.watch`).
+   * The app going away ends it through the same cancellation, before the headers and after. The
+   * cancellation settles the attempt whatever the client makes of it (a client that loses track of a request
+   * after a stray 101 would otherwise hold its place forever); a reply that comes after it is let go. */
   function attempt(target: Target, pathAndQuery: string, init: Omit<Parameters<Send>[2], 'cancel'>, limitMs: () => number, client: Cancel,
     body: ForwardBody): Promise<Reply> {
     const cancel = new Cancel();
