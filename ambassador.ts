@@ -243,8 +243,10 @@ class TimeoutError extends Error {
  * client refuses to send (400). Answered with `status`; never retried, never held against an endpoint. */
 class ClientError extends Error {
   override name = 'ClientError';
-  constructor(readonly status: number, message: string) {
+  readonly status: number;
+  constructor(status: number, message: string) {
     super(message);
+    this.status = status;
   }
 }
 
@@ -254,8 +256,10 @@ class ClientError extends Error {
 // ---------------------------------------------------------------------------------------------------------
 
 export class ConfigError extends Error {
-  constructor(readonly problems: string[]) {
+  readonly problems: string[];
+  constructor(problems: string[]) {
     super(`invalid configuration:\n  ${problems.join('\n  ')}`);
+    this.problems = problems;
     this.name = 'ConfigError';
   }
 }
@@ -610,7 +614,13 @@ export class RetryBudget {
   private readonly retries = new Array<number>(BUDGET_WINDOW_SECONDS).fill(0);
   private second = 0;
 
-  constructor(private readonly percent: number, private readonly minPerSec: number) {}
+  private readonly percent: number;
+  private readonly minPerSec: number;
+
+  constructor(percent: number, minPerSec: number) {
+    this.percent = percent;
+    this.minPerSec = minPerSec;
+  }
 
   private advance(nowMs: number): number {
     const s = Math.floor(nowMs / 1000);
@@ -693,7 +703,11 @@ export class Breaker {
   /** every ejection since start, for the metrics */
   ejectionsTotal = 0;
 
-  constructor(private readonly p: { failures: number; openMs: number; openMaxMs: number; probes: number }) {}
+  private readonly p: { failures: number; openMs: number; openMaxMs: number; probes: number };
+
+  constructor(p: { failures: number; openMs: number; openMaxMs: number; probes: number }) {
+    this.p = p;
+  }
 
   state(now: number): BreakerState {
     if (!this.isOpen) return 'closed';
@@ -818,7 +832,12 @@ export class TokenBucket {
   private tokens: number;
   private at: number;
 
-  constructor(private readonly ratePerSec: number, private readonly burst: number, now: number) {
+  private readonly ratePerSec: number;
+  private readonly burst: number;
+
+  constructor(ratePerSec: number, burst: number, now: number) {
+    this.ratePerSec = ratePerSec;
+    this.burst = burst;
     this.tokens = burst;
     this.at = now;
   }
@@ -844,7 +863,13 @@ export class ConcurrencyLimit {
   active = 0;
   private readonly waiting: Array<() => void> = [];
 
-  constructor(private readonly max: number, private readonly queueSize: number) {}
+  private readonly max: number;
+  private readonly queueSize: number;
+
+  constructor(max: number, queueSize: number) {
+    this.max = max;
+    this.queueSize = queueSize;
+  }
 
   get queued(): number {
     return this.waiting.length;
@@ -1185,7 +1210,11 @@ export class Metrics {
   eventLoopLagSeconds = 0;
   gauges: Gauges = { inFlight: () => 0, draining: () => false };
 
-  constructor(readonly info: { version: string; runtime: string; startTimeSeconds: number }) {}
+  readonly info: { version: string; runtime: string; startTimeSeconds: number };
+
+  constructor(info: { version: string; runtime: string; startTimeSeconds: number }) {
+    this.info = info;
+  }
 
   events(): Events {
     const add = (map: Map<string, number>, key: string) => map.set(key, (map.get(key) ?? 0) + 1);
@@ -1338,7 +1367,10 @@ const NO_BODY: ForwardBody = { take: () => null, replayable: true, bytes: () => 
  * large one is: a burst of uploads cannot buy the process's memory with replay copies. */
 export class ReplayMemory {
   held = 0;
-  constructor(readonly max: number) {}
+  readonly max: number;
+  constructor(max: number) {
+    this.max = max;
+  }
   take(bytes: number): boolean {
     if (this.held + bytes > this.max) return false;
     this.held += bytes;
@@ -1676,10 +1708,20 @@ class EndpointPool {
   private nextRefreshAt = 0;
   private refreshing: Promise<void> | undefined;
 
-  constructor(private readonly route: Route, private readonly clock: Clock, private readonly resolve: Resolve | undefined,
-    /** whether an https:// upstream may be reached by address (the client can still verify its name) */
-    private readonly tlsByAddress: boolean,
-    private readonly changed: (e: { added: string[]; removed: string[]; endpoints: string[]; error?: string }) => void) {
+  private readonly route: Route;
+  private readonly clock: Clock;
+  private readonly resolve: Resolve | undefined;
+  /** whether an https:// upstream may be reached by address (the client can still verify its name) */
+  private readonly tlsByAddress: boolean;
+  private readonly changed: (e: { added: string[]; removed: string[]; endpoints: string[]; error?: string }) => void;
+
+  constructor(route: Route, clock: Clock, resolve: Resolve | undefined, tlsByAddress: boolean,
+    changed: (e: { added: string[]; removed: string[]; endpoints: string[]; error?: string }) => void) {
+    this.route = route;
+    this.clock = clock;
+    this.resolve = resolve;
+    this.tlsByAddress = tlsByAddress;
+    this.changed = changed;
     this.endpoints = route.upstreams.map((u) => this.endpoint(u, null));
     this.discovering = route.upstreams.some((u) => this.discovers(u));
   }
@@ -1792,7 +1834,16 @@ class TlsSource {
   private checkAt: number;
   private lastError: string | undefined;
 
-  constructor(private readonly files: TlsFiles, private readonly readFile: ReadFile, private readonly clock: Clock, private readonly check?: CheckTls) {
+  private readonly files: TlsFiles;
+  private readonly readFile: ReadFile;
+  private readonly clock: Clock;
+  private readonly check?: CheckTls;
+
+  constructor(files: TlsFiles, readFile: ReadFile, clock: Clock, check?: CheckTls) {
+    this.files = files;
+    this.readFile = readFile;
+    this.clock = clock;
+    this.check = check;
     this.material = readTls(files, readFile, check);
     this.checkAt = clock.now() + TLS_CHECK_MS;
   }

@@ -15,7 +15,7 @@ import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
-import { IMAGE_NODE_FLAGS, SMALL, ambassadorEnv, arg, built, cpuSeconds, freePort, has, memory, pinned, proxyConfig, root, runBenchmark, sleep, upstreamConfig, waitFor, writeFigures, wrk as wrkLoad, type Load } from './common.ts';
+import { IMAGE_NODE_FLAGS, NODE, SMALL, ambassadorEnv, arg, built, cpuSeconds, freePort, has, memory, pinned, proxyConfig, root, runBenchmark, sleep, upstreamConfig, waitFor, writeFigures, wrk as wrkLoad, type Load } from './common.ts';
 
 const ROUNDS = arg('--rounds', 3);
 const SECONDS = arg('--seconds', 5);
@@ -109,13 +109,13 @@ const rows: Row[] = [
       return start('nginx', pinned(1, ['nginx', '-c', conf]), {}, `http://127.0.0.1:${port}/small`, `http://127.0.0.1:${port}`);
     },
   },
-  bareRow(BARE_NODE, [process.execPath, path.join(root, 'dist/bench/bare-node.mjs')], built('dist/bench/bare-node.mjs', 'run npm run build')),
+  bareRow(BARE_NODE, [NODE, path.join(root, 'dist/bench/bare-node.mjs')], built('dist/bench/bare-node.mjs', 'run npm run build')),
   bareRow(BARE_DENO, [deno, 'run', '--quiet', '--allow-net', '--allow-env', path.join(root, 'bench/bare-deno.ts')], built('node_modules/.bin/deno', 'npm package deno missing')),
   bareRow('naive Hono + fetch (deno)', [deno, 'run', '--quiet', '--allow-net', '--allow-env', '--allow-read', path.join(root, 'bench/hono-fetch.ts')], built('node_modules/.bin/deno', 'npm package deno missing')),
   bareRow(BARE_BUN, [bunRuntime, path.join(root, 'bench/hono-bun.ts')], built('node_modules/.bin/bun', 'npm package bun missing')),
-  ambassadorRow('ambassador (node bundle)', [process.execPath, path.join(root, 'dist/ambassador.mjs')], built('dist/ambassador.mjs', 'run npm run build'), BARE_NODE),
+  ambassadorRow('ambassador (node bundle)', [NODE, path.join(root, 'dist/ambassador.mjs')], built('dist/ambassador.mjs', 'run npm run build'), BARE_NODE),
   // The V8 flags the ambassador-node and ambassador-sea images run with (Containerfile).
-  ambassadorRow('ambassador (node, image flags)', [process.execPath, ...IMAGE_NODE_FLAGS, path.join(root, 'dist/ambassador.mjs')], built('dist/ambassador.mjs', 'run npm run build'), BARE_NODE),
+  ambassadorRow('ambassador (node, image flags)', [NODE, ...IMAGE_NODE_FLAGS, path.join(root, 'dist/ambassador.mjs')], built('dist/ambassador.mjs', 'run npm run build'), BARE_NODE),
   ambassadorRow('ambassador (node SEA)', [path.join(root, 'bin/ambassador-node')], built('bin/ambassador-node', 'run npm run sea'), BARE_NODE),
   ambassadorRow('ambassador (deno)', [deno, 'run', '--quiet', '--allow-net', '--allow-env', '--allow-read', path.join(root, 'ambassador.ts')], built('node_modules/.bin/deno', 'npm package deno missing'), BARE_DENO),
   ambassadorRow('ambassador (bun)', [bunRuntime, path.join(root, 'ambassador.ts')], built('node_modules/.bin/bun', 'npm package bun missing'), BARE_BUN),

@@ -6,6 +6,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { shippedNode } from '../scripts/node.ts';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 /** The repository, from the sources (bench/) or the bundles (dist/bench/). */
@@ -19,6 +20,9 @@ export const arg = (name: string, fallback: number) => {
 
 /** undefined when `file` (from the repository root) exists, else how to make it: a row's `available`. */
 export const built = (file: string, how: string) => (existsSync(path.join(root, file)) ? undefined : how);
+
+/** The Node the images ship (Node 24, scripts/node.ts): every Node row runs on it. */
+export const NODE = shippedNode(root);
 
 /** The V8 flags the ambassador-node image runs with, read from the Containerfile's ENTRYPOINT, so the
  * benchmarks measure what the image runs. */

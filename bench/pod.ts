@@ -20,13 +20,15 @@ import { mkdtempSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { cannotMakeGroups, makeGroup, podLimits, type Limits } from './cgroup.ts';
-import { IMAGE_NODE_FLAGS, ambassadorEnv, arg, built, freePort, has, pinned, proxyConfig, root, runBenchmark, upstreamConfig, waitFor, writeFigures, wrk, type Load } from './common.ts';
+import { IMAGE_NODE_FLAGS, NODE, ambassadorEnv, arg, built, freePort, has, pinned, proxyConfig, root, runBenchmark, upstreamConfig, waitFor, writeFigures, wrk, type Load } from './common.ts';
 
 const SECONDS = arg('--seconds', 30);
 const WARMUP = arg('--warmup', 5);
 /** Another memory limit than the manifest's, to find what an artifact holds: `--memory-mib 128`. */
 const MEMORY_MIB = arg('--memory-mib', 0);
 const ONLY = process.argv.includes('--only') ? process.argv[process.argv.indexOf('--only') + 1] : undefined;
+/** Other V8 flags for the Node image's rows, to choose the image's: `--node-flags "--max-semi-space-size=2"`. */
+const NODE_FLAGS = process.argv.includes('--node-flags') ? process.argv[process.argv.indexOf('--node-flags') + 1].split(/\s+/).filter(Boolean) : IMAGE_NODE_FLAGS;
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'ambassador-pod-'));
 
 // ---------------------------------------------------------------------------------------------------------
@@ -52,9 +54,9 @@ const rows: Row[] = [
     name: 'nginx (1 worker)', available: has('nginx') ? undefined : 'not installed',
     command: (upstream, port) => ({ argv: ['nginx', '-c', proxyConfig(tmp, port, new URL(upstream).host)], env: {}, ready: `http://127.0.0.1:${port}/small` }),
   },
-  { name: 'ambassador, Node bundle, image flags (ambassador:node)', available: built('dist/ambassador.mjs', 'run npm run build'), command: ambassador([process.execPath, ...IMAGE_NODE_FLAGS, path.join(root, 'dist/ambassador.mjs')]) },
-  { name: 'ambassador, Node bundle, no flags', available: built('dist/ambassador.mjs', 'run npm run build'), command: ambassador([process.execPath, path.join(root, 'dist/ambassador.mjs')]) },
-  { name: 'ambassador, Node single executable (ambassador:sea)', available: built('bin/ambassador-node', 'run npm run sea'), command: ambassador([path.join(root, 'bin/ambassador-node')], { NODE_OPTIONS: IMAGE_NODE_FLAGS.join(' ') }) },
+  { name: `ambassador, Node bundle, ${NODE_FLAGS === IMAGE_NODE_FLAGS ? 'image flags (ambassador:node)' : NODE_FLAGS.join(' ')}`, available: built('dist/ambassador.mjs', 'run npm run build'), command: ambassador([NODE, ...NODE_FLAGS, path.join(root, 'dist/ambassador.mjs')]) },
+  { name: 'ambassador, Node bundle, no flags', available: built('dist/ambassador.mjs', 'run npm run build'), command: ambassador([NODE, path.join(root, 'dist/ambassador.mjs')]) },
+  { name: 'ambassador, Node single executable (ambassador:sea)', available: built('bin/ambassador-node', 'run npm run sea'), command: ambassador([path.join(root, 'bin/ambassador-node')], { NODE_OPTIONS: NODE_FLAGS.join(' ') }) },
   { name: 'naive Hono + fetch on Bun (baseline)', available: built('node_modules/.bin/bun', 'npm package bun missing'), command: (upstream, port) => ({ argv: [bunRuntime, path.join(root, 'bench/hono-bun.ts')], env: { UPSTREAM_URL: upstream, PORT: String(port) }, ready: `http://127.0.0.1:${port}/small` }) },
   { name: 'ambassador, Bun compiled binary (ambassador:bun)', available: built('bin/ambassador-bun', 'run npm run compile:bun'), command: ambassador([path.join(root, 'bin/ambassador-bun')]) },
   { name: 'ambassador, Bun', available: built('node_modules/.bin/bun', 'npm package bun missing'), command: ambassador([bunRuntime, path.join(root, 'ambassador.ts')]) },

@@ -9,6 +9,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { chmodSync, copyFileSync, mkdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { shippedNode } from './node.ts';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const root = path.resolve(here, path.basename(path.dirname(here)) === 'dist' ? '../..' : '..');
@@ -17,7 +18,7 @@ const out = path.join(bin, 'ambassador-node');
 const run = (cmd: string, args: string[]) => execFileSync(cmd, args, { cwd: root, stdio: 'inherit' });
 
 mkdirSync(bin, { recursive: true });
-run(path.join(root, 'node_modules', '.bin', 'esbuild'), ['ambassador.ts', '--bundle', '--platform=node', '--format=cjs', '--target=node20',
+run(path.join(root, 'node_modules', '.bin', 'esbuild'), ['ambassador.ts', '--bundle', '--platform=node', '--format=cjs', '--target=node22',
   '--minify-syntax', '--log-level=error', '--outfile=dist/ambassador.cjs',
   // A single executable cannot import(); builtins are require()d instead.
   '--supported:dynamic-import=false']);
@@ -27,10 +28,12 @@ writeFileSync(path.join(root, 'dist', 'sea-config.json'), JSON.stringify({
   disableExperimentalSEAWarning: true,
   useCodeCache: true, // compiled once here, not at every start
 }));
-run(process.execPath, ['--experimental-sea-config', 'dist/sea-config.json']);
+// From the Node the project ships (Node 24, scripts/node.ts): the blob must come from the same binary.
+const node = shippedNode(root);
+run(node, ['--experimental-sea-config', 'dist/sea-config.json']);
 // Unlinked first: a copy of the previous binary that is still running keeps its own file.
 rmSync(out, { force: true });
-copyFileSync(process.execPath, out);
+copyFileSync(node, out);
 chmodSync(out, 0o755);
 try {
   // The debug symbols are most of node's size. strip warns once per note section it does not know

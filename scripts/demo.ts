@@ -23,6 +23,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { issue, makeCa } from './certificates.ts';
+import { shippedNode } from './node.ts';
 
 const onDeno = typeof (globalThis as { Deno?: unknown }).Deno !== 'undefined';
 const onBun = typeof (globalThis as { Bun?: unknown }).Bun !== 'undefined';
@@ -50,7 +51,7 @@ function argv(name: 'ambassador' | 'order-service' | 'inventory-service' | 'paym
   // to a certificate.
   if (onBun && name === 'ambassador') return [process.execPath, path.join(root, 'ambassador.ts')];
   const bundle = name === 'ambassador' ? 'dist/ambassador.mjs' : `dist/services/${name}.mjs`;
-  return [onBun ? 'node' : process.execPath, path.join(root, bundle)];
+  return [shippedNode(root), path.join(root, bundle)];
 }
 
 const color = process.stdout.isTTY ? (code: number, s: string) => `\x1b[${code}m${s}\x1b[0m` : (_: number, s: string) => s;
@@ -58,7 +59,9 @@ const children: Array<{ name: string; child: ChildProcess }> = [];
 let stopping = false;
 
 function start(name: string, label: string, code: number, command: string[], extra: Record<string, string>): ChildProcess {
-  const child = spawn(command[0], command.slice(1), { env: { ...env, ...extra }, stdio: ['ignore', 'pipe', 'pipe'] });
+  // A process group of its own: a terminal's Ctrl-C (and `deno task`'s SIGTERM after it) reaches this runner
+  // alone, which then stops the processes one by one, in the order `stop` gives; each gets one SIGTERM.
+  const child = spawn(command[0], command.slice(1), { env: { ...env, ...extra }, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
   const prefix = color(code, `[${label.padEnd(10)}]`);
   for (const stream of [child.stdout!, child.stderr!]) {
     let buffered = '';
@@ -138,6 +141,10 @@ function makeCertificates(dir: string): boolean {
 
 process.on('SIGINT', () => void stop(0));
 process.on('SIGTERM', () => void stop(0));
+// Should the runner end any other way, none of its processes outlives it.
+process.on('exit', () => {
+  for (const { child } of children) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+});
 
 const dir = mkdtempSync(path.join(os.tmpdir(), 'ambassador-demo-'));
 const mtls = makeCertificates(dir);

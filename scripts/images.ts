@@ -17,6 +17,7 @@ import { copyFileSync, existsSync, mkdirSync, mkdtempSync, realpathSync, rmSync,
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { shippedNode } from './node.ts';
 import { privatePodmanEnv } from './podman.ts';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -73,8 +74,9 @@ if (localBases) {
   // deno-compiled binary load.
   const denoBinary = path.join(root, 'node_modules', 'deno', 'deno');
   const bunBinary = path.join(root, 'bin', 'ambassador-bun');
-  buildLocalBase('localhost/ambassador-base-glibc:local', {}, [process.execPath, ...[denoBinary, bunBinary].filter((b) => existsSync(b))]);
-  buildLocalBase('localhost/ambassador-base-node:local', { '/nodejs/bin/node': process.execPath });
+  const node = shippedNode(root); // Node 24, as the public base has it
+  buildLocalBase('localhost/ambassador-base-glibc:local', {}, [node, ...[denoBinary, bunBinary].filter((b) => existsSync(b))]);
+  buildLocalBase('localhost/ambassador-base-node:local', { '/nodejs/bin/node': node });
   buildArgs.push('--build-arg', 'GLIBC_BASE=localhost/ambassador-base-glibc:local', '--build-arg', 'NODE_BASE=localhost/ambassador-base-node:local');
 }
 

@@ -8,7 +8,7 @@
  * |---------------|----------------|---------|--------------------------------------------------------------|
  * | PORT / HOST   |                | 9000 / 0.0.0.0 | where it listens                                      |
  * | DELAY_MS      | ?delay_ms=N    | 0       | wait N ms before answering                                   |
- * | FAIL_EVERY    | ?fail_every=N  | 0       | every Nth request answers 503 (2 = every other one); 0 = never |
+ * | FAIL_EVERY    | ?fail_every=N  | 0       | every Nth request answers 503, the first included (2 = every other one), counted per query string; 0 = never |
  * | FAIL_PERCENT  | ?fail_percent=N| 0       | N % of requests, at random, answer 503                       |
  * | RETRY_AFTER   | ?retry_after=S | (none)  | add `Retry-After: S` to the 503s                             |
  *
@@ -28,13 +28,17 @@ if (defaults.retryAfter !== undefined && !/^\d+$/.test(defaults.retryAfter)) {
   fail(`RETRY_AFTER=${JSON.stringify(defaults.retryAfter)}: expected a whole number of seconds`);
 }
 
-let served = 0;
+/** Requests served, counted apart for each query string: `?fail_every=2` fails its own first request
+ * whatever came before it, as the README's walk-through promises. */
+const served = new Map<string, number>();
 const app = new Hono();
 
 app.get('/healthz', (c) => c.text('ok\n'));
 
 app.get('/inventory', async (c) => {
-  const n = ++served;
+  const query = new URL(c.req.url).search;
+  const n = (served.get(query) ?? 0) + 1;
+  served.set(query, n);
   const q = (name: string) => {
     const v = c.req.query(name);
     return v !== undefined && /^\d+$/.test(v) ? Number(v) : undefined;
@@ -44,7 +48,8 @@ app.get('/inventory', async (c) => {
   const failPercent = q('fail_percent') ?? defaults.failPercent;
   const retryAfter = c.req.query('retry_after') ?? defaults.retryAfter;
   if (delayMs > 0) await new Promise((r) => setTimeout(r, delayMs));
-  const failing = (failEvery > 0 && n % failEvery === 0) || Math.random() * 100 < failPercent;
+  // The 1st, then every Nth after it: the first request of a flaky query shows a retry at once.
+  const failing = (failEvery > 0 && (n - 1) % failEvery === 0) || Math.random() * 100 < failPercent;
   if (failing) {
     log('inventory', 'failing on purpose', { request: n, status: 503 });
     if (retryAfter !== undefined) c.header('retry-after', retryAfter);

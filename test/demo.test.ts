@@ -6,7 +6,7 @@ import { existsSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { DENO, ROOT, deadPort, parseMetrics, sleep, startProcess } from './helpers.ts';
+import { BUN, DENO, ROOT, deadPort, parseMetrics, sleep, startProcess } from './helpers.ts';
 
 const hasOpenssl = spawnSync('sh', ['-c', 'command -v openssl']).status === 0;
 if (!hasOpenssl) console.warn('\n*** openssl not installed (Debian package openssl): the demo runs without its mTLS payments leg, and these tests check that instead. ***\n');
@@ -38,7 +38,8 @@ describe('npm start (the demo runner)', () => {
     const demo = path.join(ROOT, 'dist', 'scripts', 'demo.mjs');
     expect(existsSync(demo), 'run `npm run build` first').toBe(true);
     const ports = await demoPorts();
-    const p = startProcess([process.execPath, demo], Object.fromEntries(Object.entries(ports).map(([k, v]) => [k, String(v)])));
+    // Its own process group, as a terminal gives it: Ctrl-C reaches the whole group.
+    const p = startProcess([process.execPath, demo], Object.fromEntries(Object.entries(ports).map(([k, v]) => [k, String(v)])), { detached: true });
     try {
       await p.waitForLine((l) => l.includes('Ctrl-C stops them all'));
       expect(p.lines.join('\n')).toContain(`curl http://localhost:${ports.ORDER_PORT}/order`);
@@ -68,20 +69,30 @@ describe('npm start (the demo runner)', () => {
 
     const children = (await import('node:child_process')).execFileSync('pgrep', ['-P', String(p.pid)]).toString().trim().split('\n').map(Number);
     expect(children).toHaveLength(hasOpenssl ? 4 : 3);
-    p.kill('SIGINT');
+    process.kill(-p.pid, 'SIGINT'); // Ctrl-C: the whole foreground group
     const { code } = await p.exited;
     expect(code).toBe(0);
     for (const pid of children) expect(alive(pid), `child ${pid} still running`).toBe(false);
     for (const port of Object.values(ports)) expect(await listening(port), `port ${port} still open`).toBe(false);
-    expect(p.lines.filter((l) => /exited \(code 0\)/.test(l))).toHaveLength(hasOpenssl ? 4 : 3);
+    // In the README's order: the app, then the ambassador (which drained), then the upstreams; each exit 0.
+    expect(exitsIn(p.lines.join('\n'))).toEqual(STOP_ORDER);
+    expect(p.lines.some((l) => l.startsWith('[ambassador]') && l.includes('drain complete'))).toBe(true);
   });
 });
 
-describe('deno task demo (the same chain under Deno)', () => {
-  it('runs the chain from the sources and stops on Ctrl-C, leaving every port free', async () => {
+/** The order every runner stops its processes in, as the README says: the app, the ambassador (after its
+ * drain), the upstreams; each exits 0 on its one SIGTERM. */
+const STOP_ORDER = ['order code 0', 'ambassador code 0', 'inventory code 0', ...(hasOpenssl ? ['payments code 0'] : [])];
+const exitsIn = (out: string) => out.split('\n').filter((l) => / exited \(/.test(l)).map((l) => `${/^\[([\w-]+)/.exec(l)?.[1]} ${/exited \((.*)\)/.exec(l)?.[1]}`);
+
+describe.each([
+  ['deno task demo (the same chain under Deno)', [DENO, 'task', 'demo'], 'The chain is up (Deno, from the sources)'],
+  ['bun scripts/demo.ts (the ambassador under Bun)', [BUN, 'scripts/demo.ts'], 'The chain is up'],
+])('%s', (_name, argv, banner) => {
+  it('runs the chain and stops on Ctrl-C in the README\'s order, leaving every port free', async () => {
     const ports = await demoPorts();
     // Its own process group, as a terminal gives it: Ctrl-C reaches the whole group.
-    const child = spawn(DENO, ['task', 'demo'], {
+    const child = spawn(argv[0], argv.slice(1), {
       cwd: ROOT, detached: true, stdio: ['ignore', 'pipe', 'pipe'],
       env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', NO_COLOR: '1', DENO_NO_UPDATE_CHECK: '1', ...Object.fromEntries(Object.entries(ports).map(([k, v]) => [k, String(v)])) },
     });
@@ -91,7 +102,7 @@ describe('deno task demo (the same chain under Deno)', () => {
     const exited = new Promise<number | null>((r) => child.on('exit', (code) => r(code)));
     try {
       for (let i = 0; i < 200 && !out.includes('Ctrl-C stops them all'); i++) await sleep(100);
-      expect(out).toContain('The chain is up (Deno, from the sources)');
+      expect(out).toContain(banner);
       const res = await fetch(`http://127.0.0.1:${ports.ORDER_PORT}/order`);
       expect(await res.text()).toBe(ORDER);
     } finally {
@@ -104,5 +115,10 @@ describe('deno task demo (the same chain under Deno)', () => {
       await sleep(100);
     }
     for (const port of Object.values(ports)) expect(await listening(port), `port ${port} still open`).toBe(false);
+    // Deno's child_process reports each child as ended by the signal it was sent, even one that handled it
+    // and exited 0 (the ambassador's drain line below shows it did): there the order alone is compared.
+    const exits = exitsIn(out);
+    expect(argv[0] === DENO ? exits.map((e) => e.split(' ')[0]) : exits).toEqual(argv[0] === DENO ? STOP_ORDER.map((e) => e.split(' ')[0]) : STOP_ORDER);
+    expect(out).toMatch(/\[ambassador\][^\n]*drain complete/);
   });
 });

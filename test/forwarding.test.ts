@@ -181,6 +181,22 @@ function dechunk(buf: Buffer): Buffer {
 describe.each(RUNTIMES)('headers as the wire carries them (%s)', (runtime) => {
   stopAfterEach();
 
+  it('keeps the upstream\'s Content-Length on Node and Deno; Bun\'s server sends the body chunked instead', async () => {
+    const up = await startRawUpstream((_req, socket) => void socket.write('HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\nhello there'));
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
+    const raw = await rawRequest(amb.port, 'GET /len HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n', 3000);
+    const head = raw.slice(0, raw.indexOf('\r\n\r\n')).toLowerCase();
+    if (stackOf(runtime) === 'bun') {
+      expect(head).toContain('\r\ntransfer-encoding: chunked');
+      expect(head).not.toContain('content-length');
+      expect(raw.endsWith('\r\n\r\nb\r\nhello there\r\n0\r\n\r\n')).toBe(true);
+    } else {
+      expect(head).toContain('\r\ncontent-length: 11');
+      expect(head).not.toContain('transfer-encoding');
+      expect(raw.endsWith('\r\n\r\nhello there')).toBe(true);
+    }
+  });
+
   it('sends the app\'s header lines on in order with their repeats, adding only the forwarding headers (Deno: exactly what its server and fetch change)', async () => {
     const up = await startRawUpstream((_req, socket) => void socket.write('HTTP/1.1 200 OK\r\nX-Dup: a\r\nX-Dup: b\r\nWWW-Authenticate: Basic realm="a"\r\nWWW-Authenticate: Bearer\r\nContent-Length: 2\r\n\r\nok'));
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });

@@ -8,10 +8,13 @@ import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach } from 'vitest';
+import { shippedNode } from '../scripts/node.ts';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 export const BUNDLE = path.join(ROOT, 'dist', 'ambassador.mjs');
 export const DENO = path.join(ROOT, 'node_modules', '.bin', 'deno');
+/** The Node the bundle and the demo services run on here: the one the project ships (scripts/node.ts). */
+export const NODE = shippedNode(ROOT);
 
 /** How to stop what has been started, newest last. */
 const started: Array<() => Promise<void>> = [];
@@ -115,7 +118,7 @@ export function command(runtime: Runtime, file: Program = 'ambassador'): string[
   if (runtime !== 'deno') { // the demo services run as the Node bundle beside the Node and Bun artifacts
     const bundle = path.join(ROOT, 'dist', file === 'ambassador' ? 'ambassador.mjs' : `services/${file}.mjs`);
     if (!existsSync(bundle)) throw new Error(`${bundle} is missing: run \`npm run build\` first`);
-    return [process.execPath, bundle];
+    return [NODE, bundle];
   }
   const source = file === 'ambassador' ? path.join(ROOT, 'ambassador.ts') : path.join(ROOT, 'services', `${file}.ts`);
   return [DENO, 'run', '--quiet', '--allow-net', '--allow-env', '--allow-read', source];
@@ -133,10 +136,10 @@ export interface Proc {
   kill(signal?: NodeJS.Signals): void;
 }
 
-export function startProcess(argv: string[], env: Record<string, string>): Proc {
+export function startProcess(argv: string[], env: Record<string, string>, options: { detached?: boolean } = {}): Proc {
   const child = spawn(argv[0], argv.slice(1), {
     env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', DENO_NO_UPDATE_CHECK: '1', ...env },
-    stdio: ['ignore', 'pipe', 'pipe'],
+    stdio: ['ignore', 'pipe', 'pipe'], detached: options.detached ?? false,
   });
   const lines: string[] = [];
   const stderr: string[] = [];

@@ -66,4 +66,16 @@ describe.each(RUNTIMES)('the article\'s walkthrough (%s)', (runtime) => {
     expect(retries.length).toBeGreaterThanOrEqual(4);
     expect(inventory.lines.filter((l) => l.includes('failing on purpose')).length).toBe(retries.length);
   });
+
+  it('6. the README\'s `?fail_every=2` line shows a retry the first time, whatever came before it', async () => {
+    inventory!.kill('SIGTERM');
+    await inventory!.exited;
+    inventory = await startService(runtime, 'inventory-service', { PORT: String(inventoryPort) });
+    for (let i = 0; i < 3; i++) expect((await fetch(`${amb.url}/inventory`)).status).toBe(200); // the walk-through's earlier calls
+    const before = amb.logs().length;
+    const res = await fetch(`${amb.url}/inventory?fail_every=2`);
+    expect(res.status).toBe(200);
+    const retries = amb.logs().slice(before).filter((l) => /^attempt 1 failed: upstream answered 503; retrying/.test(String(l.msg)));
+    expect(retries).toHaveLength(1);
+  });
 });
