@@ -6,6 +6,8 @@ import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { stackOf, RUNTIMES, deadPort, memoryOf, openConnections, rawRequest, routesFile, scrape, sleep, startAmbassador, startRawUpstream, startUpstream, stopAfterEach, waitFor, type AmbassadorProc, type Upstream } from './helpers.ts';
 
+/** `n` connections to `port` that send nothing. */
+const idleConnections = (port: number, n: number) => Array.from({ length: n }, () => net.connect(port, '127.0.0.1').on('error', () => {}));
 const statusOf = (raw: string) => Number(/^HTTP\/1\.1 (\d{3})/.exec(raw)?.[1] ?? 0);
 
 describe.each(RUNTIMES)('hostile input (%s)', (runtime) => {
@@ -83,12 +85,7 @@ describe.each(RUNTIMES)('hostile input (%s)', (runtime) => {
   });
 
   it('a flood of 1000 idle connections: others are still served, memory stays bounded', async () => {
-    const flood: net.Socket[] = [];
-    for (let i = 0; i < 1000; i++) {
-      const s = net.connect(amb.port, '127.0.0.1');
-      s.on('error', () => {});
-      flood.push(s);
-    }
+    const flood = idleConnections(amb.port, 1000);
     await sleep(500);
     await stillServing();
     expect((await memoryOf(amb.pid)).rssMiB).toBeLessThan(250);
@@ -422,12 +419,7 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
     // A flood of connections that send nothing: the admin holds at most 64 of them, and still answers.
     const descriptors = () => readdirSync(`/proc/${amb.pid}/fd`).length;
     const baseline = descriptors();
-    const idle: net.Socket[] = [];
-    for (let i = 0; i < 200; i++) {
-      const s = net.connect(amb.adminPort, '127.0.0.1');
-      s.on('error', () => {});
-      idle.push(s);
-    }
+    const idle = idleConnections(amb.adminPort, 200);
     await sleep(500);
     expect(descriptors() - baseline).toBeLessThanOrEqual(64);
     const t0 = performance.now();
