@@ -29,6 +29,9 @@ export const NODE = shippedNode(root);
 export const IMAGE_NODE_FLAGS = (/ENTRYPOINT \["\/nodejs\/bin\/node", ((?:"--[^"]+", )*)"\/app\/ambassador\.mjs"\]/.exec(readFileSync(path.join(root, 'Containerfile'), 'utf8'))?.[1] ?? '')
   .split(', ').filter(Boolean).map((f) => f.replace(/"/g, ''));
 
+/** The NODE_OPTIONS the ambassador-sea image sets (the same flags, less those NODE_OPTIONS does not take). */
+export const IMAGE_SEA_OPTIONS = /NODE_OPTIONS='([^']*)'/.exec(readFileSync(path.join(root, 'Containerfile'), 'utf8'))?.[1] ?? '';
+
 export const has = (tool: string) => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0;
 /** argv run on one CPU (the load generator and upstream on 0, the proxy on 1), where taskset exists. */
 export const pinned = (cpu: number, argv: string[]) => (has('taskset') && os.cpus().length > 1 ? ['taskset', '-c', String(cpu), ...argv] : argv);

@@ -20,7 +20,7 @@ import { mkdtempSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { cannotMakeGroups, makeGroup, podLimits, type Limits } from './cgroup.ts';
-import { IMAGE_NODE_FLAGS, NODE, ambassadorEnv, arg, built, freePort, has, pinned, proxyConfig, root, runBenchmark, upstreamConfig, waitFor, writeFigures, wrk, type Load } from './common.ts';
+import { IMAGE_NODE_FLAGS, IMAGE_SEA_OPTIONS, NODE, ambassadorEnv, arg, built, freePort, has, pinned, proxyConfig, root, runBenchmark, upstreamConfig, waitFor, writeFigures, wrk, type Load } from './common.ts';
 
 const SECONDS = arg('--seconds', 30);
 const WARMUP = arg('--warmup', 5);
@@ -56,7 +56,7 @@ const rows: Row[] = [
   },
   { name: `ambassador, Node bundle, ${NODE_FLAGS === IMAGE_NODE_FLAGS ? 'image flags (ambassador:node)' : NODE_FLAGS.join(' ')}`, available: built('dist/ambassador.mjs', 'run npm run build'), command: ambassador([NODE, ...NODE_FLAGS, path.join(root, 'dist/ambassador.mjs')]) },
   { name: 'ambassador, Node bundle, no flags', available: built('dist/ambassador.mjs', 'run npm run build'), command: ambassador([NODE, path.join(root, 'dist/ambassador.mjs')]) },
-  { name: 'ambassador, Node single executable (ambassador:sea)', available: built('bin/ambassador-node', 'run npm run sea'), command: ambassador([path.join(root, 'bin/ambassador-node')], { NODE_OPTIONS: NODE_FLAGS.join(' ') }) },
+  { name: 'ambassador, Node single executable (ambassador:sea)', available: built('bin/ambassador-node', 'run npm run sea'), command: ambassador([path.join(root, 'bin/ambassador-node')], { NODE_OPTIONS: NODE_FLAGS === IMAGE_NODE_FLAGS ? IMAGE_SEA_OPTIONS : NODE_FLAGS.join(' ') }) },
   { name: 'naive Hono + fetch on Bun (baseline)', available: built('node_modules/.bin/bun', 'npm package bun missing'), command: (upstream, port) => ({ argv: [bunRuntime, path.join(root, 'bench/hono-bun.ts')], env: { UPSTREAM_URL: upstream, PORT: String(port) }, ready: `http://127.0.0.1:${port}/small` }) },
   { name: 'ambassador, Bun compiled binary (ambassador:bun)', available: built('bin/ambassador-bun', 'run npm run compile:bun'), command: ambassador([path.join(root, 'bin/ambassador-bun')]) },
   { name: 'ambassador, Bun', available: built('node_modules/.bin/bun', 'npm package bun missing'), command: ambassador([bunRuntime, path.join(root, 'ambassador.ts')]) },

@@ -8,7 +8,7 @@ import { spawn } from 'node:child_process';
 import http from 'node:http';
 import { describe, expect, it } from 'vitest';
 import { cannotMakeGroups, makeGroup, podLimits, type Limits } from '../bench/cgroup.ts';
-import { IMAGE_NODE_FLAGS } from '../bench/common.ts';
+import { IMAGE_NODE_FLAGS, IMAGE_SEA_OPTIONS } from '../bench/common.ts';
 import { BUN_BIN, NODE, SEA, deadPort, startUpstream, stopAfterEach, waitFor, skippedBecause } from './helpers.ts';
 
 /** The memory the README asks for the Bun and single-executable images (measured with `npm run bench:pod --
@@ -24,7 +24,7 @@ if (unavailable) console.warn(`\n*** memory.test.ts SKIPPED: no cgroup with the 
 
 const images: Array<{ name: string; argv: string[]; env: Record<string, string>; limits: Limits }> = [
   { name: 'ambassador:node (the bundle with the image\'s V8 flags)', argv: [NODE, ...IMAGE_NODE_FLAGS, 'dist/ambassador.mjs'], env: {}, limits },
-  { name: `ambassador:sea (NODE_OPTIONS as the image sets it, at ${SEA_MEMORY_MIB}Mi)`, argv: [SEA], env: { NODE_OPTIONS: IMAGE_NODE_FLAGS.join(' ') }, limits: { ...limits, memoryBytes: SEA_MEMORY_MIB * 1024 ** 2 } },
+  { name: `ambassador:sea (NODE_OPTIONS as the image sets it, at ${SEA_MEMORY_MIB}Mi)`, argv: [SEA], env: { NODE_OPTIONS: IMAGE_SEA_OPTIONS }, limits: { ...limits, memoryBytes: SEA_MEMORY_MIB * 1024 ** 2 } },
   { name: `ambassador:bun (at ${BUN_MEMORY_MIB}Mi)`, argv: [BUN_BIN], env: {}, limits: { ...limits, memoryBytes: BUN_MEMORY_MIB * 1024 ** 2 } },
 ];
 
