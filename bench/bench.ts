@@ -11,7 +11,7 @@
  * stays on 127.0.0.1. Prints a table and writes the figures as JSON to dist/bench.json.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
@@ -20,6 +20,7 @@ import { IMAGE_NODE_FLAGS, NODE, SMALL, ambassadorEnv, arg, built, cpuSeconds, f
 const ROUNDS = arg('--rounds', 3);
 const SECONDS = arg('--seconds', 5);
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'ambassador-bench-'));
+process.on('exit', () => rmSync(tmp, { recursive: true, force: true })); // its configs and logs go with it
 
 // ---------------------------------------------------------------------------------------------------------
 // The upstream: nginx (1 worker) when installed, else node:http.

@@ -16,7 +16,7 @@
  * run outside the group on CPU 0; all traffic stays on 127.0.0.1, every load bounded in time.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { cannotMakeGroups, makeGroup, podLimits, type Limits } from './cgroup.ts';
@@ -30,6 +30,7 @@ const ONLY = process.argv.includes('--only') ? process.argv[process.argv.indexOf
 /** Other V8 flags for the Node image's rows, to choose the image's: `--node-flags "--max-semi-space-size=2"`. */
 const NODE_FLAGS = process.argv.includes('--node-flags') ? process.argv[process.argv.indexOf('--node-flags') + 1].split(/\s+/).filter(Boolean) : IMAGE_NODE_FLAGS;
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'ambassador-pod-'));
+process.on('exit', () => rmSync(tmp, { recursive: true, force: true })); // its configs and logs go with it
 
 // ---------------------------------------------------------------------------------------------------------
 // The rows and the run.
