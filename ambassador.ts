@@ -3100,12 +3100,17 @@ async function listenAdmin(fetchHandler: FetchHandler, host: string, port: numbe
     sockets.add(socket);
     socket.once('close', () => sockets.delete(socket));
     socket.on('error', noop);
+    // The whole head within the limit, counted from the connection: an idle timer would let a client that
+    // drips a byte now and then hold the connection for as long as it likes. The answer is bounded too.
+    const headTimer = setTimeout(() => socket.destroy(), ADMIN_HEAD_TIMEOUT_MS);
+    socket.once('close', () => clearTimeout(headTimer));
     socket.setTimeout(ADMIN_HEAD_TIMEOUT_MS, () => socket.destroy());
     let head = '';
     const onData = (chunk: Uint8Array) => {
       head += new TextDecoder('latin1').decode(chunk);
       const end = head.indexOf('\r\n\r\n');
       if (end < 0 && head.length <= ADMIN_MAX_HEAD_BYTES) return;
+      clearTimeout(headTimer);
       socket.off('data', onData);
       if (end < 0 || end > ADMIN_MAX_HEAD_BYTES) return refuse(socket, 431, 'a request head larger than 8 KiB');
       serving.add(socket);

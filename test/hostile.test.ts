@@ -425,14 +425,17 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
     const t0 = performance.now();
     expect((await fetch(`${amb.adminUrl}/readyz`)).status).toBe(200);
     expect(performance.now() - t0).toBeLessThan(1000);
-    // A connection that never finishes its head is closed after ADMIN_HEAD_TIMEOUT_MS (5 s).
+    // A connection that never finishes its head is closed after ADMIN_HEAD_TIMEOUT_MS (5 s), though it
+    // drips a byte every second (an idle timer alone would never fire).
     const slow = net.connect(amb.adminPort, '127.0.0.1');
     slow.on('error', () => {});
     slow.write('GET /metrics HTTP/1.1\r\nHost: ');
+    const drip = setInterval(() => slow.destroyed || slow.write('x'), 1000);
     const closedAfter = await new Promise<number>((resolve) => {
       const start = performance.now();
       slow.on('close', () => resolve(performance.now() - start));
     });
+    clearInterval(drip);
     expect(closedAfter).toBeGreaterThan(4000);
     expect(closedAfter).toBeLessThan(8000);
     for (const s of idle) s.destroy();
