@@ -158,7 +158,9 @@ describe.each(RUNTIMES)('bad configuration stops the process (%s)', (runtime) =>
   it('exits 2 naming a time setting past what a timer can wait (2^31 - 1 ms), rather than fire it at once', async () => {
     for (const name of ['DRAIN_TIMEOUT_MS', 'QUEUE_TIMEOUT_MS']) {
       const p = startProcess(command(runtime), { UPSTREAM_URL: 'http://127.0.0.1:9', PORT: '0', ADMIN_PORT: '0', [name]: '2147483648' });
-      const { code } = await p.exited;
+      // A process that takes the value starts listening instead: it is ended, and the test fails.
+      const { code } = await Promise.race([p.exited, new Promise<{ code: number | null }>((r) => setTimeout(() => r({ code: null }), 20_000))]);
+      p.kill('SIGKILL');
       expect(code, name).toBe(2);
       expect(p.stderr.join('\n')).toContain(`${name}="2147483648": expected a whole number from 0 to 2147483647`);
     }
