@@ -18,11 +18,9 @@ const compiled = compile.status === 0 && existsSync(binary);
 let reason = '';
 if (!compiled) {
   reason = (compile.stderr || compile.stdout || String(compile.error)).split('\n').filter((l) => /error|dns|denort|download/i.test(l)).slice(0, 3).join(' | ');
-  console.warn(`\n*** SKIPPED: the deno-compiled binary — \`deno compile\` could not get its denort runtime here (${reason.trim() || 'unknown failure'}). ` +
-    'Set DENORT_BIN to a denort binary, or run where Deno\'s download host is reachable. ***\n');
 }
 
-describe.skipIf(!compiled)(skippedBecause('the deno-compiled binary', compiled ? undefined : `deno compile could not get its denort runtime here (${reason.trim() || 'unknown failure'})`), () => {
+describe.skipIf(!compiled)(skippedBecause('the deno-compiled binary', compiled ? undefined : `deno compile could not get its denort runtime here (${reason.trim() || 'unknown failure'}); set DENORT_BIN to a denort binary, or run where Deno's download host is reachable`), () => {
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
   it('proxies, retries and drains like the source', async () => {

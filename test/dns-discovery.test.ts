@@ -67,7 +67,6 @@ function get(url: string): string {
 }
 
 const why = namespacesUnavailable(NS);
-if (why) console.warn(`\n*** SKIPPED: DNS discovery test — cannot create network namespaces here (${why}). ***\n`);
 
 describe.skipIf(why !== undefined)(skippedBecause('discovery through DNS, in each runtime\'s own process', why && `cannot create network namespaces here (${why})`), () => {
   const tmp = path.join(os.tmpdir(), `${NS}-answers`);

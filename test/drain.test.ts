@@ -3,18 +3,7 @@
 import http from 'node:http';
 import net from 'node:net';
 import { describe, expect, it } from 'vitest';
-import { RUNTIMES, openConnections, sleep, stackOf, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach, waitFor } from './helpers.ts';
-
-function get(url: string, agent?: http.Agent): Promise<{ status: number; body: string; headers: http.IncomingHttpHeaders }> {
-  return new Promise((resolve, reject) => {
-    http.get(url, { agent }, (res) => {
-      let body = '';
-      res.on('data', (c) => (body += c));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, body, headers: res.headers }));
-      res.on('error', reject);
-    }).on('error', reject);
-  });
-}
+import { RUNTIMES, get, openConnections, sleep, stackOf, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach, waitFor } from './helpers.ts';
 
 describe.each(RUNTIMES)('drain on SIGTERM (%s)', (runtime) => {
   let upstream: Upstream | undefined;
@@ -56,7 +45,7 @@ describe.each(RUNTIMES)('drain on SIGTERM (%s)', (runtime) => {
     }), 3000);
     // A fresh connection after the listener closed is refused: nothing was accepted, so the app's client
     // knows it may send the request elsewhere. (A reset after the request went out would not say that.)
-    const late = await get(`${amb.url}/late`, new http.Agent({ keepAlive: false })).then((r) => `answered ${r.status}`, (e: NodeJS.ErrnoException) => e.code);
+    const late = await get(`${amb.url}/late`, { agent: new http.Agent({ keepAlive: false }) }).then((r) => `answered ${r.status}`, (e: NodeJS.ErrnoException) => e.code);
     expect(late).toBe('ECONNREFUSED');
     expect((await inFlight).status).toBe(200);
     expect((await amb.exited).code).toBe(0);
@@ -66,7 +55,7 @@ describe.each(RUNTIMES)('drain on SIGTERM (%s)', (runtime) => {
     upstream = await startUpstream();
     amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
     const agent = new http.Agent({ keepAlive: true });
-    expect((await get(`${amb.url}/a`, agent)).status).toBe(200);
+    expect((await get(`${amb.url}/a`, { agent })).status).toBe(200);
     const t0 = performance.now();
     amb.kill('SIGTERM');
     expect((await amb.exited).code).toBe(0);

@@ -1,5 +1,5 @@
 /** Real servers and real processes for the tests: an upstream that records what it received, the
- * ambassador started as a child process (Node bundle or Deno), and a port nothing listens on. */
+ * ambassador started as a child process (any artifact: `RUNTIMES`), and a port nothing listens on. */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
@@ -83,7 +83,25 @@ export function routesFile(routes: unknown[]): string {
 /** A suite's name, with why it is skipped when it is: the reason then shows in the run's list of skipped
  * tests (see `test/skipped.ts`), so a green run with skips is visibly not a full run. */
 export function skippedBecause(name: string, why: string | undefined): string {
-  return why === undefined ? name : `${name} — SKIPPED: ${why}`;
+  if (why === undefined) return name;
+  // Also said at once, in a banner, so a run watched as it goes shows it before the summary does.
+  const banner = `\n*** SKIPPED: ${name.replace(' (%s)', '')} — ${why} ***\n`;
+  if (!banners.has(banner)) banners.add(banner), console.warn(banner);
+  return `${name} — SKIPPED: ${why}`;
+}
+const banners = new Set<string>();
+
+/** A GET with node:http (a keep-alive `agent` of the test's own, if given): the status, the body as text and
+ * the headers. */
+export function get(url: string, options: { agent?: http.Agent; headers?: Record<string, string> } = {}): Promise<{ status: number; body: string; headers: http.IncomingHttpHeaders }> {
+  return new Promise((resolve, reject) => {
+    http.get(url, options, (res) => {
+      let body = '';
+      res.on('data', (c) => (body += c));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body, headers: res.headers }));
+      res.on('error', reject);
+    }).on('error', reject);
+  });
 }
 
 /** A port on which nothing listens: bound, then closed (connections to it are refused). */

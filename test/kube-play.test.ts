@@ -29,7 +29,6 @@ function whyNot(): string | undefined {
 }
 const why = whyNot();
 if (why) {
-  console.warn(`\n*** SKIPPED: podman kube play test — ${why}. ***\n`);
   const left = removePodmanFolder(dir, env);
   if (left) console.warn(`kube-play: could not remove ${left}`);
 }

@@ -1,7 +1,6 @@
 /** The access log: one line per request with stable field names, the request id in every line about a
- * request, no secrets, and a text format for people. */
+ * request and no secrets (the text format: test/unit/logs.test.ts). */
 import { describe, expect, it } from 'vitest';
-import { createLogger } from '../ambassador.ts';
 import { RUNTIMES, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach } from './helpers.ts';
 
 describe.each(RUNTIMES)('logs (%s)', (runtime) => {
@@ -62,21 +61,5 @@ describe.each(RUNTIMES)('logs (%s)', (runtime) => {
     // The last request's access-log line is out, so anything written to stderr while serving is too.
     await amb.waitForLine((l) => l.includes('"path":"/x2"'));
     expect(amb.stderr.join('\n')).toBe('');
-  });
-});
-
-describe('text log lines', () => {
-  it('quote any value that could pass for more fields, so a field can never be forged', () => {
-    const lines: string[] = [];
-    const log = createLogger('text', 'info', (l) => lines.push(l));
-    log('info', 'request', { id: 'x route=admin method=DELETE status=200', path: '/a b"c', route: 'default', status: 200, ok: 'plain-value_1.2:/@+' });
-    const line = lines[0];
-    expect(line).toContain('id="x route=admin method=DELETE status=200"');
-    expect(line).toContain('path="/a b\\"c"');
-    expect(line).toContain('ok=plain-value_1.2:/@+');
-    // Outside the quoted values, each field appears once.
-    const bare = line.replace(/"(?:[^"\\]|\\.)*"/g, '""');
-    expect(bare.match(/ route=/g)).toHaveLength(1);
-    expect(bare.match(/ status=/g)).toHaveLength(1);
   });
 });

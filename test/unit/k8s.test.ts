@@ -2,10 +2,10 @@
  * the API's OpenAPI definitions), and holding the rules a sidecar needs. */
 import { ConfigMap } from 'kubernetes-models/v1/ConfigMap';
 import { Service } from 'kubernetes-models/v1/Service';
-import { loadConfig } from '../ambassador.ts';
+import { loadConfig } from '../../ambassador.ts';
 import { Deployment } from 'kubernetes-models/apps/v1/Deployment';
 import { describe, expect, it } from 'vitest';
-import { kustomization, objects, readYaml } from './manifests.ts';
+import { kustomization, objects, readYaml } from '../manifests.ts';
 
 const all = objects();
 const deployments = all.filter((o) => o.object.kind === 'Deployment').map((o) => o.object);

@@ -3,7 +3,7 @@ import { describe, expect, it } from 'vitest';
 import {
   backoffDelay, classifyFailure, decideRetry, forwardHeaders, headerValue, isRetryableOutcome, parseRetryAfter, responseHeaders,
   RetryBudget, stripHopByHop, upstreamUrl, type HeaderList, type RetryInput,
-} from '../ambassador.ts';
+} from '../../ambassador.ts';
 
 describe('backoffDelay', () => {
   it('grows exponentially from the base and is capped', () => {

@@ -2,7 +2,7 @@
  * the result keeps its promises. */
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { ConfigError, forwardHeaders, loadConfig, matchRoute, responseHeaders, stripHopByHop, type HeaderList } from '../ambassador.ts';
+import { ConfigError, forwardHeaders, loadConfig, matchRoute, responseHeaders, stripHopByHop, type HeaderList } from '../../ambassador.ts';
 
 const NAMES = ['UPSTREAM_URL', 'HOST', 'PORT', 'ADMIN_HOST', 'ADMIN_PORT', 'RETRY_ATTEMPTS', 'RETRY_BACKOFF_MS', 'RETRY_BACKOFF_MAX_MS',
   'RETRY_BUDGET_PERCENT', 'RETRY_BUDGET_MIN_PER_SEC', 'RETRY_BODY_MAX_BYTES', 'TRY_TIMEOUT_MS', 'REQUEST_TIMEOUT_MS', 'DRAIN_TIMEOUT_MS',
