@@ -11,7 +11,8 @@
  *
  * Run it:
  *   Node:   npm run build && UPSTREAM_URL=http://127.0.0.1:9000 node dist/ambassador.mjs
- *   Deno:   UPSTREAM_URL=http://127.0.0.1:9000 deno run --allow-net --allow-env --allow-read --unstable-no-legacy-abort ambassador.ts
+ *   Deno:   UPSTREAM_URL=http://127.0.0.1:9000 \
+ *             deno run --allow-net --allow-env --allow-read --unstable-no-legacy-abort ambassador.ts
  *   Bun:    UPSTREAM_URL=http://127.0.0.1:9000 bun ambassador.ts
  *   Binary: npm run sea && UPSTREAM_URL=http://127.0.0.1:9000 ./bin/ambassador-node   (Node single executable)
  *           deno task compile && UPSTREAM_URL=http://127.0.0.1:9000 ./bin/ambassador  (needs Deno's denort)
@@ -19,70 +20,76 @@
  *
  * This file imports only `hono` and, on Node only and dynamically, `@hono/node-server` and Node's own
  * `node:http`, `node:https`, `node:tls`, `node:crypto`, `node:dns` and `node:fs` (Deno and Bun reach some of
- * the same built-ins), so it can be copied into another
- * project as it is.
+ * the same built-ins), so it can be copied into another project as it is.
  *
- * | variable                 | default     | meaning                                                             |
- * |--------------------------|-------------|---------------------------------------------------------------------|
- * | UPSTREAM_URL             | (required)  | http:// or https:// base URL, or several separated by commas; the request path and query are appended |
- * | ROUTES_FILE              | (none)      | a JSON file of routes instead of UPSTREAM_URL (see `loadConfig`); the variables marked * are their defaults |
- * | HOST / PORT              | 127.0.0.1 / 8080 | proxy listener (an IP address, or localhost); loopback so only the pod's app can use it; 0 = any free port |
- * | ADMIN_HOST / ADMIN_PORT  | 0.0.0.0 / 9901 | the admin endpoints, apart from every upstream path; 0 = any free port |
- * | RETRY_ATTEMPTS *         | 3           | attempts in all, the first included; 1 = no retries                 |
- * | RETRY_BACKOFF_MS *       | 100         | base of the exponential backoff (full jitter) between attempts      |
- * | RETRY_BACKOFF_MAX_MS *   | 2000        | cap of one backoff delay                                            |
- * | RETRY_BUDGET_PERCENT *   | 20          | retries allowed, as a percentage of requests over the last 10 s     |
- * | RETRY_BUDGET_MIN_PER_SEC *| 10         | retries per second always allowed, whatever the percentage says     |
- * | RETRY_BODY_MAX_BYTES *   | 65536       | largest request body kept in memory for replay; 0 = never replay a body |
- * | RETRY_BODIES_MAX_BYTES   | 8388608     | all bodies kept for replay at once, together; past it a body is streamed, sent once |
- * | TRY_TIMEOUT_MS *         | 5000        | one attempt's limit until response headers; 0 = none                |
- * | REQUEST_TIMEOUT_MS *     | 15000       | the whole request's limit until response headers, retries included; 0 = none |
- * | BREAKER_FAILURES *       | 5           | failures in a row (5xx, refused, reset, timeout) that eject an endpoint; 0 = no breaker |
- * | BREAKER_OPEN_MS *        | 5000        | how long the first ejection lasts; each one soon after doubles it   |
- * | BREAKER_OPEN_MAX_MS *    | 60000       | the longest an ejection lasts                                       |
- * | BREAKER_PROBES *         | 1           | requests let through at once to a half-open endpoint                |
- * | MAX_IN_FLIGHT *          | 1024        | requests in flight to a route's upstream at most; 0 = no limit      |
- * | QUEUE_SIZE *             | 128         | requests that may wait for a place; the rest get 503 at once        |
- * | QUEUE_TIMEOUT_MS *       | 1000        | the longest a request waits in that queue before its 503            |
- * | RATE_LIMIT_PER_SEC *     | 0           | requests per second to a route's upstream (token bucket); 0 = no limit |
- * | RATE_LIMIT_BURST *       | 0           | tokens saved up for a burst; 0 = one second's worth                 |
- * | RATE_LIMIT_WAIT_MS *     | 0           | wait up to this long for a token instead of answering 429 at once  |
- * | DNS_REFRESH_MS *         | 5000        | look the upstream's name up again this often (sooner if its TTL says); 0 = leave names to the runtime |
- * | UPSTREAM_CA_FILE         | (none)      | PEM CA bundle the upstream's certificate is verified against (else the runtime's roots) |
- * | UPSTREAM_CERT_FILE / UPSTREAM_KEY_FILE | (none) | PEM client certificate and key, for mTLS; read again when they change |
- * | UPSTREAM_SERVER_NAME     | (none)      | the name sent as SNI and checked in the certificate (Node, Bun)     |
- * | UPSTREAM_TLS_MIN_VERSION | TLSv1.2     | TLSv1.2 or TLSv1.3 (Node only)                                      |
- * | DRAIN_TIMEOUT_MS         | 20000       | the longest a drain may take before what is left is cut off         |
- * | DRAIN_GRACE_MS           | 0           | after SIGTERM, keep accepting new requests this long (older clusters) |
- * | BODY_IDLE_TIMEOUT_MS     | 300000      | a body that stalls this long is cut off (a request body: 408); Envoy's stream idle timeout; 0 = never |
- * | LOG_FORMAT               | json        | json (one object per line) or text                                  |
- * | LOG_LEVEL                | info        | debug, info (one line per request), warn (failures only) or error   |
+ * | variable                   | default    | meaning
+ * |----------------------------|------------|---------
+ * | UPSTREAM_URL               | (required) | http(s):// base URL, or several, comma-separated; the path follows
+ * | ROUTES_FILE                | (none)     | a JSON file of routes instead (`loadConfig`); * marks their defaults
+ * | HOST                       | 127.0.0.1  | the proxy's address (an IP, or localhost): loopback, for the pod's app
+ * | PORT                       | 8080       | the proxy's port; 0 = any free port
+ * | ADMIN_HOST                 | 0.0.0.0    | the admin endpoints' address, apart from every upstream path
+ * | ADMIN_PORT                 | 9901       | the admin endpoints' port; 0 = any free port
+ * | RETRY_ATTEMPTS *           | 3          | attempts in all, the first included; 1 = no retries
+ * | RETRY_BACKOFF_MS *         | 100        | base of the exponential backoff (full jitter) between attempts
+ * | RETRY_BACKOFF_MAX_MS *     | 2000       | cap of one backoff delay
+ * | RETRY_BUDGET_PERCENT *     | 20         | retries allowed, as a percentage of requests over the last 10 s
+ * | RETRY_BUDGET_MIN_PER_SEC * | 10         | retries per second always allowed, whatever the percentage says
+ * | RETRY_BODY_MAX_BYTES *     | 65536      | largest request body kept for replay; 0 = never replay a body
+ * | RETRY_BODIES_MAX_BYTES     | 8388608    | all bodies kept for replay at once; past it a body is sent once
+ * | TRY_TIMEOUT_MS *           | 5000       | one attempt's limit until response headers; 0 = none
+ * | REQUEST_TIMEOUT_MS *       | 15000      | the request's limit until response headers, retries included; 0 = none
+ * | BREAKER_FAILURES *         | 5          | failures in a row (5xx, refused, reset, timeout) that eject; 0 = none
+ * | BREAKER_OPEN_MS *          | 5000       | how long the first ejection lasts; each one soon after doubles it
+ * | BREAKER_OPEN_MAX_MS *      | 60000      | the longest an ejection lasts
+ * | BREAKER_PROBES *           | 1          | requests let through at once to a half-open endpoint
+ * | MAX_IN_FLIGHT *            | 1024       | requests in flight to a route's upstream at most; 0 = no limit
+ * | QUEUE_SIZE *               | 128        | requests that may wait for a place; the rest get 503 at once
+ * | QUEUE_TIMEOUT_MS *         | 1000       | the longest a request waits in that queue before its 503
+ * | RATE_LIMIT_PER_SEC *       | 0          | requests per second to a route's upstream (token bucket); 0 = none
+ * | RATE_LIMIT_BURST *         | 0          | tokens saved up for a burst; 0 = one second's worth
+ * | RATE_LIMIT_WAIT_MS *       | 0          | wait up to this long for a token instead of answering 429 at once
+ * | DNS_REFRESH_MS *           | 5000       | look names up again this often (sooner if the TTL says); 0 = never
+ * | UPSTREAM_CA_FILE           | (none)     | PEM CA bundle the upstream's certificate is verified against
+ * | UPSTREAM_CERT_FILE         | (none)     | PEM client certificate, with UPSTREAM_KEY_FILE (mTLS); read on change
+ * | UPSTREAM_KEY_FILE          | (none)     | PEM key of that certificate
+ * | UPSTREAM_SERVER_NAME       | (none)     | the name sent as SNI and checked in the certificate (Node, Bun)
+ * | UPSTREAM_TLS_MIN_VERSION   | TLSv1.2    | TLSv1.2 or TLSv1.3 (Node only)
+ * | DRAIN_TIMEOUT_MS           | 20000      | the longest a drain may take before what is left is cut off
+ * | DRAIN_GRACE_MS             | 0          | after SIGTERM, keep accepting new requests this long (older clusters)
+ * | BODY_IDLE_TIMEOUT_MS       | 300000     | a body that stalls this long is cut off (a request body: 408); 0 = never
+ * | LOG_FORMAT                 | json       | json (one object per line) or text
+ * | LOG_LEVEL                  | info       | debug, info (one line per request), warn (failures only) or error
+ *
+ * The file, in the order a request lives (each a banner below; search for its first words):
+ *   What it is — constants, the settings, and the types a reader meets first (`AppRequest`, `Reply`, `Send`)
+ *   The request path — intake (`handle`), early answers, route and admission, forward (`attempts`,
+ *     `tryEndpoint`, `attempt`), the reply
+ *   The ambassador put together — `createAmbassador`, the admin app, each route's policies
+ *   Policies — retry, breaker and balancing, limits, routing and paths, headers and replies
+ *   Bodies — replay, streaming, passing a response body on
+ *   Endpoints and TLS files — discovery, certificates read again when they change
+ *   Logs, Metrics — what the events become
+ *   Configuration — `loadConfig`, the routes file, what a runtime must be able to do
+ *   Runtimes — Node, Deno, Bun (server, client, resolver), the admin port
+ *   main — listen, drain on SIGTERM, the entry check
  */
 
 import { Hono } from 'hono';
-import type { Context } from 'hono';
 
-// ---------------------------------------------------------------------------------------------------------
-// Constants
-// ---------------------------------------------------------------------------------------------------------
+// =========================================================================================================
+// What it is: the constants, and the types a reader meets first
+// =========================================================================================================
 
 const VERSION = '0.1.0';
 const VIA = '1.1 ambassador';
-
-/** Hop-by-hop headers (RFC 9110 §7.6.1, https://www.rfc-editor.org/rfc/rfc9110#section-7.6.1), plus the
- * obsolete ones Go's ReverseProxy also drops; any header named in `Connection` is hop-by-hop too. */
-const HOP_BY_HOP = [
-  'connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'proxy-authorization',
-  'te', 'trailer', 'transfer-encoding', 'upgrade',
-];
-const HOP_BY_HOP_SET = new Set(HOP_BY_HOP);
 
 /** RFC 9110 §9.2.2: a client may repeat these without changing the outcome. TRACE is idempotent too, but
  * fetch refuses to send it, so the ambassador refuses it (see `refusal`). */
 const IDEMPOTENT = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE']);
 
 /** Methods fetch cannot send (Fetch standard "forbidden method"): answered 405 on every runtime alike,
- * rather than forwarded on one and refused on the other. */
+ * rather than forwarded by one runtime and refused by another. */
 const REFUSED_METHODS = new Set(['CONNECT', 'TRACE', 'TRACK']);
 
 /** Statuses that mean "the upstream, or what is in front of it, could not serve this now". */
@@ -106,10 +113,6 @@ const MAX_REQUEST_HEADERS = 100;
 /** An app's x-request-id is kept when it is safe to log and to send on: at most 128 printable ASCII
  * characters, no spaces, quotes or backslashes. Anything else is replaced by a fresh id. */
 const SAFE_REQUEST_ID = /^[!#-\[\]-~]{1,128}$/; // 0x21–0x7e less `"` and `\`
-
-// ---------------------------------------------------------------------------------------------------------
-// Types
-// ---------------------------------------------------------------------------------------------------------
 
 export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
 /** `notice` is for the lifecycle (start-up, drain stages): written whatever LOG_LEVEL says. */
@@ -165,6 +168,8 @@ export interface Route extends RouteSettings {
   /** one or more base URLs; a name may resolve to several addresses, each an endpoint */
   readonly upstreams: readonly URL[];
   readonly tls: TlsFiles | null;
+  /** where the route was set: `routes[1]` of ROUTES_FILE, or null: the environment (UPSTREAM_URL) */
+  readonly source: string | null;
 }
 
 export interface Config {
@@ -207,11 +212,32 @@ export interface Logger {
 /** What the handler reports; the log and the metrics subscribe. Policies never log. */
 export interface Events {
   /** response headers arrived from the upstream, `seconds` after the attempt began */
-  attemptResponded(e: { id: string; route: string; endpoint: string; attempt: number; status: number; seconds: number }): void;
-  attemptFailed(e: { id: string; route: string; endpoint: string; attempt: number; error: string; kind: FailureKind | 'status'; status?: number; next: RetryDecision }): void;
+  attemptResponded(
+    e: { id: string; route: string; endpoint: string; attempt: number; status: number; seconds: number },
+  ): void;
+  attemptFailed(
+    e: {
+      id: string;
+      route: string;
+      endpoint: string;
+      attempt: number;
+      error: string;
+      kind: FailureKind | 'status';
+      status?: number;
+      next: RetryDecision;
+    },
+  ): void;
   requestDone(e: RequestRecord): void;
   /** an endpoint's breaker opened (it is ejected for `openMs`), let a probe through, or closed again */
-  endpointChanged(e: { route: string; endpoint: string; change: 'opened' | 'probing' | 'closed'; openMs?: number; ejections?: number }): void;
+  endpointChanged(
+    e: {
+      route: string;
+      endpoint: string;
+      change: 'opened' | 'probing' | 'closed';
+      openMs?: number;
+      ejections?: number;
+    },
+  ): void;
   /** discovery found endpoints added or removed, or could not resolve a name (`error`; the old ones stay) */
   endpointsChanged(e: { route: string; added: string[]; removed: string[]; endpoints: string[]; error?: string }): void;
   /** a route's TLS files changed and were taken up, or could not be (`error`; the old ones stay) */
@@ -250,288 +276,944 @@ class ClientError extends Error {
   }
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Configuration: parsed once, by a pure function, into a frozen object — or one error naming every bad
-// variable, its value and what was expected.
-// ---------------------------------------------------------------------------------------------------------
+/** Headers as the wire has them: [name, value] pairs in order, names lower-case, repeats kept. Plain
+ * arrays cost far less than `Headers` objects on the hot path, and every runtime takes them as they are. */
+export type HeaderList = Array<[string, string]>;
 
-export class ConfigError extends Error {
-  readonly problems: string[];
-  constructor(problems: string[]) {
-    super(`invalid configuration:\n  ${problems.join('\n  ')}`);
-    this.problems = problems;
-    this.name = 'ConfigError';
+/** One request as the app sent it, whichever runtime's server read it. Each runtime's adapter makes one
+ * (`NodeAppRequest`, `FetchAppRequest`) and writes back what the handler answers, so the request path
+ * never asks which runtime it runs on. */
+export interface AppRequest {
+  readonly method: string;
+  /** the request target: as sent (Node: `/path?query`, `*`, or an absolute URL), or the path and query of
+   * the URL the server made of it (Deno, Bun) */
+  readonly target: string;
+  /** what the checks on the target's bytes look at: the target as sent, or the URL the server made */
+  readonly seen: string;
+  /** servers that hand over a URL rather than the target (Deno, Bun): that URL's authority, which differs
+   * from the Host header only for an absolute-form target; undefined where the target tells that itself */
+  readonly urlHost: string | undefined;
+  readonly headers: HeaderList;
+  /** the app's address */
+  readonly peer: string | undefined;
+  /** the request body at its source (asked for once, and only when the head announces one) */
+  body(): BodySource | null;
+  /** runs `f` when the app goes away before its answer is written whole; the function returned takes it back */
+  onGone(f: (reason: unknown) => void): () => void;
+  /** What the server is to write: `reply`, its body passed on chunk by chunk and `done` told how that ended
+   * (without `done`: an answer of the ambassador's own, written as it is). */
+  respond(reply: Reply, done?: BodyDone, idleMs?: number): Response;
+}
+
+/** A request body where the runtime keeps it: the next chunk when asked (nothing is read ahead), and
+ * what to do with the rest when it is not wanted. */
+export interface BodySource {
+  next(): Promise<IteratorResult<Uint8Array> | ReadableStreamReadResult<Uint8Array>>;
+  cancel(reason: unknown): Promise<void>;
+  /** the handler gave up on the body (it stalled, or the app left): Deno's server otherwise keeps the app's
+   * connection, even one the app has closed, waiting for the rest of it */
+  giveUp(reason: unknown): void;
+}
+
+/** Told once how a response body ended: the bytes passed on, and what went wrong if anything did. */
+export type BodyDone = (bytes: number, error?: string) => void;
+
+/** One answer, from the upstream or the ambassador's own: a web body (fetch), a Node stream (`nodeSend`), or
+ * the whole of a short text (`textReply`). */
+export interface Reply {
+  status: number;
+  statusText: string;
+  headers: HeaderList;
+  body: ReadableStream<Uint8Array> | null;
+  node?: NodeReadable;
+  /** an answer of the ambassador's own: its whole body (`textReply`) */
+  whole?: Uint8Array<ArrayBuffer>;
+}
+
+/** How one attempt reaches the upstream: `fetch` on Deno and Bun, `node:http` on Node (see `nodeSend`): the
+ * endpoint's destination, the request's path and query, and `tls` the route's certificates. `cancel` ends
+ * the attempt, before the response headers or after. */
+export type Send = (to: Destination, pathAndQuery: string, init: {
+  method: string;
+  headers: HeaderList;
+  body: Uint8Array | ReadableStream<Uint8Array> | null;
+  cancel: Cancel;
+  tls: TlsMaterial | null;
+}) => Promise<Reply>;
+
+export interface Clock {
+  now(): number;
+  random(): number;
+}
+
+// =========================================================================================================
+// The request path, in the order a request lives: intake → early answers → route and admission → forward
+// (its attempts, each under its timeout) → the reply. `handle` calls each step in turn; the policies they
+// ask come after, in the sections below.
+// =========================================================================================================
+
+/** What every step shares: the configuration, each route's policies, how attempts reach the upstream,
+ * the clock, where events go, and what is in flight. One per process (`createAmbassador`). */
+interface Proxy {
+  readonly config: Config;
+  readonly routes: ReadonlyMap<string, RoutePolicies>;
+  readonly send: Send;
+  readonly clock: Clock;
+  readonly events: Events;
+  readonly log: Logger;
+  /** what the bodies kept for replay may hold, all requests together */
+  readonly replayMemory: ReplayMemory;
+  /** requests not yet answered in full, by a number of their own (two may carry the same x-request-id) */
+  readonly inFlight: Map<number, InFlight>;
+  readonly uploads: Uploads;
+  draining: boolean;
+  requests: number;
+}
+
+interface InFlight {
+  id: string;
+  method: string;
+  path: string;
+  started: number;
+}
+
+/** One request on its way to the upstream: what every step after the route was chosen works on. */
+interface Call {
+  readonly id: string;
+  readonly method: string;
+  /** the app's request headers, as it sent them */
+  readonly appHeaders: HeaderList;
+  /** what the upstream is asked for: the path (the route's prefix taken off when it says so) and the query */
+  readonly pathAndQuery: string;
+  readonly route: Route;
+  readonly policies: RoutePolicies;
+  readonly peer: string | undefined;
+  /** when the request arrived */
+  readonly started: number;
+  /** the app going away */
+  readonly gone: Cancel;
+  /** what the log and the metrics are told once it is done */
+  readonly record: RequestRecord;
+}
+
+// --- Intake -----------------------------------------------------------------------------------------------
+
+/** One request, from the runtime's server to the answer it writes. */
+async function handle(p: Proxy, req: AppRequest): Promise<Response> {
+  const started = p.clock.now();
+  const { method, target, headers } = req;
+  const given = headerValue(headers, 'x-request-id');
+  const id = given !== null && SAFE_REQUEST_ID.test(given) ? given : crypto.randomUUID();
+  const q = target.indexOf('?');
+  const sentPath = q < 0 ? target : target.slice(0, q);
+  const path = sentPath.startsWith('/') ? normalizePath(sentPath) : null;
+  const host = headerValue(headers, 'host');
+  const record: RequestRecord = {
+    id,
+    route: '',
+    endpoint: null,
+    method,
+    path: path ?? sentPath,
+    status: 0,
+    attempts: 0,
+    durationMs: 0,
+    upstreamMs: null,
+    bytesIn: 0,
+    bytesOut: 0,
+  };
+  // RFC 9112 §9.6: an app that says it closes gets an answer that says so too, whatever the answer is,
+  // so no server reads on past it (a request pipelined behind it is never served).
+  const closes = appCloses(headers);
+
+  const early = earlyAnswer(req, host, path);
+  const route = early ? undefined : matchRoute(p.config.routes, host, path!);
+  if (early || !route) {
+    const answer = early ??
+      { status: REJECTION_STATUS.no_route, reason: `no route for ${host ?? ''}${path}`, rejected: 'no_route' as const };
+    const reply = textReply(answer.status, answer.status === 200 ? '' : `ambassador: ${answer.reason}\n`, id);
+    if (answer.allow) reply.headers.push(['allow', ALLOW]);
+    if (answer.close || closes) reply.headers.push(['connection', 'close']);
+    p.events.requestDone({
+      ...record,
+      status: answer.status,
+      durationMs: p.clock.now() - started,
+      ...(answer.status === 200 ? {} : { error: answer.reason }),
+      rejected: answer.rejected,
+    });
+    return req.respond(reply);
+  }
+  record.route = route.name;
+  const policies = p.routes.get(route.name)!;
+  const pathAndQuery = (route.stripPrefix ? stripPrefix(path!, route.prefix) : path!) + (q < 0 ? '' : target.slice(q));
+
+  const key = ++p.requests;
+  p.inFlight.set(key, { id, method, path: record.path, started });
+  const gone = new Cancel();
+  const offGone = req.onGone((reason) => gone.abort(reason));
+  let holding = false; // a place under the route's concurrency limit, given back when the response is done
+  const finish = (bytesOut: number, error?: string) => {
+    p.uploads.end(key);
+    offGone();
+    if (holding) policies.concurrency.release();
+    holding = false;
+    p.inFlight.delete(key);
+    record.durationMs = p.clock.now() - started;
+    record.bytesOut = bytesOut;
+    if (error && !record.error) record.error = error;
+    p.events.requestDone(record);
+  };
+  const call: Call = {
+    id,
+    method,
+    appHeaders: headers,
+    pathAndQuery,
+    route,
+    policies,
+    peer: req.peer,
+    started,
+    gone,
+    record,
+  };
+
+  const body = requestBody(req, p.config.bodyIdleTimeoutMs, () => p.uploads.end(key), gone);
+  if (body) p.uploads.add(key);
+  try {
+    let admission = admit(p, call);
+    if (admission instanceof Promise) admission = await admission; // only a rate limit's wait or a queue
+    holding = admission === true;
+    const reply = admission === true ? await forward(p, call, body) : admission;
+    // Draining, the app opens a fresh connection for its next call; and an answer that came before the
+    // app's body was all read leaves the rest of that body on the connection (RFC 9112 §9.6: close it).
+    if (closes || p.draining || p.uploads.has(key)) reply.headers.push(['connection', 'close']);
+    record.status = reply.status;
+    return req.respond(reply, finish, p.config.bodyIdleTimeoutMs);
+  } catch (err) {
+    if (err instanceof ClientError) {
+      // The app's own request failed it (a body that stalled): its answer, and its connection closed,
+      // since what is left of that body cannot be told from the next request.
+      record.status = err.status;
+      finish(0, err.message);
+      return req.respond(closing(textReply(err.status, `ambassador: ${err.message}\n`, id)));
+    }
+    if (gone.aborted) {
+      record.status = 499;
+      finish(0, `client went away: ${describeFailure(err)}`);
+      return req.respond({ status: 499, statusText: '', headers: [], body: null });
+    }
+    // Anything else is an answer the runtime would not write: the app gets a 502, the process lives on.
+    p.log('error', `unexpected error: ${describeFailure(err)}`, { id, route: route.name });
+    record.status = 502;
+    finish(0, `the upstream's answer could not be passed on: ${describeFailure(err)}`);
+    return req.respond(closing(textReply(502, `ambassador: the upstream's answer could not be passed on\n`, id)));
   }
 }
 
-/** Reads a small text file (the routes file, a certificate): main passes the runtime's own. */
-export type ReadFile = (path: string) => string;
+/** Whether the app's request says `Connection: close`. */
+function appCloses(headers: HeaderList): boolean {
+  for (const [name, value] of headers) if (name === 'connection' && /(^|,)\s*close\s*(,|$)/i.test(value)) return true;
+  return false;
+}
 
-const TLS_VARIABLES = { caFile: 'UPSTREAM_CA_FILE', certFile: 'UPSTREAM_CERT_FILE', keyFile: 'UPSTREAM_KEY_FILE',
-  serverName: 'UPSTREAM_SERVER_NAME', minVersion: 'UPSTREAM_TLS_MIN_VERSION' } as const;
-const ROUTE_KEYS = ['name', 'host', 'prefix', 'stripPrefix', 'upstream', 'tls', ...ROUTE_SETTINGS.map((s) => s.key)];
-const ROUTE_KEY_SET = new Set(ROUTE_KEYS);
-const NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
-const HOSTNAME = /^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$/;
-/** A path of RFC 3986 `pchar`s and slashes (percent-encoding well formed), as a route prefix must be. */
-const PREFIX = /^(\/([A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})*)+$/;
-const IPV4 = /^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$/;
-/** An address to listen on: an IPv4 or IPv6 literal, or `localhost`. */
-function isListenAddress(host: string): boolean {
-  if (host === 'localhost' || IPV4.test(host)) return true;
-  if (!/^[0-9A-Fa-f:.]+$/.test(host) || !host.includes(':')) return false;
+/** The app's request body as a stream, or null when its head announces none. Read only as fast as the
+ * upstream takes it, and failing with a 408 once the app has sent nothing for `idleMs` (Envoy's stream idle
+ * timeout covers both directions too), so a stalled upload cannot hold its place under the concurrency
+ * limit. `done`: the whole body has arrived. */
+function requestBody(
+  req: AppRequest,
+  idleMs: number,
+  done: () => void,
+  gone: Cancel,
+): ReadableStream<Uint8Array> | null {
+  if (headerValue(req.headers, 'transfer-encoding') === null && headerValue(req.headers, 'content-length') === null) {
+    return null;
+  }
+  const source = req.body();
+  return source && bodyStream(source, idleMs, done, gone);
+}
+
+// --- Early answers ----------------------------------------------------------------------------------------
+
+/** An answer the ambassador gives itself, before any route: a refusal, or the 200 to `OPTIONS *`. */
+type EarlyAnswer = { status: number; reason: string; allow?: boolean; close?: boolean; rejected?: Rejection };
+
+/** A refusal after which the connection is closed: what is left of such a request cannot be trusted. */
+const refused = (status: number, reason: string): EarlyAnswer => ({ status, reason, close: true });
+
+const ALLOW = 'GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS';
+/** A Host header: a name or an address, and a port (RFC 9110 §7.2, RFC 3986 §3.2.2). */
+const HOST_HEADER = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(:\d{1,5})?$/;
+const VISIBLE_ASCII = /^[\x21-\x7e]*$/;
+
+/** Requests the ambassador answers itself rather than forward: it only ever talks to its upstreams, and
+ * sends on only requests every runtime can carry exactly as they came. `path` is the normalized path, null
+ * when it could not be. */
+function earlyAnswer(req: AppRequest, host: string | null, path: string | null): EarlyAnswer | undefined {
+  const { method, target, headers } = req;
+  // Methods are case-sensitive (RFC 9110 §9.1); a fetch would send `get` as GET and `trace` as TRACE.
+  if (/[a-z]/.test(method)) {
+    return refused(400, `method ${JSON.stringify(method)} is not forwarded: method names are case-sensitive`);
+  }
+  if (REFUSED_METHODS.has(method)) return { status: 405, reason: `method ${method} is not forwarded`, allow: true };
+  // OPTIONS * asks about the server itself (RFC 9110 §9.3.7): the ambassador answers for itself.
+  if (target === '*') {
+    return method === 'OPTIONS'
+      ? { status: 200, reason: 'OPTIONS *', allow: true }
+      : refused(400, 'the target * is only for OPTIONS');
+  }
+  let hosts = 0;
+  let bytes = method.length + target.length + 12; // the request line
+  let body = false;
+  let codings = false;
+  for (const [name, value] of headers) {
+    bytes += name.length + value.length + 4;
+    if (name === 'host') hosts++;
+    else if (name === 'transfer-encoding') {
+      codings ||= body || !isChunked(value);
+      body = true;
+    } else if (name === 'content-length' && value !== '0') body = true;
+  }
+  // The same limits on every runtime (Node's parser already holds the size): 431, before anything is read.
+  if (headers.length > MAX_REQUEST_HEADERS) return refused(431, `more than ${MAX_REQUEST_HEADERS} header fields`);
+  if (bytes > MAX_REQUEST_HEAD_BYTES) return refused(431, `a request head larger than ${MAX_REQUEST_HEAD_BYTES} bytes`);
+  // RFC 9112 §3.2: a request with more than one Host, or one that is not a host, gets 400. Routing reads
+  // one and the upstream might read another.
+  if (hosts > 1) return refused(400, 'more than one Host header');
+  if (host !== null && !HOST_HEADER.test(host)) return refused(400, 'a Host header that is not a host');
+  // An absolute-form target (`GET http://other-host/ HTTP/1.1`) asks for a forward proxy: the target as sent
+  // says so, or else the authority of the URL the server made differs from the Host header.
+  const absolute = req.urlHost === undefined ? !target.startsWith('/') : !sameAuthority(req.urlHost, host);
+  if (absolute) return refused(400, 'absolute-form request targets are refused: this is not a forward proxy');
+  // RFC 9112 §3.2: a request target carries no fragment. A URL parser would drop it, and with it whatever
+  // stood before it in the last segment (`/..#` is `..` once parsed): refused, never parsed.
+  if (req.seen.includes('#')) return refused(400, 'a request target with a fragment (#)');
+  // Only visible ASCII reaches a URL parser, which would drop tabs and line breaks and re-read what is left.
+  // Node's parser refuses raw bytes that are not ASCII; Bun's server turns those that are not UTF-8 into
+  // U+FFFD, so a target carrying one (%EF%BF%BD) lost bytes on the way in: refused on every runtime.
+  if (!VISIBLE_ASCII.test(req.seen) || /%EF%BF%BD/i.test(req.seen)) {
+    return refused(
+      400,
+      'a request target with bytes that are not visible ASCII, or that lost bytes on the way (U+FFFD)',
+    );
+  }
+  if (path === null) return refused(400, 'a path whose dot segments hide behind encoded slashes or backslashes');
+  // RFC 9112 §6.1: a transfer coding the ambassador cannot apply is 501; only chunked framing is passed on.
+  if (codings) return refused(501, 'transfer codings other than chunked are not forwarded');
+  // A GET or HEAD body has no meaning (RFC 9110 §9.3.1) and not every client can send one: such a request
+  // is refused whole, never sent on with framing headers that announce a body it does not carry.
+  if (body && (method === 'GET' || method === 'HEAD')) {
+    return refused(400, `a ${method} request with a body is not forwarded`);
+  }
+  return undefined;
+}
+
+/** Whether a request URL's authority is the one its Host header names, as a URL would write it: the name
+ * in lower case, the default port left out (RFC 9110 §4.2.3). Deno and Bun build the URL from the Host
+ * header unless the target was absolute-form, which this tells apart. */
+function sameAuthority(urlHost: string, host: string | null): boolean {
+  if (urlHost === host) return true;
+  if (host === null) return false;
   try {
-    return new URL(`http://[${host}]/`).hostname !== '';
+    return new URL(`http://${host}`).host === urlHost;
   } catch {
     return false;
   }
 }
-const WILDCARD = new Set(['0.0.0.0', '::', '0:0:0:0:0:0:0:0']);
 
-/** The configuration, from the environment and, when ROUTES_FILE names one, a routes file:
- *
- *   {"routes": [
- *     {"name": "inventory", "prefix": "/inventory", "upstream": "http://inventory:9000", "stripPrefix": true},
- *     {"name": "payments", "prefix": "/payments", "host": "shop.local", "upstream": ["https://p1:8443", "https://p2:8443"],
- *      "retryAttempts": 1, "tls": {"caFile": "/tls/ca.crt", "certFile": "/tls/tls.crt", "keyFile": "/tls/tls.key"}}
- *   ]}
- *
- * A route may set any key of ROUTE_SETTINGS; what it leaves out comes from that setting's variable. */
-export function loadConfig(env: Record<string, string | undefined>, readFile?: ReadFile): Config {
-  const problems: string[] = [];
-  const bad = (name: string, value: unknown, expected: string) => {
-    problems.push(`${name}=${JSON.stringify(typeof value === 'string' ? value : JSON.stringify(value))}: expected ${expected}`);
-  };
-  const read = (name: string) => {
-    const v = env[name];
-    return v === undefined || v.trim() === '' ? undefined : v.trim();
-  };
-  const range = (min: number, max: number) => `a whole number from ${min} to ${max === Number.MAX_SAFE_INTEGER ? 'any size' : max}`;
-  const int = (name: string, fallback: number, min: number, max = Number.MAX_SAFE_INTEGER) => {
-    const v = read(name);
-    if (v === undefined) return fallback;
-    const n = Number(v);
-    if (!/^\d+$/.test(v) || !Number.isSafeInteger(n) || n < min || n > max) {
-      bad(name, v, range(min, max));
-      return fallback;
-    }
-    return n;
-  };
-  const oneOf = <T extends string>(name: string, fallback: T, allowed: readonly T[]): T => {
-    const v = read(name);
-    if (v === undefined) return fallback;
-    if (!(allowed as readonly string[]).includes(v.toLowerCase())) {
-      bad(name, v, `one of ${allowed.join(', ')}`);
-      return fallback;
-    }
-    return v.toLowerCase() as T;
-  };
+// --- Route and admission ----------------------------------------------------------------------------------
 
-  /** One or more upstream base URLs, each http:// or https:// with a host and nothing that would leak
-   * into logs (credentials) or be silently dropped (query, fragment). */
-  const upstreamsOf = (values: string[], report: (expected: string) => void): URL[] => {
-    const expected = 'http:// or https:// URLs (comma-separated) with a host and no credentials, query or fragment';
-    const urls: URL[] = [];
-    for (const value of values) {
-      let u: URL | undefined;
-      try {
-        u = new URL(value);
-      } catch { /* reported below */ }
-      // `new URL` reads a bare trailing `?` or `#` as empty, so the raw text is checked for them too.
-      if (!u || (u.protocol !== 'http:' && u.protocol !== 'https:') || !u.hostname || u.username || u.password || /[?#]/.test(value)) {
-        report(expected);
-        return [];
-      }
-      if (u.port === '0') {
-        report('a port from 1 to 65535 (0 is no port to connect to)');
-        return [];
-      }
-      if (urls.some((other) => other.host === u.host)) {
-        report(`each host:port once (${u.host} is named twice)`);
-        return [];
-      }
-      urls.push(u);
+/** The route's local rate limit, then its concurrency limit: true when the request may go on (holding a
+ * place under the limit), else the 429 or 503 the app gets. A promise only when the request must wait
+ * (for a token, or in the queue). Throws only when the app went away. */
+function admit(p: Proxy, call: Call): true | Reply | Promise<true | Reply> {
+  const { route, policies, gone, record } = call;
+  if (policies.bucket) {
+    const token = policies.bucket.take(p.clock.now(), route.rateLimitWaitMs);
+    if (!token.ok) {
+      record.rejected = 'rate_limit';
+      record.error = `rate limit: over ${route.rateLimitPerSec}/s (burst ${route.rateLimitBurst}) to ${route.name}`;
+      return rejectionReply('rate_limit', record.error, call.id, token.retryAfterMs);
     }
-    if (urls.length === 0) report(expected);
-    return urls;
-  };
-
-  /** TLS settings: each file must be readable and hold PEM; a client certificate needs its key. */
-  const tlsOf = (label: (key: keyof TlsFiles) => string, raw: Partial<Record<keyof TlsFiles, unknown>>, upstreams: URL[]): TlsFiles | null => {
-    if (Object.values(raw).every((v) => v === undefined)) return null;
-    const text = (key: keyof TlsFiles): string | null => {
-      const v = raw[key];
-      if (v === undefined) return null;
-      if (typeof v !== 'string' || v.trim() === '') return bad(label(key), v, 'a non-empty string'), null;
-      return v.trim();
-    };
-    const file = (key: 'caFile' | 'certFile' | 'keyFile', kind: string): string | null => {
-      const path = text(key);
-      if (path === null) return null;
-      if (!readFile) return bad(label(key), path, 'a file, but files cannot be read here'), null;
-      try {
-        if (!readFile(path).includes('-----BEGIN ')) bad(label(key), path, `a PEM file holding ${kind}`);
-      } catch (err) {
-        bad(label(key), path, `a readable file holding ${kind} (${describeFailure(err)})`);
-      }
-      return path;
-    };
-    const tls: TlsFiles = {
-      caFile: file('caFile', 'CA certificates'),
-      certFile: file('certFile', 'a certificate chain'),
-      keyFile: file('keyFile', 'a private key'),
-      serverName: text('serverName'),
-      minVersion: (text('minVersion') ?? 'TLSv1.2') as TlsFiles['minVersion'],
-    };
-    if ((tls.certFile === null) !== (tls.keyFile === null)) {
-      const missing = tls.certFile === null ? 'certFile' : 'keyFile';
-      bad(label(missing), '', `a file as well: a client certificate needs both ${label('certFile')} and ${label('keyFile')}`);
-    }
-    if (tls.serverName !== null && !HOSTNAME.test(tls.serverName)) bad(label('serverName'), tls.serverName, 'a DNS name');
-    if (tls.minVersion !== 'TLSv1.2' && tls.minVersion !== 'TLSv1.3') bad(label('minVersion'), tls.minVersion, 'TLSv1.2 or TLSv1.3');
-    if (upstreams.some((u) => u.protocol !== 'https:')) bad(label('caFile'), raw.caFile ?? raw.certFile ?? raw.serverName ?? raw.minVersion, 'TLS settings only with https:// upstreams');
-    return tls;
-  };
-
-  const defaults = {} as Record<string, number>;
-  for (const s of ROUTE_SETTINGS) defaults[s.key] = int(s.env, s.fallback, s.min, 'max' in s ? s.max : undefined);
-
-  const routesFile = read('ROUTES_FILE') ?? null;
-  let routes: Route[] = [];
-  if (routesFile === null) {
-    const raw = read('UPSTREAM_URL');
-    if (raw === undefined) {
-      problems.push('UPSTREAM_URL is not set: expected the upstream base URL, e.g. http://inventory-service:9000 (or ROUTES_FILE)');
-    } else {
-      const upstreams = upstreamsOf(raw.split(',').map((v) => v.trim()), (expected) => bad('UPSTREAM_URL', raw, expected));
-      const tlsRaw = Object.fromEntries(Object.entries(TLS_VARIABLES).map(([key, name]) => [key, read(name)]));
-      const tls = tlsOf((key) => TLS_VARIABLES[key], tlsRaw, upstreams);
-      routes = [{ ...(defaults as RouteSettings), name: 'default', host: null, prefix: '/', stripPrefix: false, upstreams, tls }];
-    }
-  } else {
-    for (const name of ['UPSTREAM_URL', ...Object.values(TLS_VARIABLES)]) {
-      const v = read(name);
-      if (v !== undefined) bad(name, v, 'nothing when ROUTES_FILE is set: each route names its upstream and TLS files');
-    }
-    routes = routesFromFile(routesFile);
-  }
-
-  /** Routes from a JSON file; every problem names the route and field, e.g. `routes[1].retryAttempts`. */
-  function routesFromFile(path: string): Route[] {
-    let doc: unknown;
-    try {
-      if (!readFile) throw new Error('files cannot be read here');
-      doc = JSON.parse(readFile(path));
-    } catch (err) {
-      bad('ROUTES_FILE', path, `a readable JSON file (${describeFailure(err)})`);
-      return [];
-    }
-    const at = (field: string) => `ROUTES_FILE=${JSON.stringify(path)}: ${field}`;
-    const wrong = (field: string, value: unknown, expected: string) => problems.push(`${at(field)}: expected ${expected}, got ${JSON.stringify(value) ?? 'nothing'}`);
-    const list = (doc as { routes?: unknown })?.routes;
-    if (!Array.isArray(list) || list.length === 0) {
-      wrong('routes', list, 'a non-empty array of routes, as in {"routes": [{"name": ..., "prefix": ..., "upstream": ...}]}');
-      return [];
-    }
-    const out: Route[] = [];
-    const names = new Set<string>();
-    const places = new Set<string>(); // `${host} ${prefix}`
-    list.forEach((r: Record<string, unknown>, i) => {
-      const f = (key: string) => `routes[${i}].${key}`;
-      if (typeof r !== 'object' || r === null || Array.isArray(r)) return wrong(`routes[${i}]`, r, 'an object');
-      for (const key of Object.keys(r)) if (!ROUTE_KEY_SET.has(key)) wrong(f(key), r[key], `no such field: one of ${ROUTE_KEYS.join(', ')}`);
-      const name = typeof r.name === 'string' && NAME.test(r.name) ? r.name : (wrong(f('name'), r.name, 'a name of letters, digits, _ . -'), `route${i}`);
-      let prefix = '/';
-      // A prefix is compared with the request's path as sent (percent-encoded, dot segments resolved), so
-      // one that is not in that form could never match.
-      if (typeof r.prefix !== 'string' || !PREFIX.test(r.prefix) || (r.prefix.length > 1 && normalizePath(r.prefix) !== r.prefix)) {
-        wrong(f('prefix'), r.prefix, 'a path prefix starting with /, percent-encoded as a request would send it, without . or .. segments');
-      } else prefix = r.prefix.length > 1 ? r.prefix.replace(/\/+$/, '') || '/' : '/';
-      let host: string | null = null;
-      if (r.host !== undefined) {
-        if (typeof r.host === 'string' && HOSTNAME.test(r.host)) host = r.host.toLowerCase();
-        else wrong(f('host'), r.host, 'a host name without port, matched against the request\'s Host');
-      }
-      if (r.stripPrefix !== undefined && typeof r.stripPrefix !== 'boolean') wrong(f('stripPrefix'), r.stripPrefix, 'true or false');
-      const given = typeof r.upstream === 'string' ? [r.upstream] : r.upstream;
-      let upstreams: URL[] = [];
-      if (!Array.isArray(given) || given.length === 0 || !given.every((u) => typeof u === 'string')) {
-        wrong(f('upstream'), r.upstream, 'an upstream base URL, or an array of them');
-      } else {
-        upstreams = upstreamsOf(given, (expected) => wrong(f('upstream'), r.upstream, expected));
-      }
-      const settings: Record<string, number> = {};
-      for (const s of ROUTE_SETTINGS) {
-        const v = r[s.key];
-        const max = 'max' in s ? s.max : Number.MAX_SAFE_INTEGER;
-        if (v === undefined) settings[s.key] = defaults[s.key];
-        else if (typeof v === 'number' && Number.isSafeInteger(v) && v >= s.min && v <= max) settings[s.key] = v;
-        else (wrong(f(s.key), v, range(s.min, max)), (settings[s.key] = defaults[s.key]));
-      }
-      let tls: TlsFiles | null = null;
-      if (r.tls !== undefined) {
-        if (typeof r.tls !== 'object' || r.tls === null || Array.isArray(r.tls)) wrong(f('tls'), r.tls, 'an object with caFile, certFile, keyFile, serverName, minVersion');
-        else {
-          for (const key of Object.keys(r.tls)) if (!(key in TLS_VARIABLES)) wrong(f(`tls.${key}`), (r.tls as Record<string, unknown>)[key], `no such field: one of ${Object.keys(TLS_VARIABLES).join(', ')}`);
-          tls = tlsOf((key) => at(f(`tls.${key}`)), r.tls as Record<string, unknown>, upstreams);
-        }
-      }
-      if (names.has(name)) wrong(f('name'), name, 'a name no other route has');
-      if (places.has(`${host} ${prefix}`)) wrong(f('prefix'), r.prefix, `a prefix and host no other route has (${host ?? 'any host'} ${prefix})`);
-      names.add(name);
-      places.add(`${host} ${prefix}`);
-      out.push({ ...(settings as RouteSettings), name, host, prefix, stripPrefix: r.stripPrefix === true, upstreams, tls });
-    });
-    return out;
-  }
-
-  for (const route of routes) {
-    const where = routesFile === null ? (name: string) => name : (key: string) => `ROUTES_FILE=${JSON.stringify(routesFile)}: ${route.name}.${key}`;
-    if (route.retryBackoffMaxMs < route.retryBackoffMs) {
-      problems.push(`${where('RETRY_BACKOFF_MAX_MS')}=${JSON.stringify(String(route.retryBackoffMaxMs))}: expected a value at least RETRY_BACKOFF_MS (${route.retryBackoffMs})`);
-    }
-    if (route.breakerOpenMaxMs < route.breakerOpenMs) {
-      problems.push(`${where('BREAKER_OPEN_MAX_MS')}=${JSON.stringify(String(route.breakerOpenMaxMs))}: expected a value at least BREAKER_OPEN_MS (${route.breakerOpenMs})`);
+    if (token.waitMs > 0) {
+      return sleep(token.waitMs, gone).then(() => {
+        if (gone.aborted) throw gone.reason;
+        return takePlace(call);
+      });
     }
   }
-
-  const address = (name: string, fallback: string) => {
-    const v = read(name);
-    if (v === undefined) return fallback;
-    if (!isListenAddress(v)) bad(name, v, 'an IP address of this machine to listen on (127.0.0.1, ::1, 0.0.0.0, ::, a pod IP) or localhost');
-    return v;
-  };
-  const config: Config = {
-    host: address('HOST', '127.0.0.1'),
-    port: int('PORT', 8080, 0, 65535),
-    adminHost: address('ADMIN_HOST', '0.0.0.0'),
-    adminPort: int('ADMIN_PORT', 9901, 0, 65535),
-    drainTimeoutMs: int('DRAIN_TIMEOUT_MS', 20000, 0, MAX_TIMER_MS),
-    drainGraceMs: int('DRAIN_GRACE_MS', 0, 0, MAX_TIMER_MS),
-    bodyIdleTimeoutMs: int('BODY_IDLE_TIMEOUT_MS', 300_000, 0, MAX_TIMER_MS),
-    replayMemoryBytes: int('RETRY_BODIES_MAX_BYTES', 8 * 1024 * 1024, 0),
-    logFormat: oneOf<LogFormat>('LOG_FORMAT', 'json', ['json', 'text']),
-    logLevel: oneOf<LogLevel>('LOG_LEVEL', 'info', ['debug', 'info', 'warn', 'error']),
-    routesFile,
-    // Most specific first, so the order of the file never hides a route behind a shorter prefix.
-    routes: Object.freeze(routes.map((r) => Object.freeze({
-      ...r,
-      // A rate with no burst given may burst to one second's worth.
-      rateLimitBurst: r.rateLimitPerSec > 0 && r.rateLimitBurst === 0 ? r.rateLimitPerSec : r.rateLimitBurst,
-    })).sort((a, b) => Number(b.host !== null) - Number(a.host !== null) || b.prefix.length - a.prefix.length)),
-  };
-  // The same port twice clashes on one address, and on any address when either listens on all of them.
-  if (config.port !== 0 && config.port === config.adminPort &&
-    (config.host === config.adminHost || WILDCARD.has(config.host) || WILDCARD.has(config.adminHost))) {
-    problems.push(`ADMIN_PORT=${JSON.stringify(String(config.adminPort))}: expected a port other than PORT (${config.port}), since ADMIN_HOST=${JSON.stringify(config.adminHost)} and HOST=${JSON.stringify(config.host)} overlap`);
-  }
-  if (problems.length > 0) throw new ConfigError(problems);
-  return Object.freeze(config);
+  if (gone.aborted) throw gone.reason;
+  return takePlace(call);
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Pure policies: no I/O, no clock, no randomness of their own — `now` and `random` come in as arguments.
-// ---------------------------------------------------------------------------------------------------------
+function takePlace(call: Call): true | Reply | Promise<true | Reply> {
+  const place = call.policies.concurrency.acquire();
+  if (place === true) return true;
+  if (place === false) return overloaded(call);
+  return waitForPlace(call, place);
+}
+
+async function waitForPlace(
+  call: Call,
+  place: Exclude<ReturnType<ConcurrencyLimit['acquire']>, boolean>,
+): Promise<true | Reply> {
+  const { policies, gone } = call;
+  let offGone = noop;
+  const waited = await raceTimer(
+    Promise.race([
+      place.granted.then(() => 'granted' as const),
+      new Promise<'gone'>((r) => (offGone = gone.on(() => r('gone')))),
+    ]),
+    call.route.queueTimeoutMs,
+    () => 'timeout' as const,
+  );
+  offGone();
+  const granted = waited === 'granted' || !place.leave(); // leaving fails once the place was handed over
+  if (waited === 'gone') {
+    if (granted) policies.concurrency.release();
+    throw gone.reason;
+  }
+  return granted ? true : overloaded(call);
+}
+
+function overloaded(call: Call): Reply {
+  const { route, policies, record } = call;
+  record.rejected = 'concurrency';
+  record.error =
+    `overloaded: ${route.maxInFlight} requests in flight to ${route.name} and ${policies.concurrency.queued} waiting`;
+  return rejectionReply('concurrency', record.error, call.id, 1000);
+}
+
+// --- Forward ----------------------------------------------------------------------------------------------
+
+/** The request's body made ready (kept for replay when small), then its attempts. */
+async function forward(p: Proxy, call: Call, appBody: ReadableStream<Uint8Array> | null): Promise<Reply> {
+  const declared = headerValue(call.appHeaders, 'content-length');
+  const readFrom = p.clock.now();
+  const body = appBody === null ? NO_BODY : await prepareBody(
+    appBody,
+    declared === null ? undefined : Number(declared),
+    call.route.retryBodyMaxBytes,
+    p.replayMemory,
+    p.config.bodyIdleTimeoutMs,
+  );
+  try {
+    return await attempts(p, call, body, readFrom);
+  } finally {
+    body.release();
+  }
+}
+
+/** The attempts of one request: an endpoint each, retried as `decideRetry` says, within the request's
+ * deadline. The time the app takes to send its body does not count against REQUEST_TIMEOUT_MS: the clock
+ * stops from when the body began to be read (`readFrom`) until it was read whole (kept for replay) or sent
+ * (streamed). */
+async function attempts(p: Proxy, call: Call, body: ForwardBody, readFrom: number): Promise<Reply> {
+  const { route, policies, gone, record, id, method } = call;
+  const clock = p.clock;
+  const idempotencyKey = headerValue(call.appHeaders, 'idempotency-key') !== null;
+  const headers = forwardHeaders(call.appHeaders, id, call.peer);
+  const deadlineAfter = (
+    bodyRead: number,
+  ) => (route.requestTimeoutMs > 0 ? call.started + route.requestTimeoutMs + (bodyRead - readFrom) : Infinity);
+  let deadline = body.sent === null ? deadlineAfter(clock.now()) : Infinity;
+  if (body.sent !== null) void body.sent.then(() => (deadline = deadlineAfter(clock.now())));
+  // Worked out when an attempt's timer starts: once the body has gone, when the deadline is known too.
+  const limit = () => Math.min(route.tryTimeoutMs > 0 ? route.tryTimeoutMs : Infinity, deadline - clock.now());
+  policies.budget.recordRequest(clock.now());
+  let endpoints = policies.pool.current();
+  if (endpoints instanceof Promise) endpoints = await endpoints; // only while a lookup must be waited for
+  const all = endpoints;
+  const tried = new Set<Endpoint>();
+  /** The endpoints whose breaker lets a request through: the list itself while every one does. */
+  const available = (
+    now: number,
+  ) => (all.every((e) => e.breaker.available(now)) ? all : all.filter((e) => e.breaker.available(now)));
+
+  for (let n = 1;; n++) {
+    const tryStarted = clock.now();
+    const endpoint = pickEndpoint(available(tryStarted), tried, tryStarted, clock.random);
+    if (!endpoint) { // only on the first attempt: a retry is decided below only when an endpoint is free
+      const waitMs = Math.min(...all.map((e) => e.breaker.remainingMs(tryStarted)));
+      record.rejected = 'circuit_open';
+      record.error = `circuit open: ${
+        all.length === 1 ? `${all[0].key} is` : `all ${all.length} endpoints are`
+      } ejected`;
+      return rejectionReply('circuit_open', record.error, id, waitMs);
+    }
+    tried.add(endpoint);
+    record.attempts = n;
+    record.endpoint = endpoint.key;
+    const { res, failure, error, appFault } = await tryEndpoint(p, call, endpoint, n, { method, headers, body }, limit);
+    if (gone.aborted) {
+      if (res) discard(res);
+      throw gone.reason;
+    }
+    if (appFault) throw appFault; // answered by `handle`, never retried
+    record.bytesIn = body.bytes();
+    if (res && !RETRYABLE_STATUS.has(res.status)) return appReply(res, method, id);
+
+    const now = clock.now();
+    const next = decideRetry({
+      outcome: res ? { status: res.status } : { failure: failure! },
+      method,
+      idempotencyKey,
+      attempt: n,
+      maxAttempts: route.retryAttempts,
+      bodyReplayable: body.replayable,
+      budgetAvailable: policies.budget.canRetry(now),
+      endpointAvailable: available(now).length > 0,
+      retryAfterMs: res ? parseRetryAfter(headerValue(res.headers, 'retry-after'), Date.now()) : undefined,
+      backoffMs: backoffDelay(n, route.retryBackoffMs, route.retryBackoffMaxMs, clock.random()),
+      remainingMs: deadline - now,
+    });
+    p.events.attemptFailed({
+      id,
+      route: route.name,
+      endpoint: endpoint.key,
+      attempt: n,
+      error: res ? `upstream answered ${res.status}` : error,
+      kind: res ? 'status' : failure!,
+      status: res?.status,
+      next,
+    });
+    if (!next.retry) {
+      if (res) return appReply(res, method, id); // the upstream's own last answer says more than ours would
+      record.error = error;
+      return failureReply(failure!, error, n, id);
+    }
+    policies.budget.recordRetry(now);
+    if (res) discard(res); // frees the connection for the next attempt
+    await sleep(next.delayMs, gone);
+    if (gone.aborted) throw gone.reason;
+  }
+}
+
+/** What one attempt came to: the upstream's answer, or why there was none (`appFault`: the app's own
+ * request was at fault, which says nothing of the endpoint). */
+interface Tried {
+  res?: Reply;
+  failure?: FailureKind;
+  error: string;
+  appFault?: ClientError;
+}
+
+/** One attempt at one endpoint, and what it says of that endpoint: its breaker, its latency average, its
+ * failure penalty, and the events for the log and the metrics. */
+async function tryEndpoint(
+  p: Proxy,
+  call: Call,
+  endpoint: Endpoint,
+  n: number,
+  request: { method: string; headers: HeaderList; body: ForwardBody },
+  limitMs: () => number,
+): Promise<Tried> {
+  const { route, policies, gone, record, id } = call;
+  const tryStarted = p.clock.now();
+  const probe = endpoint.breaker.admit(tryStarted);
+  if (probe) p.events.endpointChanged({ route: route.name, endpoint: endpoint.key, change: 'probing' });
+  const tried: Tried = { error: '' };
+  endpoint.inFlight++;
+  endpoint.requests++;
+  try {
+    const tls = policies.tls?.current((problem) => p.events.tlsReloaded({ route: route.name, error: problem })) ?? null;
+    const res = await attempt(
+      p.send,
+      endpoint.destination,
+      call.pathAndQuery,
+      { ...request, body: request.body.take(), tls },
+      limitMs,
+      gone,
+      request.body,
+    );
+    if (res.status < 200 || res.status > 599) {
+      // A 101 nobody asked for (the app's Upgrade is never sent on), another 1xx a client let through,
+      // or no status at all (RFC 9110 §15: three digits, 1xx to 5xx): the connection is closed.
+      drop(res);
+      throw res.status === 101 ? unaskedUpgrade() : badStatus(res.status);
+    }
+    tried.res = res;
+    record.upstreamMs = p.clock.now() - tryStarted;
+    p.events.attemptResponded({
+      id,
+      route: route.name,
+      endpoint: endpoint.key,
+      attempt: n,
+      status: res.status,
+      seconds: record.upstreamMs / 1000,
+    });
+  } catch (err) {
+    if (err instanceof ClientError) tried.appFault = err;
+    tried.failure = classifyFailure(err);
+    tried.error = tried.failure === 'timeout' ? `timeout: ${describeFailure(err)}` : describeFailure(err);
+  } finally {
+    endpoint.inFlight--;
+  }
+  const { res, appFault } = tried;
+  const now = p.clock.now();
+  if (res) updateEwma(endpoint, now - tryStarted, now);
+  // Without a breaker, a failure costs in the balancer (`penaltyAt`).
+  const failed = !gone.aborted && !appFault && (res === undefined || res.status >= 500);
+  if (failed && route.breakerFailures === 0) endpoint.failedAt = now;
+  // What this attempt says of the endpoint: an answer below 500 is health; 5xx, a refused or broken
+  // connection and a timeout are failures; the app going away, or its request at fault, says nothing.
+  const change = endpoint.breaker.record(
+    now,
+    gone.aborted || appFault ? undefined : res !== undefined && res.status < 500,
+    probe,
+  );
+  if (change) {
+    p.events.endpointChanged({
+      route: route.name,
+      endpoint: endpoint.key,
+      change,
+      ...(change === 'opened'
+        ? { openMs: endpoint.breaker.remainingMs(now), ejections: endpoint.breaker.ejections }
+        : {}),
+    });
+  }
+  return tried;
+}
+
+/** One attempt: send until response headers arrive or `limitMs` passes, counted from when the body has
+ * gone (`body.sent`; null: at once), or until the upstream stops taking a streamed body (`body.watch`).
+ * The app going away ends it through the same cancellation, before the headers and after. The
+ * cancellation settles the attempt whatever the client makes of it (a client that loses track of a request
+ * after a stray 101 would otherwise hold its place forever); a reply that comes after it is let go. */
+function attempt(
+  send: Send,
+  to: Destination,
+  pathAndQuery: string,
+  init: Omit<Parameters<Send>[2], 'cancel'>,
+  limitMs: () => number,
+  gone: Cancel,
+  body: ForwardBody,
+): Promise<Reply> {
+  const cancel = new Cancel();
+  const offGone = gone.on((reason) => cancel.abort(reason));
+  body.watch((err) => cancel.abort(err));
+  return new Promise<Reply>((resolve, reject) => {
+    let settled = false;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const offSelf = cancel.on((reason) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      offGone();
+      reject(reason);
+    });
+    if (settled) return;
+    const startTimer = () => {
+      const ms = limitMs();
+      if (!settled && Number.isFinite(ms)) {
+        timer = setTimeout(
+          () => cancel.abort(new TimeoutError(`no response headers within ${Math.round(ms)} ms`)),
+          Math.max(0, ms),
+        );
+      }
+    };
+    if (body.sent === null) startTimer();
+    else void body.sent.then(startTimer);
+    send(to, pathAndQuery, { ...init, cancel }).then((reply) => {
+      if (settled) return discard(reply);
+      settled = true;
+      clearTimeout(timer);
+      offSelf(); // the app's going away still reaches the upstream while the body flows
+      resolve(reply);
+    }, (err) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      offGone();
+      reject(err);
+    });
+  });
+}
+
+// --- The reply --------------------------------------------------------------------------------------------
+
+/** The upstream's answer as the app gets it: its headers shaped (`responseHeaders`), and no body where
+ * the method or the status allows none. */
+function appReply(res: Reply, method: string, id: string): Reply {
+  const noBody = method === 'HEAD' || NULL_BODY_STATUS.has(res.status);
+  if (noBody) discard(res);
+  const headers = responseHeaders(res.headers, id);
+  // RFC 9110 §8.6: a 204 carries no Content-Length (a 304's and a HEAD's describe the representation).
+  return {
+    status: res.status,
+    statusText: reasonPhrase(res.statusText),
+    headers: res.status === 204 ? headers.filter(([name]) => name !== 'content-length') : headers,
+    body: noBody ? null : res.body,
+    node: noBody ? undefined : res.node,
+  };
+}
+
+// --- What the steps share: cancellation and timers --------------------------------------------------------
+
+/** A request's or an attempt's cancellation: a flag, a reason, and what to do when it comes. The hot path
+ * makes one or two per request, and an `AbortController` with its listeners is an EventTarget each; only
+ * a fetch (Deno's, Bun's) needs a real `AbortSignal`, and `signalOf` makes it there. */
+export class Cancel {
+  aborted = false;
+  reason: unknown = undefined;
+  private callbacks: Array<(reason: unknown) => void> | null = null;
+
+  abort(reason: unknown): void {
+    if (this.aborted) return;
+    this.aborted = true;
+    this.reason = reason;
+    const callbacks = this.callbacks;
+    this.callbacks = null;
+    if (callbacks) { for (const f of callbacks) f(reason); }
+  }
+
+  /** Runs `f` on cancellation (at once when it has come); the function returned takes `f` back. */
+  on(f: (reason: unknown) => void): () => void {
+    if (this.aborted) {
+      f(this.reason);
+      return noop;
+    }
+    (this.callbacks ??= []).push(f);
+    return () => {
+      const i = this.callbacks?.indexOf(f) ?? -1;
+      if (i >= 0) this.callbacks!.splice(i, 1);
+    };
+  }
+}
+
+/** Sleeps `ms`, or until `cancel` comes. */
+function sleep(ms: number, cancel: Cancel): Promise<void> {
+  if (cancel.aborted) return Promise.resolve();
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => {
+      off();
+      resolve();
+    }, ms);
+    const off = cancel.on(() => {
+      clearTimeout(timer);
+      resolve();
+    });
+  });
+}
+
+/** `work`, or what `late` makes of it (its value, or what it throws) once `ms` have passed first; the timer
+ * is cleared either way. */
+function raceTimer<T, U>(work: Promise<T>, ms: number, late: () => U): Promise<T | U> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const lateness = new Promise<U>((resolve, reject) => {
+    timer = setTimeout(() => {
+      try {
+        resolve(late());
+      } catch (err) {
+        reject(err);
+      }
+    }, ms);
+  });
+  return Promise.race([work, lateness]).finally(() => clearTimeout(timer));
+}
+
+const systemClock: Clock = { now: () => performance.timeOrigin + performance.now(), random: Math.random };
+
+// =========================================================================================================
+// The ambassador put together: the proxy app (HOST:PORT) over the request path, the admin app
+// (ADMIN_HOST:ADMIN_PORT), and each route's policies. main hands it the runtime.
+// =========================================================================================================
+
+/** What the ambassador needs of its runtime (see `Runtime`): its upstream client, resolver, files and TLS
+ * stack, and its process figures for the metrics. */
+export type AmbassadorRuntime = Pick<
+  Runtime,
+  'name' | 'send' | 'resolve' | 'readFile' | 'checkTls' | 'tlsByAddress' | 'usage'
+>;
+
+export interface Ambassador {
+  /** The proxy app (listens on HOST:PORT): each runtime's server hands it the request as an `AppRequest`. */
+  proxy: Hono<{ Bindings: AppRequest }>;
+  /** The admin app (listens on ADMIN_HOST:ADMIN_PORT). */
+  admin: Hono<{ Bindings: AdminPeer }>;
+  /** Requests not yet answered in full, by a number of their own. */
+  inFlight: Map<number, InFlight>;
+  metrics: Metrics;
+  markReady(): void;
+  startDrain(): void;
+  /** settles once no request body is still arriving */
+  uploadsRead(): Promise<void>;
+  /** what `POST /shutdown` on the admin port does (main: start the drain) */
+  onShutdownRequest(f: () => void): void;
+  readonly draining: boolean;
+}
+
+/** What the admin listener tells the admin app of a request: who sent it. */
+export interface AdminPeer {
+  peer?: string;
+}
+
+export function createAmbassador(
+  config: Config,
+  runtime: AmbassadorRuntime,
+  options: { log?: Logger; clock?: Clock; metrics?: Metrics } = {},
+): Ambassador {
+  const log = options.log ?? createLogger(config.logFormat, config.logLevel);
+  const clock = options.clock ?? systemClock;
+  const metrics = options.metrics ??
+    new Metrics({ version: VERSION, runtime: runtime.name, startTimeSeconds: Date.now() / 1000 });
+  const events = fanOut(logEvents(log, config.logLevel), metrics.events());
+  const p: Proxy = {
+    config,
+    routes: routePolicies(config, clock, events, runtime),
+    send: runtime.send,
+    clock,
+    events,
+    log,
+    replayMemory: new ReplayMemory(config.replayMemoryBytes),
+    inFlight: new Map(),
+    uploads: new Uploads(),
+    draining: false,
+    requests: 0,
+  };
+  let ready = false;
+  let shutdownRequested = noop;
+  const proxy = new Hono<{ Bindings: AppRequest }>();
+  proxy.all('*', (c) => handle(p, c.env));
+  proxy.onError((err, c) => {
+    log('error', `unexpected error: ${describeFailure(err)}`, { path: c.req.path });
+    return c.env.respond(textReply(500, 'ambassador: internal error\n', crypto.randomUUID()));
+  });
+  const admin = createAdmin(
+    metrics,
+    () => (p.draining ? 'draining' : ready ? 'ready' : 'starting'),
+    () => shutdownRequested(),
+  );
+  metrics.gauges = {
+    ...metrics.gauges,
+    inFlight: () => p.inFlight.size,
+    draining: () => p.draining,
+    upstreams: () =>
+      [...p.routes.values()].map((r) => ({
+        route: r.route.name,
+        active: r.concurrency.active,
+        queued: r.concurrency.queued,
+        endpoints: r.pool.endpoints,
+      })),
+    now: () => clock.now(),
+    replayBytes: () => p.replayMemory.held,
+    usage: runtime.usage,
+  };
+  return {
+    proxy,
+    admin,
+    inFlight: p.inFlight,
+    metrics,
+    markReady: () => void (ready = true),
+    startDrain: () => void (p.draining = true),
+    uploadsRead: () => p.uploads.read(),
+    onShutdownRequest: (f) => void (shutdownRequested = f),
+    get draining() {
+      return p.draining;
+    },
+  };
+}
+
+/** The admin app (ADMIN_HOST:ADMIN_PORT): liveness, readiness, metrics, and `POST /shutdown`. */
+function createAdmin(
+  metrics: Metrics,
+  status: () => 'starting' | 'ready' | 'draining',
+  shutdown: () => void,
+): Hono<{ Bindings: AdminPeer }> {
+  const admin = new Hono<{ Bindings: AdminPeer }>();
+  admin.get('/healthz', (c) => c.text('ok\n'));
+  admin.get('/readyz', (c) => {
+    const now = status();
+    return now === 'ready' ? c.text('ready\n') : c.text(`${now}\n`, 503);
+  });
+  admin.get('/metrics', (c) => {
+    const openMetrics = (c.req.header('accept') ?? '').includes('application/openmetrics-text');
+    return c.body(metrics.render(openMetrics), 200, {
+      'content-type': openMetrics
+        ? 'application/openmetrics-text; version=1.0.0; charset=utf-8'
+        : 'text/plain; version=0.0.4; charset=utf-8',
+    });
+  });
+  // A Job's main container, on a cluster without native sidecars, ends its pod by asking the sidecar to
+  // drain. Only from inside the pod: the admin port is reachable from outside for the kubelet's probes.
+  admin.post('/shutdown', (c) => {
+    const peer = c.env?.peer ?? '';
+    if (!/^(127\.|::1$|::ffff:127\.)/.test(peer)) {
+      return c.text('ambassador: /shutdown is for loopback clients only\n', 403);
+    }
+    shutdown();
+    return c.text('draining\n', 202);
+  });
+  return admin;
+}
+
+/** Everything one route needs at run time beside its settings: the state of its policies. */
+interface RoutePolicies {
+  route: Route;
+  budget: RetryBudget;
+  concurrency: ConcurrencyLimit;
+  bucket: TokenBucket | null;
+  pool: EndpointPool;
+  tls: TlsSource | null;
+}
+
+/** Each route's policies, made once at start. */
+function routePolicies(
+  config: Config,
+  clock: Clock,
+  events: Events,
+  runtime: AmbassadorRuntime,
+): Map<string, RoutePolicies> {
+  const routes = new Map<string, RoutePolicies>();
+  for (const route of config.routes) {
+    routes.set(route.name, {
+      route,
+      budget: new RetryBudget(route.retryBudgetPercent, route.retryBudgetMinPerSec),
+      concurrency: new ConcurrencyLimit(route.maxInFlight, route.queueSize),
+      bucket: route.rateLimitPerSec > 0
+        ? new TokenBucket(route.rateLimitPerSec, route.rateLimitBurst, clock.now())
+        : null,
+      pool: new EndpointPool(
+        route,
+        clock,
+        runtime.resolve,
+        runtime.tlsByAddress,
+        (e) => events.endpointsChanged({ route: route.name, ...e }),
+      ),
+      tls: route.tls ? new TlsSource(route.tls, runtime.readFile, clock, runtime.checkTls) : null,
+    });
+  }
+  return routes;
+}
+
+/** Requests whose body is still arriving (Deno's server cuts such bodies off when it shuts down, so the
+ * drain waits for them), and who waits for there to be none. */
+class Uploads {
+  private readonly open = new Set<number>();
+  private waiting: Array<() => void> = [];
+
+  add(key: number): void {
+    this.open.add(key);
+  }
+
+  has(key: number): boolean {
+    return this.open.has(key);
+  }
+
+  end(key: number): void {
+    if (this.open.delete(key) && this.open.size === 0) { for (const f of this.waiting.splice(0)) f(); }
+  }
+
+  /** Settles once no request body is still arriving. */
+  read(): Promise<void> {
+    return this.open.size === 0 ? Promise.resolve() : new Promise<void>((r) => this.waiting.push(r));
+  }
+}
+
+// =========================================================================================================
+// Policies: what the request path asks at each step. Pure: no I/O, no clock, no randomness of their
+// own — `now` and `random` come in as arguments.
+// =========================================================================================================
+
+// --- Retry -----------------------------------------------------------------------------------------------
 
 /** Exponential backoff with full jitter (AWS Architecture Blog, "Exponential Backoff and Jitter"):
  * a random delay in [0, min(cap, base·2^(retry-1))). Spreads the retries of many clients apart. */
@@ -590,7 +1272,6 @@ export const MAX_RETRY_WAIT_MS = 300_000;
 
 /** The whole retry decision in one place. The order matters for what is reported: a request that was not
  * retryable anyway is `final`; one that would have been retried says what stopped it. */
-
 export function decideRetry(i: RetryInput): RetryDecision {
   if (!worthRetrying(i.outcome)) return { retry: false, reason: 'final' };
   if (i.attempt >= i.maxAttempts) return { retry: false, reason: 'attempts' };
@@ -654,8 +1335,9 @@ export class RetryBudget {
   }
 }
 
-/** Names the failure behind a rejected fetch. Node's fetch wraps a system error code in `cause`; Deno
- * says it in the message. Both are read, so the same kinds come out on either runtime. */
+/** Names the failure behind a failed attempt, whichever client failed: Node's errors carry a system error
+ * code (in `cause` when wrapped), Deno's fetch says it in the message, Bun's in its `code`. All are read, so
+ * the same kinds come out on every runtime. */
 export function classifyFailure(err: unknown): FailureKind {
   const parts: string[] = [];
   for (let e: unknown = err, depth = 0; e && depth < 5; e = (e as { cause?: unknown }).cause, depth++) {
@@ -667,7 +1349,10 @@ export function classifyFailure(err: unknown): FailureKind {
   if (/ECONNREFUSED|Connection refused|EHOSTUNREACH|ENETUNREACH/i.test(text)) return 'refused';
   if (/ENOTFOUND|EAI_AGAIN|dns error|failed to lookup address/i.test(text)) return 'dns';
   if (/CERT|certificate|SSL|TLS|handshake/i.test(text)) return 'tls';
-  if (/ECONNRESET|EPIPE|UND_ERR_SOCKET|other side closed|connection reset|connection closed|broken pipe|closed before/i.test(text)) return 'reset';
+  if (
+    /ECONNRESET|EPIPE|UND_ERR_SOCKET|other side closed|connection reset|connection closed|broken pipe|closed before/i
+      .test(text)
+  ) return 'reset';
   if (/HPE_|UND_ERR_INFO|invalid HTTP|parse|UND_ERR_HEADERS_OVERFLOW|Malformed_HTTP/i.test(text)) return 'protocol';
   return 'other';
 }
@@ -675,22 +1360,23 @@ export function classifyFailure(err: unknown): FailureKind {
 /** One short line for logs and error bodies, in the spirit of Go's `dial tcp: connection refused`. A URL
  * in an error's text is cut to its origin: its path and query are the app's, and may carry secrets. */
 export function describeFailure(err: unknown): string {
-  const cause = (err as { cause?: { code?: string; message?: string } }).cause ?? (err as { code?: string; message?: string });
+  const cause = (err as { cause?: { code?: string; message?: string } }).cause ??
+    (err as { code?: string; message?: string });
   let text: string;
-  if (cause?.code && cause.message) text = cause.message.includes(cause.code) ? cause.message : `${cause.code} ${cause.message}`;
-  else if (cause?.message) text = cause.message;
+  if (cause?.code && cause.message) {
+    text = cause.message.includes(cause.code) ? cause.message : `${cause.code} ${cause.message}`;
+  } else if (cause?.message) text = cause.message;
   else text = err instanceof Error ? err.message : String(err);
   return text.replace(/\b(https?:\/\/[^/\s?#)]*)[^\s)]*/gi, '$1');
 }
+
+// --- Breaker and balancing -------------------------------------------------------------------------------
 
 /** A circuit breaker for one endpoint (outlier ejection, in Envoy's words). After `failures` failures in a
  * row it opens: the endpoint gets nothing for `openMs`, doubled on each ejection that follows closely on
  * the last, up to `openMaxMs`. Then it is half-open: at most `probes` requests at once may try it — never
  * a burst (one half-open breaker letting everything through caused a 17× load spike) — and the first
  * answer closes it again or opens it for longer. No timers: open → half-open is worked out when read. */
-export type BreakerState = 'closed' | 'open' | 'half-open';
-export type BreakerChange = 'opened' | 'closed' | undefined;
-
 export class Breaker {
   private failures = 0;
   private openedAt = -Infinity;
@@ -768,6 +1454,9 @@ export class Breaker {
   }
 }
 
+export type BreakerState = 'closed' | 'open' | 'half-open';
+export type BreakerChange = 'opened' | 'closed' | undefined;
+
 /** What the balancer needs to know of an endpoint. */
 export interface Balanced {
   inFlight: number;
@@ -782,7 +1471,12 @@ export interface Balanced {
  * latency average times the requests in flight plus one (as Linkerd and Finagle weigh it), so a slow or
  * busy endpoint gets less without a herd piling onto the single best one. Endpoints in `avoid` (already
  * tried by this request) are passed over while any other is left. */
-export function pickEndpoint<E extends Balanced>(candidates: readonly E[], avoid: ReadonlySet<E>, now: number, random: () => number): E | undefined {
+export function pickEndpoint<E extends Balanced>(
+  candidates: readonly E[],
+  avoid: ReadonlySet<E>,
+  now: number,
+  random: () => number,
+): E | undefined {
   if (candidates.length <= 1) return candidates[0];
   const fresh = candidates.filter((e) => !avoid.has(e));
   const from = fresh.length > 0 ? fresh : candidates;
@@ -804,7 +1498,9 @@ const FAILURE_PENALTY_MS = 1000;
 const FAILURE_DECAY_MS = 1000;
 
 export function penaltyAt(e: Balanced, now: number): number {
-  return e.failedAt === undefined ? 0 : FAILURE_PENALTY_MS * Math.exp(-Math.max(0, now - e.failedAt) / FAILURE_DECAY_MS);
+  return e.failedAt === undefined
+    ? 0
+    : FAILURE_PENALTY_MS * Math.exp(-Math.max(0, now - e.failedAt) / FAILURE_DECAY_MS);
 }
 
 /** EWMA decay time (Linkerd's default): a sample this old weighs 1/e of a fresh one. */
@@ -824,6 +1520,8 @@ export function updateEwma(e: Balanced, sampleMs: number, now: number): void {
   e.ewmaMs = sampleMs > e.ewmaMs ? sampleMs : e.ewmaMs * w + sampleMs * (1 - w);
   e.lastSampleAt = now;
 }
+
+// --- Limits ----------------------------------------------------------------------------------------------
 
 /** A token bucket: `ratePerSec` tokens a second, at most `burst` saved up. `take` answers at once, or
  * after a wait of at most `maxWaitMs` (the token is reserved, so waiters are served in order and the rate
@@ -904,43 +1602,22 @@ export class ConcurrencyLimit {
   }
 }
 
+// --- Routing and paths -----------------------------------------------------------------------------------
+
 /** The route for a request: the most specific that matches (the list is sorted so), or undefined. A
  * prefix matches at a path-segment boundary: `/inventory` takes `/inventory` and `/inventory/42`, not
  * `/inventory-old`. */
-export function matchRoute<R extends Pick<Route, 'host' | 'prefix'>>(routes: readonly R[], host: string | null, path: string): R | undefined {
+export function matchRoute<R extends Pick<Route, 'host' | 'prefix'>>(
+  routes: readonly R[],
+  host: string | null,
+  path: string,
+): R | undefined {
   let name: string | undefined; // the Host without port, worked out only when a route asks for one
   for (const r of routes) {
-    if (r.host !== null && r.host !== (name ??= host?.replace(/:\d+$/, '').replace(/^\[(.*)\]$/, '$1').toLowerCase() ?? '')) continue;
+    if (r.host !== null && r.host !== (name ??= unbracketed(host?.replace(/:\d+$/, '') ?? '').toLowerCase())) continue;
     if (r.prefix === '/' || path === r.prefix || (path.startsWith(r.prefix) && path[r.prefix.length] === '/')) return r;
   }
   return undefined;
-}
-
-/** Headers as the wire has them: [name, value] pairs in order, names lower-case, repeats kept. Plain
- * arrays cost far less than `Headers` objects on the hot path, and both runtimes take them as they are. */
-export type HeaderList = Array<[string, string]>;
-
-export function headerValue(headers: HeaderList, name: string): string | null {
-  for (const [k, v] of headers) if (k === name) return v;
-  return null;
-}
-
-/** The headers without hop-by-hop ones and without every header `Connection` names. */
-export function stripHopByHop(headers: HeaderList): HeaderList {
-  const drop = hopByHop(headers);
-  return headers.filter(([name]) => !drop.has(name));
-}
-
-/** The names not to pass on: the hop-by-hop ones and every header `Connection` names (every Connection
- * header counts, not only the first). The shared set unless a Connection header names more. */
-function hopByHop(headers: HeaderList): ReadonlySet<string> {
-  let drop = HOP_BY_HOP_SET;
-  for (const [name, value] of headers) {
-    if (name !== 'connection') continue;
-    if (drop === HOP_BY_HOP_SET) drop = new Set(HOP_BY_HOP);
-    for (const named of value.split(',')) drop.add(named.trim().toLowerCase());
-  }
-  return drop;
 }
 
 /** A request path with its dot segments resolved (RFC 3986 §5.2.4), a `.` or `..` spelled with
@@ -972,6 +1649,14 @@ export function normalizePath(path: string): string | null {
   return `/${out.join('/')}`;
 }
 
+/** A normalized path with the route's prefix taken off: `/inventory/42` under `/inventory` is `/42`. The
+ * route matched this same path at a segment boundary, so what is left starts a path of its own. */
+export function stripPrefix(path: string, prefix: string): string {
+  if (prefix === '/') return path;
+  const rest = path.slice(prefix.length);
+  return rest.startsWith('/') ? rest : `/${rest}`;
+}
+
 /** The upstream URL for a request: the upstream's base path, then the request's (normalized) path and
  * query as they were sent (percent-encoding kept). Never the request's own host: the ambassador is no open
  * proxy. */
@@ -980,35 +1665,110 @@ export function upstreamUrl(base: URL, pathAndQuery: string): string {
   return `${base.origin}${basePath}${pathAndQuery}`;
 }
 
+/** The characters a request target may hold that WHATWG URL parsing leaves as they are, in path and query
+ * alike: such a target is sent as it is; any other is sent as a URL would have it (what fetch sends). */
+const PLAIN_TARGET = /^[\w\-.~!$&()*+,;=:@/%?]*$/;
+
+/** The request target an attempt asks the upstream for: the base path, then the request's path and query. */
+function upstreamTarget(to: Destination, pathAndQuery: string): string {
+  if (PLAIN_TARGET.test(pathAndQuery)) return to.basePath + pathAndQuery;
+  const u = new URL(to.baseUrl + pathAndQuery);
+  return u.pathname + u.search;
+}
+
+/** An address as a URL or a Host header writes it: an IPv6 one in brackets. */
+const bracketed = (address: string) => (address.includes(':') ? `[${address}]` : address);
+/** A URL's or a Host header's host as a name or an address: an IPv6 one without its brackets. */
+const unbracketed = (host: string) => host.replace(/^\[(.*)\]$/, '$1');
+/** A URL's port, or its scheme's default. */
+const portOf = (url: URL) => Number(url.port || (url.protocol === 'https:' ? 443 : 80));
+const isIpLiteral = (hostname: string) => /^\d+\.\d+\.\d+\.\d+$/.test(hostname) || hostname.startsWith('[');
+
+// --- Headers and replies ---------------------------------------------------------------------------------
+
+/** Hop-by-hop headers (RFC 9110 §7.6.1, https://www.rfc-editor.org/rfc/rfc9110#section-7.6.1), plus the
+ * obsolete ones Go's ReverseProxy also drops; any header named in `Connection` is hop-by-hop too. */
+const HOP_BY_HOP = [
+  'connection',
+  'keep-alive',
+  'proxy-connection',
+  'proxy-authenticate',
+  'proxy-authorization',
+  'te',
+  'trailer',
+  'transfer-encoding',
+  'upgrade',
+];
+const HOP_BY_HOP_SET = new Set(HOP_BY_HOP);
+
+export function headerValue(headers: HeaderList, name: string): string | null {
+  for (const [k, v] of headers) if (k === name) return v;
+  return null;
+}
+
+/** The headers without hop-by-hop ones and without every header `Connection` names. */
+export function stripHopByHop(headers: HeaderList): HeaderList {
+  const drop = hopByHop(headers);
+  return headers.filter(([name]) => !drop.has(name));
+}
+
+/** The names not to pass on: the hop-by-hop ones and every header `Connection` names (every Connection
+ * header counts, not only the first). The shared set unless a Connection header names more. */
+function hopByHop(headers: HeaderList): ReadonlySet<string> {
+  let drop = HOP_BY_HOP_SET;
+  for (const [name, value] of headers) {
+    if (name !== 'connection') continue;
+    if (drop === HOP_BY_HOP_SET) drop = new Set(HOP_BY_HOP);
+    for (const named of value.split(',')) drop.add(named.trim().toLowerCase());
+  }
+  return drop;
+}
+
 /** The request headers the upstream gets. */
-export function forwardHeaders(incoming: HeaderList, id: string, clientAddress: string | undefined): HeaderList {
+export function forwardHeaders(appHeaders: HeaderList, id: string, peer: string | undefined): HeaderList {
   let host: string | null = null;
   let forwardedFor: string | null = null;
   let via: string | null = null;
   let proto = false;
   let forwardedHost = false;
   const out: HeaderList = [];
-  const drop = hopByHop(incoming);
-  for (const [name, value] of incoming) {
+  const drop = hopByHop(appHeaders);
+  for (const [name, value] of appHeaders) {
     if (drop.has(name)) continue;
     switch (name) {
       // The client sets Host from the upstream URL, so the upstream sees its own authority.
-      case 'host': host = value; break;
+      case 'host':
+        host = value;
+        break;
       // The ambassador has already answered `100 Continue` to the app (Node's fetch refuses to send Expect).
-      case 'expect': break;
+      case 'expect':
+        break;
       // Replaced below.
-      case 'accept-encoding': case 'x-request-id': break;
-      case 'x-forwarded-for': forwardedFor = forwardedFor ? `${forwardedFor}, ${value}` : value; break;
-      case 'via': via = via ? `${via}, ${value}` : value; break;
-      case 'x-forwarded-proto': proto = true; out.push([name, value]); break;
-      case 'x-forwarded-host': forwardedHost = true; out.push([name, value]); break;
-      default: out.push([name, value]);
+      case 'accept-encoding':
+      case 'x-request-id':
+        break;
+      case 'x-forwarded-for':
+        forwardedFor = forwardedFor ? `${forwardedFor}, ${value}` : value;
+        break;
+      case 'via':
+        via = via ? `${via}, ${value}` : value;
+        break;
+      case 'x-forwarded-proto':
+        proto = true;
+        out.push([name, value]);
+        break;
+      case 'x-forwarded-host':
+        forwardedHost = true;
+        out.push([name, value]);
+        break;
+      default:
+        out.push([name, value]);
     }
   }
   // Ask for the body as it is. Deno's fetch decodes gzip and br for any other value yet keeps the
   // `content-encoding` header, which would hand the app a decoded body labelled as compressed.
   out.push(['accept-encoding', 'identity'], ['x-request-id', id]);
-  if (clientAddress) out.push(['x-forwarded-for', forwardedFor ? `${forwardedFor}, ${clientAddress}` : clientAddress]);
+  if (peer) out.push(['x-forwarded-for', forwardedFor ? `${forwardedFor}, ${peer}` : peer]);
   else if (forwardedFor) out.push(['x-forwarded-for', forwardedFor]);
   if (!proto) out.push(['x-forwarded-proto', 'http']);
   if (host && !forwardedHost) out.push(['x-forwarded-host', host]);
@@ -1046,11 +1806,23 @@ function responseHeadProblem(headers: HeaderList): Error | undefined {
       framing |= 1;
     } else if (name === 'content-length') framing |= 2;
   }
-  if (bytes > MAX_RESPONSE_HEAD_BYTES) return Object.assign(new Error(`response headers larger than ${MAX_RESPONSE_HEAD_BYTES} bytes`), { code: 'HPE_HEADER_OVERFLOW' });
-  if (framing === 3) return Object.assign(new Error('the response has both Transfer-Encoding and Content-Length'), { code: 'HPE_UNEXPECTED_CONTENT_LENGTH' });
+  if (bytes > MAX_RESPONSE_HEAD_BYTES) {
+    return Object.assign(new Error(`response headers larger than ${MAX_RESPONSE_HEAD_BYTES} bytes`), {
+      code: 'HPE_HEADER_OVERFLOW',
+    });
+  }
+  if (framing === 3) {
+    return Object.assign(new Error('the response has both Transfer-Encoding and Content-Length'), {
+      code: 'HPE_UNEXPECTED_CONTENT_LENGTH',
+    });
+  }
   // A coding under the chunked framing (`gzip, chunked`) is taken off with Transfer-Encoding, a hop-by-hop
   // header: the app would get coded bytes it is not told about.
-  if (codings) return Object.assign(new Error('the response has a transfer coding other than chunked'), { code: 'HPE_INVALID_TRANSFER_ENCODING' });
+  if (codings) {
+    return Object.assign(new Error('the response has a transfer coding other than chunked'), {
+      code: 'HPE_INVALID_TRANSFER_ENCODING',
+    });
+  }
   return undefined;
 }
 
@@ -1058,9 +1830,15 @@ function responseHeadProblem(headers: HeaderList): Error | undefined {
 const isChunked = (value: string) => value.trim().toLowerCase() === 'chunked';
 
 /** A 101 to a request that asked for no upgrade (the app's Upgrade is never sent on): a protocol failure. */
-const unaskedUpgrade = () => Object.assign(new Error('the upstream switched protocols, though no upgrade was asked for'), { code: 'HPE_UNEXPECTED_101' });
+const unaskedUpgrade = () =>
+  Object.assign(new Error('the upstream switched protocols, though no upgrade was asked for'), {
+    code: 'HPE_UNEXPECTED_101',
+  });
 /** A final status outside 200–599: no answer the app could be given. */
-const badStatus = (status: number) => Object.assign(new Error(`the upstream answered with status ${status}, which is no final HTTP status`), { code: 'HPE_INVALID_STATUS' });
+const badStatus = (status: number) =>
+  Object.assign(new Error(`the upstream answered with status ${status}, which is no final HTTP status`), {
+    code: 'HPE_INVALID_STATUS',
+  });
 
 /** RFC 9112 §4: a reason phrase is tabs, spaces and visible characters. An upstream's that is not (a
  * control character would make Node throw, and a fetch Response refuse it) is not passed on: the app gets
@@ -1075,10 +1853,19 @@ function reasonPhrase(text: string): string {
  * saying what failed and after how many attempts. */
 export function failureReply(kind: FailureKind, detail: string, attempts: number, id: string): Reply {
   const tries = attempts === 1 ? '1 attempt' : `${attempts} attempts`;
-  return textReply(kind === 'timeout' ? 504 : 502, `ambassador: upstream ${kind === 'timeout' ? 'timed out' : 'failed'}: ${detail} (${tries})\n`, id);
+  return textReply(
+    kind === 'timeout' ? 504 : 502,
+    `ambassador: upstream ${kind === 'timeout' ? 'timed out' : 'failed'}: ${detail} (${tries})\n`,
+    id,
+  );
 }
 
-const REJECTION_STATUS: Record<Rejection, number> = { no_route: 404, rate_limit: 429, concurrency: 503, circuit_open: 503 };
+const REJECTION_STATUS: Record<Rejection, number> = {
+  no_route: 404,
+  rate_limit: 429,
+  concurrency: 503,
+  circuit_open: 503,
+};
 
 /** What the app gets when the ambassador answers for the upstream: 429 over the rate limit, 503 while the
  * upstream is overloaded or its circuit is open — each with Retry-After, so a well-behaved client waits. */
@@ -1088,263 +1875,22 @@ export function rejectionReply(reason: Rejection, detail: string, id: string, re
   return r;
 }
 
+/** Every answer the ambassador writes itself: short plain text, whole. Its length is left to the server,
+ * which knows it from the body and says the right thing for a HEAD (Deno's says 0, not the text's length). */
 function textReply(status: number, text: string, id: string): Reply {
-  const bytes = new TextEncoder().encode(text);
-  return {
-    status, statusText: '', body: new Blob([bytes]).stream(),
-    headers: [['content-type', 'text/plain; charset=utf-8'], ['content-length', String(bytes.byteLength)], ['x-request-id', id], ['via', VIA]],
-  };
+  const headers: HeaderList = [['content-type', 'text/plain; charset=utf-8'], ['x-request-id', id], ['via', VIA]];
+  return { status, statusText: '', body: null, whole: new TextEncoder().encode(text), headers };
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Logging: one line per event, JSON or text, to stdout.
-// ---------------------------------------------------------------------------------------------------------
-
-const LEVELS: Record<LineLevel, number> = { debug: 10, info: 20, warn: 30, error: 40, notice: 100 };
-const BARE = /^[A-Za-z0-9_.:/@+-]+$/;
-
-export function createLogger(format: LogFormat, minLevel: LogLevel, write: (line: string) => void = console.log): Logger {
-  const min = LEVELS[minLevel];
-  return (level, msg, fields = {}) => {
-    if (LEVELS[level] < min) return;
-    const time = new Date().toISOString();
-    if (format === 'json') {
-      write(JSON.stringify({ time, level, msg, ...fields }));
-    } else {
-      // A value is written bare only when it cannot be mistaken for more fields; else it is quoted.
-      const rest = Object.entries(fields).map(([k, v]) => `${k}=${typeof v === 'string' && BARE.test(v) ? v : JSON.stringify(v)}`);
-      write(`${time} ${level.toUpperCase().padEnd(6)} ${msg}${rest.length ? ' ' + rest.join(' ') : ''}`);
-    }
-  };
+/** A reply that closes the app's connection after it. */
+function closing(reply: Reply): Reply {
+  reply.headers.push(['connection', 'close']);
+  return reply;
 }
 
-/** The log's view of the events. A record is built only when its level is written: at LOG_LEVEL=warn a
- * request that went well costs no log work at all. */
-function logEvents(log: Logger, minLevel: LogLevel): Events {
-  const min = LEVELS[minLevel];
-  const debug = LEVELS.debug >= min;
-  const info = LEVELS.info >= min;
-  return {
-    attemptResponded(e) {
-      if (debug) log('debug', 'upstream responded', { id: e.id, route: e.route, endpoint: e.endpoint, attempt: e.attempt, status: e.status, upstream_ms: round(e.seconds * 1000) });
-    },
-    attemptFailed(e) {
-      const then = e.next.retry ? `retrying in ${e.next.delayMs} ms` : `giving up (${e.next.reason})`;
-      log('warn', `attempt ${e.attempt} failed: ${e.error}; ${then}`, {
-        id: e.id, route: e.route, endpoint: e.endpoint, attempt: e.attempt, kind: e.kind, status: e.status,
-        ...(e.next.retry ? { retry_in_ms: e.next.delayMs } : { skip: e.next.reason }),
-      });
-    },
-    requestDone(r) {
-      const warn = r.status >= 500 || r.rejected !== undefined;
-      if (!warn && !info) return;
-      log(warn ? 'warn' : 'info', 'request', {
-        id: r.id, route: r.route, method: r.method, path: r.path, status: r.status, attempts: r.attempts, endpoint: r.endpoint,
-        duration_ms: round(r.durationMs), upstream_ms: r.upstreamMs === null ? null : round(r.upstreamMs),
-        bytes_in: r.bytesIn, bytes_out: r.bytesOut, ...(r.rejected ? { rejected: r.rejected } : {}), ...(r.error ? { error: r.error } : {}),
-      });
-    },
-    endpointChanged(e) {
-      const fields = { route: e.route, endpoint: e.endpoint, state: e.change === 'opened' ? 'open' : e.change === 'probing' ? 'half-open' : 'closed' };
-      if (e.change === 'opened') log('warn', `endpoint ${e.endpoint} ejected for ${Math.round(e.openMs ?? 0)} ms`, { ...fields, open_ms: Math.round(e.openMs ?? 0), ejections: e.ejections });
-      else log('info', e.change === 'probing' ? `endpoint ${e.endpoint} half-open: sending a probe` : `endpoint ${e.endpoint} re-admitted`, fields);
-    },
-    endpointsChanged(e) {
-      if (e.error) log('warn', `discovery failed: ${e.error}; keeping the endpoints known`, { route: e.route, endpoints: e.endpoints });
-      if (e.added.length || e.removed.length) log('info', 'endpoints changed', { route: e.route, added: e.added, removed: e.removed, endpoints: e.endpoints });
-    },
-    tlsReloaded(e) {
-      if (e.error) log('warn', `TLS files not taken up: ${e.error}; new connections keep the previous ones`, { route: e.route });
-      else log('notice', 'TLS files changed: new connections use them', { route: e.route });
-    },
-  };
-}
-
-const round = (ms: number) => Math.round(ms * 100) / 100;
-
-// ---------------------------------------------------------------------------------------------------------
-// Metrics: counters and histograms fed by the same events as the log, written out in the Prometheus text
-// format (or OpenMetrics when the scraper asks). Names follow Prometheus practice and echo Envoy's
-// `upstream_rq_*` and Linkerd's `response_total`, so an operator finds what they expect.
-// ---------------------------------------------------------------------------------------------------------
-
-/** Seconds: from a sub-millisecond loopback hop to a multi-second timeout. */
-const BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
-
-/** A small fixed set of method labels: anything else is `other`, so a client cannot grow the series. */
-const METHOD_LABELS = new Set(['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS']);
-
-class Histogram {
-  readonly counts = new Array<number>(BUCKETS.length).fill(0);
-  sum = 0;
-  count = 0;
-  observe(seconds: number): void {
-    const i = BUCKETS.findIndex((b) => seconds <= b);
-    if (i >= 0) this.counts[i]++;
-    this.sum += seconds;
-    this.count++;
-  }
-}
-
-/** Live values the metrics read when scraped, rather than keep up to date. */
-export interface Gauges {
-  inFlight(): number;
-  draining(): boolean;
-  connections?(): number; // Node only: Deno.serve and Bun.serve do not expose their connections
-  upstreams?(): Array<{ route: string; active: number; queued: number; endpoints: readonly Endpoint[] }>;
-  now?(): number;
-  /** bytes of request bodies kept for replay now */
-  replayBytes?(): number;
-}
-
-export class Metrics {
-  // Keys are label values joined by spaces (route names have none): `${route} ${method} ${code}`.
-  readonly requests = new Map<string, number>();
-  readonly duration = new Histogram();
-  readonly upstreamTime = new Histogram();
-  readonly attemptFailures = new Map<string, number>(); // route reason
-  readonly retriesSkipped = new Map<string, number>(); // route reason
-  readonly retries = new Map<string, number>(); // route
-  readonly rejected = new Map<string, number>(); // route reason
-  readonly tlsReloads = new Map<string, number>(); // route result
-  eventLoopLagSeconds = 0;
-  gauges: Gauges = { inFlight: () => 0, draining: () => false };
-
-  readonly info: { version: string; runtime: string; startTimeSeconds: number };
-
-  constructor(info: { version: string; runtime: string; startTimeSeconds: number }) {
-    this.info = info;
-  }
-
-  events(): Events {
-    const add = (map: Map<string, number>, key: string) => map.set(key, (map.get(key) ?? 0) + 1);
-    return {
-      attemptResponded: (e) => this.upstreamTime.observe(e.seconds),
-      attemptFailed: (e) => {
-        add(this.attemptFailures, `${e.route} ${e.kind === 'status' ? String(e.status) : e.kind}`);
-        if (e.next.retry) add(this.retries, e.route);
-        else if (e.next.reason !== 'final') add(this.retriesSkipped, `${e.route} ${e.next.reason}`);
-      },
-      requestDone: (r) => {
-        add(this.requests, `${r.route} ${METHOD_LABELS.has(r.method) ? r.method : 'other'} ${r.status}`);
-        if (r.rejected) add(this.rejected, `${r.route} ${r.rejected}`);
-        this.duration.observe(r.durationMs / 1000);
-      },
-      endpointChanged: () => {}, // the breakers' states are read when scraped
-      endpointsChanged: () => {},
-      tlsReloaded: (e) => add(this.tlsReloads, `${e.route} ${e.error ? 'error' : 'ok'}`),
-    };
-  }
-
-  /** The exposition: Prometheus text format 0.0.4, or OpenMetrics 1.0 (`# EOF`, counter families named
-   * without `_total`). */
-  render(openMetrics: boolean): string {
-    const out: string[] = [];
-    const family = (name: string, type: 'counter' | 'gauge' | 'histogram', help: string) => {
-      const base = openMetrics && type === 'counter' ? name.replace(/_total$/, '') : name;
-      out.push(`# HELP ${base} ${help}`, `# TYPE ${base} ${type}`);
-    };
-    const labels = (pairs: Record<string, string>) => {
-      const inner = Object.entries(pairs).map(([k, v]) => `${k}="${v.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\n')}"`);
-      return inner.length ? `{${inner.join(',')}}` : '';
-    };
-    const histogram = (name: string, h: Histogram) => {
-      let cumulative = 0;
-      BUCKETS.forEach((b, i) => {
-        cumulative += h.counts[i];
-        out.push(`${name}_bucket{le="${b}"} ${cumulative}`);
-      });
-      out.push(`${name}_bucket{le="+Inf"} ${h.count}`, `${name}_sum ${h.sum}`, `${name}_count ${h.count}`);
-    };
-
-    const series = (name: string, map: Map<string, number>, names: string[]) => {
-      for (const [key, n] of map) {
-        const values = key.split(' ');
-        out.push(`${name}${labels(Object.fromEntries(names.map((l, i) => [l, values[i]])))} ${n}`);
-      }
-    };
-    family('ambassador_requests_total', 'counter', 'Requests answered to the app, by route, method and status code (499: the app went away; route "": no route matched).');
-    series('ambassador_requests_total', this.requests, ['route', 'method', 'code']);
-    family('ambassador_requests_rejected_total', 'counter', 'Requests the ambassador answered itself, by route and reason: no_route (404), rate_limit (429), concurrency, circuit_open (503).');
-    series('ambassador_requests_rejected_total', this.rejected, ['route', 'reason']);
-    family('ambassador_request_duration_seconds', 'histogram', 'Time from the request arriving to the end of its response body.');
-    histogram('ambassador_request_duration_seconds', this.duration);
-    family('ambassador_upstream_response_seconds', 'histogram', 'Time from sending an attempt to the upstream\'s response headers.');
-    histogram('ambassador_upstream_response_seconds', this.upstreamTime);
-    family('ambassador_upstream_attempt_failures_total', 'counter', 'Attempts that failed, by route and reason: refused, dns, reset, timeout, tls, protocol, other, or the 502/503/504 status.');
-    series('ambassador_upstream_attempt_failures_total', this.attemptFailures, ['route', 'reason']);
-    family('ambassador_upstream_retries_total', 'counter', 'Retries sent to the upstream, by route.');
-    series('ambassador_upstream_retries_total', this.retries, ['route']);
-    family('ambassador_upstream_retries_skipped_total', 'counter', 'Retries that were due but not sent, by route and reason: attempts, method, body, deadline, budget, circuit.');
-    series('ambassador_upstream_retries_skipped_total', this.retriesSkipped, ['route', 'reason']);
-    const upstreams = this.gauges.upstreams?.() ?? [];
-    const now = this.gauges.now?.() ?? 0;
-    family('ambassador_upstream_endpoints', 'gauge', 'Endpoints known for a route (from its URLs and what their names resolve to).');
-    for (const u of upstreams) out.push(`ambassador_upstream_endpoints${labels({ route: u.route })} ${u.endpoints.length}`);
-    const perEndpoint = (name: string, type: 'counter' | 'gauge', help: string, value: (e: Endpoint) => number) => {
-      family(name, type, help);
-      for (const u of upstreams) for (const e of u.endpoints) out.push(`${name}${labels({ route: u.route, endpoint: e.key })} ${value(e)}`);
-    };
-    family('ambassador_upstream_endpoint_state', 'gauge', 'The circuit breaker of each endpoint: 1 for its present state (closed, open: ejected, half_open: probing).');
-    for (const u of upstreams) {
-      for (const e of u.endpoints) {
-        const state = e.breaker.state(now);
-        for (const s of ['closed', 'open', 'half-open'] as const) {
-          out.push(`ambassador_upstream_endpoint_state${labels({ route: u.route, endpoint: e.key, state: s.replace('-', '_') })} ${state === s ? 1 : 0}`);
-        }
-      }
-    }
-    perEndpoint('ambassador_upstream_endpoint_ejections_total', 'counter', 'Times an endpoint was ejected by its circuit breaker.', (e) => e.breaker.ejectionsTotal);
-    perEndpoint('ambassador_upstream_endpoint_requests_total', 'counter', 'Attempts sent to each endpoint.', (e) => e.requests);
-    perEndpoint('ambassador_upstream_endpoint_in_flight', 'gauge', 'Attempts waiting on each endpoint for response headers.', (e) => e.inFlight);
-    family('ambassador_upstream_active_requests', 'gauge', 'Requests holding a place under a route\'s concurrency limit (MAX_IN_FLIGHT).');
-    for (const u of upstreams) out.push(`ambassador_upstream_active_requests${labels({ route: u.route })} ${u.active}`);
-    family('ambassador_upstream_queued_requests', 'gauge', 'Requests waiting for a place under a route\'s concurrency limit (QUEUE_SIZE).');
-    for (const u of upstreams) out.push(`ambassador_upstream_queued_requests${labels({ route: u.route })} ${u.queued}`);
-    family('ambassador_tls_reloads_total', 'counter', 'Changes to a route\'s TLS files: ok (taken up) or error (the previous ones kept).');
-    series('ambassador_tls_reloads_total', this.tlsReloads, ['route', 'result']);
-    if (this.gauges.replayBytes) {
-      family('ambassador_retry_body_bytes', 'gauge', 'Bytes of request bodies kept in memory for replay now (at most RETRY_BODIES_MAX_BYTES).');
-      out.push(`ambassador_retry_body_bytes ${this.gauges.replayBytes()}`);
-    }
-    family('ambassador_requests_in_flight', 'gauge', 'Requests not yet answered in full.');
-    out.push(`ambassador_requests_in_flight ${this.gauges.inFlight()}`);
-    if (this.gauges.connections) {
-      family('ambassador_downstream_connections', 'gauge', 'Open connections from the app.');
-      out.push(`ambassador_downstream_connections ${this.gauges.connections()}`);
-    }
-    family('ambassador_draining', 'gauge', '1 from the moment a drain starts.');
-    out.push(`ambassador_draining ${this.gauges.draining() ? 1 : 0}`);
-    family('ambassador_event_loop_lag_seconds', 'gauge', 'How late the last event-loop timer fired.');
-    out.push(`ambassador_event_loop_lag_seconds ${this.eventLoopLagSeconds}`);
-    family('ambassador_build_info', 'gauge', 'Always 1; the labels say which build and runtime this is.');
-    out.push(`ambassador_build_info${labels({ version: this.info.version, runtime: this.info.runtime })} 1`);
-    family('process_resident_memory_bytes', 'gauge', 'Resident memory size in bytes.');
-    out.push(`process_resident_memory_bytes ${process.memoryUsage.rss()}`);
-    const cpu = process.cpuUsage();
-    family('process_cpu_seconds_total', 'counter', 'User and system CPU time spent, in seconds.');
-    out.push(`process_cpu_seconds_total ${(cpu.user + cpu.system) / 1e6}`);
-    family('process_start_time_seconds', 'gauge', 'Start time of the process since the Unix epoch, in seconds.');
-    out.push(`process_start_time_seconds ${this.info.startTimeSeconds}`);
-    if (openMetrics) out.push('# EOF');
-    return out.join('\n') + '\n';
-  }
-}
-
-function fanOut(...all: Events[]): Events {
-  return {
-    attemptResponded: (e) => all.forEach((x) => x.attemptResponded(e)),
-    attemptFailed: (e) => all.forEach((x) => x.attemptFailed(e)),
-    requestDone: (e) => all.forEach((x) => x.requestDone(e)),
-    endpointChanged: (e) => all.forEach((x) => x.endpointChanged(e)),
-    endpointsChanged: (e) => all.forEach((x) => x.endpointsChanged(e)),
-    tlsReloaded: (e) => all.forEach((x) => x.tlsReloaded(e)),
-  };
-}
-
-// ---------------------------------------------------------------------------------------------------------
+// =========================================================================================================
 // Bodies: a request body is kept for replay only when it is small; a response body is always streamed.
-// ---------------------------------------------------------------------------------------------------------
+// =========================================================================================================
 
 interface ForwardBody {
   /** what to hand the client for one attempt */
@@ -1360,7 +1906,14 @@ interface ForwardBody {
   release(): void;
 }
 
-const NO_BODY: ForwardBody = { take: () => null, replayable: true, bytes: () => 0, sent: null, watch: noop, release: noop };
+const NO_BODY: ForwardBody = {
+  take: () => null,
+  replayable: true,
+  bytes: () => 0,
+  sent: null,
+  watch: noop,
+  release: noop,
+};
 
 /** The bodies kept for replay, in bytes, across every request at once: each at most RETRY_BODY_MAX_BYTES,
  * all of them at most RETRY_BODIES_MAX_BYTES. A body that would go past it is streamed, sent once, as a
@@ -1386,8 +1939,13 @@ export class ReplayMemory {
  * envoy#29386: here the log says so). A streamed body counts as stalled when the upstream takes none of
  * it for `idleMs` (0: never) — an upstream that accepts a request and never reads it — which is timed
  * only while nothing is asking for the next chunk: a slow app is the request body's own 408. */
-async function prepareBody(body: ReadableStream<Uint8Array> | null, declared: number | undefined, limit: number, memory: ReplayMemory,
-  idleMs: number): Promise<ForwardBody> {
+async function prepareBody(
+  body: ReadableStream<Uint8Array> | null,
+  declared: number | undefined,
+  limit: number,
+  memory: ReplayMemory,
+  idleMs: number,
+): Promise<ForwardBody> {
   if (body === null) return NO_BODY;
   const reader = body.getReader();
   const streamedBody = (first: Uint8Array[]): ForwardBody => {
@@ -1408,7 +1966,10 @@ async function prepareBody(body: ReadableStream<Uint8Array> | null, declared: nu
         c.enqueue(next.value);
         if (idleMs > 0 && stalled) {
           const f = stalled;
-          timer = setTimeout(() => f(new TimeoutError(`the upstream took no request body bytes for ${idleMs} ms`)), idleMs);
+          timer = setTimeout(
+            () => f(new TimeoutError(`the upstream took no request body bytes for ${idleMs} ms`)),
+            idleMs,
+          );
         }
       },
       cancel(reason) {
@@ -1417,7 +1978,14 @@ async function prepareBody(body: ReadableStream<Uint8Array> | null, declared: nu
       },
     }, { highWaterMark: 0 });
     void sent.then(() => clearTimeout(timer));
-    return { take: once(stream), replayable: false, bytes: () => streamed, sent, watch: (f) => void (stalled = f), release: noop };
+    return {
+      take: onlyOnce(stream),
+      replayable: false,
+      bytes: () => streamed,
+      sent,
+      watch: (f) => void (stalled = f),
+      release: noop,
+    };
   };
   if (declared !== undefined && declared > limit) return streamedBody([]);
   const chunks: Uint8Array[] = [];
@@ -1434,19 +2002,65 @@ async function prepareBody(body: ReadableStream<Uint8Array> | null, declared: nu
   }
   const whole = chunks.length === 1 ? chunks[0] : concat(chunks, size);
   let held = size;
-  return { take: () => whole, replayable: true, bytes: () => size, sent: null, watch: noop, release: () => void (memory.give(held), (held = 0)) };
+  return {
+    take: () => whole,
+    replayable: true,
+    bytes: () => size,
+    sent: null,
+    watch: noop,
+    release: () => void (memory.give(held), (held = 0)),
+  };
 }
 
-/** A Node stream as a web stream that reads only as fast as its consumer takes it (see `bodyStream`).
- * Cancelling it destroys the Node stream. */
-function streamFromNode(incoming: AsyncIterable<Uint8Array>, idleMs = 0, done?: () => void, gone?: Cancel): ReadableStream<Uint8Array> {
-  const it = incoming[Symbol.asyncIterator]();
-  return bodyStream(() => it.next(), async (reason) => void (await it.return?.(reason)), idleMs, done, gone);
+/** A body at its source as a web stream that pulls one chunk at a time (nothing is read ahead: Node 20's
+ * Readable.toWeb would queue up to 16384 chunks), and errors with a 408 after `idleMs` (if > 0) without one.
+ * `done`: it ended whole; `gone`: it broke off, which is the app gone. */
+function bodyStream(source: BodySource, idleMs: number, done?: () => void, gone?: Cancel): ReadableStream<Uint8Array> {
+  return new ReadableStream<Uint8Array>({
+    async pull(c) {
+      let chunk: IteratorResult<Uint8Array> | ReadableStreamReadResult<Uint8Array>;
+      try {
+        chunk = idleMs <= 0 ? await source.next() : await raceTimer(source.next(), idleMs, () => {
+          throw new ClientError(408, `the request body stalled: no bytes for ${idleMs} ms`);
+        });
+      } catch (err) {
+        // A body that breaks off is the app gone (its connection closed or reset mid-body), however its
+        // runtime tells it; one that stalled is the app's 408.
+        if (!(err instanceof ClientError)) gone?.abort(err);
+        source.giveUp(err);
+        throw err;
+      }
+      if (chunk.done) {
+        c.close();
+        done?.();
+      } else c.enqueue(chunk.value);
+    },
+    cancel: (reason) => source.cancel(reason),
+  }, { highWaterMark: 0 });
 }
 
-function once<T>(value: T): () => T | null {
+/** A Node stream (a Node upstream's response) as a web stream that reads only as fast as its consumer
+ * takes it. Cancelling it destroys the Node stream. */
+function streamFromNode(readable: AsyncIterable<Uint8Array>): ReadableStream<Uint8Array> {
+  const it = readable[Symbol.asyncIterator]();
+  return bodyStream(
+    { next: () => it.next(), cancel: async (reason) => void (await it.return?.(reason)), giveUp: noop },
+    0,
+  );
+}
+
+/** `value` the first time, null after. */
+function onlyOnce<T>(value: T): () => T | null {
   let used = false;
   return () => (used ? null : ((used = true), value));
+}
+
+/** `f`, called at most once: how a body ended is told once, whichever way it ends first. */
+function callOnce<A extends unknown[]>(f: (...args: A) => void): (...args: A) => void {
+  let called = false;
+  return (...args) => {
+    if (!called) (called = true), f(...args);
+  };
 }
 
 function concat(chunks: Uint8Array[], size: number): Uint8Array {
@@ -1459,24 +2073,70 @@ function concat(chunks: Uint8Array[], size: number): Uint8Array {
   return out;
 }
 
-/** Passes a response body through chunk by chunk (highWaterMark 0: nothing is read ahead, so server-sent
- * events reach the app as the upstream sends them), counting bytes and telling how it ended. An upstream
- * error mid-body errors this stream, so the app sees a broken response, never a short one that looks whole. */
-function trackBody(body: ReadableStream<Uint8Array>, idleMs: number, done: (bytes: number, error?: string) => void): ReadableStream<Uint8Array> {
-  const { read, cancel, end, count } = bodyReader(body, idleMs, done);
+/** Passes a response body through chunk by chunk, counting bytes and telling `done` once how it ended; an
+ * upstream that sends nothing for `idleMs` (if > 0) is cut off. An upstream error mid-body errors this
+ * stream, so the app sees a broken response, never a short one that looks whole. Nothing is read ahead
+ * (highWaterMark 0), so server-sent events reach the app as the upstream sends them.
+ *
+ * `direct` (Bun): one of Bun's "direct" streams, whose chunks go straight to the app's connection instead
+ * of through a stream queue (the queue cost Bun half its throughput). Each chunk is flushed as it comes, and
+ * the write is awaited, so a slow app slows the reading. */
+function trackBody(
+  body: ReadableStream<Uint8Array>,
+  idleMs: number,
+  done: BodyDone,
+  direct = false,
+): ReadableStream<Uint8Array> {
+  const reader = body.getReader();
+  let bytes = 0;
+  const end = callOnce((error?: string) => done(bytes, error));
+  /** The next chunk, null at the end, or a rejection once the upstream has sent nothing for `idleMs`. */
+  const next = async (): Promise<Uint8Array | null> => {
+    try {
+      const chunk = idleMs <= 0 ? await reader.read() : await raceTimer(reader.read(), idleMs, () => {
+        // The rejection first: a runtime that settles the pending read at once on cancel (Bun's does, as
+        // done) would otherwise win the race and end a stalled body as if it were whole.
+        const err = new TimeoutError(`no body bytes for ${idleMs} ms`);
+        queueMicrotask(() => void reader.cancel(err).catch(noop));
+        throw err;
+      });
+      if (chunk.done) return end(), null;
+      bytes += chunk.value.byteLength;
+      return chunk.value;
+    } catch (err) {
+      end(`upstream body failed: ${describeFailure(err)}`);
+      throw err;
+    }
+  };
+  const cancel = (reason: unknown) => {
+    end('client went away during the response body');
+    return reader.cancel(reason);
+  };
+  if (direct) {
+    type Direct = {
+      write(chunk: Uint8Array): number | Promise<number>;
+      flush(): number | Promise<number>;
+      close(): void;
+    };
+    return new ReadableStream({
+      type: 'direct',
+      async pull(c: Direct) {
+        for (let chunk = await next(); chunk !== null; chunk = await next()) {
+          await c.write(chunk);
+          await c.flush();
+        }
+        c.close();
+      },
+      cancel,
+    } as unknown as UnderlyingDefaultSource<Uint8Array>);
+  }
   return new ReadableStream<Uint8Array>({
     async pull(c) {
       try {
-        const next = await read();
-        if (next.done) {
-          c.close();
-          end();
-        } else {
-          count(next.value);
-          c.enqueue(next.value);
-        }
+        const chunk = await next();
+        if (chunk === null) c.close();
+        else c.enqueue(chunk);
       } catch (err) {
-        end(`upstream body failed: ${describeFailure(err)}`);
         c.error(err);
       }
     },
@@ -1484,85 +2144,20 @@ function trackBody(body: ReadableStream<Uint8Array>, idleMs: number, done: (byte
   }, { highWaterMark: 0 });
 }
 
-/** Bun: the same as `trackBody`, as one of Bun's "direct" streams, whose chunks go straight to the app's
- * connection instead of through a stream queue (the queue cost Bun half its throughput). Each chunk is
- * flushed as it comes, so server-sent events still arrive as they are sent; the write is awaited, so a slow
- * app slows the reading. */
-function trackBodyDirect(body: ReadableStream<Uint8Array>, idleMs: number, done: (bytes: number, error?: string) => void): ReadableStream<Uint8Array> {
-  const { read, cancel, end, count } = bodyReader(body, idleMs, done);
-  type Direct = { write(chunk: Uint8Array): number | Promise<number>; flush(): number | Promise<number>; close(): void };
-  return new ReadableStream({
-    type: 'direct',
-    async pull(c: Direct) {
-      try {
-        for (let next = await read(); ; next = await read()) {
-          if (next.done) {
-            end();
-            return c.close();
-          }
-          count(next.value);
-          await c.write(next.value);
-          await c.flush();
-        }
-      } catch (err) {
-        end(`upstream body failed: ${describeFailure(err)}`);
-        throw err;
-      }
-    },
-    cancel,
-  } as unknown as UnderlyingDefaultSource<Uint8Array>);
-}
-
-/** The reading half of `trackBody`: the upstream body chunk by chunk, bytes counted, and how it ended told
- * once. */
-function bodyReader(body: ReadableStream<Uint8Array>, idleMs: number, done: (bytes: number, error?: string) => void) {
-  const reader = body.getReader();
-  let bytes = 0;
-  let ended = false;
-  const end = (error?: string) => {
-    if (!ended) (ended = true), done(bytes, error);
-  };
-  /** The next chunk, or a rejection once the upstream has sent nothing for `idleMs`. */
-  const read = () => {
-    if (idleMs <= 0) return reader.read();
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const idle = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => {
-        // The rejection first: a runtime that settles the pending read at once on cancel (Bun's does, as
-        // done) would otherwise win the race and end a stalled body as if it were whole.
-        const err = new TimeoutError(`no body bytes for ${idleMs} ms`);
-        reject(err);
-        void reader.cancel(err).catch(() => {});
-      }, idleMs);
-    });
-    return Promise.race([reader.read(), idle]).finally(() => clearTimeout(timer));
-  };
-  const cancel = (reason: unknown) => {
-    end('client went away during the response body');
-    return reader.cancel(reason);
-  };
-  return { read, cancel, end, count: (chunk: Uint8Array) => void (bytes += chunk.byteLength) };
-}
-
-/** The parts of Node's streams the Node path uses, so this file needs no Node types. */
-interface NodeReadable extends AsyncIterable<Uint8Array> {
-  pipe(to: NodeOutgoing): void;
-  resume(): void;
-  destroy(err?: Error): void;
-  on(event: 'data', f: (chunk: Uint8Array) => void): void;
-  on(event: 'error', f: (err: Error) => void): void;
-  on(event: 'close', f: () => void): void;
-}
-interface NodeOutgoing {
-  writeHead(status: number, statusText: string, headers: string[]): void;
-  writeHead(status: number, headers: string[]): void;
-  statusMessage: string;
-  destroy(): void;
-  readonly writableFinished: boolean;
-  readonly writableNeedDrain: boolean;
-  readonly destroyed: boolean;
-  on(event: 'finish' | 'close', f: () => void): void;
-  once(event: 'close', f: () => void): void;
+/** A reply as the web Response a server writes: its body passed on by `trackBody` when `done` is given,
+ * else as it is (an answer of the ambassador's own). */
+function webResponse(reply: Reply, done: BodyDone | undefined, idleMs: number, direct: boolean): Response {
+  if (reply.whole) {
+    done?.(reply.whole.byteLength);
+    return new Response(reply.whole, { status: reply.status, headers: reply.headers });
+  }
+  const body = bodyOf(reply);
+  if (done && body === null) done(0);
+  return new Response(body && done ? trackBody(body, idleMs, done, direct) : body, {
+    status: reply.status,
+    statusText: reply.statusText,
+    headers: reply.headers,
+  });
 }
 
 /** A reply's body as a web stream, made from the Node stream only where one is needed. */
@@ -1573,71 +2168,20 @@ function bodyOf(reply: Reply): ReadableStream<Uint8Array> | null {
 /** Lets go of a reply not passed on: its body is read to the end (Node) or cancelled (fetch). */
 function discard(reply: Reply): void {
   if (reply.node) reply.node.resume();
-  else reply.body?.cancel().catch(() => {});
+  else reply.body?.cancel().catch(noop);
 }
 
 /** Lets go of a reply that broke the protocol: its connection is closed, never read on or pooled. */
 function drop(reply: Reply): void {
   if (reply.node) reply.node.destroy();
-  else reply.body?.cancel().catch(() => {});
+  else reply.body?.cancel().catch(noop);
 }
 
-/** Node: writes the response head, then pipes the upstream body into the app's connection with Node's own
- * backpressure, counting bytes. An upstream failure mid-body destroys the app's connection (the app sees
- * a broken response, never a short one that looks whole); the app going away destroys the upstream's. */
-function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, reply: Reply, idleMs: number, done: (bytes: number, error?: string) => void): void {
-  if (outgoing.destroyed) { // the app left while the headers were on their way
-    body.destroy();
-    return done(0, 'client went away before the response');
-  }
-  const flat: string[] = [];
-  for (const [name, value] of reply.headers) flat.push(name, value);
-  try {
-    if (reply.statusText === '') outgoing.writeHead(reply.status, flat);
-    else outgoing.writeHead(reply.status, reply.statusText, flat);
-  } catch (err) {
-    // Node keeps what it was given even when it refuses it, and would write it again with the answer
-    // that replaces this one: nothing written, the body let go, and the handler answers instead.
-    outgoing.statusMessage = '';
-    body.destroy();
-    throw err;
-  }
-  let bytes = 0;
-  let ended = false;
-  const end = (error?: string) => {
-    if (!ended) (ended = true), done(bytes, error);
-  };
-  // A body that stops arriving is cut off like a broken one. An app that reads slowly is not a stall: while
-  // its connection is full (backpressure pauses the upstream's body) the time does not count.
-  let idle: ReturnType<typeof setTimeout> | undefined;
-  const stalled = () => {
-    if (outgoing.writableNeedDrain) idle!.refresh();
-    else body.destroy(new TimeoutError(`no body bytes for ${idleMs} ms`));
-  };
-  if (idleMs > 0) idle = setTimeout(stalled, idleMs);
-  body.on('data', (chunk) => {
-    bytes += chunk.byteLength;
-    idle?.refresh();
-  });
-  body.on('close', () => clearTimeout(idle));
-  body.on('error', (err) => {
-    end(`upstream body failed: ${describeFailure(err)}`);
-    outgoing.destroy();
-  });
-  outgoing.on('finish', () => end());
-  outgoing.on('close', () => {
-    if (outgoing.writableFinished) return;
-    end('client went away during the response body');
-    body.destroy();
-  });
-  body.pipe(outgoing);
-}
-
-// ---------------------------------------------------------------------------------------------------------
+// =========================================================================================================
 // Endpoints and TLS files: the addresses behind each upstream URL, found again every DNS_REFRESH_MS, and
 // the certificates, read again when their files change. The only I/O outside the handler; both are done
 // when a request needs them, so an idle ambassador does nothing and needs no timers.
-// ---------------------------------------------------------------------------------------------------------
+// =========================================================================================================
 
 /** Addresses for a host name, and how long they may be kept where the runtime tells (the records' TTL). */
 export type Resolve = (hostname: string) => Promise<{ addresses: string[]; ttlMs?: number }>;
@@ -1651,14 +2195,14 @@ export interface Endpoint extends Balanced {
   readonly address: string | null;
   readonly breaker: Breaker;
   /** where its attempts go, worked out once */
-  readonly target: Target;
+  readonly destination: Destination;
   requests: number;
 }
 
 /** Where an endpoint's attempts go, worked out when the endpoint is made rather than per attempt. */
-export interface Target {
+export interface Destination {
   /** the upstream URL's origin and base path (no trailing slash): the request's path and query follow */
-  readonly prefix: string;
+  readonly baseUrl: string;
   readonly basePath: string;
   readonly https: boolean;
   /** the URL's host and port, as Host carries them: what the upstream sees and what TLS verifies */
@@ -1672,22 +2216,18 @@ export interface Target {
   readonly address: string | null;
 }
 
-function targetOf(base: URL, address: string | null): Target {
-  const https = base.protocol === 'https:';
-  const prefix = upstreamUrl(base, '');
-  return { prefix, basePath: prefix.slice(base.origin.length), https, authority: base.host, hostname: base.hostname.replace(/^\[(.*)\]$/, '$1'),
-    serverName: isIpLiteral(base.hostname) ? undefined : base.hostname, port: Number(base.port || (https ? 443 : 80)), address };
-}
-
-/** The characters a request target may hold that WHATWG URL parsing leaves as they are, in path and query
- * alike: such a target is sent as it is; any other is sent as a URL would have it (what fetch sends). */
-const PLAIN_TARGET = /^[\w\-.~!$&()*+,;=:@/%?]*$/;
-
-/** The path and query an attempt asks the upstream for: the base path, then the request's. */
-function requestTarget(target: Target, pathAndQuery: string): string {
-  if (PLAIN_TARGET.test(pathAndQuery)) return target.basePath + pathAndQuery;
-  const u = new URL(target.prefix + pathAndQuery);
-  return u.pathname + u.search;
+function destinationOf(base: URL, address: string | null): Destination {
+  const baseUrl = upstreamUrl(base, '');
+  return {
+    baseUrl,
+    basePath: baseUrl.slice(base.origin.length),
+    https: base.protocol === 'https:',
+    authority: base.host,
+    hostname: unbracketed(base.hostname),
+    serverName: isIpLiteral(base.hostname) ? undefined : base.hostname,
+    port: portOf(base),
+    address,
+  };
 }
 
 /** The longest a request waits for a lookup (the first, or one after a quiet spell) before going on with
@@ -1697,8 +2237,6 @@ const FIRST_RESOLVE_WAIT_MS = 2000;
 const MIN_REFRESH_MS = 1000;
 /** How often the TLS files are looked at while requests flow. */
 const TLS_CHECK_MS = 1000;
-
-const isIpLiteral = (hostname: string) => /^\d+\.\d+\.\d+\.\d+$/.test(hostname) || hostname.startsWith('[');
 
 class EndpointPool {
   endpoints: Endpoint[];
@@ -1715,8 +2253,13 @@ class EndpointPool {
   private readonly tlsByAddress: boolean;
   private readonly changed: (e: { added: string[]; removed: string[]; endpoints: string[]; error?: string }) => void;
 
-  constructor(route: Route, clock: Clock, resolve: Resolve | undefined, tlsByAddress: boolean,
-    changed: (e: { added: string[]; removed: string[]; endpoints: string[]; error?: string }) => void) {
+  constructor(
+    route: Route,
+    clock: Clock,
+    resolve: Resolve | undefined,
+    tlsByAddress: boolean,
+    changed: (e: { added: string[]; removed: string[]; endpoints: string[]; error?: string }) => void,
+  ) {
     this.route = route;
     this.clock = clock;
     this.resolve = resolve;
@@ -1732,11 +2275,26 @@ class EndpointPool {
   }
 
   private endpoint(base: URL, address: string | null): Endpoint {
-    const port = base.port || (base.protocol === 'https:' ? '443' : '80');
-    const key = address === null ? base.host : address.includes(':') ? `[${address}]:${port}` : `${address}:${port}`;
+    const destination = destinationOf(base, address);
+    const key = address === null ? base.host : `${bracketed(address)}:${destination.port}`;
     const r = this.route;
-    const breaker = new Breaker({ failures: r.breakerFailures, openMs: r.breakerOpenMs, openMaxMs: r.breakerOpenMaxMs, probes: r.breakerProbes });
-    return { key, base, address, breaker, target: targetOf(base, address), inFlight: 0, ewmaMs: 0, lastSampleAt: this.clock.now(), requests: 0 };
+    const breaker = new Breaker({
+      failures: r.breakerFailures,
+      openMs: r.breakerOpenMs,
+      openMaxMs: r.breakerOpenMaxMs,
+      probes: r.breakerProbes,
+    });
+    return {
+      key,
+      base,
+      address,
+      breaker,
+      destination,
+      inFlight: 0,
+      ewmaMs: 0,
+      lastSampleAt: this.clock.now(),
+      requests: 0,
+    };
   }
 
   /** The endpoints now. Starts a refresh when one is due. Waits for it only before the first answer, or
@@ -1754,9 +2312,7 @@ class EndpointPool {
   }
 
   private async refreshed(refreshing: Promise<void>): Promise<Endpoint[]> {
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    await Promise.race([refreshing, new Promise((r) => (timer = setTimeout(r, FIRST_RESOLVE_WAIT_MS)))]);
-    clearTimeout(timer);
+    await raceTimer(refreshing, FIRST_RESOLVE_WAIT_MS, noop);
     return this.endpoints;
   }
 
@@ -1787,7 +2343,9 @@ class EndpointPool {
       }
     }
     // The name itself stands in until the first answer: it was never an endpoint of its own to remove.
-    const before = new Set(this.endpoints.filter((e) => this.resolvedOnce || !this.discovers(e.base)).map((e) => e.key));
+    const before = new Set(
+      this.endpoints.filter((e) => this.resolvedOnce || !this.discovers(e.base)).map((e) => e.key),
+    );
     const after = new Set(next.map((e) => e.key));
     const added = [...after].filter((k) => !before.has(k));
     const removed = [...before].filter((k) => !after.has(k));
@@ -1820,7 +2378,8 @@ export function readTls(files: TlsFiles, readFile: ReadFile, check?: CheckTls): 
   const material: TlsMaterial = {
     ...(caFile ? { ca: readFile(caFile) } : {}),
     ...(certFile && keyFile ? { cert: readFile(certFile), key: readFile(keyFile) } : {}),
-    serverName, minVersion,
+    serverName,
+    minVersion,
   };
   if ([material.ca, material.cert, material.key].some((t) => t !== undefined && !t.includes('-----BEGIN '))) {
     throw new Error('a file holds no PEM block');
@@ -1872,781 +2431,918 @@ class TlsSource {
   }
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// The proxy handler: route → rate limit → concurrency limit → retry( endpoint( breaker( timeout( send ) ) ) ),
-// written out.
-// ---------------------------------------------------------------------------------------------------------
+// =========================================================================================================
+// Logs: one line per event, JSON or text, to stdout.
+// =========================================================================================================
 
-/** What the runtime adapters pass as Hono's `env`: the raw request target and the peer's address. */
-export interface Bindings {
-  incoming?: { url?: string; asterisk?: boolean; rawHeaders?: string[]; socket?: { remoteAddress?: string } }; // @hono/node-server
-  outgoing?: NodeOutgoing; // @hono/node-server
-  remoteAddr?: string; // Deno adapter
-}
+const LEVELS: Record<LineLevel, number> = { debug: 10, info: 20, warn: 30, error: 40, notice: 100 };
+const BARE = /^[A-Za-z0-9_.:/@+-]+$/;
 
-/** One answer from the upstream, whichever client fetched it: a web body (fetch) or a Node stream. */
-export interface Reply {
-  status: number;
-  statusText: string;
-  headers: HeaderList;
-  body: ReadableStream<Uint8Array> | null;
-  node?: NodeReadable;
-}
-
-/** How one attempt reaches the upstream: `fetch` on Deno and Bun, `node:http` on Node (see `nodeSend`):
- * the endpoint's target, the request's path and query, and `tls` the route's certificates. `cancel` ends the
- * attempt, before the response headers or after. */
-export type Send = (target: Target, pathAndQuery: string, init: {
-  method: string; headers: HeaderList; body: Uint8Array | ReadableStream<Uint8Array> | null; cancel: Cancel; tls: TlsMaterial | null;
-}) => Promise<Reply>;
-
-export interface Clock {
-  now(): number;
-  random(): number;
-}
-
-const systemClock: Clock = { now: () => performance.timeOrigin + performance.now(), random: Math.random };
-
-interface InFlight {
-  id: string;
-  method: string;
-  path: string;
-  started: number;
-}
-
-export interface Ambassador {
-  /** The proxy app (listens on HOST:PORT). */
-  proxy: Hono<{ Bindings: Bindings }>;
-  /** The admin app (listens on ADMIN_HOST:ADMIN_PORT). */
-  admin: Hono<{ Bindings: Bindings }>;
-  /** Requests not yet answered in full, by a number of their own. */
-  inFlight: Map<number, InFlight>;
-  metrics: Metrics;
-  markReady(): void;
-  startDrain(): void;
-  /** settles once no request body is still arriving */
-  uploadsRead(): Promise<void>;
-  /** what `POST /shutdown` on the admin port does (main: start the drain) */
-  onShutdownRequest(f: () => void): void;
-  readonly draining: boolean;
-}
-
-/** A request's or an attempt's cancellation: a flag, a reason, and what to do when it comes. The hot path
- * makes one or two per request, and an `AbortController` with its listeners is an EventTarget each; only
- * a fetch (Deno's, Bun's) needs a real `AbortSignal`, and `fetchSend` and `bunSend` make it there. */
-export class Cancel {
-  aborted = false;
-  reason: unknown = undefined;
-  private callbacks: Array<(reason: unknown) => void> | null = null;
-
-  abort(reason: unknown): void {
-    if (this.aborted) return;
-    this.aborted = true;
-    this.reason = reason;
-    const callbacks = this.callbacks;
-    this.callbacks = null;
-    if (callbacks) for (const f of callbacks) f(reason);
-  }
-
-  /** Runs `f` on cancellation (at once when it has come); the function returned takes `f` back. */
-  on(f: (reason: unknown) => void): () => void {
-    if (this.aborted) {
-      f(this.reason);
-      return noop;
+export function createLogger(
+  format: LogFormat,
+  minLevel: LogLevel,
+  write: (line: string) => void = console.log,
+): Logger {
+  const min = LEVELS[minLevel];
+  return (level, msg, fields = {}) => {
+    if (LEVELS[level] < min) return;
+    const time = new Date().toISOString();
+    if (format === 'json') {
+      write(JSON.stringify({ time, level, msg, ...fields }));
+    } else {
+      // A value is written bare only when it cannot be mistaken for more fields; else it is quoted.
+      const rest = Object.entries(fields).map(([k, v]) =>
+        `${k}=${typeof v === 'string' && BARE.test(v) ? v : JSON.stringify(v)}`
+      );
+      write(`${time} ${level.toUpperCase().padEnd(6)} ${msg}${rest.length ? ' ' + rest.join(' ') : ''}`);
     }
-    (this.callbacks ??= []).push(f);
-    return () => {
-      const i = this.callbacks?.indexOf(f) ?? -1;
-      if (i >= 0) this.callbacks!.splice(i, 1);
-    };
-  }
+  };
 }
 
-/** Sleeps `ms`, or until `cancel` comes. */
-function sleep(ms: number, cancel: Cancel): Promise<void> {
-  if (cancel.aborted) return Promise.resolve();
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => {
-      off();
-      resolve();
-    }, ms);
-    const off = cancel.on(() => {
-      clearTimeout(timer);
-      resolve();
-    });
-  });
-}
-
-/** Everything one route needs at run time: its settings and the state of its policies. */
-interface RouteState {
-  route: Route;
-  budget: RetryBudget;
-  concurrency: ConcurrencyLimit;
-  bucket: TokenBucket | null;
-  pool: EndpointPool;
-  tls: TlsSource | null;
-}
-
-/** Each route's state, built once at start. `tlsByAddress`: whether an https:// upstream may be reached at
- * an address discovery found (Deno's fetch cannot verify a certificate's name while connecting to an
- * address: there it goes by name). */
-function routeStates(config: Config, clock: Clock, events: Events, tlsByAddress: boolean,
-  io: { resolve?: Resolve; readFile?: ReadFile; checkTls?: CheckTls }): Map<string, RouteState> {
-  const routes = new Map<string, RouteState>();
-  for (const route of config.routes) {
-    if (route.tls && (route.tls.caFile || route.tls.certFile) && !io.readFile) throw new Error(`route ${route.name}: TLS files need options.readFile`);
-    routes.set(route.name, {
-      route,
-      budget: new RetryBudget(route.retryBudgetPercent, route.retryBudgetMinPerSec),
-      concurrency: new ConcurrencyLimit(route.maxInFlight, route.queueSize),
-      bucket: route.rateLimitPerSec > 0 ? new TokenBucket(route.rateLimitPerSec, route.rateLimitBurst, clock.now()) : null,
-      pool: new EndpointPool(route, clock, io.resolve, tlsByAddress, (e) => events.endpointsChanged({ route: route.name, ...e })),
-      tls: route.tls ? new TlsSource(route.tls, io.readFile ?? (() => ''), clock, io.checkTls) : null,
-    });
-  }
-  return routes;
-}
-
-/** Requests whose body is still arriving (Deno's server cuts such bodies off when it shuts down, so the
- * drain waits for them), and who waits for there to be none. */
-class Uploads {
-  private readonly open = new Set<number>();
-  private waiting: Array<() => void> = [];
-
-  add(key: number): void {
-    this.open.add(key);
-  }
-
-  has(key: number): boolean {
-    return this.open.has(key);
-  }
-
-  end(key: number): void {
-    if (this.open.delete(key) && this.open.size === 0) for (const f of this.waiting.splice(0)) f();
-  }
-
-  /** Settles once no request body is still arriving. */
-  read(): Promise<void> {
-    return this.open.size === 0 ? Promise.resolve() : new Promise<void>((r) => this.waiting.push(r));
-  }
-}
-
-/** What the proxy handler shares with the rest of the process: what is in flight, and whether the drain
- * has begun. */
-interface ProxyState {
-  draining: boolean;
-  readonly inFlight: Map<number, InFlight>;
-  readonly uploads: Uploads;
-}
-
-/** What the proxy handler is given: how attempts reach the upstream, the clock, where events go. */
-interface ProxyDeps {
-  send: Send;
-  clock: Clock;
-  events: Events;
-  log: Logger;
-  /** @hono/node-server's "the handler wrote the response itself", for the Node path */
-  written?: Response;
-  /** how a web response body is passed on, counted and timed */
-  streamBody: typeof trackBody;
-  /** what the bodies kept for replay may hold, all requests together */
-  replayMemory: ReplayMemory;
-}
-
-/** The proxy app (HOST:PORT). One request, in order, down the page: `handle` (refusals, the route, the
- * answer) → `admit` (rate limit, then concurrency limit) → `forward` (endpoints, breaker, retries) →
- * `attempt` (one try under its timeout, through the runtime's `send`) → `reply` (the upstream's answer, as
- * the app gets it). */
-function createProxy(config: Config, routes: Map<string, RouteState>, state: ProxyState, deps: ProxyDeps): Hono<{ Bindings: Bindings }> {
-  const { send, clock, events, log } = deps;
-  const { inFlight, uploads } = state;
-  let requestCount = 0;
-
-  async function handle(c: Context<{ Bindings: Bindings }>): Promise<Response> {
-    const req = c.req.raw;
-    const started = clock.now();
-    const method = req.method;
-    const incomingHeaders = headerList(c);
-    const given = headerValue(incomingHeaders, 'x-request-id');
-    const id = given !== null && SAFE_REQUEST_ID.test(given) ? given : crypto.randomUUID();
-    // Node hands over the target as it was sent (no URL is made); elsewhere it comes parsed into a URL.
-    const incoming = c.env?.incoming;
-    const rawTarget = incoming?.asterisk ? '*' : incoming?.url;
-    const url = rawTarget === undefined ? parseUrl(req.url) : undefined;
-    const target = rawTarget ?? url!.pathname + url!.search;
-    const q = target.indexOf('?');
-    const sentPath = q < 0 ? target : target.slice(0, q);
-    const path = sentPath.startsWith('/') ? normalizePath(sentPath) : null;
-    const host = headerValue(incomingHeaders, 'host');
-    const record: RequestRecord = { id, route: '', endpoint: null, method, path: path ?? sentPath, status: 0, attempts: 0,
-      durationMs: 0, upstreamMs: null, bytesIn: 0, bytesOut: 0 };
-
-    // RFC 9112 §9.6: an app that says it closes gets an answer that says so too, whatever the answer is,
-    // so no server reads on past it (a request pipelined behind it is never served).
-    const closes = appCloses(incomingHeaders);
-    const refused = refusal(method, rawTarget, rawTarget ?? req.url, target, url?.host, incomingHeaders, path);
-    const route = refused ? undefined : matchRoute(config.routes, host, path!);
-    if (refused || !route) {
-      const answer = refused ?? { status: REJECTION_STATUS.no_route, reason: `no route for ${host ?? ''}${path}`, rejected: 'no_route' as const };
-      const res = new Response(answer.status === 200 ? null : `ambassador: ${answer.reason}\n`, {
-        status: answer.status,
-        headers: { 'content-type': 'text/plain; charset=utf-8', 'x-request-id': id, ...answer.headers, ...(closes ? { connection: 'close' } : {}) },
-      });
-      events.requestDone({ ...record, status: answer.status, durationMs: clock.now() - started, ...(answer.status === 200 ? {} : { error: answer.reason }), rejected: answer.rejected });
-      return res;
-    }
-    const up = routes.get(route.name)!;
-    record.route = route.name;
-    const upstreamPath = (route.stripPrefix ? stripPrefix(path!, route.prefix) : path!) + (q < 0 ? '' : target.slice(q));
-
-    // Keyed by a number of our own: two requests may well carry the same x-request-id.
-    const key = ++requestCount;
-    inFlight.set(key, { id, method, path: record.path, started });
-    // The app going away: on Node its connection closing before the response is done (the request's
-    // `signal` would make an AbortController per request); elsewhere the request's signal, whose listener
-    // is removed when the response is done: Deno aborts request.signal after a successful response too
-    // (unless run with --unstable-no-legacy-abort, as deno.json asks), and that must not reach a finished
-    // exchange.
-    const gone = new Cancel();
-    const outgoing = c.env?.outgoing;
-    let offGone = noop;
-    if (outgoing) outgoing.once('close', () => outgoing.writableFinished || gone.abort(new Error('the app closed its connection')));
-    else {
-      const onAbort = () => gone.abort(req.signal.reason);
-      req.signal.addEventListener('abort', onAbort, { once: true });
-      offGone = () => req.signal.removeEventListener('abort', onAbort);
-    }
-    let holding = false; // a place under the route's concurrency limit, given back when the response is done
-    const finish = (bytesOut: number, error?: string) => {
-      uploads.end(key);
-      offGone();
-      if (holding) up.concurrency.release();
-      holding = false;
-      inFlight.delete(key);
-      record.durationMs = clock.now() - started;
-      record.bytesOut = bytesOut;
-      if (error && !record.error) record.error = error;
-      events.requestDone(record);
-    };
-
-    const reqBody = requestBody(c, incomingHeaders, config.bodyIdleTimeoutMs, () => uploads.end(key), gone);
-    if (reqBody) uploads.add(key);
-    try {
-      let admission = admit(up, gone, id, record);
-      if (admission instanceof Promise) admission = await admission; // only a rate limit's wait or a queue
-      holding = admission === true;
-      const reply = admission === true
-        ? await forward(up, method, incomingHeaders, reqBody, gone, id, upstreamPath, started, clientAddress(c), record)
-        : admission;
-      // Draining, the app opens a fresh connection for its next call; and an answer that came before the
-      // app's body was all read leaves the rest of that body on the connection (RFC 9112 §9.6: close it).
-      if (closes || state.draining || uploads.has(key)) reply.headers.push(['connection', 'close']);
-      record.status = reply.status;
-      if (reply.node && outgoing && deps.written) {
-        // Node: the upstream's body goes straight into the app's connection, no web streams between.
-        pipeNode(reply.node, outgoing, reply, config.bodyIdleTimeoutMs, finish);
-        return deps.written;
-      }
-      const body = bodyOf(reply);
-      if (body === null) finish(0);
-      return new Response(body && deps.streamBody(body, config.bodyIdleTimeoutMs, finish), { status: reply.status, statusText: reply.statusText, headers: reply.headers });
-    } catch (err) {
-      if (err instanceof ClientError) {
-        // The app's own request failed it (a body that stalled): its answer, and its connection closed,
-        // since what is left of that body cannot be told from the next request.
-        record.status = err.status;
-        finish(0, err.message);
-        const reply = textReply(err.status, `ambassador: ${err.message}\n`, id);
-        return new Response(reply.body, { status: reply.status, headers: [...reply.headers, ['connection', 'close']] });
-      }
-      if (gone.aborted) {
-        record.status = 499;
-        finish(0, `client went away: ${describeFailure(err)}`);
-        return new Response(null, { status: 499 });
-      }
-      // Anything else is an answer the runtime would not write: the app gets a 502, the process lives on.
-      log('error', `unexpected error: ${describeFailure(err)}`, { id, route: route.name });
-      record.status = 502;
-      finish(0, `the upstream's answer could not be passed on: ${describeFailure(err)}`);
-      const reply = textReply(502, `ambassador: the upstream's answer could not be passed on\n`, id);
-      return new Response(reply.body, { status: reply.status, headers: [...reply.headers, ['connection', 'close']] });
-    }
-  }
-
-  /** The route's local rate limit, then its concurrency limit: true when the request may go on (holding a
-   * place under the limit), else the 429 or 503 the app gets. A promise only when the request must wait
-   * (for a token, or in the queue). Throws only when the app went away. */
-  function admit(up: RouteState, gone: Cancel, id: string, record: RequestRecord): true | Reply | Promise<true | Reply> {
-    const { route } = up;
-    if (up.bucket) {
-      const token = up.bucket.take(clock.now(), route.rateLimitWaitMs);
-      if (!token.ok) {
-        record.rejected = 'rate_limit';
-        record.error = `rate limit: over ${route.rateLimitPerSec}/s (burst ${route.rateLimitBurst}) to ${route.name}`;
-        return rejectionReply('rate_limit', record.error, id, token.retryAfterMs);
-      }
-      if (token.waitMs > 0) {
-        return sleep(token.waitMs, gone).then(() => {
-          if (gone.aborted) throw gone.reason;
-          return takePlace(up, gone, id, record);
+/** The log's view of the events. A record is built only when its level is written: at LOG_LEVEL=warn a
+ * request that went well costs no log work at all. */
+function logEvents(log: Logger, minLevel: LogLevel): Events {
+  const min = LEVELS[minLevel];
+  const debug = LEVELS.debug >= min;
+  const info = LEVELS.info >= min;
+  return {
+    attemptResponded(e) {
+      if (debug) {
+        log('debug', 'upstream responded', {
+          id: e.id,
+          route: e.route,
+          endpoint: e.endpoint,
+          attempt: e.attempt,
+          status: e.status,
+          upstream_ms: round(e.seconds * 1000),
         });
       }
-    }
-    if (gone.aborted) throw gone.reason;
-    return takePlace(up, gone, id, record);
-  }
-
-  function takePlace(up: RouteState, gone: Cancel, id: string, record: RequestRecord): true | Reply | Promise<true | Reply> {
-    const place = up.concurrency.acquire();
-    if (place === true) return true;
-    if (place === false) return overloaded(up, id, record);
-    return waitForPlace(up, place, gone, id, record);
-  }
-
-  async function waitForPlace(up: RouteState, place: Exclude<ReturnType<ConcurrencyLimit['acquire']>, boolean>, gone: Cancel, id: string,
-    record: RequestRecord): Promise<true | Reply> {
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    let offGone = noop;
-    const waited = await Promise.race([
-      place.granted.then(() => 'granted' as const),
-      new Promise<'timeout'>((r) => (timer = setTimeout(r, up.route.queueTimeoutMs, 'timeout'))),
-      new Promise<'gone'>((r) => (offGone = gone.on(() => r('gone')))),
-    ]);
-    clearTimeout(timer);
-    offGone();
-    const granted = waited === 'granted' || !place.leave(); // leaving fails once the place was handed over
-    if (waited === 'gone') {
-      if (granted) up.concurrency.release();
-      throw gone.reason;
-    }
-    return granted ? true : overloaded(up, id, record);
-  }
-
-  function overloaded(up: RouteState, id: string, record: RequestRecord): Reply {
-    record.rejected = 'concurrency';
-    record.error = `overloaded: ${up.route.maxInFlight} requests in flight to ${up.route.name} and ${up.concurrency.queued} waiting`;
-    return rejectionReply('concurrency', record.error, id, 1000);
-  }
-
-  async function forward(up: RouteState, method: string, incoming: HeaderList, reqBody: ReadableStream<Uint8Array> | null, gone: Cancel, id: string,
-    path: string, started: number, client: string | undefined, record: RequestRecord): Promise<Reply> {
-    const { route } = up;
-    const declared = headerValue(incoming, 'content-length');
-    const readFrom = clock.now();
-    const body = reqBody === null ? NO_BODY
-      : await prepareBody(reqBody, declared === null ? undefined : Number(declared), route.retryBodyMaxBytes, deps.replayMemory, config.bodyIdleTimeoutMs);
-    try {
-      return await attempts(up, method, incoming, body, gone, id, path, started, readFrom, client, record);
-    } finally {
-      body.release();
-    }
-  }
-
-  /** The attempts of one request: an endpoint each, retried as `decideRetry` says, within the request's
-   * deadline. The time the app takes to send its body does not count against REQUEST_TIMEOUT_MS: the clock
-   * stops from when the body began to be read until it was read whole (kept for replay) or sent (streamed). */
-  async function attempts(up: RouteState, method: string, incoming: HeaderList, body: ForwardBody, gone: Cancel, id: string, path: string,
-    started: number, readFrom: number, client: string | undefined, record: RequestRecord): Promise<Reply> {
-    const { route } = up;
-    const idempotencyKey = headerValue(incoming, 'idempotency-key') !== null;
-    const headers = forwardHeaders(incoming, id, client);
-    const deadlineAfter = (bodyRead: number) => (route.requestTimeoutMs > 0 ? started + route.requestTimeoutMs + (bodyRead - readFrom) : Infinity);
-    let deadline = body.sent === null ? deadlineAfter(clock.now()) : Infinity;
-    if (body.sent !== null) void body.sent.then(() => (deadline = deadlineAfter(clock.now())));
-    up.budget.recordRequest(clock.now());
-    let endpoints = up.pool.current();
-    if (endpoints instanceof Promise) endpoints = await endpoints; // only while a lookup must be waited for
-    const all = endpoints;
-    const tried = new Set<Endpoint>();
-    /** The endpoints whose breaker lets a request through: the list itself while every one does. */
-    const available = (now: number) => (all.every((e) => e.breaker.available(now)) ? all : all.filter((e) => e.breaker.available(now)));
-
-    for (let n = 1; ; n++) {
-      const tryStarted = clock.now();
-      const endpoint = pickEndpoint(available(tryStarted), tried, tryStarted, clock.random);
-      if (!endpoint) { // only on the first attempt: a retry is decided below only when an endpoint is free
-        const waitMs = Math.min(...endpoints.map((e) => e.breaker.remainingMs(tryStarted)));
-        record.rejected = 'circuit_open';
-        record.error = `circuit open: ${endpoints.length === 1 ? `${endpoints[0].key} is` : `all ${endpoints.length} endpoints are`} ejected`;
-        return rejectionReply('circuit_open', record.error, id, waitMs);
-      }
-      tried.add(endpoint);
-      record.attempts = n;
-      record.endpoint = endpoint.key;
-      const probe = endpoint.breaker.admit(tryStarted);
-      if (probe) events.endpointChanged({ route: route.name, endpoint: endpoint.key, change: 'probing' });
-      // Worked out when the timer starts: once the body has gone, when the deadline is known too.
-      const limit = () => Math.min(route.tryTimeoutMs > 0 ? route.tryTimeoutMs : Infinity, deadline - clock.now());
-      let res: Reply | undefined;
-      let failure: FailureKind | undefined;
-      let error = '';
-      let appFault: ClientError | undefined;
-      endpoint.inFlight++;
-      endpoint.requests++;
-      try {
-        const tls = up.tls?.current((problem) => events.tlsReloaded({ route: route.name, error: problem })) ?? null;
-        res = await attempt(endpoint.target, path, { method, headers, body: body.take(), tls }, limit, gone, body);
-        if (res.status < 200 || res.status > 599) {
-          // A 101 nobody asked for (the app's Upgrade is never sent on), another 1xx a client let through,
-          // or no status at all (RFC 9110 §15: three digits, 1xx to 5xx): the connection is closed.
-          const status = res.status;
-          drop(res);
-          res = undefined;
-          throw status === 101 ? unaskedUpgrade() : badStatus(status);
-        }
-        record.upstreamMs = clock.now() - tryStarted;
-        events.attemptResponded({ id, route: route.name, endpoint: endpoint.key, attempt: n, status: res.status, seconds: record.upstreamMs / 1000 });
-      } catch (err) {
-        if (err instanceof ClientError) appFault = err;
-        failure = classifyFailure(err);
-        error = failure === 'timeout' ? `timeout: ${describeFailure(err)}` : describeFailure(err);
-      } finally {
-        endpoint.inFlight--;
-      }
-      const now = clock.now();
-      if (res) updateEwma(endpoint, now - tryStarted, now);
-      // Without a breaker, a failure costs in the balancer (`penaltyAt`).
-      const failed = !gone.aborted && !appFault && (res === undefined || res.status >= 500);
-      if (failed && route.breakerFailures === 0) endpoint.failedAt = now;
-      // What this attempt says of the endpoint: an answer below 500 is health; 5xx, a refused or broken
-      // connection and a timeout are failures; the app going away, or its request at fault, says nothing.
-      const change = endpoint.breaker.record(now, gone.aborted || appFault ? undefined : res !== undefined && res.status < 500, probe);
-      if (change) {
-        events.endpointChanged({ route: route.name, endpoint: endpoint.key, change,
-          ...(change === 'opened' ? { openMs: endpoint.breaker.remainingMs(now), ejections: endpoint.breaker.ejections } : {}) });
-      }
-      if (gone.aborted) {
-        if (res) discard(res);
-        throw gone.reason;
-      }
-      if (appFault) throw appFault; // answered by `handle`, never retried
-      record.bytesIn = body.bytes();
-      const outcome: AttemptOutcome = res ? { status: res.status } : { failure: failure! };
-      if (res && !RETRYABLE_STATUS.has(res.status)) return reply(res, method, id);
-
-      const next = decideRetry({
-        outcome, method, idempotencyKey, attempt: n, maxAttempts: route.retryAttempts,
-        bodyReplayable: body.replayable, budgetAvailable: up.budget.canRetry(now),
-        endpointAvailable: available(now).length > 0,
-        retryAfterMs: res ? parseRetryAfter(headerValue(res.headers, 'retry-after'), Date.now()) : undefined,
-        backoffMs: backoffDelay(n, route.retryBackoffMs, route.retryBackoffMaxMs, clock.random()),
-        remainingMs: deadline - now,
+    },
+    attemptFailed(e) {
+      const then = e.next.retry ? `retrying in ${e.next.delayMs} ms` : `giving up (${e.next.reason})`;
+      log('warn', `attempt ${e.attempt} failed: ${e.error}; ${then}`, {
+        id: e.id,
+        route: e.route,
+        endpoint: e.endpoint,
+        attempt: e.attempt,
+        kind: e.kind,
+        status: e.status,
+        ...(e.next.retry ? { retry_in_ms: e.next.delayMs } : { skip: e.next.reason }),
       });
-      events.attemptFailed({ id, route: route.name, endpoint: endpoint.key, attempt: n, error: res ? `upstream answered ${res.status}` : error,
-        kind: res ? 'status' : failure!, status: res?.status, next });
-      if (!next.retry) {
-        if (res) return reply(res, method, id); // the upstream's own last answer says more than ours would
-        record.error = error;
-        return failureReply(failure!, error, n, id);
-      }
-      up.budget.recordRetry(now);
-      if (res) discard(res); // frees the connection for the next attempt
-      await sleep(next.delayMs, gone);
-      if (gone.aborted) throw gone.reason;
-    }
-  }
-
-  /** One attempt: send until response headers arrive or `limitMs` passes, counted from when the body has
-   * gone (`body.sent`; null: at once), or until the upstream stops taking a streamed body (`body.watch`).
-   * The app going away ends it through the same cancellation, before the headers and after. The
-   * cancellation settles the attempt whatever the client makes of it (a client that loses track of a request
-   * after a stray 101 would otherwise hold its place forever); a reply that comes after it is let go. */
-  function attempt(target: Target, pathAndQuery: string, init: Omit<Parameters<Send>[2], 'cancel'>, limitMs: () => number, client: Cancel,
-    body: ForwardBody): Promise<Reply> {
-    const cancel = new Cancel();
-    const offClient = client.on((reason) => cancel.abort(reason));
-    body.watch((err) => cancel.abort(err));
-    return new Promise<Reply>((resolve, reject) => {
-      let settled = false;
-      let timer: ReturnType<typeof setTimeout> | undefined;
-      const offSelf = cancel.on((reason) => {
-        if (settled) return;
-        settled = true;
-        clearTimeout(timer);
-        offClient();
-        reject(reason);
+    },
+    requestDone(r) {
+      const warn = r.status >= 500 || r.rejected !== undefined;
+      if (!warn && !info) return;
+      log(warn ? 'warn' : 'info', 'request', {
+        id: r.id,
+        route: r.route,
+        method: r.method,
+        path: r.path,
+        status: r.status,
+        attempts: r.attempts,
+        endpoint: r.endpoint,
+        duration_ms: round(r.durationMs),
+        upstream_ms: r.upstreamMs === null ? null : round(r.upstreamMs),
+        bytes_in: r.bytesIn,
+        bytes_out: r.bytesOut,
+        ...(r.rejected ? { rejected: r.rejected } : {}),
+        ...(r.error ? { error: r.error } : {}),
       });
-      if (settled) return;
-      const startTimer = () => {
-        const ms = limitMs();
-        if (!settled && Number.isFinite(ms)) timer = setTimeout(() => cancel.abort(new TimeoutError(`no response headers within ${Math.round(ms)} ms`)), Math.max(0, ms));
+    },
+    endpointChanged(e) {
+      const fields = {
+        route: e.route,
+        endpoint: e.endpoint,
+        state: e.change === 'opened' ? 'open' : e.change === 'probing' ? 'half-open' : 'closed',
       };
-      if (body.sent === null) startTimer();
-      else void body.sent.then(startTimer);
-      send(target, pathAndQuery, { ...init, cancel }).then((reply) => {
-        if (settled) return discard(reply);
-        settled = true;
-        clearTimeout(timer);
-        offSelf(); // the app's going away still reaches the upstream while the body flows
-        resolve(reply);
-      }, (err) => {
-        if (settled) return;
-        settled = true;
-        clearTimeout(timer);
-        offClient();
-        reject(err);
-      });
-    });
-  }
-
-  function reply(res: Reply, method: string, id: string): Reply {
-    const noBody = method === 'HEAD' || NULL_BODY_STATUS.has(res.status);
-    if (noBody) discard(res);
-    const headers = responseHeaders(res.headers, id);
-    // RFC 9110 §8.6: a 204 carries no Content-Length (a 304's and a HEAD's describe the representation).
-    return { status: res.status, statusText: reasonPhrase(res.statusText), headers: res.status === 204 ? headers.filter(([name]) => name !== 'content-length') : headers,
-      body: noBody ? null : res.body, node: noBody ? undefined : res.node };
-  }
-
-  const proxy = new Hono<{ Bindings: Bindings }>();
-  proxy.all('*', handle);
-  proxy.onError((err, c) => {
-    log('error', `unexpected error: ${describeFailure(err)}`, { path: c.req.path });
-    return c.text('ambassador: internal error\n', 500);
-  });
-  return proxy;
-}
-
-/** The admin app (ADMIN_HOST:ADMIN_PORT): liveness, readiness, metrics, and `POST /shutdown`. */
-function createAdmin(metrics: Metrics, status: () => 'starting' | 'ready' | 'draining', shutdown: () => void): Hono<{ Bindings: Bindings }> {
-  const admin = new Hono<{ Bindings: Bindings }>();
-  admin.get('/healthz', (c) => c.text('ok\n'));
-  admin.get('/readyz', (c) => {
-    const now = status();
-    return now === 'ready' ? c.text('ready\n') : c.text(`${now}\n`, 503);
-  });
-  admin.get('/metrics', (c) => {
-    const openMetrics = (c.req.header('accept') ?? '').includes('application/openmetrics-text');
-    return c.body(metrics.render(openMetrics), 200, {
-      'content-type': openMetrics ? 'application/openmetrics-text; version=1.0.0; charset=utf-8' : 'text/plain; version=0.0.4; charset=utf-8',
-    });
-  });
-  // A Job's main container, on a cluster without native sidecars, ends its pod by asking the sidecar to
-  // drain. Only from inside the pod: the admin port is reachable from outside for the kubelet's probes.
-  admin.post('/shutdown', (c) => {
-    const peer = clientAddress(c) ?? '';
-    if (!/^(127\.|::1$|::ffff:127\.)/.test(peer)) return c.text('ambassador: /shutdown is for loopback clients only\n', 403);
-    shutdown();
-    return c.text('draining\n', 202);
-  });
-  return admin;
-}
-
-export function createAmbassador(config: Config, options: {
-  /** how attempts reach the upstream: `nodeSend`, on Deno `fetchSend`, on Bun `bunSend` */
-  send: Send;
-  log?: Logger; clock?: Clock; metrics?: Metrics;
-  /** finds the addresses behind an upstream's name; without it the runtime resolves names itself */
-  resolve?: Resolve;
-  /** reads TLS files (again when they change); needed when a route has TLS files */
-  readFile?: ReadFile;
-  /** checks TLS material before it is used (the runtime's own TLS stack) */
-  checkTls?: CheckTls;
-  /** @hono/node-server's "the handler wrote the response itself" (RESPONSE_ALREADY_SENT), for the Node path */
-  written?: Response;
-  /** the runtime's name, for the metrics (and on Deno: https:// upstreams are reached by name); this one's */
-  runtime?: RuntimeName;
-  /** how a response body is passed on, counted and timed (`trackBody`; Bun: `trackBodyDirect`) */
-  streamBody?: typeof trackBody;
-}): Ambassador {
-  const log = options.log ?? createLogger(config.logFormat, config.logLevel);
-  const clock = options.clock ?? systemClock;
-  const runtime = options.runtime ?? RUNTIME_NAME;
-  const metrics = options.metrics ?? new Metrics({ version: VERSION, runtime, startTimeSeconds: Date.now() / 1000 });
-  const events = fanOut(logEvents(log, config.logLevel), metrics.events());
-  const routes = routeStates(config, clock, events, runtime !== 'deno', options);
-  const state: ProxyState = { draining: false, inFlight: new Map(), uploads: new Uploads() };
-  const replayMemory = new ReplayMemory(config.replayMemoryBytes);
-  let ready = false;
-  let shutdownRequested = () => {};
-  const proxy = createProxy(config, routes, state, {
-    send: options.send, clock, events, log, written: options.written, streamBody: options.streamBody ?? trackBody,
-    replayMemory,
-  });
-  const admin = createAdmin(metrics, () => (state.draining ? 'draining' : ready ? 'ready' : 'starting'), () => shutdownRequested());
-  metrics.gauges = {
-    ...metrics.gauges,
-    inFlight: () => state.inFlight.size,
-    draining: () => state.draining,
-    upstreams: () => [...routes.values()].map((r) => ({ route: r.route.name, active: r.concurrency.active, queued: r.concurrency.queued, endpoints: r.pool.endpoints })),
-    now: () => clock.now(),
-    replayBytes: () => replayMemory.held,
-  };
-  return {
-    proxy,
-    admin,
-    inFlight: state.inFlight,
-    metrics,
-    markReady: () => void (ready = true),
-    startDrain: () => void (state.draining = true),
-    uploadsRead: () => state.uploads.read(),
-    onShutdownRequest: (f) => void (shutdownRequested = f),
-    get draining() {
-      return state.draining;
+      if (e.change === 'opened') {
+        log('warn', `endpoint ${e.endpoint} ejected for ${Math.round(e.openMs ?? 0)} ms`, {
+          ...fields,
+          open_ms: Math.round(e.openMs ?? 0),
+          ejections: e.ejections,
+        });
+      } else {log(
+          'info',
+          e.change === 'probing'
+            ? `endpoint ${e.endpoint} half-open: sending a probe`
+            : `endpoint ${e.endpoint} re-admitted`,
+          fields,
+        );}
+    },
+    endpointsChanged(e) {
+      if (e.error) {
+        log('warn', `discovery failed: ${e.error}; keeping the endpoints known`, {
+          route: e.route,
+          endpoints: e.endpoints,
+        });
+      }
+      if (e.added.length || e.removed.length) {
+        log('info', 'endpoints changed', {
+          route: e.route,
+          added: e.added,
+          removed: e.removed,
+          endpoints: e.endpoints,
+        });
+      }
+    },
+    tlsReloaded(e) {
+      if (e.error) {
+        log('warn', `TLS files not taken up: ${e.error}; new connections keep the previous ones`, { route: e.route });
+      } else log('notice', 'TLS files changed: new connections use them', { route: e.route });
     },
   };
 }
 
-/** A normalized path with the route's prefix taken off: `/inventory/42` under `/inventory` is `/42`. The
- * route matched this same path at a segment boundary, so what is left starts a path of its own. */
-export function stripPrefix(path: string, prefix: string): string {
-  if (prefix === '/') return path;
-  const rest = path.slice(prefix.length);
-  return rest.startsWith('/') ? rest : `/${rest}`;
+const round = (ms: number) => Math.round(ms * 100) / 100;
+
+// =========================================================================================================
+// Metrics: counters and histograms fed by the same events as the log, written out in the Prometheus text
+// format (or OpenMetrics when the scraper asks). Names follow Prometheus practice and echo Envoy's
+// `upstream_rq_*` and Linkerd's `response_total`, so an operator finds what they expect.
+// =========================================================================================================
+
+/** Seconds: from a sub-millisecond loopback hop to a multi-second timeout. */
+const BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
+
+/** A small fixed set of method labels: anything else is `other`, so a client cannot grow the series. */
+const METHOD_LABELS = new Set(['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS']);
+
+class Histogram {
+  readonly counts = new Array<number>(BUCKETS.length).fill(0);
+  sum = 0;
+  count = 0;
+  observe(seconds: number): void {
+    const i = BUCKETS.findIndex((b) => seconds <= b);
+    if (i >= 0) this.counts[i]++;
+    this.sum += seconds;
+    this.count++;
+  }
 }
 
-type Refusal = { status: number; reason: string; headers?: Record<string, string>; rejected?: Rejection };
-
-const ALLOW = 'GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS';
-/** A Host header: a name or an address, and a port (RFC 9110 §7.2, RFC 3986 §3.2.2). */
-const HOST_HEADER = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(:\d{1,5})?$/;
-
-/** Requests the ambassador answers itself rather than forward: it only ever talks to its upstreams, and
- * sends on only requests every runtime can carry exactly as they came. `path` is the normalized path, null
- * when it could not be. */
-function refusal(method: string, rawTarget: string | undefined, sent: string, target: string, urlHost: string | undefined, headers: HeaderList,
-  path: string | null): Refusal | undefined {
-  // Methods are case-sensitive (RFC 9110 §9.1); a fetch would send `get` as GET and `trace` as TRACE.
-  if (/[a-z]/.test(method)) return { status: 400, reason: `method ${JSON.stringify(method)} is not forwarded: method names are case-sensitive`, headers: { connection: 'close' } };
-  if (REFUSED_METHODS.has(method)) return { status: 405, reason: `method ${method} is not forwarded`, headers: { allow: ALLOW } };
-  // OPTIONS * asks about the server itself (RFC 9110 §9.3.7): the ambassador answers for itself.
-  if (rawTarget === '*') {
-    return method === 'OPTIONS' ? { status: 200, reason: 'OPTIONS *', headers: { allow: ALLOW, 'content-length': '0' } }
-      : { status: 400, reason: 'the target * is only for OPTIONS', headers: { connection: 'close' } };
-  }
-  let hosts = 0;
-  let host: string | null = null;
-  let bytes = method.length + target.length + 12; // the request line
-  let body = false;
-  let codings = false;
-  for (const [name, value] of headers) {
-    bytes += name.length + value.length + 4;
-    if (name === 'host') (hosts++, (host = value));
-    else if (name === 'transfer-encoding') {
-      codings ||= body || !isChunked(value);
-      body = true;
-    } else if (name === 'content-length' && value !== '0') body = true;
-  }
-  // The same limits on every runtime (Node's parser already holds the size): 431, before anything is read.
-  if (headers.length > MAX_REQUEST_HEADERS) return { status: 431, reason: `more than ${MAX_REQUEST_HEADERS} header fields`, headers: { connection: 'close' } };
-  if (bytes > MAX_REQUEST_HEAD_BYTES) return { status: 431, reason: `a request head larger than ${MAX_REQUEST_HEAD_BYTES} bytes`, headers: { connection: 'close' } };
-  // RFC 9112 §3.2: a request with more than one Host, or one that is not a host, gets 400. Routing reads
-  // one and the upstream might read another.
-  if (hosts > 1) return { status: 400, reason: 'more than one Host header', headers: { connection: 'close' } };
-  if (host !== null && !HOST_HEADER.test(host)) return { status: 400, reason: 'a Host header that is not a host', headers: { connection: 'close' } };
-  // An absolute-form target (`GET http://other-host/ HTTP/1.1`) asks for a forward proxy. Node hands us
-  // the raw target; elsewhere the URL's authority differs from the Host header.
-  const absolute = rawTarget !== undefined ? !rawTarget.startsWith('/') : !sameAuthority(urlHost, host);
-  if (absolute) return { status: 400, reason: 'absolute-form request targets are refused: this is not a forward proxy', headers: { connection: 'close' } };
-  // RFC 9112 §3.2: a request target carries no fragment. A URL parser would drop it, and with it whatever
-  // stood before it in the last segment (`/..#` is `..` once parsed): refused, never parsed.
-  if (sent.includes('#')) return { status: 400, reason: 'a request target with a fragment (#)', headers: { connection: 'close' } };
-  // Only visible ASCII reaches a URL parser, which would drop tabs and line breaks and re-read what is left.
-  // Node's parser refuses raw bytes that are not ASCII; Bun's server turns those that are not UTF-8 into
-  // U+FFFD, so a target carrying one (%EF%BF%BD) lost bytes on the way in: refused on every runtime.
-  if (!VISIBLE_ASCII.test(sent) || /%EF%BF%BD/i.test(sent)) {
-    return { status: 400, reason: 'a request target with bytes that are not visible ASCII, or that lost bytes on the way (U+FFFD)', headers: { connection: 'close' } };
-  }
-  if (path === null) return { status: 400, reason: 'a path whose dot segments hide behind encoded slashes or backslashes', headers: { connection: 'close' } };
-  // RFC 9112 §6.1: a transfer coding the ambassador cannot apply is 501; only chunked framing is passed on.
-  if (codings) return { status: 501, reason: 'transfer codings other than chunked are not forwarded', headers: { connection: 'close' } };
-  // A GET or HEAD body has no meaning (RFC 9110 §9.3.1) and not every client can send one: such a request
-  // is refused whole, never sent on with framing headers that announce a body it does not carry.
-  if (body && (method === 'GET' || method === 'HEAD')) return { status: 400, reason: `a ${method} request with a body is not forwarded`, headers: { connection: 'close' } };
-  return undefined;
+/** Live values the metrics read when scraped, rather than keep up to date. */
+export interface Gauges {
+  inFlight(): number;
+  draining(): boolean;
+  connections?(): number; // Node only: Deno.serve and Bun.serve do not expose their connections
+  upstreams?(): Array<{ route: string; active: number; queued: number; endpoints: readonly Endpoint[] }>;
+  now?(): number;
+  /** bytes of request bodies kept for replay now */
+  replayBytes?(): number;
+  /** the process's resident memory and CPU time (`Runtime.usage`) */
+  usage?(): { rssBytes: number; cpuSeconds: number };
 }
 
-const VISIBLE_ASCII = /^[\x21-\x7e]*$/;
+export class Metrics {
+  // Keys are label values joined by spaces (route names have none): `${route} ${method} ${code}`.
+  readonly requests = new Map<string, number>();
+  readonly duration = new Histogram();
+  readonly upstreamTime = new Histogram();
+  readonly attemptFailures = new Map<string, number>(); // route reason
+  readonly retriesSkipped = new Map<string, number>(); // route reason
+  readonly retries = new Map<string, number>(); // route
+  readonly rejected = new Map<string, number>(); // route reason
+  readonly tlsReloads = new Map<string, number>(); // route result
+  eventLoopLagSeconds = 0;
+  gauges: Gauges = { inFlight: () => 0, draining: () => false };
 
-/** Whether a request URL's authority is the one its Host header names, as a URL would write it: the name
- * in lower case, the default port left out (RFC 9110 §4.2.3). Deno and Bun build the URL from the Host
- * header unless the target was absolute-form, which this tells apart. */
-function sameAuthority(urlHost: string | undefined, host: string | null): boolean {
-  if (urlHost === host) return true;
-  if (urlHost === undefined || host === null) return false;
+  readonly info: { version: string; runtime: string; startTimeSeconds: number };
+
+  constructor(info: { version: string; runtime: string; startTimeSeconds: number }) {
+    this.info = info;
+  }
+
+  events(): Events {
+    const add = (map: Map<string, number>, key: string) => map.set(key, (map.get(key) ?? 0) + 1);
+    return {
+      attemptResponded: (e) => this.upstreamTime.observe(e.seconds),
+      attemptFailed: (e) => {
+        add(this.attemptFailures, `${e.route} ${e.kind === 'status' ? String(e.status) : e.kind}`);
+        if (e.next.retry) add(this.retries, e.route);
+        else if (e.next.reason !== 'final') add(this.retriesSkipped, `${e.route} ${e.next.reason}`);
+      },
+      requestDone: (r) => {
+        add(this.requests, `${r.route} ${METHOD_LABELS.has(r.method) ? r.method : 'other'} ${r.status}`);
+        if (r.rejected) add(this.rejected, `${r.route} ${r.rejected}`);
+        this.duration.observe(r.durationMs / 1000);
+      },
+      endpointChanged: () => {}, // the breakers' states are read when scraped
+      endpointsChanged: () => {},
+      tlsReloaded: (e) => add(this.tlsReloads, `${e.route} ${e.error ? 'error' : 'ok'}`),
+    };
+  }
+
+  /** The exposition: Prometheus text format 0.0.4, or OpenMetrics 1.0 (`# EOF`, counter families named
+   * without `_total`). */
+  render(openMetrics: boolean): string {
+    const out: string[] = [];
+    const family = (name: string, type: 'counter' | 'gauge' | 'histogram', help: string) => {
+      const base = openMetrics && type === 'counter' ? name.replace(/_total$/, '') : name;
+      out.push(`# HELP ${base} ${help}`, `# TYPE ${base} ${type}`);
+    };
+    const labels = (pairs: Record<string, string>) => {
+      const inner = Object.entries(pairs).map(([k, v]) =>
+        `${k}="${v.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\n')}"`
+      );
+      return inner.length ? `{${inner.join(',')}}` : '';
+    };
+    const histogram = (name: string, h: Histogram) => {
+      let cumulative = 0;
+      BUCKETS.forEach((b, i) => {
+        cumulative += h.counts[i];
+        out.push(`${name}_bucket{le="${b}"} ${cumulative}`);
+      });
+      out.push(`${name}_bucket{le="+Inf"} ${h.count}`, `${name}_sum ${h.sum}`, `${name}_count ${h.count}`);
+    };
+
+    const series = (name: string, map: Map<string, number>, names: string[]) => {
+      for (const [key, n] of map) {
+        const values = key.split(' ');
+        out.push(`${name}${labels(Object.fromEntries(names.map((l, i) => [l, values[i]])))} ${n}`);
+      }
+    };
+    family(
+      'ambassador_requests_total',
+      'counter',
+      'Requests answered to the app, by route, method and status code ' +
+        '(499: the app went away; route "": no route matched).',
+    );
+    series('ambassador_requests_total', this.requests, ['route', 'method', 'code']);
+    family(
+      'ambassador_requests_rejected_total',
+      'counter',
+      'Requests the ambassador answered itself, by route and reason: ' +
+        'no_route (404), rate_limit (429), concurrency, circuit_open (503).',
+    );
+    series('ambassador_requests_rejected_total', this.rejected, ['route', 'reason']);
+    family(
+      'ambassador_request_duration_seconds',
+      'histogram',
+      'Time from the request arriving to the end of its response body.',
+    );
+    histogram('ambassador_request_duration_seconds', this.duration);
+    family(
+      'ambassador_upstream_response_seconds',
+      'histogram',
+      "Time from sending an attempt to the upstream's response headers.",
+    );
+    histogram('ambassador_upstream_response_seconds', this.upstreamTime);
+    family(
+      'ambassador_upstream_attempt_failures_total',
+      'counter',
+      'Attempts that failed, by route and reason: ' +
+        'refused, dns, reset, timeout, tls, protocol, other, or the 502/503/504 status.',
+    );
+    series('ambassador_upstream_attempt_failures_total', this.attemptFailures, ['route', 'reason']);
+    family('ambassador_upstream_retries_total', 'counter', 'Retries sent to the upstream, by route.');
+    series('ambassador_upstream_retries_total', this.retries, ['route']);
+    family(
+      'ambassador_upstream_retries_skipped_total',
+      'counter',
+      'Retries that were due but not sent, by route and reason: attempts, method, body, deadline, budget, circuit.',
+    );
+    series('ambassador_upstream_retries_skipped_total', this.retriesSkipped, ['route', 'reason']);
+    const upstreams = this.gauges.upstreams?.() ?? [];
+    const now = this.gauges.now?.() ?? 0;
+    family(
+      'ambassador_upstream_endpoints',
+      'gauge',
+      'Endpoints known for a route (from its URLs and what their names resolve to).',
+    );
+    for (const u of upstreams) {
+      out.push(`ambassador_upstream_endpoints${labels({ route: u.route })} ${u.endpoints.length}`);
+    }
+    const perEndpoint = (name: string, type: 'counter' | 'gauge', help: string, value: (e: Endpoint) => number) => {
+      family(name, type, help);
+      for (const u of upstreams) {
+        for (const e of u.endpoints) out.push(`${name}${labels({ route: u.route, endpoint: e.key })} ${value(e)}`);
+      }
+    };
+    family(
+      'ambassador_upstream_endpoint_state',
+      'gauge',
+      'The circuit breaker of each endpoint: 1 for its present state (closed, open: ejected, half_open: probing).',
+    );
+    for (const u of upstreams) {
+      for (const e of u.endpoints) {
+        const state = e.breaker.state(now);
+        for (const s of ['closed', 'open', 'half-open'] as const) {
+          out.push(
+            `ambassador_upstream_endpoint_state${
+              labels({ route: u.route, endpoint: e.key, state: s.replace('-', '_') })
+            } ${state === s ? 1 : 0}`,
+          );
+        }
+      }
+    }
+    perEndpoint(
+      'ambassador_upstream_endpoint_ejections_total',
+      'counter',
+      'Times an endpoint was ejected by its circuit breaker.',
+      (e) => e.breaker.ejectionsTotal,
+    );
+    perEndpoint(
+      'ambassador_upstream_endpoint_requests_total',
+      'counter',
+      'Attempts sent to each endpoint.',
+      (e) => e.requests,
+    );
+    perEndpoint(
+      'ambassador_upstream_endpoint_in_flight',
+      'gauge',
+      'Attempts waiting on each endpoint for response headers.',
+      (e) => e.inFlight,
+    );
+    family(
+      'ambassador_upstream_active_requests',
+      'gauge',
+      "Requests holding a place under a route's concurrency limit (MAX_IN_FLIGHT).",
+    );
+    for (const u of upstreams) out.push(`ambassador_upstream_active_requests${labels({ route: u.route })} ${u.active}`);
+    family(
+      'ambassador_upstream_queued_requests',
+      'gauge',
+      "Requests waiting for a place under a route's concurrency limit (QUEUE_SIZE).",
+    );
+    for (const u of upstreams) out.push(`ambassador_upstream_queued_requests${labels({ route: u.route })} ${u.queued}`);
+    family(
+      'ambassador_tls_reloads_total',
+      'counter',
+      "Changes to a route's TLS files: ok (taken up) or error (the previous ones kept).",
+    );
+    series('ambassador_tls_reloads_total', this.tlsReloads, ['route', 'result']);
+    if (this.gauges.replayBytes) {
+      family(
+        'ambassador_retry_body_bytes',
+        'gauge',
+        'Bytes of request bodies kept in memory for replay now (at most RETRY_BODIES_MAX_BYTES).',
+      );
+      out.push(`ambassador_retry_body_bytes ${this.gauges.replayBytes()}`);
+    }
+    family('ambassador_requests_in_flight', 'gauge', 'Requests not yet answered in full.');
+    out.push(`ambassador_requests_in_flight ${this.gauges.inFlight()}`);
+    if (this.gauges.connections) {
+      family('ambassador_downstream_connections', 'gauge', 'Open connections from the app.');
+      out.push(`ambassador_downstream_connections ${this.gauges.connections()}`);
+    }
+    family('ambassador_draining', 'gauge', '1 from the moment a drain starts.');
+    out.push(`ambassador_draining ${this.gauges.draining() ? 1 : 0}`);
+    family('ambassador_event_loop_lag_seconds', 'gauge', 'How late the last event-loop timer fired.');
+    out.push(`ambassador_event_loop_lag_seconds ${this.eventLoopLagSeconds}`);
+    family('ambassador_build_info', 'gauge', 'Always 1; the labels say which build and runtime this is.');
+    out.push(`ambassador_build_info${labels({ version: this.info.version, runtime: this.info.runtime })} 1`);
+    const usage = this.gauges.usage?.();
+    if (usage) {
+      family('process_resident_memory_bytes', 'gauge', 'Resident memory size in bytes.');
+      out.push(`process_resident_memory_bytes ${usage.rssBytes}`);
+      family('process_cpu_seconds_total', 'counter', 'User and system CPU time spent, in seconds.');
+      out.push(`process_cpu_seconds_total ${usage.cpuSeconds}`);
+    }
+    family('process_start_time_seconds', 'gauge', 'Start time of the process since the Unix epoch, in seconds.');
+    out.push(`process_start_time_seconds ${this.info.startTimeSeconds}`);
+    if (openMetrics) out.push('# EOF');
+    return out.join('\n') + '\n';
+  }
+}
+
+function fanOut(...all: Events[]): Events {
+  return {
+    attemptResponded: (e) => all.forEach((x) => x.attemptResponded(e)),
+    attemptFailed: (e) => all.forEach((x) => x.attemptFailed(e)),
+    requestDone: (e) => all.forEach((x) => x.requestDone(e)),
+    endpointChanged: (e) => all.forEach((x) => x.endpointChanged(e)),
+    endpointsChanged: (e) => all.forEach((x) => x.endpointsChanged(e)),
+    tlsReloaded: (e) => all.forEach((x) => x.tlsReloaded(e)),
+  };
+}
+
+// =========================================================================================================
+// Configuration: parsed once, by a pure function, into a frozen object — or one error naming every bad
+// setting where it was set (its environment variable, or the routes file and the field), its value and
+// what was expected.
+// =========================================================================================================
+
+export class ConfigError extends Error {
+  readonly problems: string[];
+  constructor(problems: string[]) {
+    super(`invalid configuration:\n  ${problems.join('\n  ')}`);
+    this.problems = problems;
+    this.name = 'ConfigError';
+  }
+}
+
+/** Reads a small text file (the routes file, a certificate): main passes the runtime's own. */
+export type ReadFile = (path: string) => string;
+
+/** Where a setting was set: its environment variable, or a field of the routes file (`routes[1].retryAttempts`). */
+type Place = { variable: string } | { file: string; field: string };
+
+/** Every problem found, each said the same way for its kind of place:
+ *   `RETRY_ATTEMPTS="three": expected a whole number from 1 to 100`
+ *   `ROUTES_FILE="/etc/routes.json": routes[1].retryAttempts: expected a whole number from 1 to 100, got 0` */
+class Problems {
+  readonly list: string[] = [];
+
+  add(place: Place, value: unknown, expected: string): void {
+    this.together([[place, value]], expected);
+  }
+
+  /** One problem of several settings at once (two TLS files that do not belong together). */
+  together(settings: Array<[Place, unknown]>, expected: string): void {
+    const [first] = settings[0];
+    if ('variable' in first) {
+      const named = settings.map(([place, value]) =>
+        `${placeName(place)}=${JSON.stringify(typeof value === 'string' ? value : JSON.stringify(value))}`
+      );
+      this.say(`${named.join(', ')}: expected ${expected}`);
+    } else {
+      const got = settings.map(([, value]) => JSON.stringify(value) ?? 'nothing').join(', ');
+      this.say(
+        `ROUTES_FILE=${JSON.stringify(first.file)}: ${
+          settings.map(([place]) => placeName(place)).join(', ')
+        }: expected ${expected}, got ${got}`,
+      );
+    }
+  }
+
+  /** A problem that is no one value's (a variable that must be set and is not). */
+  say(text: string): void {
+    if (!this.list.includes(text)) this.list.push(text); // a default every route shares is one problem
+  }
+
+  check(): void {
+    if (this.list.length > 0) throw new ConfigError(this.list);
+  }
+}
+
+/** A place as a message names it: the variable, or the field. */
+function placeName(place: Place): string {
+  return 'variable' in place ? place.variable : place.field;
+}
+
+const TLS_VARIABLES = {
+  caFile: 'UPSTREAM_CA_FILE',
+  certFile: 'UPSTREAM_CERT_FILE',
+  keyFile: 'UPSTREAM_KEY_FILE',
+  serverName: 'UPSTREAM_SERVER_NAME',
+  minVersion: 'UPSTREAM_TLS_MIN_VERSION',
+} as const;
+const ROUTE_KEYS = ['name', 'host', 'prefix', 'stripPrefix', 'upstream', 'tls', ...ROUTE_SETTINGS.map((s) => s.key)];
+const ROUTE_KEY_SET = new Set(ROUTE_KEYS);
+const NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
+const HOSTNAME = /^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$/;
+/** A path of RFC 3986 `pchar`s and slashes (percent-encoding well formed), as a route prefix must be. */
+const PREFIX = /^(\/([A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})*)+$/;
+const IPV4 = /^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$/;
+const WILDCARD = new Set(['0.0.0.0', '::', '0:0:0:0:0:0:0:0']);
+
+/** An address to listen on: an IPv4 or IPv6 literal, or `localhost`. */
+function isListenAddress(host: string): boolean {
+  if (host === 'localhost' || IPV4.test(host)) return true;
+  if (!/^[0-9A-Fa-f:.]+$/.test(host) || !host.includes(':')) return false;
   try {
-    return new URL(`http://${host}`).host === urlHost;
+    return new URL(`http://${bracketed(host)}/`).hostname !== '';
   } catch {
     return false;
   }
 }
 
-/** Whether the app's request says `Connection: close`. */
-function appCloses(headers: HeaderList): boolean {
-  for (const [name, value] of headers) if (name === 'connection' && /(^|,)\s*close\s*(,|$)/i.test(value)) return true;
-  return false;
+const range = (min: number, max: number) =>
+  `a whole number from ${min} to ${max === Number.MAX_SAFE_INTEGER ? 'any size' : max}`;
+
+/** The configuration, from the environment and, when ROUTES_FILE names one, a routes file:
+ *
+ *   {"routes": [
+ *     {"name": "inventory", "prefix": "/inventory", "upstream": "http://inventory:9000", "stripPrefix": true},
+ *     {"name": "payments", "prefix": "/payments", "host": "shop.local",
+ *      "upstream": ["https://p1:8443", "https://p2:8443"],
+ *      "retryAttempts": 1, "tls": {"caFile": "/tls/ca.crt", "certFile": "/tls/tls.crt", "keyFile": "/tls/tls.key"}}
+ *   ]}
+ *
+ * A route may set any key of ROUTE_SETTINGS; what it leaves out comes from that setting's variable. */
+export function loadConfig(env: Record<string, string | undefined>, readFile?: ReadFile): Config {
+  const problems = new Problems();
+  const read = (name: string) => {
+    const v = env[name];
+    return v === undefined || v.trim() === '' ? undefined : v.trim();
+  };
+  const int = (name: string, fallback: number, min: number, max = Number.MAX_SAFE_INTEGER) => {
+    const v = read(name);
+    if (v === undefined) return fallback;
+    const n = Number(v);
+    if (!/^\d+$/.test(v) || !Number.isSafeInteger(n) || n < min || n > max) {
+      problems.add({ variable: name }, v, range(min, max));
+      return fallback;
+    }
+    return n;
+  };
+  const oneOf = <T extends string>(name: string, fallback: T, allowed: readonly T[]): T => {
+    const v = read(name);
+    if (v === undefined) return fallback;
+    if (!(allowed as readonly string[]).includes(v.toLowerCase())) {
+      problems.add({ variable: name }, v, `one of ${allowed.join(', ')}`);
+      return fallback;
+    }
+    return v.toLowerCase() as T;
+  };
+  const address = (name: string, fallback: string) => {
+    const v = read(name);
+    if (v === undefined) return fallback;
+    if (!isListenAddress(v)) {
+      problems.add(
+        { variable: name },
+        v,
+        'an IP address of this machine to listen on (127.0.0.1, ::1, 0.0.0.0, ::, a pod IP) or localhost',
+      );
+    }
+    return v;
+  };
+
+  const defaults = {} as Record<string, number>;
+  for (const s of ROUTE_SETTINGS) defaults[s.key] = int(s.env, s.fallback, s.min, 'max' in s ? s.max : undefined);
+
+  const routesFile = read('ROUTES_FILE') ?? null;
+  let routes: Route[] = [];
+  if (routesFile === null) {
+    const raw = read('UPSTREAM_URL');
+    if (raw === undefined) {
+      problems.say(
+        'UPSTREAM_URL is not set: expected the upstream base URL, e.g. http://inventory-service:9000 (or ROUTES_FILE)',
+      );
+    } else {
+      const upstreams = upstreamsOf(raw.split(',').map((v) => v.trim()), { variable: 'UPSTREAM_URL' }, raw, problems);
+      const tlsRaw = Object.fromEntries(Object.entries(TLS_VARIABLES).map(([key, name]) => [key, read(name)]));
+      const tls = tlsOf(tlsRaw, (key) => ({ variable: TLS_VARIABLES[key] }), upstreams, readFile, problems);
+      const route: Route = {
+        ...(defaults as RouteSettings),
+        name: 'default',
+        host: null,
+        prefix: '/',
+        stripPrefix: false,
+        upstreams,
+        tls,
+        source: null,
+      };
+      settingsAgree(route, (s) => ({ variable: s.env }), problems);
+      routes = [route];
+    }
+  } else {
+    for (const name of ['UPSTREAM_URL', ...Object.values(TLS_VARIABLES)]) {
+      const v = read(name);
+      if (v !== undefined) {
+        problems.add(
+          { variable: name },
+          v,
+          'nothing when ROUTES_FILE is set: each route names its upstream and TLS files',
+        );
+      }
+    }
+    routes = routesFromFile(routesFile, defaults as RouteSettings, readFile, problems);
+  }
+
+  const config: Config = {
+    host: address('HOST', '127.0.0.1'),
+    port: int('PORT', 8080, 0, 65535),
+    adminHost: address('ADMIN_HOST', '0.0.0.0'),
+    adminPort: int('ADMIN_PORT', 9901, 0, 65535),
+    drainTimeoutMs: int('DRAIN_TIMEOUT_MS', 20000, 0, MAX_TIMER_MS),
+    drainGraceMs: int('DRAIN_GRACE_MS', 0, 0, MAX_TIMER_MS),
+    bodyIdleTimeoutMs: int('BODY_IDLE_TIMEOUT_MS', 300_000, 0, MAX_TIMER_MS),
+    replayMemoryBytes: int('RETRY_BODIES_MAX_BYTES', 8 * 1024 * 1024, 0),
+    logFormat: oneOf<LogFormat>('LOG_FORMAT', 'json', ['json', 'text']),
+    logLevel: oneOf<LogLevel>('LOG_LEVEL', 'info', ['debug', 'info', 'warn', 'error']),
+    routesFile,
+    // Most specific first, so the order of the file never hides a route behind a shorter prefix.
+    routes: Object.freeze(
+      routes.map((r) =>
+        Object.freeze({
+          ...r,
+          // A rate with no burst given may burst to one second's worth.
+          rateLimitBurst: r.rateLimitPerSec > 0 && r.rateLimitBurst === 0 ? r.rateLimitPerSec : r.rateLimitBurst,
+        })
+      ).sort((a, b) => Number(b.host !== null) - Number(a.host !== null) || b.prefix.length - a.prefix.length),
+    ),
+  };
+  // The same port twice clashes on one address, and on any address when either listens on all of them.
+  if (
+    config.port !== 0 && config.port === config.adminPort &&
+    (config.host === config.adminHost || WILDCARD.has(config.host) || WILDCARD.has(config.adminHost))
+  ) {
+    problems.add(
+      { variable: 'ADMIN_PORT' },
+      config.adminPort,
+      `a port other than PORT (${config.port}), since ADMIN_HOST=${JSON.stringify(config.adminHost)} and HOST=${
+        JSON.stringify(config.host)
+      } overlap`,
+    );
+  }
+  problems.check();
+  return Object.freeze(config);
 }
 
-/** The request's URL. Deno makes it from the Host header, so a Host that is no host (`a b`, `one, two`)
- * gives a URL that does not parse: it stands as one that `refusal` turns away (400). */
-function parseUrl(url: string): URL {
+/** Routes from a JSON file; every problem names the route and field, e.g. `routes[1].retryAttempts`. */
+function routesFromFile(
+  file: string,
+  defaults: RouteSettings,
+  readFile: ReadFile | undefined,
+  problems: Problems,
+): Route[] {
+  let doc: unknown;
   try {
-    return new URL(url);
-  } catch {
-    return new URL('http://invalid.host./');
+    if (!readFile) throw new Error('files cannot be read here');
+    doc = JSON.parse(readFile(file));
+  } catch (err) {
+    problems.add({ variable: 'ROUTES_FILE' }, file, `a readable JSON file (${describeFailure(err)})`);
+    return [];
+  }
+  const at = (field: string): Place => ({ file, field });
+  const list = (doc as { routes?: unknown })?.routes;
+  if (!Array.isArray(list) || list.length === 0) {
+    problems.add(
+      at('routes'),
+      list,
+      'a non-empty array of routes, as in {"routes": [{"name": ..., "prefix": ..., "upstream": ...}]}',
+    );
+    return [];
+  }
+  const out: Route[] = [];
+  const names = new Set<string>();
+  const places = new Set<string>(); // `${host} ${prefix}`
+  list.forEach((r: Record<string, unknown>, i) => {
+    const source = `routes[${i}]`;
+    const f = (key: string) => at(`${source}.${key}`);
+    if (typeof r !== 'object' || r === null || Array.isArray(r)) return problems.add(at(source), r, 'an object');
+    for (const key of Object.keys(r)) {
+      if (!ROUTE_KEY_SET.has(key)) problems.add(f(key), r[key], `no such field: one of ${ROUTE_KEYS.join(', ')}`);
+    }
+    const name = typeof r.name === 'string' && NAME.test(r.name)
+      ? r.name
+      : (problems.add(f('name'), r.name, 'a name of letters, digits, _ . -'), `route${i}`);
+    let prefix = '/';
+    // A prefix is compared with the request's path as sent (percent-encoded, dot segments resolved), so
+    // one that is not in that form could never match.
+    if (
+      typeof r.prefix !== 'string' || !PREFIX.test(r.prefix) ||
+      (r.prefix.length > 1 && normalizePath(r.prefix) !== r.prefix)
+    ) {
+      problems.add(
+        f('prefix'),
+        r.prefix,
+        'a path prefix starting with /, percent-encoded as a request would send it, without . or .. segments',
+      );
+    } else prefix = r.prefix.length > 1 ? r.prefix.replace(/\/+$/, '') || '/' : '/';
+    let host: string | null = null;
+    if (r.host !== undefined) {
+      if (typeof r.host === 'string' && HOSTNAME.test(r.host)) host = r.host.toLowerCase();
+      else problems.add(f('host'), r.host, "a host name without port, matched against the request's Host");
+    }
+    if (r.stripPrefix !== undefined && typeof r.stripPrefix !== 'boolean') {
+      problems.add(f('stripPrefix'), r.stripPrefix, 'true or false');
+    }
+    const given = typeof r.upstream === 'string' ? [r.upstream] : r.upstream;
+    let upstreams: URL[] = [];
+    if (!Array.isArray(given) || given.length === 0 || !given.every((u) => typeof u === 'string')) {
+      problems.add(f('upstream'), r.upstream, 'an upstream base URL, or an array of them');
+    } else {
+      upstreams = upstreamsOf(given, f('upstream'), r.upstream, problems);
+    }
+    const settings: Record<string, number> = {};
+    for (const s of ROUTE_SETTINGS) {
+      const v = r[s.key];
+      const max = 'max' in s ? s.max : Number.MAX_SAFE_INTEGER;
+      if (v === undefined) settings[s.key] = defaults[s.key];
+      else if (typeof v === 'number' && Number.isSafeInteger(v) && v >= s.min && v <= max) settings[s.key] = v;
+      else (problems.add(f(s.key), v, range(s.min, max)), (settings[s.key] = defaults[s.key]));
+    }
+    let tls: TlsFiles | null = null;
+    if (r.tls !== undefined) {
+      if (typeof r.tls !== 'object' || r.tls === null || Array.isArray(r.tls)) {
+        problems.add(f('tls'), r.tls, 'an object with caFile, certFile, keyFile, serverName, minVersion');
+      } else {
+        const given = r.tls as Record<string, unknown>;
+        for (const key of Object.keys(given)) {
+          if (!(key in TLS_VARIABLES)) {
+            problems.add(f(`tls.${key}`), given[key], `no such field: one of ${Object.keys(TLS_VARIABLES).join(', ')}`);
+          }
+        }
+        tls = tlsOf(given, (key) => f(`tls.${key}`), upstreams, readFile, problems);
+      }
+    }
+    if (names.has(name)) problems.add(f('name'), name, 'a name no other route has');
+    if (places.has(`${host} ${prefix}`)) {
+      problems.add(f('prefix'), r.prefix, `a prefix and host no other route has (${host ?? 'any host'} ${prefix})`);
+    }
+    names.add(name);
+    places.add(`${host} ${prefix}`);
+    const route: Route = {
+      ...(settings as RouteSettings),
+      name,
+      host,
+      prefix,
+      stripPrefix: r.stripPrefix === true,
+      upstreams,
+      tls,
+      source,
+    };
+    // A setting the route leaves out is its variable's: a problem with it names that variable.
+    settingsAgree(route, (s) => (r[s.key] === undefined ? { variable: s.env } : f(s.key)), problems);
+    out.push(route);
+  });
+  return out;
+}
+
+/** Settings that must agree with one another: each cap at least its base. */
+function settingsAgree(route: Route, placeOf: (s: (typeof ROUTE_SETTINGS)[number]) => Place, problems: Problems): void {
+  const setting = (key: keyof RouteSettings) => ROUTE_SETTINGS.find((s) => s.key === key)!;
+  for (const [cap, base] of [['retryBackoffMaxMs', 'retryBackoffMs'], ['breakerOpenMaxMs', 'breakerOpenMs']] as const) {
+    if (route[cap] < route[base]) {
+      problems.add(
+        placeOf(setting(cap)),
+        route[cap],
+        `a value at least ${placeName(placeOf(setting(base)))} (${route[base]})`,
+      );
+    }
   }
 }
 
-/** The app's request headers: from Node's raw list when there is one (no `Headers` object is built). */
-function headerList(c: Context<{ Bindings: Bindings }>): HeaderList {
-  const raw = c.env?.incoming?.rawHeaders;
-  if (!raw) return [...c.req.raw.headers];
-  const list: HeaderList = [];
-  for (let i = 0; i < raw.length; i += 2) list.push([raw[i].toLowerCase(), raw[i + 1]]);
-  return list;
+/** One or more upstream base URLs, each http:// or https:// with a host and nothing that would leak into
+ * logs (credentials) or be silently dropped (query, fragment). */
+function upstreamsOf(values: string[], place: Place, given: unknown, problems: Problems): URL[] {
+  const expected = 'http:// or https:// URLs (comma-separated) with a host and no credentials, query or fragment';
+  const urls: URL[] = [];
+  for (const value of values) {
+    let u: URL | undefined;
+    try {
+      u = new URL(value);
+    } catch { /* reported below */ }
+    // `new URL` reads a bare trailing `?` or `#` as empty, so the raw text is checked for them too.
+    if (
+      !u || (u.protocol !== 'http:' && u.protocol !== 'https:') || !u.hostname || u.username || u.password ||
+      /[?#]/.test(value)
+    ) {
+      problems.add(place, given, expected);
+      return [];
+    }
+    if (u.port === '0') {
+      problems.add(place, given, 'a port from 1 to 65535 (0 is no port to connect to)');
+      return [];
+    }
+    if (urls.some((other) => other.host === u.host)) {
+      problems.add(place, given, `each host:port once (${u.host} is named twice)`);
+      return [];
+    }
+    urls.push(u);
+  }
+  if (urls.length === 0) problems.add(place, given, expected);
+  return urls;
 }
 
-/** The app's request body, or null when its head announces none. Reads only as fast as the upstream takes
- * it, and fails with a 408 once the app has sent nothing for `idleMs` (Envoy's stream idle timeout covers
- * both directions too), so a stalled upload cannot hold its place under the concurrency limit. */
-function requestBody(c: Context<{ Bindings: Bindings }>, headers: HeaderList, idleMs: number, read: () => void, gone: Cancel): ReadableStream<Uint8Array> | null {
-  if (headerValue(headers, 'transfer-encoding') === null && headerValue(headers, 'content-length') === null) return null;
-  const incoming = c.env?.incoming;
-  if (incoming && Symbol.asyncIterator in incoming) return streamFromNode(incoming as AsyncIterable<Uint8Array>, idleMs, read, gone);
-  const reader = c.req.raw.body?.getReader();
-  if (!reader) return null;
-  // A body given up on is cancelled at its source: Deno's server otherwise keeps the app's connection, even
-  // one the app has closed, waiting for the rest of it.
-  const cancel = (reason: unknown) => reader.cancel(reason).catch(noop);
-  return bodyStream(() => reader.read(), cancel, idleMs, read, gone, cancel);
+/** TLS settings: each file must be readable and hold PEM; a client certificate needs its key. */
+function tlsOf(
+  raw: Partial<Record<keyof TlsFiles, unknown>>,
+  placeOf: (key: keyof TlsFiles) => Place,
+  upstreams: URL[],
+  readFile: ReadFile | undefined,
+  problems: Problems,
+): TlsFiles | null {
+  if (Object.values(raw).every((v) => v === undefined)) return null;
+  const text = (key: keyof TlsFiles): string | null => {
+    const v = raw[key];
+    if (v === undefined) return null;
+    if (typeof v !== 'string' || v.trim() === '') return problems.add(placeOf(key), v, 'a non-empty string'), null;
+    return v.trim();
+  };
+  const file = (key: 'caFile' | 'certFile' | 'keyFile', kind: string): string | null => {
+    const path = text(key);
+    if (path === null) return null;
+    if (!readFile) return problems.add(placeOf(key), path, 'a file, but files cannot be read here'), null;
+    try {
+      if (!readFile(path).includes('-----BEGIN ')) problems.add(placeOf(key), path, `a PEM file holding ${kind}`);
+    } catch (err) {
+      problems.add(placeOf(key), path, `a readable file holding ${kind} (${describeFailure(err)})`);
+    }
+    return path;
+  };
+  const tls: TlsFiles = {
+    caFile: file('caFile', 'CA certificates'),
+    certFile: file('certFile', 'a certificate chain'),
+    keyFile: file('keyFile', 'a private key'),
+    serverName: text('serverName'),
+    minVersion: (text('minVersion') ?? 'TLSv1.2') as TlsFiles['minVersion'],
+  };
+  if ((tls.certFile === null) !== (tls.keyFile === null)) {
+    const missing = tls.certFile === null ? 'certFile' : 'keyFile';
+    problems.add(
+      placeOf(missing),
+      '',
+      `a file as well: a client certificate needs both ${placeName(placeOf('certFile'))} and ${
+        placeName(placeOf('keyFile'))
+      }`,
+    );
+  }
+  if (tls.serverName !== null && !HOSTNAME.test(tls.serverName)) {
+    problems.add(placeOf('serverName'), tls.serverName, 'a DNS name');
+  }
+  if (tls.minVersion !== 'TLSv1.2' && tls.minVersion !== 'TLSv1.3') {
+    problems.add(placeOf('minVersion'), tls.minVersion, 'TLSv1.2 or TLSv1.3');
+  }
+  if (upstreams.some((u) => u.protocol !== 'https:')) {
+    problems.add(
+      placeOf('caFile'),
+      raw.caFile ?? raw.certFile ?? raw.serverName ?? raw.minVersion,
+      'TLS settings only with https:// upstreams',
+    );
+  }
+  return tls;
 }
 
-/** A body as a web stream that pulls one chunk at a time from `next` (nothing is read ahead: Node 20's
- * Readable.toWeb would queue up to 16384 chunks), and errors with a 408 after `idleMs` (if > 0) without one. */
-function bodyStream(next: () => Promise<IteratorResult<Uint8Array> | ReadableStreamReadResult<Uint8Array>>, cancel: (reason: unknown) => Promise<void>,
-  idleMs: number, done?: () => void, gone?: Cancel, giveUp: (reason: unknown) => void = noop): ReadableStream<Uint8Array> {
-  return new ReadableStream<Uint8Array>({
-    async pull(c) {
-      let timer: ReturnType<typeof setTimeout> | undefined;
-      let chunk: IteratorResult<Uint8Array> | ReadableStreamReadResult<Uint8Array>;
-      try {
-        chunk = idleMs <= 0 ? await next() : await Promise.race([next(), new Promise<never>((_, reject) => {
-          timer = setTimeout(() => reject(new ClientError(408, `the request body stalled: no bytes for ${idleMs} ms`)), idleMs);
-        })]).finally(() => clearTimeout(timer));
-      } catch (err) {
-        // A body that breaks off is the app gone (its connection closed or reset mid-body), however its
-        // runtime tells it; one that stalled is the app's 408.
-        if (!(err instanceof ClientError)) gone?.abort(err);
-        giveUp(err);
-        throw err;
-      }
-      if (chunk.done) {
-        c.close();
-        done?.();
-      } else c.enqueue(chunk.value);
-    },
-    cancel,
-  }, { highWaterMark: 0 });
+/** Where a route's TLS setting was set: its variable, or its field in the routes file. */
+function tlsPlace(config: Config, route: Route, key: keyof TlsFiles): Place {
+  return route.source === null || config.routesFile === null
+    ? { variable: TLS_VARIABLES[key] }
+    : { file: config.routesFile, field: `${route.source}.tls.${key}` };
 }
 
-function clientAddress(c: Context<{ Bindings: Bindings }>): string | undefined {
-  return c.env?.incoming?.socket?.remoteAddress ?? c.env?.remoteAddr;
+/** What the configuration asks of the runtime, checked at start: its upstream client can do what each
+ * route's TLS settings say (`Runtime.tlsLimits`), and its TLS stack takes each route's files together (a
+ * key that is not its certificate's stops the process here, naming the files, instead of failing every
+ * connection later). */
+export function checkRuntime(
+  config: Config,
+  runtime: Pick<Runtime, 'name' | 'readFile' | 'checkTls' | 'tlsLimits'>,
+): void {
+  const problems = new Problems();
+  const limits = runtime.tlsLimits;
+  for (const r of config.routes) {
+    if (!r.tls) continue;
+    if (limits && !limits.serverName && r.tls.serverName) {
+      problems.add(
+        tlsPlace(config, r, 'serverName'),
+        r.tls.serverName,
+        `nothing on ${limits.runtime}, whose ${limits.client} always verifies the URL's own host name ` +
+          '(use Node, or name the upstream by that name)',
+      );
+    }
+    if (limits && r.tls.minVersion === 'TLSv1.3') {
+      problems.add(
+        tlsPlace(config, r, 'minVersion'),
+        'TLSv1.3',
+        `TLSv1.2 on ${limits.runtime}, whose ${limits.client} offers TLS 1.2 and 1.3 ` +
+          'and cannot be held to 1.3 (use Node)',
+      );
+    }
+    try {
+      readTls(r.tls, runtime.readFile, runtime.checkTls);
+    } catch (err) {
+      const files = (['caFile', 'certFile', 'keyFile'] as const).filter((k) => r.tls![k] !== null);
+      problems.together(
+        files.map((k) => [tlsPlace(config, r, k), r.tls![k]]),
+        `TLS files that can be used together (${describeFailure(err)})`,
+      );
+    }
+  }
+  problems.check();
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Runtime adapters: the server, the upstream client and the resolver of each runtime — Node
-// (@hono/node-server, node:http), Deno (Deno.serve, fetch) and Bun (Bun.serve, fetch).
-// ---------------------------------------------------------------------------------------------------------
+// =========================================================================================================
+// Runtimes: what differs between Node, Deno and Bun — the server the app talks to, the client to the
+// upstream, the resolver, files, TLS, signals — each behind one `Runtime` object chosen once by main. The
+// next runtime is one more of these.
+// =========================================================================================================
+
+interface Runtime {
+  readonly name: RuntimeName;
+  /** the upstream client */
+  readonly send: Send;
+  readonly resolve: Resolve;
+  readonly readFile: ReadFile;
+  /** tries TLS material on the runtime's own TLS stack */
+  readonly checkTls: CheckTls;
+  /** whether an https:// upstream may be reached at an address discovery found (Deno's fetch cannot verify a
+   * certificate's name while connecting to an address: there it goes by name) */
+  readonly tlsByAddress: boolean;
+  /** what its upstream client cannot do with TLS, refused at start (`checkRuntime`); null: nothing */
+  readonly tlsLimits: TlsLimits | null;
+  /** the process's resident memory and CPU time, for the metrics */
+  usage(): { rssBytes: number; cpuSeconds: number };
+  env(): Record<string, string | undefined>;
+  /** serves the proxy app on host:port, each request handed over as an `AppRequest` */
+  listen(handler: ProxyHandler, host: string, port: number, work: Work): Promise<Listener>;
+  onSignal(signal: string, f: () => void): void;
+  exit(code: number): never;
+}
+
+type RuntimeName = 'node' | 'deno' | 'bun';
+
+/** What a runtime's upstream client cannot do with TLS: `serverName` false, verify a name other than the
+ * URL's own; and neither fetch client can be held to TLS 1.3 only. */
+interface TlsLimits {
+  runtime: string;
+  client: string;
+  serverName: boolean;
+}
+
+/** The proxy app's `fetch`: the runtime's own request, and the same request as an `AppRequest` (Hono's `env`). */
+type ProxyHandler = (req: Request, app: AppRequest) => Response | Promise<Response>;
 
 interface Listener {
   port: number;
@@ -2674,43 +3370,162 @@ interface Work {
  * every idle connection at once resets it (Envoy's drain does the same). */
 const DRAIN_IDLE_MS = 1000;
 
-type FetchHandler = (req: Request, env: Bindings) => Response | Promise<Response>;
+/** The runtime this file runs on, told once, here: Bun first (it has `process` too, and would pass for Node). */
+type Host = { name: 'node' } | { name: 'deno'; deno: DenoLike } | { name: 'bun'; bun: BunLike };
+const HOST: Host = (() => {
+  const g = globalThis as { Deno?: DenoLike; Bun?: BunLike };
+  return g.Bun ? { name: 'bun', bun: g.Bun } : g.Deno ? { name: 'deno', deno: g.Deno } : { name: 'node' };
+})();
 
-interface DenoLike {
-  serve(options: {
-    hostname: string; port: number; signal: AbortSignal; onListen?: (addr: unknown) => void;
-    handler: (req: Request, info: { remoteAddr: { hostname: string } }) => Response | Promise<Response>;
-  }): { addr: { port: number }; shutdown(): Promise<void>; finished: Promise<void> };
-  addSignalListener(signal: string, handler: () => void): void;
-  env: { toObject(): Record<string, string> };
-  exit(code: number): never;
-  mainModule: string;
-  createHttpClient(options: { caCerts?: string[]; cert?: string; key?: string; allowHost?: boolean; poolMaxIdlePerHost?: number }): DenoHttpClient;
-  readTextFileSync(path: string): string;
-  resolveDns(query: string, type: 'A' | 'AAAA'): Promise<string[]>;
+function runtimeOf(host: Host): Promise<Runtime> {
+  switch (host.name) {
+    case 'bun':
+      return bunRuntime(host.bun);
+    case 'deno':
+      return Promise.resolve(denoRuntime(host.deno));
+    default:
+      return nodeRuntime();
+  }
 }
 
-/** Bun's server and the parts of its API used here, typed locally like `DenoLike`: the file needs no Bun types. */
-interface BunLike {
-  serve(options: {
-    hostname: string; port: number; idleTimeout: number; maxRequestBodySize: number;
-    fetch(req: Request, server: BunServer): Response | Promise<Response>;
-  }): BunServer;
-}
-interface BunServer {
-  port: number;
-  /** stops accepting; idle keep-alive connections close at once, busy ones after their response; true: all now */
-  stop(closeActiveConnections?: boolean): Promise<void>;
-  requestIP(req: Request): { address: string } | null;
+/** Resident memory and CPU time from `process`, which all three runtimes have. */
+function processUsage(): { rssBytes: number; cpuSeconds: number } {
+  const cpu = process.cpuUsage();
+  return { rssBytes: process.memoryUsage.rss(), cpuSeconds: (cpu.user + cpu.system) / 1e6 };
 }
 
-const deno = (globalThis as { Deno?: DenoLike }).Deno;
-const bun = (globalThis as { Bun?: BunLike }).Bun;
-type RuntimeName = 'node' | 'deno' | 'bun';
-/** Bun first: it also has `process`, and would otherwise be taken for Node. */
-const RUNTIME_NAME: RuntimeName = bun ? 'bun' : deno ? 'deno' : 'node';
+/** A request our own client will not make (a method or a header it refuses): the app's request is at
+ * fault, and nothing was sent. */
+function unsendable(err: unknown): ClientError {
+  return new ClientError(400, `the request cannot be sent: ${describeFailure(err)}`);
+}
 
-// Node: node:http to the upstream, its resolver, @hono/node-server.
+// --- Node: @hono/node-server and node:http for the app, node:http to the upstream, Node's resolver ---------
+
+/** The parts of Node's streams the Node path uses, so this file needs no Node types. */
+interface NodeReadable extends AsyncIterable<Uint8Array> {
+  pipe(to: NodeOutgoing): void;
+  resume(): void;
+  destroy(err?: Error): void;
+  on(event: 'data', f: (chunk: Uint8Array) => void): void;
+  on(event: 'error', f: (err: Error) => void): void;
+  on(event: 'close', f: () => void): void;
+}
+interface NodeIncoming extends AsyncIterable<Uint8Array> {
+  method?: string;
+  url?: string;
+  /** the target was `*` (see `listenNode`) */
+  asterisk?: boolean;
+  rawHeaders: string[];
+  socket: { remoteAddress?: string };
+}
+interface NodeOutgoing {
+  writeHead(status: number, statusText: string, headers: string[]): void;
+  writeHead(status: number, headers: string[]): void;
+  statusMessage: string;
+  destroy(): void;
+  readonly writableFinished: boolean;
+  readonly writableNeedDrain: boolean;
+  readonly destroyed: boolean;
+  on(event: 'finish' | 'close', f: () => void): void;
+  once(event: 'close', f: () => void): void;
+}
+
+/** A request as Node's server read it: the target as sent, the raw header list (no `Headers` object is
+ * built), and the app's connection, into which an upstream's Node body is piped straight (`pipeNode`). */
+class NodeAppRequest implements AppRequest {
+  readonly method: string;
+  readonly target: string;
+  readonly seen: string;
+  readonly urlHost = undefined;
+  readonly headers: HeaderList;
+  readonly peer: string | undefined;
+  private readonly incoming: NodeIncoming;
+  private readonly outgoing: NodeOutgoing;
+  /** @hono/node-server's "the handler wrote the response itself" (RESPONSE_ALREADY_SENT) */
+  private readonly written: Response;
+
+  constructor(incoming: NodeIncoming, outgoing: NodeOutgoing, written: Response) {
+    this.incoming = incoming;
+    this.outgoing = outgoing;
+    this.written = written;
+    this.method = incoming.method ?? '';
+    this.target = this.seen = incoming.asterisk ? '*' : incoming.url ?? '/';
+    const raw = incoming.rawHeaders;
+    const headers: HeaderList = [];
+    for (let i = 0; i < raw.length; i += 2) headers.push([raw[i].toLowerCase(), raw[i + 1]]);
+    this.headers = headers;
+    this.peer = incoming.socket.remoteAddress;
+  }
+
+  body(): BodySource {
+    const it = this.incoming[Symbol.asyncIterator]();
+    return { next: () => it.next(), cancel: async (reason) => void (await it.return?.(reason)), giveUp: noop };
+  }
+
+  /** Its connection closing before the response is done (the request's `signal` would cost an
+   * AbortController per request). */
+  onGone(f: (reason: unknown) => void): () => void {
+    const outgoing = this.outgoing;
+    outgoing.once('close', () => outgoing.writableFinished || f(new Error('the app closed its connection')));
+    return noop;
+  }
+
+  respond(reply: Reply, done?: BodyDone, idleMs = 0): Response {
+    if (!reply.node || !done) return webResponse(reply, done, idleMs, false);
+    // The upstream's body goes straight into the app's connection, no web streams between.
+    pipeNode(reply.node, this.outgoing, reply, idleMs, done);
+    return this.written;
+  }
+}
+
+/** Node: writes the response head, then pipes the upstream body into the app's connection with Node's own
+ * backpressure, counting bytes. An upstream failure mid-body destroys the app's connection (the app sees
+ * a broken response, never a short one that looks whole); the app going away destroys the upstream's. */
+function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, reply: Reply, idleMs: number, done: BodyDone): void {
+  if (outgoing.destroyed) { // the app left while the headers were on their way
+    body.destroy();
+    return done(0, 'client went away before the response');
+  }
+  const flat: string[] = [];
+  for (const [name, value] of reply.headers) flat.push(name, value);
+  try {
+    if (reply.statusText === '') outgoing.writeHead(reply.status, flat);
+    else outgoing.writeHead(reply.status, reply.statusText, flat);
+  } catch (err) {
+    // Node keeps what it was given even when it refuses it, and would write it again with the answer
+    // that replaces this one: nothing written, the body let go, and the handler answers instead.
+    outgoing.statusMessage = '';
+    body.destroy();
+    throw err;
+  }
+  let bytes = 0;
+  const end = callOnce((error?: string) => done(bytes, error));
+  // A body that stops arriving is cut off like a broken one. An app that reads slowly is not a stall: while
+  // its connection is full (backpressure pauses the upstream's body) the time does not count.
+  let idle: ReturnType<typeof setTimeout> | undefined;
+  const stalled = () => {
+    if (outgoing.writableNeedDrain) idle!.refresh();
+    else body.destroy(new TimeoutError(`no body bytes for ${idleMs} ms`));
+  };
+  if (idleMs > 0) idle = setTimeout(stalled, idleMs);
+  body.on('data', (chunk) => {
+    bytes += chunk.byteLength;
+    idle?.refresh();
+  });
+  body.on('close', () => clearTimeout(idle));
+  body.on('error', (err) => {
+    end(`upstream body failed: ${describeFailure(err)}`);
+    outgoing.destroy();
+  });
+  outgoing.on('finish', () => end());
+  outgoing.on('close', () => {
+    if (outgoing.writableFinished) return;
+    end('client went away during the response body');
+    body.destroy();
+  });
+  body.pipe(outgoing);
+}
 
 type NodeHttp = Pick<typeof import('node:http'), 'request' | 'Agent'>;
 type NodeAgent = InstanceType<NodeHttp['Agent']>;
@@ -2721,11 +3536,19 @@ type NodeAgent = InstanceType<NodeHttp['Agent']>;
  * times slower than a pooled http.request, and takes no per-connection TLS settings without the undici
  * package; this gives the handler the same `Reply` fetch would, byte for byte. `pooled: false` (Deno's
  * streamed uploads, see `fetchSend`) opens a connection per request. */
-export function nodeSend(http: NodeHttp, https: NodeHttp, { pooled = true, checkServerIdentity }: { pooled?: boolean; checkServerIdentity?: CheckServerIdentity } = {}): Send {
+export function nodeSend(
+  http: NodeHttp,
+  https: NodeHttp,
+  { pooled = true, checkServerIdentity }: { pooled?: boolean; checkServerIdentity?: CheckServerIdentity } = {},
+): Send {
   // `timeout` closes pooled sockets idle for 4 s, before a Node upstream's own 5 s keep-alive timeout
   // closes them under a request that is reusing them.
-  const pool = { ...(pooled ? { keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256, scheduling: 'lifo' as const, timeout: 4000 } : { keepAlive: false }),
-    ...(checkServerIdentity ? { checkServerIdentity } : {}) };
+  const pool = {
+    ...(pooled
+      ? { keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256, scheduling: 'lifo' as const, timeout: 4000 }
+      : { keepAlive: false }),
+    ...(checkServerIdentity ? { checkServerIdentity } : {}),
+  };
   const plain = new http.Agent(pool);
   const systemRoots = new https.Agent(pool);
   // One pool per TLS material: after a rotation new connections use the new files, open ones finish.
@@ -2735,97 +3558,114 @@ export function nodeSend(http: NodeHttp, https: NodeHttp, { pooled = true, check
     let agent = secure.get(tls);
     if (!agent) {
       // Verification stays on (rejectUnauthorized is Node's default); `ca` replaces the system roots.
-      agent = new https.Agent({ ...pool, ca: tls.ca, cert: tls.cert, key: tls.key, minVersion: tls.minVersion } as object);
+      agent = new https.Agent(
+        { ...pool, ca: tls.ca, cert: tls.cert, key: tls.key, minVersion: tls.minVersion } as object,
+      );
       secure.set(tls, agent);
     }
     return agent;
   };
-  return (target, pathAndQuery, init) => new Promise<Reply>((resolve, reject) => {
-    // A flat list keeps the app's header order and repeats; Node then adds no Host of its own.
-    const whole = init.body instanceof Uint8Array;
-    const streamed = init.body !== null && !whole;
-    const headers = ['host', target.authority];
-    for (const [name, value] of init.headers) if (!whole || name !== 'content-length') headers.push(name, value);
-    if (whole) headers.push('content-length', String((init.body as Uint8Array).byteLength));
-    // A streamed body waits for the upstream's 100 Continue (RFC 9110 §10.1.1), as curl's large uploads do:
-    // an upstream that turns it down on its head alone (413, 401) is heard before a byte of it is sent. One
-    // that ignores Expect gets the body after CONTINUE_WAIT_MS.
-    if (streamed) headers.push('expect', '100-continue');
-    let req: ReturnType<NodeHttp['request']>;
-    try {
-      req = (target.https ? https : http).request({
-        method: init.method, headers, agent: target.https ? agentFor(init.tls) : plain,
-        host: target.address ?? target.hostname, port: target.port, path: requestTarget(target, pathAndQuery),
-        // The certificate must name the upstream (or UPSTREAM_SERVER_NAME), wherever discovery connected.
-        ...(target.https ? { servername: init.tls?.serverName ?? target.serverName } : {}),
-      });
-    } catch (err) { // a method or header the client will not write: nothing was sent
-      return reject(new ClientError(400, `the request cannot be sent: ${describeFailure(err)}`));
-    }
-    // The attempt's end, before the response or during its body, closes the upstream's connection.
-    init.cancel.on((reason) => req.destroy(reason instanceof Error ? reason : new Error(String(reason))));
-    req.on('error', reject);
-    // A 101 comes here, not as a response; the connection is then no longer HTTP, so it is closed.
-    req.on('upgrade', (_res, socket: { destroy(): void }) => {
-      socket.destroy();
-      reject(unaskedUpgrade());
-    });
-    req.on('response', (res) => {
-      const status = res.statusCode ?? 502;
-      const headers: HeaderList = [];
-      for (let i = 0; i < res.rawHeaders.length; i += 2) headers.push([res.rawHeaders[i].toLowerCase(), res.rawHeaders[i + 1]]);
-      const problem = responseHeadProblem(headers);
-      if (problem) {
-        res.destroy();
-        return reject(problem);
+  return (to, pathAndQuery, init) =>
+    new Promise<Reply>((resolve, reject) => {
+      // A flat list keeps the app's header order and repeats; Node then adds no Host of its own.
+      const whole = init.body instanceof Uint8Array;
+      const streamed = init.body !== null && !whole;
+      const headers = ['host', to.authority];
+      for (const [name, value] of init.headers) if (!whole || name !== 'content-length') headers.push(name, value);
+      if (whole) headers.push('content-length', String((init.body as Uint8Array).byteLength));
+      // A streamed body waits for the upstream's 100 Continue (RFC 9110 §10.1.1), as curl's large uploads do:
+      // an upstream that turns it down on its head alone (413, 401) is heard before a byte of it is sent. One
+      // that ignores Expect gets the body after CONTINUE_WAIT_MS.
+      if (streamed) headers.push('expect', '100-continue');
+      let req: ReturnType<NodeHttp['request']>;
+      try {
+        req = (to.https ? https : http).request({
+          method: init.method,
+          headers,
+          agent: to.https ? agentFor(init.tls) : plain,
+          host: to.address ?? to.hostname,
+          port: to.port,
+          path: upstreamTarget(to, pathAndQuery),
+          // The certificate must name the upstream (or UPSTREAM_SERVER_NAME), wherever discovery connected.
+          ...(to.https ? { servername: init.tls?.serverName ?? to.serverName } : {}),
+        });
+      } catch (err) { // a method or header the client will not write: nothing was sent
+        return reject(unsendable(err));
       }
-      const noBody = init.method === 'HEAD' || NULL_BODY_STATUS.has(status);
-      if (noBody) res.resume();
-      resolve({ status, statusText: res.statusMessage ?? '', headers, body: null, node: noBody ? undefined : res as unknown as NodeReadable });
-    });
-    const body = init.body;
-    if (body === null) req.end();
-    else if (body instanceof Uint8Array) req.end(body);
-    else {
-      // An upstream may also turn the body down while it is on its way (RFC 9112 §9.6: the client stops
-      // sending). Between chunks the event loop reads what has come in, so that answer is seen and the
-      // upload stops, rather than a write into the closing connection failing first and the answer being
-      // lost with it. An answer that is not a refusal (a response streamed back while the body still
-      // goes) lets the upload go on.
-      let stop = false;
-      let started = false;
-      let sentWhole = false;
-      const upload = async () => {
-        if (started) return;
-        started = true;
-        clearTimeout(unasked);
-        const reader = body.getReader();
-        try {
-          for (let next = await reader.read(); !next.done && !stop; next = await reader.read()) {
-            if (!req.write(next.value)) await new Promise((r) => req.once('drain', r));
-            await new Promise((r) => setImmediate(r));
-          }
-          if (stop) void reader.cancel().catch(() => {});
-          else (sentWhole = true), req.end();
-        } catch (err) {
-          req.destroy(err as Error);
-        }
-      };
-      const unasked = setTimeout(upload, CONTINUE_WAIT_MS);
-      req.once('continue', upload);
-      req.once('response', (res) => {
-        clearTimeout(unasked);
-        if (started && (res.statusCode ?? 0) < 400) return;
-        // Answered before the body was asked for, or turned down on its way: the rest is not sent, and the
-        // connection, left with a request it cannot finish, is closed once the answer has been read.
-        stop = true;
-        if (!started) void body.cancel().catch(() => {});
-        started = true;
-        res.once('end', () => sentWhole || req.destroy());
+      // The attempt's end, before the response or during its body, closes the upstream's connection.
+      init.cancel.on((reason) => req.destroy(reason instanceof Error ? reason : new Error(String(reason))));
+      req.on('error', reject);
+      // A 101 comes here, not as a response; the connection is then no longer HTTP, so it is closed.
+      req.on('upgrade', (_res, socket: { destroy(): void }) => {
+        socket.destroy();
+        reject(unaskedUpgrade());
       });
-      req.once('close', () => clearTimeout(unasked));
-    }
-  });
+      req.on('response', (res) => {
+        const status = res.statusCode ?? 502;
+        const headers: HeaderList = [];
+        for (let i = 0; i < res.rawHeaders.length; i += 2) {
+          headers.push([res.rawHeaders[i].toLowerCase(), res.rawHeaders[i + 1]]);
+        }
+        const problem = responseHeadProblem(headers);
+        if (problem) {
+          res.destroy();
+          return reject(problem);
+        }
+        const noBody = init.method === 'HEAD' || NULL_BODY_STATUS.has(status);
+        if (noBody) {
+          res.resume();
+        }
+        resolve({
+          status,
+          statusText: res.statusMessage ?? '',
+          headers,
+          body: null,
+          node: noBody ? undefined : res as unknown as NodeReadable,
+        });
+      });
+      const body = init.body;
+      if (body === null) req.end();
+      else if (body instanceof Uint8Array) req.end(body);
+      else {
+        // An upstream may also turn the body down while it is on its way (RFC 9112 §9.6: the client stops
+        // sending). Between chunks the event loop reads what has come in, so that answer is seen and the
+        // upload stops, rather than a write into the closing connection failing first and the answer being
+        // lost with it. An answer that is not a refusal (a response streamed back while the body still
+        // goes) lets the upload go on.
+        let stop = false;
+        let started = false;
+        let sentWhole = false;
+        const upload = async () => {
+          if (started) return;
+          started = true;
+          clearTimeout(unasked);
+          const reader = body.getReader();
+          try {
+            for (let next = await reader.read(); !next.done && !stop; next = await reader.read()) {
+              if (!req.write(next.value)) await new Promise((r) => req.once('drain', r));
+              await new Promise((r) => setImmediate(r));
+            }
+            if (stop) void reader.cancel().catch(() => {});
+            else (sentWhole = true), req.end();
+          } catch (err) {
+            req.destroy(err as Error);
+          }
+        };
+        const unasked = setTimeout(upload, CONTINUE_WAIT_MS);
+        req.once('continue', upload);
+        req.once('response', (res) => {
+          clearTimeout(unasked);
+          if (started && (res.statusCode ?? 0) < 400) return;
+          // Answered before the body was asked for, or turned down on its way: the rest is not sent, and the
+          // connection, left with a request it cannot finish, is closed once the answer has been read.
+          stop = true;
+          if (!started) void body.cancel().catch(() => {});
+          started = true;
+          res.once('end', () => sentWhole || req.destroy());
+        });
+        req.once('close', () => clearTimeout(unasked));
+      }
+    });
 }
 
 /** How long a streamed upload waits for the upstream's 100 Continue before it is sent anyway (curl's wait). */
@@ -2836,39 +3676,52 @@ type CheckServerIdentity = (hostname: string, cert: { subjectaltname?: string })
 
 /** The name check of Node's TLS (also Bun's), without its fallback to the Common Name of a certificate
  * that has no subjectAltName: RFC 6125 §6.4.4 and every browser require the SAN. Deno's client already does. */
-function subjectAltNameOnly(tls: { checkServerIdentity(hostname: string, cert: never): Error | undefined }): CheckServerIdentity {
-  return (hostname, cert) => cert.subjectaltname
-    ? tls.checkServerIdentity(hostname, cert as never)
-    : Object.assign(new Error(`the certificate for ${hostname} has no subjectAltName, and its Common Name is not checked`), { code: 'ERR_TLS_CERT_ALTNAME_INVALID' });
-}
-
-/** A Send made the first time it is needed. */
-function lazySend(make: () => Promise<Send>): Send {
-  let made: Promise<Send> | undefined;
-  return async (target, pathAndQuery, init) => (await (made ??= make()))(target, pathAndQuery, init);
+function subjectAltNameOnly(
+  tls: { checkServerIdentity(hostname: string, cert: never): Error | undefined },
+): CheckServerIdentity {
+  return (hostname, cert) =>
+    cert.subjectaltname ? tls.checkServerIdentity(hostname, cert as never) : Object.assign(
+      new Error(`the certificate for ${hostname} has no subjectAltName, and its Common Name is not checked`),
+      { code: 'ERR_TLS_CERT_ALTNAME_INVALID' },
+    );
 }
 
 /** Node's resolver: A and AAAA records with their TTL; a name only the hosts file knows (localhost, a
  * pod's hostAliases) through getaddrinfo, which tells no TTL. */
 export function nodeResolve(dns: Pick<typeof import('node:dns'), 'promises'>): Resolve {
   return async (hostname) => {
-    const answers = await Promise.allSettled([dns.promises.resolve4(hostname, { ttl: true }), dns.promises.resolve6(hostname, { ttl: true })]);
+    const answers = await Promise.allSettled([
+      dns.promises.resolve4(hostname, { ttl: true }),
+      dns.promises.resolve6(hostname, { ttl: true }),
+    ]);
     const records = answers.flatMap((a) => (a.status === 'fulfilled' ? a.value : []));
-    if (records.length > 0) return { addresses: records.map((r) => r.address), ttlMs: Math.min(...records.map((r) => r.ttl)) * 1000 };
+    if (records.length > 0) {
+      return {
+        addresses: records.map((r) => r.address),
+        ttlMs: Math.min(...records.map((r) => r.ttl)) * 1000,
+      };
+    }
     return { addresses: (await dns.promises.lookup(hostname, { all: true })).map((a) => a.address) };
   };
 }
 
-async function listenNode(fetchHandler: FetchHandler, host: string, port: number): Promise<Listener> {
+/** Node's server: @hono/node-server over node:http, each request handed to the proxy app as a `NodeAppRequest`. */
+async function listenNode(handler: ProxyHandler, host: string, port: number): Promise<Listener> {
   const { createAdaptorServer } = await import('@hono/node-server');
+  const { RESPONSE_ALREADY_SENT } = await import('@hono/node-server/utils/response');
   const { createServer } = await import('node:http');
   const server = createAdaptorServer({
-    fetch: fetchHandler as never, hostname: host,
+    fetch: ((req: Request, env: { incoming: NodeIncoming; outgoing: NodeOutgoing }) =>
+      handler(req, new NodeAppRequest(env.incoming, env.outgoing, RESPONSE_ALREADY_SENT))) as never,
+    hostname: host,
     // The adapter cannot make a URL of the target `*` (OPTIONS *): it reaches the handler as `/`, marked.
-    createServer: ((options: object, listener: (req: { url?: string; asterisk?: boolean }, res: unknown) => void) => createServer(options, (req, res) => {
-      if (req.url === '*') Object.assign(req, { url: '/', asterisk: true });
-      listener(req, res);
-    })) as never,
+    createServer: ((options: object, listener: (req: { url?: string; asterisk?: boolean }, res: unknown) => void) =>
+      createServer(options, (req, res) => {
+        if (req.url === '*') {
+          Object.assign(req, { url: '/', asterisk: true });
+        }
+        listener(req, res);
+      })) as never,
   }) as import('node:http').Server;
   // Longer than the idle timeouts of common clients (Go keeps idle connections 90 s, Node's agents
   // less), so the app is not the one reusing a connection the ambassador is closing.
@@ -2900,27 +3753,34 @@ async function listenNode(fetchHandler: FetchHandler, host: string, port: number
   return {
     port: await listenOnPort(server, host, port),
     settleMs: 0,
-    close: () => new Promise<void>((resolve) => {
-      // A connection turns idle only after its last response, so idle ones are looked for again and again;
-      // a half-sent request head counts as idle too, so it cannot hold the drain.
-      const sweep = setInterval(() => {
-        const now = performance.now();
-        for (const [socket, state] of sockets) if (state.busy === 0 && now - state.idleSince >= DRAIN_IDLE_MS) socket.destroy();
-      }, 50);
-      // net.Server's close stops accepting; http.Server's (Node ≥ 19) would also close every idle connection
-      // at once, and reset a request already on its way on one.
-      NetServer.prototype.close.call(server, () => {
-        clearInterval(sweep);
-        resolve();
-      });
-    }),
+    close: () =>
+      new Promise<void>((resolve) => {
+        // A connection turns idle only after its last response, so idle ones are looked for again and again;
+        // a half-sent request head counts as idle too, so it cannot hold the drain.
+        const sweep = setInterval(() => {
+          const now = performance.now();
+          for (const [socket, state] of sockets) {
+            if (state.busy === 0 && now - state.idleSince >= DRAIN_IDLE_MS) socket.destroy();
+          }
+        }, 50);
+        // net.Server's close stops accepting; http.Server's (Node ≥ 19) would also close every idle connection
+        // at once, and reset a request already on its way on one.
+        NetServer.prototype.close.call(server, () => {
+          clearInterval(sweep);
+          resolve();
+        });
+      }),
     cutOff: () => server.closeAllConnections(),
     connections: () => sockets.size,
   };
 }
 
 /** Has a node:net or node:http server listen on host:port, and says which port it got (port 0: any). */
-function listenOnPort(server: Pick<import('node:net').Server, 'once' | 'off' | 'listen' | 'address'>, host: string, port: number): Promise<number> {
+function listenOnPort(
+  server: Pick<import('node:net').Server, 'once' | 'off' | 'listen' | 'address'>,
+  host: string,
+  port: number,
+): Promise<number> {
   return new Promise<number>((resolve, reject) => {
     server.once('error', reject);
     server.listen(port, host, () => {
@@ -2931,67 +3791,141 @@ function listenOnPort(server: Pick<import('node:net').Server, 'once' | 'off' | '
   });
 }
 
-// Deno: fetch (node:http for a streamed upload with a length), Deno's resolver, Deno.serve.
-
-interface DenoHttpClient {
-  close(): void;
+async function nodeReadFile(): Promise<ReadFile> {
+  const fs = await import('node:fs');
+  return (path) => fs.readFileSync(path, 'utf8');
 }
 
-/** Deno's upstream client: fetch. An address found by discovery is reached by URL with the upstream's name
- * kept in Host (`allowHost`); an https:// upstream is always reached by name, which its certificate must
- * carry. A streamed body whose Content-Length the app gave goes by `withLength` instead (`nodeSend`, one
- * connection per request): Deno's fetch sends every streamed body chunked, which S3-style upstreams
- * refuse, and Deno's node:http, which keeps the length, resends a request — a POST too — on a reused
- * keep-alive connection that fails under it, so it never gets one to reuse. */
-function fetchSend(d: DenoLike, withLength: Send): Send {
-  // Deno's client sends a request again, on a new connection, when a reused one closes under it — even a
-  // POST the upstream has already read. A request that must not be repeated therefore never goes on a
-  // reused connection: its clients keep none idle (`once`).
-  type Clients = { pooled?: DenoHttpClient; once?: DenoHttpClient };
-  const pick = (set: Clients, options: Parameters<DenoLike['createHttpClient']>[0], once: boolean) =>
-    once ? (set.once ??= d.createHttpClient({ ...options, poolMaxIdlePerHost: 0 })) : (set.pooled ??= d.createHttpClient(options));
-  const byTls = new WeakMap<TlsMaterial, Clients>();
-  const plain: Clients = {};
-  const byAddress: Clients = {};
-  const clientFor = (tls: TlsMaterial, once: boolean) => {
-    let set = byTls.get(tls);
-    if (!set) byTls.set(tls, (set = {}));
-    return pick(set, { caCerts: tls.ca ? [tls.ca] : undefined, ...(tls.cert && tls.key ? { cert: tls.cert, key: tls.key } : {}) }, once);
-  };
-  return async (target, pathAndQuery, init) => {
-    if (init.body instanceof ReadableStream && headerValue(init.headers, 'content-length') !== null) return withLength(target, pathAndQuery, init);
-    const once = !IDEMPOTENT.has(init.method) && headerValue(init.headers, 'idempotency-key') === null;
-    let url = target.prefix + pathAndQuery;
-    let headers = init.headers;
-    let client: DenoHttpClient | undefined = once ? pick(plain, {}, true) : undefined;
-    if (init.tls) client = clientFor(init.tls, once);
-    else if (target.address !== null) {
-      url = addressUrl(target, pathAndQuery);
-      headers = [['host', target.authority], ...headers];
-      client = pick(byAddress, { allowHost: true }, once);
+/** Node: a secure context finds a key that is not its certificate's; each CA certificate is parsed on its
+ * own, since a secure context passes over a CA block it cannot read. */
+function nodeCheckTls(
+  tls: Pick<typeof import('node:tls'), 'createSecureContext'>,
+  crypto: Pick<typeof import('node:crypto'), 'X509Certificate'>,
+): CheckTls {
+  return (m) => {
+    if (m.ca !== undefined) {
+      const blocks = m.ca.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
+      if (blocks.length === 0) throw new Error('no CERTIFICATE block in the CA file');
+      for (const block of blocks) new crypto.X509Certificate(block);
     }
-    const abort = new AbortController();
-    init.cancel.on((reason) => abort.abort(reason));
-    let res: Response;
-    try {
-      // `duplex: 'half'` lets fetch send a streamed body; redirects are the app's business, not ours.
-      res = await fetch(url, { method: init.method, headers, body: init.body, signal: abort.signal, client, redirect: 'manual', duplex: 'half' } as RequestInit);
-    } catch (err) {
-      // fetch raises TypeError both for a request it will not make and for a network failure ("fetch
-      // failed", with the cause). The first is the app's request at fault, and nothing was sent.
-      if (err instanceof TypeError && err.cause === undefined && !/fetch failed/i.test(err.message)) {
-        throw new ClientError(400, `the request cannot be sent: ${describeFailure(err)}`);
-      }
-      throw err;
-    }
-    return replyOf(res);
+    tls.createSecureContext({ ca: m.ca, cert: m.cert, key: m.key, minVersion: m.minVersion });
   };
 }
 
-/** The URL a fetch client is given for an address discovery found (the upstream's name goes in Host). */
-function addressUrl(target: Target, pathAndQuery: string): string {
-  const address = target.address!.includes(':') ? `[${target.address}]` : target.address;
-  return `${target.https ? 'https' : 'http'}://${address}:${target.port}${requestTarget(target, pathAndQuery)}`;
+/** What Node and Bun share: Node's file, TLS, DNS and process APIs (Bun has them too). */
+async function nodeBuiltins(): Promise<
+  Pick<Runtime, 'readFile' | 'checkTls' | 'resolve' | 'usage' | 'env' | 'onSignal' | 'exit'>
+> {
+  return {
+    readFile: await nodeReadFile(),
+    checkTls: nodeCheckTls(await import('node:tls'), await import('node:crypto')),
+    resolve: nodeResolve(await import('node:dns')),
+    usage: processUsage,
+    env: () => process.env,
+    onSignal: (signal, f) => void process.on(signal, f),
+    exit: (code) => process.exit(code),
+  };
+}
+
+export async function nodeRuntime(): Promise<Runtime> {
+  return {
+    ...await nodeBuiltins(),
+    name: 'node',
+    tlsByAddress: true,
+    tlsLimits: null,
+    send: nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp, {
+      checkServerIdentity: subjectAltNameOnly(await import('node:tls')),
+    }),
+    listen: (handler, host, port) => listenNode(handler, host, port),
+  };
+}
+
+// --- What Deno and Bun share: a server that hands over a `Request`, and `fetch` to the upstream ----------
+
+/** A request as Deno's and Bun's servers hand it over: a `Request` whose URL they made of the target and
+ * the Host header. `direct`: Bun, whose "direct" streams pass a body on without a stream queue. */
+class FetchAppRequest implements AppRequest {
+  readonly method: string;
+  readonly target: string;
+  readonly seen: string;
+  readonly urlHost: string;
+  readonly headers: HeaderList;
+  readonly peer: string | undefined;
+  private readonly request: Request;
+  private readonly direct: boolean;
+
+  constructor(request: Request, peer: string | undefined, direct: boolean) {
+    this.request = request;
+    this.direct = direct;
+    const url = parseUrl(request.url);
+    this.method = request.method;
+    this.target = url.pathname + url.search;
+    this.seen = request.url;
+    this.urlHost = url.host;
+    this.headers = [...request.headers];
+    this.peer = peer;
+  }
+
+  body(): BodySource | null {
+    const reader = this.request.body?.getReader();
+    if (!reader) return null;
+    const cancel = (reason: unknown) => reader.cancel(reason).catch(noop);
+    return { next: () => reader.read(), cancel, giveUp: cancel };
+  }
+
+  /** The request's signal, whose listener is removed when the response is done: Deno aborts
+   * request.signal after a successful response too (unless run with --unstable-no-legacy-abort, as
+   * deno.json asks), and that must not reach a finished exchange. */
+  onGone(f: (reason: unknown) => void): () => void {
+    const signal = this.request.signal;
+    const onAbort = () => f(signal.reason);
+    signal.addEventListener('abort', onAbort, { once: true });
+    return () => signal.removeEventListener('abort', onAbort);
+  }
+
+  respond(reply: Reply, done?: BodyDone, idleMs = 0): Response {
+    return webResponse(reply, done, idleMs, this.direct);
+  }
+}
+
+/** The request's URL. Deno makes it from the Host header, so a Host that is no host (`a b`, `one, two`)
+ * gives a URL that does not parse: it stands as one that `earlyAnswer` turns away (400). */
+function parseUrl(url: string): URL {
+  try {
+    return new URL(url);
+  } catch {
+    return new URL('http://invalid.host./');
+  }
+}
+
+/** Where a fetch client sends an attempt: the URL, and the headers. An address discovery found goes in the
+ * URL, the upstream's name in Host (and, for https://, in the name the certificate is verified against). */
+function fetchTarget(to: Destination, pathAndQuery: string, headers: HeaderList): { url: string; headers: HeaderList } {
+  if (to.address === null) return { url: to.baseUrl + pathAndQuery, headers };
+  const url = `${to.https ? 'https' : 'http'}://${bracketed(to.address)}:${to.port}${upstreamTarget(to, pathAndQuery)}`;
+  return { url, headers: [['host', to.authority], ...headers] };
+}
+
+/** What a fetch is given for an attempt: its method, headers and body; the attempt's cancellation as its
+ * signal; redirects left to the app (they are its business, not ours); `duplex: 'half'`, so a streamed body
+ * can be sent; and `extra`, the runtime's own options. */
+function fetchInit(init: Parameters<Send>[2], headers: HeaderList, extra: object): RequestInit {
+  return {
+    method: init.method,
+    headers,
+    body: init.body,
+    signal: signalOf(init.cancel),
+    redirect: 'manual',
+    duplex: 'half',
+    ...extra,
+  } as RequestInit;
+}
+
+/** The attempt's cancellation as the AbortSignal a fetch takes. */
+function signalOf(cancel: Cancel): AbortSignal {
+  const abort = new AbortController();
+  cancel.on((reason) => abort.abort(reason));
+  return abort.signal;
 }
 
 /** A fetch response as a `Reply` (Deno's and Bun's clients), held to the same head rules as Node's. */
@@ -3005,24 +3939,65 @@ async function replyOf(res: Response): Promise<Reply> {
   return { status: res.status, statusText: res.statusText, headers, body: res.body };
 }
 
-/** Deno's resolver: A and AAAA records (Deno.resolveDns tells no TTL). */
-function denoResolve(d: DenoLike): Resolve {
-  return async (hostname) => {
-    const answers = await Promise.allSettled([d.resolveDns(hostname, 'A'), d.resolveDns(hostname, 'AAAA')]);
-    const addresses = answers.flatMap((a) => (a.status === 'fulfilled' ? a.value : []));
-    if (addresses.length === 0) throw answers.find((a) => a.status === 'rejected')?.reason ?? new Error('no addresses');
-    return { addresses };
+// --- Deno: Deno.serve, fetch to the upstream (node:http for an upload with a length), Deno's resolver --
+
+/** Deno's API as used here, typed locally: the file needs no Deno types. */
+interface DenoLike {
+  serve(options: {
+    hostname: string;
+    port: number;
+    signal: AbortSignal;
+    onListen?: (addr: unknown) => void;
+    handler: (req: Request, info: { remoteAddr: { hostname: string } }) => Response | Promise<Response>;
+  }): { addr: { port: number }; shutdown(): Promise<void>; finished: Promise<void> };
+  addSignalListener(signal: string, handler: () => void): void;
+  env: { toObject(): Record<string, string> };
+  exit(code: number): never;
+  mainModule: string;
+  createHttpClient(
+    options: { caCerts?: string[]; cert?: string; key?: string; allowHost?: boolean; poolMaxIdlePerHost?: number },
+  ): DenoHttpClient;
+  readTextFileSync(path: string): string;
+  resolveDns(query: string, type: 'A' | 'AAAA'): Promise<string[]>;
+}
+
+interface DenoHttpClient {
+  close(): void;
+}
+
+function denoRuntime(d: DenoLike): Runtime {
+  // Deno imports node:http only when a streamed upload with a length first needs it (see `fetchSend`).
+  const withLength = lazySend(async () =>
+    nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp, { pooled: false })
+  );
+  return {
+    name: 'deno',
+    send: fetchSend(d, withLength),
+    resolve: denoResolve(d),
+    readFile: (path) => d.readTextFileSync(path),
+    checkTls: denoCheckTls(d),
+    tlsByAddress: false,
+    tlsLimits: { runtime: 'Deno', client: 'client', serverName: false },
+    // Deno has Node's `process` as a global too.
+    usage: processUsage,
+    env: () => d.env.toObject(),
+    listen: (handler, host, port, work) => Promise.resolve(listenDeno(d, handler, host, port, work)),
+    onSignal: (signal, f) => d.addSignalListener(signal, f),
+    exit: (code) => d.exit(code),
   };
 }
 
 /** Deno's server cuts off request bodies still arriving when it shuts down, so `close` first waits for
  * `uploadsRead` (the drain's deadline still bounds it). It cannot stop accepting without closing idle
  * connections at once: the drain lets it go on accepting for DRAIN_IDLE_MS first (`settleMs`). */
-function listenDeno(d: DenoLike, fetchHandler: FetchHandler, host: string, port: number, work: Work): Listener {
+function listenDeno(d: DenoLike, handler: ProxyHandler, host: string, port: number, work: Work): Listener {
   const abort = new AbortController();
   const server = d.serve({
-    hostname: host, port, signal: abort.signal, onListen: () => {},
-    handler: (req, info) => fetchHandler(req, { remoteAddr: info.remoteAddr.hostname }),
+    hostname: host,
+    port,
+    signal: abort.signal,
+    onListen: () => {},
+    handler: (req, info) => handler(req, new FetchAppRequest(req, info.remoteAddr.hostname, false)),
   });
   let closing = false;
   return {
@@ -3038,7 +4013,185 @@ function listenDeno(d: DenoLike, fetchHandler: FetchHandler, host: string, port:
   };
 }
 
-// The admin port: one small server over node:net, the same on every runtime.
+/** Deno's upstream client: fetch. An address found by discovery is reached by URL with the upstream's name
+ * kept in Host (`allowHost`); an https:// upstream is always reached by name, which its certificate must
+ * carry. A streamed body whose Content-Length the app gave goes by `withLength` instead (`nodeSend`, one
+ * connection per request): Deno's fetch sends every streamed body chunked, which S3-style upstreams
+ * refuse, and Deno's node:http, which keeps the length, resends a request — a POST too — on a reused
+ * keep-alive connection that fails under it, so it never gets one to reuse. */
+function fetchSend(d: DenoLike, withLength: Send): Send {
+  // Deno's client sends a request again, on a new connection, when a reused one closes under it — even a
+  // POST the upstream has already read. A request that must not be repeated therefore never goes on a
+  // reused connection: its clients keep none idle (`unpooled`).
+  type Clients = { pooled?: DenoHttpClient; unpooled?: DenoHttpClient };
+  const pick = (set: Clients, options: Parameters<DenoLike['createHttpClient']>[0], unrepeatable: boolean) =>
+    unrepeatable
+      ? (set.unpooled ??= d.createHttpClient({ ...options, poolMaxIdlePerHost: 0 }))
+      : (set.pooled ??= d.createHttpClient(options));
+  const byTls = new WeakMap<TlsMaterial, Clients>();
+  const plain: Clients = {};
+  const byAddress: Clients = {};
+  const clientFor = (tls: TlsMaterial, unrepeatable: boolean) => {
+    let set = byTls.get(tls);
+    if (!set) byTls.set(tls, set = {});
+    return pick(set, {
+      caCerts: tls.ca ? [tls.ca] : undefined,
+      ...(tls.cert && tls.key ? { cert: tls.cert, key: tls.key } : {}),
+    }, unrepeatable);
+  };
+  return async (to, pathAndQuery, init) => {
+    if (init.body instanceof ReadableStream && headerValue(init.headers, 'content-length') !== null) {
+      return withLength(to, pathAndQuery, init);
+    }
+    const unrepeatable = !IDEMPOTENT.has(init.method) && headerValue(init.headers, 'idempotency-key') === null;
+    const { url, headers } = fetchTarget(to, pathAndQuery, init.headers);
+    let client: DenoHttpClient | undefined;
+    if (init.tls) client = clientFor(init.tls, unrepeatable);
+    else if (to.address !== null) client = pick(byAddress, { allowHost: true }, unrepeatable);
+    else if (unrepeatable) client = pick(plain, {}, true);
+    let res: Response;
+    try {
+      res = await fetch(url, fetchInit(init, headers, { client }));
+    } catch (err) {
+      // fetch raises TypeError both for a request it will not make and for a network failure ("fetch
+      // failed", with the cause). The first is the app's request at fault, and nothing was sent.
+      if (err instanceof TypeError && err.cause === undefined && !/fetch failed/i.test(err.message)) {
+        throw unsendable(err);
+      }
+      throw err;
+    }
+    return replyOf(res);
+  };
+}
+
+/** A Send made the first time it is needed. */
+function lazySend(make: () => Promise<Send>): Send {
+  let made: Promise<Send> | undefined;
+  return async (to, pathAndQuery, init) => (await (made ??= make()))(to, pathAndQuery, init);
+}
+
+/** Deno's resolver: A and AAAA records (Deno.resolveDns tells no TTL). */
+function denoResolve(d: DenoLike): Resolve {
+  return async (hostname) => {
+    const answers = await Promise.allSettled([d.resolveDns(hostname, 'A'), d.resolveDns(hostname, 'AAAA')]);
+    const addresses = answers.flatMap((a) => (a.status === 'fulfilled' ? a.value : []));
+    if (addresses.length === 0) throw answers.find((a) => a.status === 'rejected')?.reason ?? new Error('no addresses');
+    return { addresses };
+  };
+}
+
+function denoCheckTls(d: DenoLike): CheckTls {
+  return (m) =>
+    d.createHttpClient({ caCerts: m.ca ? [m.ca] : undefined, ...(m.cert && m.key ? { cert: m.cert, key: m.key } : {}) })
+      .close();
+}
+
+// --- Bun: Bun.serve, Bun's fetch to the upstream, Node's resolver, files and TLS (Bun has them) -----------
+
+/** Bun's server and the parts of its API used here, typed locally like `DenoLike`: the file needs no Bun types. */
+interface BunLike {
+  serve(options: {
+    hostname: string;
+    port: number;
+    idleTimeout: number;
+    maxRequestBodySize: number;
+    fetch(req: Request, server: BunServer): Response | Promise<Response>;
+  }): BunServer;
+}
+interface BunServer {
+  port: number;
+  /** stops accepting; idle keep-alive connections close at once, busy ones after their response; true: all now */
+  stop(closeActiveConnections?: boolean): Promise<void>;
+  requestIP(req: Request): { address: string } | null;
+}
+
+async function bunRuntime(b: BunLike): Promise<Runtime> {
+  return {
+    ...await nodeBuiltins(),
+    name: 'bun',
+    send: bunSend(subjectAltNameOnly(await import('node:tls'))),
+    tlsByAddress: true,
+    tlsLimits: { runtime: 'Bun', client: 'fetch', serverName: true },
+    listen: (handler, host, port, work) => Promise.resolve(listenBun(b, handler, host, port, work)),
+  };
+}
+
+/** Bun's server stops accepting and closes idle connections itself (`stop`), at once: the drain lets it go
+ * on accepting for DRAIN_IDLE_MS first (`settleMs`). A connection holding half a request head is not idle
+ * to Bun, so once no request has been in flight for DRAIN_IDLE_MS what is left is closed. Its idle timeout
+ * is off: Bun counts a request waiting on a slow upstream as idle (and allows at most 255 s), while
+ * TRY_TIMEOUT_MS, REQUEST_TIMEOUT_MS and BODY_IDLE_TIMEOUT_MS already bound every wait; idle connections
+ * are left to the app's client to close. The body size is not capped, as on the other runtimes. */
+function listenBun(b: BunLike, handler: ProxyHandler, host: string, port: number, work: Work): Listener {
+  const server = b.serve({
+    hostname: host,
+    port,
+    idleTimeout: 0,
+    maxRequestBodySize: Number.MAX_SAFE_INTEGER,
+    fetch: (req, srv) => handler(req, new FetchAppRequest(req, srv.requestIP(req)?.address, true)),
+  });
+  return {
+    port: server.port,
+    settleMs: DRAIN_IDLE_MS,
+    close: () =>
+      new Promise<void>((resolve) => {
+        let quietSince = performance.now();
+        const sweep = setInterval(() => {
+          const now = performance.now();
+          if (work.inFlight() > 0) quietSince = now;
+          else if (now - quietSince >= DRAIN_IDLE_MS) void server.stop(true);
+        }, 50);
+        void server.stop().then(() => {
+          clearInterval(sweep);
+          resolve();
+        });
+      }),
+    cutOff: () => void server.stop(true),
+  };
+}
+
+/** Bun's upstream client: its fetch, with the route's TLS material per request (`tls`). An address found
+ * by discovery is reached as `fetchTarget` says, and for https:// the certificate is verified against the
+ * upstream's name. */
+function bunSend(checkServerIdentity: CheckServerIdentity): Send {
+  return async (to, pathAndQuery, init) => {
+    const { url, headers } = fetchTarget(to, pathAndQuery, init.headers);
+    const tls = to.https
+      ? {
+        rejectUnauthorized: true,
+        serverName: init.tls?.serverName ?? to.serverName,
+        checkServerIdentity,
+        ...(init.tls?.ca ? { ca: init.tls.ca } : {}),
+        ...(init.tls?.cert && init.tls.key ? { cert: init.tls.cert, key: init.tls.key } : {}),
+      }
+      : undefined;
+    let res: Response;
+    try {
+      res = await fetch(url, fetchInit(init, headers, { decompress: false, tls }));
+    } catch (err) {
+      if (init.cancel.aborted) throw init.cancel.reason;
+      // A request Bun's fetch will not make is a TypeError with no code: nothing was sent.
+      if (err instanceof TypeError && (err as { code?: string }).code === undefined) throw unsendable(err);
+      throw bunFailure(err);
+    }
+    return replyOf(res);
+  };
+}
+
+/** Bun's fetch names a failure by its `code` and adds the URL and a hint to the message: the code is kept
+ * (`classifyFailure` reads it), the rest dropped; its unasked 101 is the same failure as on Node. */
+function bunFailure(err: unknown): unknown {
+  const { code, message } = err as { code?: unknown; message?: unknown };
+  if (typeof code !== 'string' || typeof message !== 'string') return err;
+  if (code === 'UnrequestedUpgrade') return unaskedUpgrade();
+  const text = message.replace(/ fetching "[^"]*"/, '').replace(
+    /\.? For more information, pass `verbose: true`[\s\S]*$/,
+    '',
+  );
+  return Object.assign(new Error(text.startsWith(code) ? text : `${code}: ${text}`), { code });
+}
+
+// --- The admin port: one small server over node:net, the same on every runtime -----------------------------
 
 /** The admin listener's bounds. It listens on every address by default (the kubelet's probes and
  * Prometheus come from outside the pod), so no client may hold it: one request per connection, its head
@@ -3049,23 +4202,46 @@ function listenDeno(d: DenoLike, fetchHandler: FetchHandler, host: string, port:
 const ADMIN_HEAD_TIMEOUT_MS = 5_000;
 const ADMIN_MAX_CONNECTIONS = 64;
 const ADMIN_MAX_HEAD_BYTES = 8 * 1024;
-const ADMIN_REASONS: Record<number, string> = { 200: 'OK', 202: 'Accepted', 400: 'Bad Request', 403: 'Forbidden', 404: 'Not Found',
-  405: 'Method Not Allowed', 408: 'Request Timeout', 431: 'Request Header Fields Too Large', 500: 'Internal Server Error', 503: 'Service Unavailable' };
+const ADMIN_REASONS: Record<number, string> = {
+  200: 'OK',
+  202: 'Accepted',
+  400: 'Bad Request',
+  403: 'Forbidden',
+  404: 'Not Found',
+  405: 'Method Not Allowed',
+  408: 'Request Timeout',
+  431: 'Request Header Fields Too Large',
+  500: 'Internal Server Error',
+  503: 'Service Unavailable',
+};
+
+/** The admin app's `fetch`: the request, and who sent it (Hono's `env`). */
+type AdminHandler = (req: Request, env: AdminPeer) => Response | Promise<Response>;
 
 /** Serves the admin app: reads one request head (no body: the admin endpoints take none), answers it, and
  * closes the connection. */
-async function listenAdmin(fetchHandler: FetchHandler, host: string, port: number): Promise<Listener> {
+async function listenAdmin(handler: AdminHandler, host: string, port: number): Promise<Listener> {
   const net = await import('node:net');
   type Socket = InstanceType<typeof net.Socket>;
   const sockets = new Set<Socket>();
   const serving = new Set<Socket>(); // a request read, its answer not yet written: cutOff lets it finish
   const answer = (socket: Socket, status: number, headers: Array<[string, string]>, body: Uint8Array) => {
     let head = `HTTP/1.1 ${status} ${ADMIN_REASONS[status] ?? ''}\r\n`;
-    for (const [name, value] of headers) if (name !== 'content-length' && name !== 'connection' && name !== 'transfer-encoding') head += `${name}: ${value}\r\n`;
+    for (const [name, value] of headers) {
+      if (name !== 'content-length' && name !== 'connection' && name !== 'transfer-encoding') {
+        head += `${name}: ${value}\r\n`;
+      }
+    }
     const bytes = new TextEncoder().encode(`${head}content-length: ${body.byteLength}\r\nconnection: close\r\n\r\n`);
     socket.end(concat([bytes, body], bytes.byteLength + body.byteLength));
   };
-  const refuse = (socket: Socket, status: number, text: string) => answer(socket, status, [['content-type', 'text/plain; charset=utf-8']], new TextEncoder().encode(`ambassador: ${text}\n`));
+  const refuse = (socket: Socket, status: number, text: string) =>
+    answer(
+      socket,
+      status,
+      [['content-type', 'text/plain; charset=utf-8']],
+      new TextEncoder().encode(`ambassador: ${text}\n`),
+    );
   const serve = async (socket: Socket, head: string) => {
     const [line, ...fields] = head.split('\r\n');
     const request = /^([A-Z]{1,16}) (\/[\x21-\x7e]*) HTTP\/1\.[01]$/.exec(line);
@@ -3075,13 +4251,15 @@ async function listenAdmin(fetchHandler: FetchHandler, host: string, port: numbe
       const m = /^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([\x20-\x7e\t]*?)[ \t]*$/.exec(field);
       if (!m) return refuse(socket, 400, 'a header field that is not one');
       const name = m[1].toLowerCase();
-      if ((name === 'content-length' && m[2] !== '0') || name === 'transfer-encoding') return refuse(socket, 400, 'the admin endpoints take no request body');
+      if ((name === 'content-length' && m[2] !== '0') || name === 'transfer-encoding') {
+        return refuse(socket, 400, 'the admin endpoints take no request body');
+      }
       headers.push([name, m[2]]);
     }
     const [, method, target] = request;
     let res: Response;
     try {
-      res = await fetchHandler(new Request(`http://admin${target}`, { method, headers }), { remoteAddr: socket.remoteAddress });
+      res = await handler(new Request(`http://admin${target}`, { method, headers }), { peer: socket.remoteAddress });
     } catch {
       return refuse(socket, 400, 'a request the admin endpoints cannot read');
     }
@@ -3122,10 +4300,11 @@ async function listenAdmin(fetchHandler: FetchHandler, host: string, port: numbe
     port: await listenOnPort(server, host, port),
     settleMs: 0,
     // Stops accepting, closes what is not being answered, and resolves once every answer has gone out.
-    close: () => new Promise<void>((resolve) => {
-      server.close(() => resolve());
-      for (const socket of sockets) if (!serving.has(socket)) socket.destroy();
-    }),
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        for (const socket of sockets) if (!serving.has(socket)) socket.destroy();
+      }),
     cutOff: () => {
       server.close();
       for (const socket of sockets) socket.destroy();
@@ -3133,204 +4312,50 @@ async function listenAdmin(fetchHandler: FetchHandler, host: string, port: numbe
   };
 }
 
-// Bun: Bun.serve, Bun's fetch.
+// =========================================================================================================
+// main: configure, listen, drain on SIGTERM; run only when this file is the program.
+// =========================================================================================================
 
-/** Bun's server stops accepting and closes idle connections itself (`stop`), at once: the drain lets it go
- * on accepting for DRAIN_IDLE_MS first (`settleMs`). A connection holding half a request head is not idle
- * to Bun, so once no request has been in flight for DRAIN_IDLE_MS what is left is closed. Its idle timeout
- * is off: Bun counts a request waiting on a slow upstream as idle (and allows at most 255 s), while
- * TRY_TIMEOUT_MS, REQUEST_TIMEOUT_MS and BODY_IDLE_TIMEOUT_MS already bound every wait; idle connections
- * are left to the app's client to close. The body size is not capped, as on the other runtimes. */
-function listenBun(b: BunLike, fetchHandler: FetchHandler, host: string, port: number, work: Work): Listener {
-  const server = b.serve({
-    hostname: host, port, idleTimeout: 0, maxRequestBodySize: Number.MAX_SAFE_INTEGER,
-    fetch: (req, srv) => fetchHandler(req, { remoteAddr: srv.requestIP(req)?.address }),
-  });
-  return {
-    port: server.port,
-    settleMs: DRAIN_IDLE_MS,
-    close: () => new Promise<void>((resolve) => {
-      let quietSince = performance.now();
-      const sweep = setInterval(() => {
-        const now = performance.now();
-        if (work.inFlight() > 0) quietSince = now;
-        else if (now - quietSince >= DRAIN_IDLE_MS) void server.stop(true);
-      }, 50);
-      void server.stop().then(() => {
-        clearInterval(sweep);
-        resolve();
-      });
-    }),
-    cutOff: () => void server.stop(true),
-  };
-}
-
-/** Bun's upstream client: its fetch, with the route's TLS material per request (`tls`). An address found
- * by discovery is reached by URL with the upstream's name kept in Host, and for https:// in the server
- * name the certificate is verified against. */
-function bunSend(checkServerIdentity: CheckServerIdentity): Send {
-  return async (target, pathAndQuery, init) => {
-    let url = target.prefix + pathAndQuery;
-    let headers = init.headers;
-    if (target.address !== null) {
-      url = addressUrl(target, pathAndQuery);
-      headers = [['host', target.authority], ...headers];
-    }
-    const abort = new AbortController();
-    init.cancel.on((reason) => abort.abort(reason));
-    const tls = target.https ? {
-      rejectUnauthorized: true, serverName: init.tls?.serverName ?? target.serverName, checkServerIdentity,
-      ...(init.tls?.ca ? { ca: init.tls.ca } : {}), ...(init.tls?.cert && init.tls.key ? { cert: init.tls.cert, key: init.tls.key } : {}),
-    } : undefined;
-    let res: Response;
-    try {
-      res = await fetch(url, { method: init.method, headers, body: init.body, signal: abort.signal, redirect: 'manual', decompress: false, tls, duplex: 'half' } as RequestInit);
-    } catch (err) {
-      if (init.cancel.aborted) throw init.cancel.reason;
-      if (err instanceof TypeError && (err as { code?: string }).code === undefined) throw new ClientError(400, `the request cannot be sent: ${describeFailure(err)}`);
-      throw bunFailure(err);
-    }
-    return replyOf(res);
-  };
-}
-
-/** Bun's fetch names a failure by its `code` and adds the URL and a hint to the message: the code is kept
- * (`classifyFailure` reads it), the rest dropped; its unasked 101 is the same failure as on Node. */
-function bunFailure(err: unknown): unknown {
-  const { code, message } = err as { code?: unknown; message?: unknown };
-  if (typeof code !== 'string' || typeof message !== 'string') return err;
-  if (code === 'UnrequestedUpgrade') return unaskedUpgrade();
-  const text = message.replace(/ fetching "[^"]*"/, '').replace(/\.? For more information, pass `verbose: true`[\s\S]*$/, '');
-  return Object.assign(new Error(text.startsWith(code) ? text : `${code}: ${text}`), { code });
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// The runtime seam: everything that differs between Node, Deno and Bun, in one object chosen once by main.
-// The next runtime is one more of these.
-// ---------------------------------------------------------------------------------------------------------
-
-interface Runtime {
-  name: RuntimeName;
-  readFile: ReadFile;
-  /** tries TLS material on the runtime's own TLS stack */
-  checkTls: CheckTls;
-  /** refuses at start, naming the setting, what this runtime's client cannot do */
-  limits(config: Config): void;
-  /** the upstream client */
-  send: Send;
-  resolve: Resolve;
-  /** Node: the adapter's "the handler wrote the response itself" */
-  written?: Response;
-  /** how a web response body is passed on (see `trackBody`) */
-  streamBody?: typeof trackBody;
-  listen(fetchHandler: FetchHandler, host: string, port: number, work: Work): Promise<Listener>;
-  onSignal(signal: string, f: () => void): void;
-  exit(code: number): never;
-}
-
-async function nodeReadFile(): Promise<ReadFile> {
-  const fs = await import('node:fs');
-  return (path) => fs.readFileSync(path, 'utf8');
-}
-
-/** Node: a secure context finds a key that is not its certificate's; each CA certificate is parsed on its
- * own, since a secure context passes over a CA block it cannot read. */
-function nodeCheckTls(tls: Pick<typeof import('node:tls'), 'createSecureContext'>, crypto: Pick<typeof import('node:crypto'), 'X509Certificate'>): CheckTls {
-  return (m) => {
-    if (m.ca !== undefined) {
-      const blocks = m.ca.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
-      if (blocks.length === 0) throw new Error('no CERTIFICATE block in the CA file');
-      for (const block of blocks) new crypto.X509Certificate(block);
-    }
-    tls.createSecureContext({ ca: m.ca, cert: m.cert, key: m.key, minVersion: m.minVersion });
-  };
-}
-
-function denoCheckTls(d: DenoLike): CheckTls {
-  return (m) => d.createHttpClient({ caCerts: m.ca ? [m.ca] : undefined, ...(m.cert && m.key ? { cert: m.cert, key: m.key } : {}) }).close();
-}
-
-/** What a fetch-based client cannot do is refused at start, never silently left out: neither Deno's nor
- * Bun's can be held to TLS 1.3 only, and Deno's always verifies the URL's own host name. */
-function fetchClientLimits(runtime: 'Deno' | 'Bun', client: string, serverName: boolean): (config: Config) => void {
-  return (config) => {
-    const problems: string[] = [];
-    for (const r of config.routes) {
-      if (!serverName && r.tls?.serverName) problems.push(`${tlsSettingName(config, r, 'serverName')}=${JSON.stringify(r.tls.serverName)}: expected nothing on ${runtime}, whose ${client} always verifies the URL's own host name (use Node, or name the upstream by that name)`);
-      if (r.tls?.minVersion === 'TLSv1.3') problems.push(`${tlsSettingName(config, r, 'minVersion')}="TLSv1.3": expected TLSv1.2 on ${runtime}, whose ${client} offers TLS 1.2 and 1.3 and cannot be held to 1.3 (use Node)`);
-    }
-    if (problems.length > 0) throw new ConfigError(problems);
-  };
-}
-
-/** What Node and Bun share: Node's file, TLS, DNS and process APIs (Bun has them too). */
-async function nodeBuiltins(): Promise<Pick<Runtime, 'readFile' | 'checkTls' | 'resolve' | 'onSignal' | 'exit'>> {
-  return {
-    readFile: await nodeReadFile(), checkTls: nodeCheckTls(await import('node:tls'), await import('node:crypto')), resolve: nodeResolve(await import('node:dns')),
-    onSignal: (signal, f) => void process.on(signal, f), exit: (code) => process.exit(code),
-  };
-}
-
-async function nodeRuntime(): Promise<Runtime> {
-  return {
-    ...await nodeBuiltins(), name: 'node', limits: () => {},
-    send: nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp, { checkServerIdentity: subjectAltNameOnly(await import('node:tls')) }),
-    written: (await import('@hono/node-server/utils/response')).RESPONSE_ALREADY_SENT,
-    listen: (fetchHandler, host, port) => listenNode(fetchHandler, host, port),
-  };
-}
-
-function denoRuntime(d: DenoLike): Runtime {
-  // Deno imports node:http only when a streamed upload with a length first needs it (see `fetchSend`).
-  const withLength = lazySend(async () => nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp, { pooled: false }));
-  return {
-    name: 'deno', readFile: (path) => d.readTextFileSync(path), checkTls: denoCheckTls(d), limits: fetchClientLimits('Deno', 'client', false),
-    send: fetchSend(d, withLength), resolve: denoResolve(d),
-    listen: (fetchHandler, host, port, work) => Promise.resolve(listenDeno(d, fetchHandler, host, port, work)),
-    onSignal: (signal, f) => d.addSignalListener(signal, f), exit: (code) => d.exit(code),
-  };
-}
-
-async function bunRuntime(b: BunLike): Promise<Runtime> {
-  return {
-    ...await nodeBuiltins(), name: 'bun', limits: fetchClientLimits('Bun', 'fetch', true), send: bunSend(subjectAltNameOnly(await import('node:tls'))), streamBody: trackBodyDirect,
-    listen: (fetchHandler, host, port, work) => Promise.resolve(listenBun(b, fetchHandler, host, port, work)),
-  };
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// main: configure, listen, drain on SIGTERM.
-// ---------------------------------------------------------------------------------------------------------
-
-export async function main(env: Record<string, string | undefined>): Promise<void> {
-  const runtime = await (bun ? bunRuntime(bun) : deno ? denoRuntime(deno) : nodeRuntime());
-  const { readFile, checkTls } = runtime;
+export async function main(): Promise<void> {
+  const runtime = await runtimeOf(HOST);
   let config: Config;
   try {
-    config = loadConfig(env, readFile);
-    runtime.limits(config);
-    usableTls(config, readFile, checkTls);
+    config = loadConfig(runtime.env(), runtime.readFile);
+    checkRuntime(config, runtime);
   } catch (err) {
     console.error(`ambassador: ${err instanceof Error ? err.message : String(err)}`);
     return runtime.exit(2);
   }
   const log = createLogger(config.logFormat, config.logLevel);
-  const amb = createAmbassador(config, { log, readFile, checkTls, send: runtime.send, resolve: runtime.resolve, written: runtime.written, runtime: runtime.name,
-    streamBody: runtime.streamBody });
+  const amb = createAmbassador(config, runtime, { log });
 
   // Where the ambassador cannot listen is a configuration error too: it names the variables (exit 2).
   const listenOn = async (names: [string, string], host: string, port: number, listen: () => Promise<Listener>) => {
     try {
       return await listen();
     } catch (err) {
-      const problem = `${names[0]}=${JSON.stringify(host)}, ${names[1]}=${JSON.stringify(String(port))}: expected an address of this machine and a port free on it (${describeFailure(err)})`;
-      console.error(`ambassador: ${new ConfigError([problem]).message}`);
+      const problems = new Problems();
+      problems.together(
+        [[{ variable: names[0] }, host], [{ variable: names[1] }, String(port)]],
+        `an address of this machine and a port free on it (${describeFailure(err)})`,
+      );
+      console.error(`ambassador: ${new ConfigError(problems.list).message}`);
       return runtime.exit(2);
     }
   };
   const work: Work = { uploadsRead: amb.uploadsRead, inFlight: () => amb.inFlight.size };
-  const proxy = await listenOn(['HOST', 'PORT'], config.host, config.port, () => runtime.listen(amb.proxy.fetch as FetchHandler, config.host, config.port, work));
-  const admin = await listenOn(['ADMIN_HOST', 'ADMIN_PORT'], config.adminHost, config.adminPort, () => listenAdmin(amb.admin.fetch as FetchHandler, config.adminHost, config.adminPort));
+  const proxy = await listenOn(
+    ['HOST', 'PORT'],
+    config.host,
+    config.port,
+    () => runtime.listen(amb.proxy.fetch as ProxyHandler, config.host, config.port, work),
+  );
+  const admin = await listenOn(
+    ['ADMIN_HOST', 'ADMIN_PORT'],
+    config.adminHost,
+    config.adminPort,
+    () => listenAdmin(amb.admin.fetch as AdminHandler, config.adminHost, config.adminPort),
+  );
   let signalled = false;
   const onStop = (signal: string) => {
     // Only a second signal forces the exit: a drain begun by POST /shutdown goes on when SIGTERM follows.
@@ -3346,38 +4371,28 @@ export async function main(env: Record<string, string | undefined>): Promise<voi
   // log line: there is nothing to reload, and a closing terminal must not cut requests off.
   runtime.onSignal('SIGTERM', () => onStop('SIGTERM'));
   runtime.onSignal('SIGINT', () => onStop('SIGINT'));
-  runtime.onSignal('SIGHUP', () => log('notice', 'SIGHUP ignored: the configuration is read once at start, and TLS files are taken up when they change'));
-  amb.onShutdownRequest(() => amb.draining || void drain('POST /shutdown', config, amb, proxy, admin, log, runtime.exit));
+  runtime.onSignal(
+    'SIGHUP',
+    () =>
+      log(
+        'notice',
+        'SIGHUP ignored: the configuration is read once at start, and TLS files are taken up when they change',
+      ),
+  );
+  amb.onShutdownRequest(() =>
+    amb.draining || void drain('POST /shutdown', config, amb, proxy, admin, log, runtime.exit)
+  );
   amb.metrics.gauges = { ...amb.metrics.gauges, connections: proxy.connections };
   sampleEventLoopLag(amb.metrics);
   amb.markReady();
   log('notice', 'listening', {
-    version: VERSION, runtime: runtime.name, port: proxy.port, admin_port: admin.port,
+    version: VERSION,
+    runtime: runtime.name,
+    port: proxy.port,
+    admin_port: admin.port,
     routes: config.routes.map((r) => ({ ...r, upstreams: r.upstreams.map((u) => u.href) })),
     config: { ...config, routes: undefined },
   });
-}
-
-/** Where a route's TLS setting came from, for a message: its variable, or its field in the routes file. */
-function tlsSettingName(config: Config, route: Route, key: keyof TlsFiles): string {
-  return config.routesFile === null ? TLS_VARIABLES[key] : `ROUTES_FILE=${JSON.stringify(config.routesFile)}: ${route.name}.tls.${key}`;
-}
-
-/** Each route's TLS files, tried on the runtime's TLS stack at start: a key that is not its certificate's
- * stops the process here, naming the files, instead of failing every connection later. */
-function usableTls(config: Config, readFile: ReadFile, check: CheckTls): void {
-  const problems: string[] = [];
-  for (const r of config.routes) {
-    if (!r.tls) continue;
-    try {
-      readTls(r.tls, readFile, check);
-    } catch (err) {
-      const named = (['caFile', 'certFile', 'keyFile'] as const).filter((k) => r.tls![k] !== null)
-        .map((k) => `${tlsSettingName(config, r, k)}=${JSON.stringify(r.tls![k])}`);
-      problems.push(`${named.join(', ')}: expected TLS files that can be used together (${describeFailure(err)})`);
-    }
-  }
-  if (problems.length > 0) throw new ConfigError(problems);
 }
 
 /** How late a 500 ms timer fires tells how busy the event loop is; a proxy that lags adds that to
@@ -3394,38 +4409,44 @@ function sampleEventLoopLag(metrics: Metrics): void {
 /** The drain, as Kubernetes needs it: not ready at once; still serving for DRAIN_GRACE_MS (an app that
  * is itself draining may still call out); then no new connections, busy ones closed after their
  * response, idle ones closed again and again; exit 0 once nothing is left, or at DRAIN_TIMEOUT_MS. */
-async function drain(signal: string, config: Config, amb: Ambassador, proxy: Listener, admin: Listener, log: Logger, exit: (code: number) => never) {
+async function drain(
+  signal: string,
+  config: Config,
+  amb: Ambassador,
+  proxy: Listener,
+  admin: Listener,
+  log: Logger,
+  exit: (code: number) => never,
+) {
   amb.startDrain();
   log('notice', `${signal}: drain started, /readyz now answers 503`, {
-    in_flight: amb.inFlight.size, grace_ms: config.drainGraceMs, timeout_ms: config.drainTimeoutMs,
+    in_flight: amb.inFlight.size,
+    grace_ms: config.drainGraceMs,
+    timeout_ms: config.drainTimeoutMs,
   });
-  let timedOut = false;
-  const deadline = new Promise<void>((resolve) => setTimeout(() => {
-    timedOut = true;
-    resolve();
-  }, config.drainTimeoutMs));
+  const deadline = performance.now() + config.drainTimeoutMs;
+  const left = () => Math.max(0, deadline - performance.now());
   // The grace, then (Deno, Bun) the time the server must go on accepting before it can stop cleanly.
-  const accepting = config.drainGraceMs + proxy.settleMs;
-  if (accepting > 0) await Promise.race([new Promise((r) => setTimeout(r, Math.min(accepting, config.drainTimeoutMs))), deadline]);
+  const accepting = Math.min(config.drainGraceMs + proxy.settleMs, config.drainTimeoutMs);
+  if (accepting > 0) await new Promise((r) => setTimeout(r, accepting));
   log('notice', 'drain: no longer accepting connections', { in_flight: amb.inFlight.size });
-  await Promise.race([proxy.close(), deadline]);
+  const timedOut = await raceTimer(proxy.close().then(() => false), left(), () => true);
   if (timedOut) {
     const cut = [...amb.inFlight.values()].map((r) => ({ id: r.id, method: r.method, path: r.path }));
-    log('warn', `drain: timed out after ${config.drainTimeoutMs} ms, cutting off ${cut.length} request(s)`, { cut_off: cut });
+    log('warn', `drain: timed out after ${config.drainTimeoutMs} ms, cutting off ${cut.length} request(s)`, {
+      cut_off: cut,
+    });
     proxy.cutOff();
   }
   // The admin answers being written (the 202 to POST /shutdown among them) go out first, briefly.
-  await Promise.race([admin.close(), new Promise((r) => setTimeout(r, 1000))]);
+  await raceTimer(admin.close(), 1000, noop);
   log('notice', 'drain complete, exiting', { exit_code: 0 });
   exit(0);
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Entry: run main() only when this file is the program, not when a test imports it.
-// ---------------------------------------------------------------------------------------------------------
-
-function isEntry(): boolean {
-  if (deno || bun) return (import.meta as { main?: boolean }).main === true;
+/** Whether this file is the program, not a module a test imports. */
+function isEntry(host: Host): boolean {
+  if (host.name !== 'node') return (import.meta as { main?: boolean }).main === true;
   // A CommonJS bundle (the one a Node single executable is made from) has no import.meta: it is only
   // ever built to be the program.
   if (import.meta.url === undefined) return true;
@@ -3433,4 +4454,4 @@ function isEntry(): boolean {
   return script !== undefined && decodeURIComponent(new URL(import.meta.url).pathname) === script;
 }
 
-if (isEntry()) void main(deno ? deno.env.toObject() : process.env);
+if (isEntry(HOST)) void main();

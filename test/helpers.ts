@@ -1,6 +1,6 @@
 /** Real servers and real processes for the tests: an upstream that records what it received, the
- * ambassador started as a child process (any artifact: `RUNTIMES`), and a port nothing listens on. */
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+ * ambassador started as a child process (any artifact: `ARTIFACTS`), and a port nothing listens on. */
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import http from 'node:http';
@@ -26,6 +26,11 @@ export function stopAfterEach(): void {
   });
 }
 
+/** Has `stop` run after the test that calls this (in files that call `stopAfterEach`), with the rest. */
+export function onStop(stop: () => Promise<void>): void {
+  started.push(stop);
+}
+
 export interface Seen {
   method: string;
   url: string;
@@ -45,10 +50,19 @@ export interface Upstream {
 }
 
 /** A node:http upstream on 127.0.0.1:0 that records every request (body included) before handing it on. */
-export async function startUpstream(handler: UpstreamHandler = (_q, res) => res.end('ok'), opts: { readBody?: boolean; port?: number; host?: string } = {}): Promise<Upstream> {
+export async function startUpstream(
+  handler: UpstreamHandler = (_q, res) => res.end('ok'),
+  opts: { readBody?: boolean; port?: number; host?: string } = {},
+): Promise<Upstream> {
   const seen: Seen[] = [];
   const server = http.createServer((req, res) => {
-    const record: Seen = { method: req.method ?? '', url: req.url ?? '', headers: req.headers, rawHeaders: req.rawHeaders, body: Buffer.alloc(0) };
+    const record: Seen = {
+      method: req.method ?? '',
+      url: req.url ?? '',
+      headers: req.headers,
+      rawHeaders: req.rawHeaders,
+      body: Buffer.alloc(0),
+    };
     seen.push(record);
     const n = seen.length;
     if (opts.readBody === false) return handler(req, res, record, n);
@@ -62,10 +76,11 @@ export async function startUpstream(handler: UpstreamHandler = (_q, res) => res.
   const host = opts.host ?? '127.0.0.1';
   await new Promise<void>((r) => server.listen(opts.port ?? 0, host, r));
   const port = (server.address() as net.AddressInfo).port;
-  const close = () => new Promise<void>((r) => {
-    server.closeAllConnections();
-    server.close(() => r());
-  });
+  const close = () =>
+    new Promise<void>((r) => {
+      server.closeAllConnections();
+      server.close(() => r());
+    });
   started.push(close);
   return { url: `http://${host}:${port}`, port, seen, server, close };
 }
@@ -93,7 +108,10 @@ const banners = new Set<string>();
 
 /** A GET with node:http (a keep-alive `agent` of the test's own, if given): the status, the body as text and
  * the headers. */
-export function get(url: string, options: { agent?: http.Agent; headers?: Record<string, string> } = {}): Promise<{ status: number; body: string; headers: http.IncomingHttpHeaders }> {
+export function get(
+  url: string,
+  options: { agent?: http.Agent; headers?: Record<string, string> } = {},
+): Promise<{ status: number; body: string; headers: http.IncomingHttpHeaders }> {
   return new Promise((resolve, reject) => {
     http.get(url, options, (res) => {
       let body = '';
@@ -116,24 +134,28 @@ export async function deadPort(): Promise<number> {
 /** Every artifact the behavioural suite runs against: the esbuild bundle under `node`, `ambassador.ts`
  * under Deno and under Bun (from the npm packages `deno` and `bun`), the Node single executable
  * (`npm run sea`) and the Bun compiled binary (`npm run compile:bun`). */
-export type Runtime = 'node' | 'deno' | 'sea' | 'bun' | 'bun-bin';
-export const RUNTIMES: Runtime[] = ['node', 'deno', 'sea', 'bun', 'bun-bin'];
+export type Artifact = 'node' | 'deno' | 'sea' | 'bun' | 'bun-bin';
+export const ARTIFACTS: Artifact[] = ['node', 'deno', 'sea', 'bun', 'bun-bin'];
 export const SEA = path.join(ROOT, 'bin', 'ambassador-node');
 export const BUN = path.join(ROOT, 'node_modules', '.bin', 'bun');
 export const BUN_BIN = path.join(ROOT, 'bin', 'ambassador-bun');
 /** The runtime whose HTTP stack serves the app and reaches the upstream, whichever artifact carries it. */
-export const stackOf = (runtime: Runtime): 'node' | 'deno' | 'bun' => (runtime === 'sea' ? 'node' : runtime === 'bun-bin' ? 'bun' : runtime);
+export const runtimeOf = (
+  artifact: Artifact,
+): 'node' | 'deno' | 'bun' => (artifact === 'sea' ? 'node' : artifact === 'bun-bin' ? 'bun' : artifact);
 
 export type Program = 'ambassador' | 'order-service' | 'inventory-service';
 
-export function command(runtime: Runtime, file: Program = 'ambassador'): string[] {
-  if ((runtime === 'sea' || runtime === 'bun-bin') && file === 'ambassador') {
-    const binary = runtime === 'sea' ? SEA : BUN_BIN;
-    if (!existsSync(binary)) throw new Error(`${binary} is missing: run \`npm run ${runtime === 'sea' ? 'sea' : 'compile:bun'}\` first`);
+export function command(artifact: Artifact, file: Program = 'ambassador'): string[] {
+  if ((artifact === 'sea' || artifact === 'bun-bin') && file === 'ambassador') {
+    const binary = artifact === 'sea' ? SEA : BUN_BIN;
+    if (!existsSync(binary)) {
+      throw new Error(`${binary} is missing: run \`npm run ${artifact === 'sea' ? 'sea' : 'compile:bun'}\` first`);
+    }
     return [binary];
   }
-  if (runtime === 'bun' && file === 'ambassador') return [BUN, path.join(ROOT, 'ambassador.ts')];
-  if (runtime !== 'deno') { // the demo services run as the Node bundle beside the Node and Bun artifacts
+  if (artifact === 'bun' && file === 'ambassador') return [BUN, path.join(ROOT, 'ambassador.ts')];
+  if (artifact !== 'deno') { // the demo services run as the Node bundle beside the Node and Bun artifacts
     const bundle = path.join(ROOT, 'dist', file === 'ambassador' ? 'ambassador.mjs' : `services/${file}.mjs`);
     if (!existsSync(bundle)) throw new Error(`${bundle} is missing: run \`npm run build\` first`);
     return [NODE, bundle];
@@ -157,7 +179,8 @@ export interface Proc {
 export function startProcess(argv: string[], env: Record<string, string>, options: { detached?: boolean } = {}): Proc {
   const child = spawn(argv[0], argv.slice(1), {
     env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', DENO_NO_UPDATE_CHECK: '1', ...env },
-    stdio: ['ignore', 'pipe', 'pipe'], detached: options.detached ?? false,
+    stdio: ['ignore', 'pipe', 'pipe'],
+    detached: options.detached ?? false,
   });
   const lines: string[] = [];
   const stderr: string[] = [];
@@ -171,9 +194,11 @@ export function startProcess(argv: string[], env: Record<string, string>, option
         const line = buf.slice(0, i);
         buf = buf.slice(i + 1);
         into.push(line);
-        for (const w of [...waiters]) if (w.pred(line)) {
-          waiters.splice(waiters.indexOf(w), 1);
-          w.resolve(line);
+        for (const w of [...waiters]) {
+          if (w.pred(line)) {
+            waiters.splice(waiters.indexOf(w), 1);
+            w.resolve(line);
+          }
         }
       }
     };
@@ -184,27 +209,44 @@ export function startProcess(argv: string[], env: Record<string, string>, option
     child.on('exit', (code, signal) => resolve({ code, signal }));
   });
   return {
-    child, pid: child.pid!, lines, stderr,
-    logs: () => lines.flatMap((l) => {
-      try {
-        return [JSON.parse(l) as Record<string, unknown>];
-      } catch {
-        return [];
-      }
-    }),
+    child,
+    pid: child.pid!,
+    lines,
+    stderr,
+    logs: () =>
+      lines.flatMap((l) => {
+        try {
+          return [JSON.parse(l) as Record<string, unknown>];
+        } catch {
+          return [];
+        }
+      }),
     waitForLine(pred, timeoutMs = 15_000) {
       const found = [...lines, ...stderr].find(pred);
       if (found !== undefined) return Promise.resolve(found);
       return new Promise((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error(`no matching line within ${timeoutMs} ms; stdout:\n${lines.join('\n')}\nstderr:\n${stderr.join('\n')}`)), timeoutMs);
-        waiters.push({ pred, resolve: (l) => {
-          clearTimeout(timer);
-          resolve(l);
-        } });
-        void exited.then(() => setTimeout(() => {
-          clearTimeout(timer);
-          reject(new Error(`process exited; stdout:\n${lines.join('\n')}\nstderr:\n${stderr.join('\n')}`));
-        }, 50));
+        const timer = setTimeout(
+          () =>
+            reject(
+              new Error(
+                `no matching line within ${timeoutMs} ms; stdout:\n${lines.join('\n')}\nstderr:\n${stderr.join('\n')}`,
+              ),
+            ),
+          timeoutMs,
+        );
+        waiters.push({
+          pred,
+          resolve: (l) => {
+            clearTimeout(timer);
+            resolve(l);
+          },
+        });
+        void exited.then(() =>
+          setTimeout(() => {
+            clearTimeout(timer);
+            reject(new Error(`process exited; stdout:\n${lines.join('\n')}\nstderr:\n${stderr.join('\n')}`));
+          }, 50)
+        );
       });
     },
     exited,
@@ -230,8 +272,13 @@ export interface ServiceProc extends Proc {
 
 /** Starts a demo service (on PORT=0 unless told) and waits for its `listening` line. `prefix` runs it
  * through another command, such as `ip netns exec NS`. */
-export async function startService(runtime: Runtime, program: Program, env: Record<string, string>, prefix: string[] = []): Promise<ServiceProc> {
-  const proc = startProcess([...prefix, ...command(runtime, program)], { PORT: '0', HOST: '127.0.0.1', ...env });
+export async function startService(
+  artifact: Artifact,
+  program: Program,
+  env: Record<string, string>,
+  prefix: string[] = [],
+): Promise<ServiceProc> {
+  const proc = startProcess([...prefix, ...command(artifact, program)], { PORT: '0', HOST: '127.0.0.1', ...env });
   const line = await proc.waitForLine((l) => l.includes('"msg":"listening"'));
   const { port } = JSON.parse(line) as { port: number };
   const host = env.HOST && env.HOST !== '0.0.0.0' ? env.HOST : '127.0.0.1';
@@ -244,8 +291,18 @@ export async function startService(runtime: Runtime, program: Program, env: Reco
 }
 
 /** Starts the ambassador on ephemeral ports and waits for its `listening` line. */
-export async function startAmbassador(runtime: Runtime, env: Record<string, string>, prefix: string[] = []): Promise<AmbassadorProc> {
-  const proc = startProcess([...prefix, ...command(runtime)], { PORT: '0', ADMIN_PORT: '0', ADMIN_HOST: '127.0.0.1', RETRY_BACKOFF_MS: '10', ...env });
+export async function startAmbassador(
+  artifact: Artifact,
+  env: Record<string, string>,
+  prefix: string[] = [],
+): Promise<AmbassadorProc> {
+  const proc = startProcess([...prefix, ...command(artifact)], {
+    PORT: '0',
+    ADMIN_PORT: '0',
+    ADMIN_HOST: '127.0.0.1',
+    RETRY_BACKOFF_MS: '10',
+    ...env,
+  });
   const line = await proc.waitForLine((l) => l.includes('"msg":"listening"') || / listening /.test(l));
   // JSON, or with LOG_FORMAT=text: `... NOTICE listening version=... port=8080 admin_port=9901 ...`
   const port = Number(/"?port"?[=:](\d+)/.exec(line)?.[1]);
@@ -255,7 +312,13 @@ export async function startAmbassador(runtime: Runtime, env: Record<string, stri
     await proc.exited;
   };
   started.push(stop);
-  return Object.assign(proc, { url: `http://127.0.0.1:${port}`, adminUrl: `http://127.0.0.1:${adminPort}`, port, adminPort, stop });
+  return Object.assign(proc, {
+    url: `http://127.0.0.1:${port}`,
+    adminUrl: `http://127.0.0.1:${adminPort}`,
+    port,
+    adminPort,
+    stop,
+  });
 }
 
 /** A raw HTTP/1.1 exchange over TCP, for requests fetch will not make (absolute-form, smuggling shapes). */
@@ -334,7 +397,10 @@ export interface RawUpstream {
 /** An upstream over raw TCP that records exactly the bytes it receives and parses them as HTTP/1.1 itself
  * (Content-Length and chunked bodies), so a test sees what went over the wire, not what a server library
  * made of it. `respond` answers each parsed request; by default `200 ok`, kept alive. */
-export async function startRawUpstream(respond: (req: RawRequest, socket: net.Socket) => void = (_r, s) => void s.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok')): Promise<RawUpstream> {
+export async function startRawUpstream(
+  respond: (req: RawRequest, socket: net.Socket) => void = (_r, s) =>
+    void s.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok'),
+): Promise<RawUpstream> {
   const received: string[] = [];
   const requests: RawRequest[] = [];
   const sockets = new Set<net.Socket>();
@@ -353,7 +419,9 @@ export async function startRawUpstream(respond: (req: RawRequest, socket: net.So
         const head = buf.subarray(0, end + 4).toString('latin1');
         const [line, ...rest] = head.slice(0, -4).split('\r\n');
         const [method, target] = line.split(' ');
-        const headers = rest.map((h) => [h.slice(0, h.indexOf(':')), h.slice(h.indexOf(':') + 1).trim()] as [string, string]);
+        const headers = rest.map((h) =>
+          [h.slice(0, h.indexOf(':')), h.slice(h.indexOf(':') + 1).trim()] as [string, string]
+        );
         const value = (name: string) => headers.find(([k]) => k.toLowerCase() === name)?.[1];
         let body: Buffer;
         let used: number;
@@ -388,16 +456,21 @@ export async function startRawUpstream(respond: (req: RawRequest, socket: net.So
   });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   const port = (server.address() as net.AddressInfo).port;
-  const close = () => new Promise<void>((r) => {
-    for (const s of sockets) s.destroy();
-    server.close(() => r());
-  });
+  const close = () =>
+    new Promise<void>((r) => {
+      for (const s of sockets) s.destroy();
+      server.close(() => r());
+    });
   started.push(close);
   return { url: `http://127.0.0.1:${port}`, port, received, requests, close };
 }
 
 /** Waits until `check` holds, polling; fails with `what` after `timeoutMs`. */
-export async function waitFor(what: string, check: () => boolean | Promise<boolean>, timeoutMs = 10_000): Promise<void> {
+export async function waitFor(
+  what: string,
+  check: () => boolean | Promise<boolean>,
+  timeoutMs = 10_000,
+): Promise<void> {
   const until = Date.now() + timeoutMs;
   while (!(await check())) {
     if (Date.now() > until) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);

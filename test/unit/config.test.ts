@@ -21,13 +21,35 @@ describe('loadConfig', () => {
   it('applies the documented defaults', () => {
     const c = loadConfig({ UPSTREAM_URL: 'http://inventory-service:9000' });
     expect(c).toMatchObject({
-      host: '127.0.0.1', port: 8080, adminHost: '0.0.0.0', adminPort: 9901, drainTimeoutMs: 20000, logFormat: 'json', logLevel: 'info', routesFile: null,
+      host: '127.0.0.1',
+      port: 8080,
+      adminHost: '0.0.0.0',
+      adminPort: 9901,
+      drainTimeoutMs: 20000,
+      logFormat: 'json',
+      logLevel: 'info',
+      routesFile: null,
     });
     expect(c.routes).toHaveLength(1);
     expect(c.routes[0]).toMatchObject({
-      name: 'default', host: null, prefix: '/', stripPrefix: false, tls: null, retryAttempts: 3, retryBackoffMs: 100,
-      retryBackoffMaxMs: 2000, tryTimeoutMs: 5000, requestTimeoutMs: 15000, breakerFailures: 5, breakerOpenMs: 5000,
-      breakerOpenMaxMs: 60000, breakerProbes: 1, maxInFlight: 1024, queueSize: 128, queueTimeoutMs: 1000, rateLimitPerSec: 0,
+      name: 'default',
+      host: null,
+      prefix: '/',
+      stripPrefix: false,
+      tls: null,
+      retryAttempts: 3,
+      retryBackoffMs: 100,
+      retryBackoffMaxMs: 2000,
+      tryTimeoutMs: 5000,
+      requestTimeoutMs: 15000,
+      breakerFailures: 5,
+      breakerOpenMs: 5000,
+      breakerOpenMaxMs: 60000,
+      breakerProbes: 1,
+      maxInFlight: 1024,
+      queueSize: 128,
+      queueTimeoutMs: 1000,
+      rateLimitPerSec: 0,
       dnsRefreshMs: 5000,
     });
     expect(c.routes[0].upstreams.map((u) => u.href)).toEqual(['http://inventory-service:9000/']);
@@ -38,7 +60,13 @@ describe('loadConfig', () => {
   it('names every bad variable, its value and what was expected, in one error', () => {
     let error: unknown;
     try {
-      loadConfig({ UPSTREAM_URL: 'ftp://x', RETRY_ATTEMPTS: 'three', TRY_TIMEOUT_MS: '-5', LOG_FORMAT: 'xml', PORT: '70000' });
+      loadConfig({
+        UPSTREAM_URL: 'ftp://x',
+        RETRY_ATTEMPTS: 'three',
+        TRY_TIMEOUT_MS: '-5',
+        LOG_FORMAT: 'xml',
+        PORT: '70000',
+      });
     } catch (e) {
       error = e;
     }
@@ -58,13 +86,17 @@ describe('loadConfig', () => {
     expect(() => loadConfig({ UPSTREAM_URL: 'http://a:1,http://a:1' })).toThrow(/UPSTREAM_URL=.*a:1 is named twice/);
   });
 
-  it('gives a rate limit without a burst one second\'s worth of burst', () => {
+  it("gives a rate limit without a burst one second's worth of burst", () => {
     expect(loadConfig({ UPSTREAM_URL: 'http://h', RATE_LIMIT_PER_SEC: '50' }).routes[0].rateLimitBurst).toBe(50);
-    expect(loadConfig({ UPSTREAM_URL: 'http://h', RATE_LIMIT_PER_SEC: '50', RATE_LIMIT_BURST: '5' }).routes[0].rateLimitBurst).toBe(5);
+    expect(
+      loadConfig({ UPSTREAM_URL: 'http://h', RATE_LIMIT_PER_SEC: '50', RATE_LIMIT_BURST: '5' }).routes[0]
+        .rateLimitBurst,
+    ).toBe(5);
   });
 
   it('refuses a breaker whose longest open period is below its first', () => {
-    expect(() => loadConfig({ UPSTREAM_URL: 'http://h', BREAKER_OPEN_MS: '5000', BREAKER_OPEN_MAX_MS: '1000' })).toThrow(/BREAKER_OPEN_MAX_MS="1000": expected a value at least BREAKER_OPEN_MS/);
+    expect(() => loadConfig({ UPSTREAM_URL: 'http://h', BREAKER_OPEN_MS: '5000', BREAKER_OPEN_MAX_MS: '1000' }))
+      .toThrow(/BREAKER_OPEN_MAX_MS="1000": expected a value at least BREAKER_OPEN_MS/);
   });
 
   it('requires UPSTREAM_URL', () => {
@@ -76,14 +108,47 @@ describe('loadConfig', () => {
   });
 
   it('refuses a backoff cap below its base', () => {
-    expect(() => loadConfig({ UPSTREAM_URL: 'http://h', RETRY_BACKOFF_MS: '500', RETRY_BACKOFF_MAX_MS: '100' })).toThrow(/RETRY_BACKOFF_MAX_MS="100"/);
+    expect(() => loadConfig({ UPSTREAM_URL: 'http://h', RETRY_BACKOFF_MS: '500', RETRY_BACKOFF_MAX_MS: '100' }))
+      .toThrow(/RETRY_BACKOFF_MAX_MS="100"/);
+  });
+
+  it('names a cap below its base where it was set: the routes-file field, or the variable a route left it to', () => {
+    const file = tempFile(JSON.stringify({
+      routes: [
+        { name: 'a', prefix: '/a', upstream: 'http://a', retryBackoffMaxMs: 50 },
+        { name: 'b', prefix: '/b', upstream: 'http://b' },
+      ],
+    }));
+    let error: ConfigError | undefined;
+    try {
+      loadConfig({ ROUTES_FILE: file, BREAKER_OPEN_MS: '9000', BREAKER_OPEN_MAX_MS: '8000' }, read);
+    } catch (e) {
+      error = e as ConfigError;
+    }
+    // One problem each, said once however many routes share the default, each named where its user set it.
+    expect(error?.problems).toEqual([
+      `ROUTES_FILE=${JSON.stringify(file)}: routes[0].retryBackoffMaxMs: expected a value at least RETRY_BACKOFF_MS (100), got 50`,
+      'BREAKER_OPEN_MAX_MS="8000": expected a value at least BREAKER_OPEN_MS (9000)',
+    ]);
   });
 });
 
 describe('loadConfig: values that would fail late, or never match', () => {
   it('holds every time setting, variable and routes-file field alike, to what a timer can wait (2^31 - 1 ms)', () => {
-    const times = ['RETRY_BACKOFF_MS', 'RETRY_BACKOFF_MAX_MS', 'TRY_TIMEOUT_MS', 'REQUEST_TIMEOUT_MS', 'BREAKER_OPEN_MS', 'BREAKER_OPEN_MAX_MS',
-      'QUEUE_TIMEOUT_MS', 'RATE_LIMIT_WAIT_MS', 'DNS_REFRESH_MS', 'DRAIN_TIMEOUT_MS', 'DRAIN_GRACE_MS', 'BODY_IDLE_TIMEOUT_MS'];
+    const times = [
+      'RETRY_BACKOFF_MS',
+      'RETRY_BACKOFF_MAX_MS',
+      'TRY_TIMEOUT_MS',
+      'REQUEST_TIMEOUT_MS',
+      'BREAKER_OPEN_MS',
+      'BREAKER_OPEN_MAX_MS',
+      'QUEUE_TIMEOUT_MS',
+      'RATE_LIMIT_WAIT_MS',
+      'DNS_REFRESH_MS',
+      'DRAIN_TIMEOUT_MS',
+      'DRAIN_GRACE_MS',
+      'BODY_IDLE_TIMEOUT_MS',
+    ];
     const over = Object.fromEntries(times.map((t) => [t, '2147483648']));
     const err = (() => {
       try {
@@ -93,22 +158,49 @@ describe('loadConfig: values that would fail late, or never match', () => {
       }
     })();
     expect(err).toBeInstanceOf(ConfigError);
-    for (const t of times) expect(err!.message).toContain(`${t}="2147483648": expected a whole number from 0 to 2147483647`.replace('from 0', t.startsWith('BREAKER_OPEN') ? 'from 1' : 'from 0'));
+    for (const t of times) {
+      expect(err!.message).toContain(
+        `${t}="2147483648": expected a whole number from 0 to 2147483647`.replace(
+          'from 0',
+          t.startsWith('BREAKER_OPEN') ? 'from 1' : 'from 0',
+        ),
+      );
+    }
     const max = Object.fromEntries(times.map((t) => [t, '2147483647']));
     expect(loadConfig({ UPSTREAM_URL: 'http://a:1', ...max }).drainTimeoutMs).toBe(2147483647);
-    const file = tempFile(JSON.stringify({ routes: [{ name: 'r', prefix: '/', upstream: 'http://a:1', queueTimeoutMs: 2 ** 31 }] }));
-    expect(() => loadConfig({ ROUTES_FILE: file }, read)).toThrow(/routes\[0\]\.queueTimeoutMs: expected a whole number from 0 to 2147483647/);
+    const file = tempFile(
+      JSON.stringify({ routes: [{ name: 'r', prefix: '/', upstream: 'http://a:1', queueTimeoutMs: 2 ** 31 }] }),
+    );
+    expect(() => loadConfig({ ROUTES_FILE: file }, read)).toThrow(
+      /routes\[0\]\.queueTimeoutMs: expected a whole number from 0 to 2147483647/,
+    );
   });
 
   it('refuses listen addresses that are not addresses, and one port for both listeners where they overlap', () => {
     for (const host of ['not-an-ip', '127.0.0.1:80', '999.1.1.1', 'example.com', '::1::1::']) {
-      expect(() => loadConfig({ UPSTREAM_URL: 'http://h', HOST: host }), host).toThrow(new RegExp(`HOST=${JSON.stringify(host).replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}: expected an IP address`));
+      expect(() => loadConfig({ UPSTREAM_URL: 'http://h', HOST: host }), host).toThrow(
+        new RegExp(`HOST=${JSON.stringify(host).replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}: expected an IP address`),
+      );
       expect(() => loadConfig({ UPSTREAM_URL: 'http://h', ADMIN_HOST: host }), host).toThrow(/ADMIN_HOST=/);
     }
-    for (const host of ['127.0.0.1', '0.0.0.0', '::1', '::', 'localhost', '10.1.2.3', 'fe80::1']) expect(loadConfig({ UPSTREAM_URL: 'http://h', HOST: host }).host).toBe(host);
-    expect(() => loadConfig({ UPSTREAM_URL: 'http://h', PORT: '9000', ADMIN_PORT: '9000' })).toThrow(/ADMIN_PORT="9000": expected a port other than PORT/);
-    expect(() => loadConfig({ UPSTREAM_URL: 'http://h', PORT: '9000', ADMIN_PORT: '9000', HOST: '127.0.0.1', ADMIN_HOST: '::' })).toThrow(/ADMIN_PORT/);
-    expect(loadConfig({ UPSTREAM_URL: 'http://h', PORT: '9000', ADMIN_PORT: '9000', HOST: '127.0.0.1', ADMIN_HOST: '10.1.2.3' }).adminPort).toBe(9000);
+    for (const host of ['127.0.0.1', '0.0.0.0', '::1', '::', 'localhost', '10.1.2.3', 'fe80::1']) {
+      expect(loadConfig({ UPSTREAM_URL: 'http://h', HOST: host }).host).toBe(host);
+    }
+    expect(() => loadConfig({ UPSTREAM_URL: 'http://h', PORT: '9000', ADMIN_PORT: '9000' })).toThrow(
+      /ADMIN_PORT="9000": expected a port other than PORT/,
+    );
+    expect(() =>
+      loadConfig({ UPSTREAM_URL: 'http://h', PORT: '9000', ADMIN_PORT: '9000', HOST: '127.0.0.1', ADMIN_HOST: '::' })
+    ).toThrow(/ADMIN_PORT/);
+    expect(
+      loadConfig({
+        UPSTREAM_URL: 'http://h',
+        PORT: '9000',
+        ADMIN_PORT: '9000',
+        HOST: '127.0.0.1',
+        ADMIN_HOST: '10.1.2.3',
+      }).adminPort,
+    ).toBe(9000);
     expect(loadConfig({ UPSTREAM_URL: 'http://h', PORT: '0', ADMIN_PORT: '0' }).port).toBe(0);
   });
 
@@ -118,16 +210,30 @@ describe('loadConfig: values that would fail late, or never match', () => {
     }
   });
 
-  it('refuses route prefixes that could never match a request\'s path', () => {
-    const file = (prefix: string) => tempFile(JSON.stringify({ routes: [{ name: 'r', prefix, upstream: 'http://h' }] }));
+  it("refuses route prefixes that could never match a request's path", () => {
+    const file = (prefix: string) =>
+      tempFile(JSON.stringify({ routes: [{ name: 'r', prefix, upstream: 'http://h' }] }));
     for (const prefix of ['/a/../b', '/a/./b', '/%2e%2e/b', '/a b', '/caf\u00e9', '/a%zz', '/a\\b']) {
-      expect(() => loadConfig({ ROUTES_FILE: file(prefix) }, read), prefix).toThrow(/routes\[0\]\.prefix: expected a path prefix/);
+      expect(() => loadConfig({ ROUTES_FILE: file(prefix) }, read), prefix).toThrow(
+        /routes\[0\]\.prefix: expected a path prefix/,
+      );
     }
-    for (const prefix of ['/', '/inventory', '/a%2Fb', '/v1.2/items', '/a/'] ) expect(loadConfig({ ROUTES_FILE: file(prefix) }, read).routes[0].prefix, prefix).toBe(prefix === '/a/' ? '/a' : prefix);
+    for (const prefix of ['/', '/inventory', '/a%2Fb', '/v1.2/items', '/a/']) {
+      expect(loadConfig({ ROUTES_FILE: file(prefix) }, read).routes[0].prefix, prefix).toBe(
+        prefix === '/a/' ? '/a' : prefix,
+      );
+    }
   });
 
   it('checks a routes file of 20,000 routes in well under a second', () => {
-    const f = tempFile(JSON.stringify({ routes: Array.from({ length: 20_000 }, (_, i) => ({ name: `r${i}`, prefix: `/p${i}`, upstream: `http://h${i % 50}:${9000 + (i % 7)}` })) }));
+    const f = tempFile(
+      JSON.stringify({
+        routes: Array.from(
+          { length: 20_000 },
+          (_, i) => ({ name: `r${i}`, prefix: `/p${i}`, upstream: `http://h${i % 50}:${9000 + (i % 7)}` }),
+        ),
+      }),
+    );
     const t0 = performance.now();
     expect(loadConfig({ ROUTES_FILE: f }, read).routes).toHaveLength(20_000);
     // Quadratic checking took over a minute here; the bound leaves a loaded machine plenty of room.

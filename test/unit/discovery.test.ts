@@ -3,37 +3,49 @@
  * ambassador), the upstreams real servers on loopback addresses sharing one port, like the pods behind a
  * headless Service (each artifact's own resolver: test/discovery.test.ts). */
 import dns from 'node:dns';
-import http from 'node:http';
-import https from 'node:https';
-import type net from 'node:net';
-import { createAdaptorServer } from '@hono/node-server';
-import { afterEach, describe, expect, it } from 'vitest';
-import { createAmbassador, loadConfig, nodeResolve, nodeSend, type Resolve } from '../../ambassador.ts';
-import { startUpstream, stopAfterEach, type Upstream } from '../helpers.ts';
+import { describe, expect, it } from 'vitest';
+import { createAmbassador, loadConfig, nodeResolve, nodeRuntime, type Resolve } from '../../ambassador.ts';
+import { onStop, startUpstream, stopAfterEach, type Upstream } from '../helpers.ts';
 
-const servers: http.Server[] = [];
-afterEach(async () => {
-  for (const s of servers.splice(0)) await new Promise((r) => s.close(r));
-});
-
-/** An in-process ambassador with the test's resolver and a clock the test can move forward. */
+/** An in-process ambassador on Node's own server and client, with the test's resolver and a clock the
+ * test can move forward. */
 async function ambassadorWith(resolve: Resolve, env: Record<string, string>) {
-  const clock = { offset: 0, now: () => performance.timeOrigin + performance.now() + clock.offset, random: Math.random };
+  const clock = {
+    offset: 0,
+    now: () => performance.timeOrigin + performance.now() + clock.offset,
+    random: Math.random,
+  };
   const lines: Array<Record<string, unknown>> = [];
-  const amb = createAmbassador(loadConfig({ LOG_LEVEL: 'debug', ...env }), {
-    clock, resolve, send: nodeSend(http, https), log: (level, msg, fields) => lines.push({ level, msg, ...fields }),
+  const runtime = await nodeRuntime();
+  const amb = createAmbassador(loadConfig({ LOG_LEVEL: 'debug', ...env }), { ...runtime, resolve }, {
+    clock,
+    log: (level, msg, fields) => lines.push({ level, msg, ...fields }),
   });
-  const server = createAdaptorServer({ fetch: amb.proxy.fetch as never }) as http.Server;
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  servers.push(server);
-  const url = `http://127.0.0.1:${(server.address() as net.AddressInfo).port}`;
-  return { amb, clock, lines, get: (path = '/x') => fetch(`${url}${path}`).then(async (r) => ({ status: r.status, text: await r.text() })) };
+  const listener = await runtime.listen(amb.proxy.fetch, '127.0.0.1', 0, {
+    uploadsRead: amb.uploadsRead,
+    inFlight: () => amb.inFlight.size,
+  });
+  onStop(async () => {
+    listener.cutOff();
+    await listener.close();
+  });
+  const url = `http://127.0.0.1:${listener.port}`;
+  return {
+    amb,
+    clock,
+    lines,
+    get: (path = '/x') => fetch(`${url}${path}`).then(async (r) => ({ status: r.status, text: await r.text() })),
+  };
 }
 
 /** Real upstreams on 127.0.0.2, .3 and .4, all on one port, each answering with its address. */
 async function pods(): Promise<Upstream[]> {
   const first = await startUpstream((q, res) => res.end(q.socket.localAddress), { host: '127.0.0.2' });
-  const rest = await Promise.all(['127.0.0.3', '127.0.0.4'].map((host) => startUpstream((q, res) => res.end(q.socket.localAddress), { host, port: first.port })));
+  const rest = await Promise.all(
+    ['127.0.0.3', '127.0.0.4'].map((host) =>
+      startUpstream((q, res) => res.end(q.socket.localAddress), { host, port: first.port })
+    ),
+  );
   return [first, ...rest];
 }
 
@@ -84,7 +96,10 @@ describe('discovery with a resolver the test controls', () => {
   it('after a quiet spell, waits for the new answer rather than send the first request to addresses long gone', async () => {
     const [a, b] = await pods();
     let answer = ['127.0.0.2'];
-    const { clock, get } = await ambassadorWith(async () => ({ addresses: answer }), { UPSTREAM_URL: `http://inventory.test:${a.port}`, DNS_REFRESH_MS: '5000' });
+    const { clock, get } = await ambassadorWith(async () => ({ addresses: answer }), {
+      UPSTREAM_URL: `http://inventory.test:${a.port}`,
+      DNS_REFRESH_MS: '5000',
+    });
     expect((await get()).text).toBe('127.0.0.2');
     await a.close(); // the pod is replaced while no request comes
     answer = ['127.0.0.3'];
@@ -110,7 +125,7 @@ describe('discovery with a resolver the test controls', () => {
     expect(String(warnings[0].msg)).toContain('ESERVFAIL');
   });
 
-  it('looks up again when the records\' TTL runs out, before DNS_REFRESH_MS', async () => {
+  it("looks up again when the records' TTL runs out, before DNS_REFRESH_MS", async () => {
     const [a] = await pods();
     let lookups = 0;
     const { clock, get } = await ambassadorWith(async () => {
@@ -126,7 +141,7 @@ describe('discovery with a resolver the test controls', () => {
     expect(lookups).toBe(2);
   });
 
-  it('goes on with the name itself when the first lookup fails, so the runtime\'s own error reaches the log', async () => {
+  it("goes on with the name itself when the first lookup fails, so the runtime's own error reaches the log", async () => {
     const { get, lines } = await ambassadorWith(async () => {
       throw Object.assign(new Error('getaddrinfo ENOTFOUND nowhere.invalid'), { code: 'ENOTFOUND' });
     }, { UPSTREAM_URL: 'http://nowhere.invalid:9', RETRY_ATTEMPTS: '1' });
