@@ -2,7 +2,10 @@
  * UPSTREAM_URL and PORT as the ambassador's. Run with `deno run --allow-net --allow-env`. */
 declare const Deno: {
   env: { get(name: string): string | undefined };
-  serve(options: { hostname: string; port: number; onListen?: () => void }, handler: (req: Request) => Response | Promise<Response>): unknown;
+  serve(
+    options: { hostname: string; port: number; onListen?: () => void },
+    handler: (req: Request) => Response | Promise<Response>,
+  ): unknown;
 };
 
 const upstream = Deno.env.get('UPSTREAM_URL') ?? 'http://127.0.0.1:9000';

@@ -8,7 +8,14 @@ const agent = new http.Agent({ keepAlive: true, maxSockets: Infinity });
 
 http.createServer((req, res) => {
   const headers = { ...req.headers, host: upstream.host };
-  const out = http.request({ host: upstream.hostname, port: upstream.port, method: req.method, path: req.url, headers, agent }, (up) => {
+  const out = http.request({
+    host: upstream.hostname,
+    port: upstream.port,
+    method: req.method,
+    path: req.url,
+    headers,
+    agent,
+  }, (up) => {
     res.writeHead(up.statusCode ?? 502, up.headers);
     up.pipe(res);
   });

@@ -18,14 +18,22 @@ export interface Limits {
 }
 
 export function podLimits(): Limits {
-  const docs = parseAllDocuments(readFileSync(path.join(root, 'k8s', 'order-service.yaml'), 'utf8')).map((d) => d.toJS());
+  const docs = parseAllDocuments(readFileSync(path.join(root, 'k8s', 'order-service.yaml'), 'utf8')).map((d) =>
+    d.toJS()
+  );
   const pod = docs.find((d) => d?.kind === 'Deployment')?.spec?.template?.spec;
-  const container = [...(pod?.initContainers ?? []), ...(pod?.containers ?? [])].find((c: { name: string }) => c.name === 'ambassador');
+  const container = [...(pod?.initContainers ?? []), ...(pod?.containers ?? [])].find((c: { name: string }) =>
+    c.name === 'ambassador'
+  );
   const { cpu, memory } = container?.resources?.limits ?? {};
   const cpuMillis = String(cpu).endsWith('m') ? Number(String(cpu).slice(0, -1)) : Number(cpu) * 1000;
   const units: Record<string, number> = { Ki: 1024, Mi: 1024 ** 2, Gi: 1024 ** 3 };
   const m = /^(\d+)(Ki|Mi|Gi)?$/.exec(String(memory));
-  if (!Number.isFinite(cpuMillis) || !m) throw new Error(`k8s/order-service.yaml: no CPU and memory limits on the ambassador container (found ${cpu}, ${memory})`);
+  if (!Number.isFinite(cpuMillis) || !m) {
+    throw new Error(
+      `k8s/order-service.yaml: no CPU and memory limits on the ambassador container (found ${cpu}, ${memory})`,
+    );
+  }
   return { cpuMillis, memoryBytes: Number(m[1]) * (m[2] ? units[m[2]] : 1) };
 }
 
@@ -81,7 +89,9 @@ export function makeGroup(name: string, limits: Limits): Group {
   mkdirSync(cpu);
   writeFileSync(`${mem}/memory.limit_in_bytes`, String(limits.memoryBytes));
   // No swap to hide in, as in a pod.
-  if (existsSync(`${mem}/memory.memsw.limit_in_bytes`)) writeFileSync(`${mem}/memory.memsw.limit_in_bytes`, String(limits.memoryBytes));
+  if (existsSync(`${mem}/memory.memsw.limit_in_bytes`)) {
+    writeFileSync(`${mem}/memory.memsw.limit_in_bytes`, String(limits.memoryBytes));
+  }
   writeFileSync(`${cpu}/cpu.cfs_period_us`, String(periodUs));
   writeFileSync(`${cpu}/cpu.cfs_quota_us`, String(quotaUs));
   return {
@@ -102,4 +112,3 @@ export async function cannotMakeGroups(limits: Limits): Promise<string | undefin
     return (err as Error).message;
   }
 }
-

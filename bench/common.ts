@@ -1,7 +1,7 @@
 /** What the two benchmarks share: tools on the machine, ports, readiness, process trees and their memory
  * and CPU from /proc, wrk's figures, and nginx configurations. */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -26,15 +26,22 @@ export const NODE = shippedNode(root);
 
 /** The V8 flags the ambassador-node image runs with, read from the Containerfile's ENTRYPOINT, so the
  * benchmarks measure what the image runs. */
-export const IMAGE_NODE_FLAGS = (/ENTRYPOINT \["\/nodejs\/bin\/node", ((?:"--[^"]+", )*)"\/app\/ambassador\.mjs"\]/.exec(readFileSync(path.join(root, 'Containerfile'), 'utf8'))?.[1] ?? '')
-  .split(', ').filter(Boolean).map((f) => f.replace(/"/g, ''));
+export const IMAGE_NODE_FLAGS =
+  (/ENTRYPOINT \["\/nodejs\/bin\/node", ((?:"--[^"]+", )*)"\/app\/ambassador\.mjs"\]/.exec(
+    readFileSync(path.join(root, 'Containerfile'), 'utf8'),
+  )?.[1] ?? '')
+    .split(', ').filter(Boolean).map((f) => f.replace(/"/g, ''));
 
 /** The NODE_OPTIONS the ambassador-sea image sets (the same flags, less those NODE_OPTIONS does not take). */
-export const IMAGE_SEA_OPTIONS = /NODE_OPTIONS='([^']*)'/.exec(readFileSync(path.join(root, 'Containerfile'), 'utf8'))?.[1] ?? '';
+export const IMAGE_SEA_OPTIONS =
+  /NODE_OPTIONS='([^']*)'/.exec(readFileSync(path.join(root, 'Containerfile'), 'utf8'))?.[1] ?? '';
 
 export const has = (tool: string) => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0;
 /** argv run on one CPU (the load generator and upstream on 0, the proxy on 1), where taskset exists. */
-export const pinned = (cpu: number, argv: string[]) => (has('taskset') && os.cpus().length > 1 ? ['taskset', '-c', String(cpu), ...argv] : argv);
+export const pinned = (
+  cpu: number,
+  argv: string[],
+) => (has('taskset') && os.cpus().length > 1 ? ['taskset', '-c', String(cpu), ...argv] : argv);
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 export async function freePort(): Promise<number> {
@@ -119,9 +126,21 @@ function toMicros(v: string): number {
 
 /** One bounded load with wrk (one thread, on CPU 0); an answer later than `timeoutS` counts as an error. */
 export function wrk(url: string, connections: number, seconds: number, timeoutS = 5): Load {
-  const argv = pinned(0, ['wrk', '-t1', `-c${connections}`, `-d${seconds}s`, '--latency', '--timeout', `${timeoutS}s`, url]);
+  const argv = pinned(0, [
+    'wrk',
+    '-t1',
+    `-c${connections}`,
+    `-d${seconds}s`,
+    '--latency',
+    '--timeout',
+    `${timeoutS}s`,
+    url,
+  ]);
   const out = execFileSync(argv[0], argv.slice(1), { encoding: 'utf8' });
-  const socket = /Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)/.exec(out)?.slice(1).reduce((a, b) => a + Number(b), 0) ?? 0;
+  const socket = /Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)/.exec(out)?.slice(1).reduce(
+    (a, b) => a + Number(b),
+    0,
+  ) ?? 0;
   return {
     rps: Number(/Requests\/sec:\s+([\d.]+)/.exec(out)?.[1]),
     total: Number(/(\d+) requests in/.exec(out)?.[1]),
@@ -134,36 +153,51 @@ export function wrk(url: string, connections: number, seconds: number, timeoutS 
 /** An nginx configuration file in `dir` (one worker, no access log), around the given `http` block body. */
 export function nginxConfig(dir: string, port: number, body: string): string {
   const file = path.join(dir, `nginx-${port}.conf`);
-  writeFileSync(file, [
-    `worker_processes 1; daemon off; pid ${dir}/nginx-${port}.pid; error_log stderr error;`,
-    'events { worker_connections 4096; }',
-    'http {',
-    `  access_log off; client_body_temp_path ${dir}; proxy_temp_path ${dir}; fastcgi_temp_path ${dir}; uwsgi_temp_path ${dir}; scgi_temp_path ${dir};`,
-    '  keepalive_requests 1000000;',
-    body,
-    '}',
-  ].join('\n'));
+  writeFileSync(
+    file,
+    [
+      `worker_processes 1; daemon off; pid ${dir}/nginx-${port}.pid; error_log stderr error;`,
+      'events { worker_connections 4096; }',
+      'http {',
+      `  access_log off; client_body_temp_path ${dir}; proxy_temp_path ${dir}; fastcgi_temp_path ${dir}; uwsgi_temp_path ${dir}; scgi_temp_path ${dir};`,
+      '  keepalive_requests 1000000;',
+      body,
+      '}',
+    ].join('\n'),
+  );
   return file;
 }
 
 /** How both benchmarks run the ambassador: on the given ports, admin on loopback, failures-only logging. */
 export const ambassadorEnv = (upstream: string, port: number, admin: number) => ({
-  UPSTREAM_URL: upstream, PORT: String(port), ADMIN_PORT: String(admin), ADMIN_HOST: '127.0.0.1', LOG_LEVEL: 'warn',
+  UPSTREAM_URL: upstream,
+  PORT: String(port),
+  ADMIN_PORT: String(admin),
+  ADMIN_HOST: '127.0.0.1',
+  LOG_LEVEL: 'warn',
 });
 
 export const SMALL = '{"item":"widget","stock":42}';
 
 /** The upstream both benchmarks use: nginx serving the small JSON body at /small and 1 MiB at /1mib. */
 export function upstreamConfig(dir: string, port: number, oneMiBFile: string): string {
-  return nginxConfig(dir, port, `  server { listen 127.0.0.1:${port}; location = /small { default_type application/json; return 200 '${SMALL}'; } location = /1mib { alias ${oneMiBFile}; } }`);
+  return nginxConfig(
+    dir,
+    port,
+    `  server { listen 127.0.0.1:${port}; location = /small { default_type application/json; return 200 '${SMALL}'; } location = /1mib { alias ${oneMiBFile}; } }`,
+  );
 }
 
 /** nginx as a reverse proxy to `upstreamHost`, with a keep-alive pool and no buffering: the reference. */
 export function proxyConfig(dir: string, port: number, upstreamHost: string): string {
-  return nginxConfig(dir, port, [
-    `  upstream u { server ${upstreamHost}; keepalive 128; }`,
-    `  server { listen 127.0.0.1:${port}; location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } }`,
-  ].join('\n'));
+  return nginxConfig(
+    dir,
+    port,
+    [
+      `  upstream u { server ${upstreamHost}; keepalive 128; }`,
+      `  server { listen 127.0.0.1:${port}; location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } }`,
+    ].join('\n'),
+  );
 }
 
 /** Writes a benchmark's figures to dist/`file` and says so. */

@@ -15,12 +15,30 @@
  * groups. Where none can be made it says so and exits 1. The load generator (wrk) and the upstream (nginx)
  * run outside the group on CPU 0; all traffic stays on 127.0.0.1, every load bounded in time.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { cannotMakeGroups, makeGroup, podLimits, type Limits } from './cgroup.ts';
-import { IMAGE_NODE_FLAGS, IMAGE_SEA_OPTIONS, NODE, ambassadorEnv, arg, built, freePort, has, pinned, proxyConfig, root, runBenchmark, upstreamConfig, waitFor, writeFigures, wrk, type Load } from './common.ts';
+import { cannotMakeGroups, type Limits, makeGroup, podLimits } from './cgroup.ts';
+import {
+  ambassadorEnv,
+  arg,
+  built,
+  freePort,
+  has,
+  IMAGE_NODE_FLAGS,
+  IMAGE_SEA_OPTIONS,
+  type Load,
+  NODE,
+  pinned,
+  proxyConfig,
+  root,
+  runBenchmark,
+  upstreamConfig,
+  waitFor,
+  writeFigures,
+  wrk,
+} from './common.ts';
 
 const SECONDS = arg('--seconds', 30);
 const WARMUP = arg('--warmup', 5);
@@ -28,7 +46,9 @@ const WARMUP = arg('--warmup', 5);
 const MEMORY_MIB = arg('--memory-mib', 0);
 const ONLY = process.argv.includes('--only') ? process.argv[process.argv.indexOf('--only') + 1] : undefined;
 /** Other V8 flags for the Node image's rows, to choose the image's: `--node-flags "--max-semi-space-size=2"`. */
-const NODE_FLAGS = process.argv.includes('--node-flags') ? process.argv[process.argv.indexOf('--node-flags') + 1].split(/\s+/).filter(Boolean) : IMAGE_NODE_FLAGS;
+const NODE_FLAGS = process.argv.includes('--node-flags')
+  ? process.argv[process.argv.indexOf('--node-flags') + 1].split(/\s+/).filter(Boolean)
+  : IMAGE_NODE_FLAGS;
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'ambassador-pod-'));
 process.on('exit', () => rmSync(tmp, { recursive: true, force: true })); // its configs and logs go with it
 
@@ -40,28 +60,83 @@ interface Row {
   name: string;
   available: string | undefined;
   /** argv and env, given the upstream's URL and the ports to listen on; the URL to wait on */
-  command(upstream: string, port: number, admin: number): { argv: string[]; env: Record<string, string>; ready: string };
+  command(
+    upstream: string,
+    port: number,
+    admin: number,
+  ): { argv: string[]; env: Record<string, string>; ready: string };
 }
 
 const deno = path.join(root, 'node_modules', '.bin', 'deno');
 const bunRuntime = path.join(root, 'node_modules', '.bin', 'bun');
-const ambassador = (argv: string[], extraEnv: Record<string, string> = {}) => (upstream: string, port: number, admin: number) => ({
-  argv, ready: `http://127.0.0.1:${admin}/readyz`,
-  env: { ...ambassadorEnv(upstream, port, admin), ...extraEnv },
-});
+const ambassador =
+  (argv: string[], extraEnv: Record<string, string> = {}) => (upstream: string, port: number, admin: number) => ({
+    argv,
+    ready: `http://127.0.0.1:${admin}/readyz`,
+    env: { ...ambassadorEnv(upstream, port, admin), ...extraEnv },
+  });
 
 const rows: Row[] = [
   {
-    name: 'nginx (1 worker)', available: has('nginx') ? undefined : 'not installed',
-    command: (upstream, port) => ({ argv: ['nginx', '-c', proxyConfig(tmp, port, new URL(upstream).host)], env: {}, ready: `http://127.0.0.1:${port}/small` }),
+    name: 'nginx (1 worker)',
+    available: has('nginx') ? undefined : 'not installed',
+    command: (upstream, port) => ({
+      argv: ['nginx', '-c', proxyConfig(tmp, port, new URL(upstream).host)],
+      env: {},
+      ready: `http://127.0.0.1:${port}/small`,
+    }),
   },
-  { name: `ambassador, Node bundle, ${NODE_FLAGS === IMAGE_NODE_FLAGS ? 'image flags (ambassador:node)' : NODE_FLAGS.join(' ')}`, available: built('dist/ambassador.mjs', 'run npm run build'), command: ambassador([NODE, ...NODE_FLAGS, path.join(root, 'dist/ambassador.mjs')]) },
-  { name: 'ambassador, Node bundle, no flags', available: built('dist/ambassador.mjs', 'run npm run build'), command: ambassador([NODE, path.join(root, 'dist/ambassador.mjs')]) },
-  { name: 'ambassador, Node single executable (ambassador:sea)', available: built('bin/ambassador-node', 'run npm run sea'), command: ambassador([path.join(root, 'bin/ambassador-node')], { NODE_OPTIONS: NODE_FLAGS === IMAGE_NODE_FLAGS ? IMAGE_SEA_OPTIONS : NODE_FLAGS.join(' ') }) },
-  { name: 'naive Hono + fetch on Bun (baseline)', available: built('node_modules/.bin/bun', 'npm package bun missing'), command: (upstream, port) => ({ argv: [bunRuntime, path.join(root, 'bench/hono-bun.ts')], env: { UPSTREAM_URL: upstream, PORT: String(port) }, ready: `http://127.0.0.1:${port}/small` }) },
-  { name: 'ambassador, Bun compiled binary (ambassador:bun)', available: built('bin/ambassador-bun', 'run npm run compile:bun'), command: ambassador([path.join(root, 'bin/ambassador-bun')]) },
-  { name: 'ambassador, Bun', available: built('node_modules/.bin/bun', 'npm package bun missing'), command: ambassador([bunRuntime, path.join(root, 'ambassador.ts')]) },
-  { name: 'ambassador, Deno', available: built('node_modules/.bin/deno', 'npm package deno missing'), command: ambassador([deno, 'run', '--quiet', '--allow-net', '--allow-env', '--allow-read', path.join(root, 'ambassador.ts')]) },
+  {
+    name: `ambassador, Node bundle, ${
+      NODE_FLAGS === IMAGE_NODE_FLAGS ? 'image flags (ambassador:node)' : NODE_FLAGS.join(' ')
+    }`,
+    available: built('dist/ambassador.mjs', 'run npm run build'),
+    command: ambassador([NODE, ...NODE_FLAGS, path.join(root, 'dist/ambassador.mjs')]),
+  },
+  {
+    name: 'ambassador, Node bundle, no flags',
+    available: built('dist/ambassador.mjs', 'run npm run build'),
+    command: ambassador([NODE, path.join(root, 'dist/ambassador.mjs')]),
+  },
+  {
+    name: 'ambassador, Node single executable (ambassador:sea)',
+    available: built('bin/ambassador-node', 'run npm run sea'),
+    command: ambassador([path.join(root, 'bin/ambassador-node')], {
+      NODE_OPTIONS: NODE_FLAGS === IMAGE_NODE_FLAGS ? IMAGE_SEA_OPTIONS : NODE_FLAGS.join(' '),
+    }),
+  },
+  {
+    name: 'naive Hono + fetch on Bun (baseline)',
+    available: built('node_modules/.bin/bun', 'npm package bun missing'),
+    command: (upstream, port) => ({
+      argv: [bunRuntime, path.join(root, 'bench/hono-bun.ts')],
+      env: { UPSTREAM_URL: upstream, PORT: String(port) },
+      ready: `http://127.0.0.1:${port}/small`,
+    }),
+  },
+  {
+    name: 'ambassador, Bun compiled binary (ambassador:bun)',
+    available: built('bin/ambassador-bun', 'run npm run compile:bun'),
+    command: ambassador([path.join(root, 'bin/ambassador-bun')]),
+  },
+  {
+    name: 'ambassador, Bun',
+    available: built('node_modules/.bin/bun', 'npm package bun missing'),
+    command: ambassador([bunRuntime, path.join(root, 'ambassador.ts')]),
+  },
+  {
+    name: 'ambassador, Deno',
+    available: built('node_modules/.bin/deno', 'npm package deno missing'),
+    command: ambassador([
+      deno,
+      'run',
+      '--quiet',
+      '--allow-net',
+      '--allow-env',
+      '--allow-read',
+      path.join(root, 'ambassador.ts'),
+    ]),
+  },
 ];
 
 interface Result {
@@ -79,7 +154,10 @@ async function runRow(row: Row, upstream: string, limits: Limits): Promise<Resul
   const { argv, env, ready } = row.command(upstream, port, admin);
   // The shell joins the group, then becomes the artifact: everything it starts stays in the group.
   const join = group.procs.map((f) => `echo $$ > ${f}`).join('; ');
-  const child: ChildProcess = spawn('sh', ['-c', `${join}; exec "$@"`, 'sh', ...pinned(1, argv)], { env: { PATH: process.env.PATH ?? '', ...env }, stdio: ['ignore', 'ignore', 'inherit'] });
+  const child: ChildProcess = spawn('sh', ['-c', `${join}; exec "$@"`, 'sh', ...pinned(1, argv)], {
+    env: { PATH: process.env.PATH ?? '', ...env },
+    stdio: ['ignore', 'ignore', 'inherit'],
+  });
   let exited = false;
   child.once('exit', () => (exited = true));
   const url = `http://127.0.0.1:${port}`;
@@ -113,11 +191,23 @@ async function main(): Promise<void> {
   const oneMiB = path.join(tmp, '1mib.bin');
   writeFileSync(oneMiB, Buffer.alloc(1024 * 1024, 'a'));
   const upPort = await freePort();
-  const upstreamProc = spawn(pinned(0, ['nginx'])[0], [...pinned(0, ['nginx']).slice(1), '-c', upstreamConfig(tmp, upPort, oneMiB)], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const upstreamProc = spawn(pinned(0, ['nginx'])[0], [
+    ...pinned(0, ['nginx']).slice(1),
+    '-c',
+    upstreamConfig(tmp, upPort, oneMiB),
+  ], { stdio: ['ignore', 'ignore', 'inherit'] });
   process.once('exit', () => upstreamProc.kill('SIGTERM'));
   const upstream = `http://127.0.0.1:${upPort}`;
   await waitFor(`${upstream}/small`);
-  console.log(`bench:pod: limits from k8s/order-service.yaml${MEMORY_MIB ? ` (memory: --memory-mib)` : ''}: ${limits.cpuMillis}m CPU, ${limits.memoryBytes / 1024 ** 2} MiB; ${WARMUP} s warm-up, ${SECONDS} s per phase, 64 connections; ${os.cpus().length} CPUs (${os.cpus()[0]?.model})`);
+  console.log(
+    `bench:pod: limits from k8s/order-service.yaml${
+      MEMORY_MIB ? ` (memory: --memory-mib)` : ''
+    }: ${limits.cpuMillis}m CPU, ${
+      limits.memoryBytes / 1024 ** 2
+    } MiB; ${WARMUP} s warm-up, ${SECONDS} s per phase, 64 connections; ${os.cpus().length} CPUs (${
+      os.cpus()[0]?.model
+    })`,
+  );
   const results: Array<[Row, Result | undefined]> = [];
   for (const row of rows) {
     if (ONLY !== undefined && !row.name.includes(ONLY)) continue;
@@ -128,11 +218,17 @@ async function main(): Promise<void> {
     const r = await runRow(row, upstream, limits);
     results.push([row, r]);
     const line = (l?: Load) => (l ? `${l.rps.toFixed(0)} req/s, ${l.errors} errors` : '—');
-    console.log(`  ${row.name}: small ${line(r.small)}; 1 MiB ${line(r.big)}; ${r.oomKilled ? 'OOM-KILLED' : 'alive'}; peak ${r.peakMiB.toFixed(0)} MiB${r.note ? ` (${r.note})` : ''}`);
+    console.log(
+      `  ${row.name}: small ${line(r.small)}; 1 MiB ${line(r.big)}; ${r.oomKilled ? 'OOM-KILLED' : 'alive'}; peak ${
+        r.peakMiB.toFixed(0)
+      } MiB${r.note ? ` (${r.note})` : ''}`,
+    );
   }
   upstreamProc.kill('SIGTERM');
   const us = (x?: number) => (x === undefined || !Number.isFinite(x) ? '—' : (x / 1000).toFixed(1));
-  console.log('\n| row | small: req/s | p50 / p99 (ms) | errors | 1 MiB: req/s | p50 / p99 (ms) | errors | OOM-killed | peak memory (MiB) |');
+  console.log(
+    '\n| row | small: req/s | p50 / p99 (ms) | errors | 1 MiB: req/s | p50 / p99 (ms) | errors | OOM-killed | peak memory (MiB) |',
+  );
   console.log('|---|---|---|---|---|---|---|---|---|');
   const json: Record<string, unknown> = { limits, seconds: SECONDS, warmup: WARMUP, rows: {} };
   for (const [row, r] of results) {
@@ -141,8 +237,14 @@ async function main(): Promise<void> {
       continue;
     }
     (json.rows as Record<string, unknown>)[row.name] = r;
-    const cells = (l?: Load) => (l ? [l.rps.toFixed(0), `${us(l.p50us)} / ${us(l.p99us)}`, String(l.errors)] : ['—', '—', '—']);
-    console.log(`| ${row.name} | ${[...cells(r.small), ...cells(r.big)].join(' | ')} | ${r.oomKilled ? '**yes**' : 'no'} | ${r.peakMiB.toFixed(0)} |`);
+    const cells = (
+      l?: Load,
+    ) => (l ? [l.rps.toFixed(0), `${us(l.p50us)} / ${us(l.p99us)}`, String(l.errors)] : ['—', '—', '—']);
+    console.log(
+      `| ${row.name} | ${[...cells(r.small), ...cells(r.big)].join(' | ')} | ${r.oomKilled ? '**yes**' : 'no'} | ${
+        r.peakMiB.toFixed(0)
+      } |`,
+    );
   }
   writeFigures('bench:pod', 'bench-pod.json', json);
 }

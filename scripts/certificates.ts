@@ -13,7 +13,20 @@ function openssl(dir: string, ...args: string[]): void {
 
 /** A self-signed CA: `${name}.pem` and `${name}.key` in `dir`. */
 export function makeCa(dir: string, name: string, days = 7): void {
-  openssl(dir, 'req', '-x509', ...KEY, '-keyout', `${name}.key`, '-out', `${name}.pem`, '-days', String(days), '-subj', `/CN=${name}`);
+  openssl(
+    dir,
+    'req',
+    '-x509',
+    ...KEY,
+    '-keyout',
+    `${name}.key`,
+    '-out',
+    `${name}.pem`,
+    '-days',
+    String(days),
+    '-subj',
+    `/CN=${name}`,
+  );
 }
 
 /** A certificate `${name}.pem` (and `${name}.key`) for `subject`, signed by the CA `ca`: a server
@@ -21,7 +34,28 @@ export function makeCa(dir: string, name: string, days = 7): void {
  * `''` makes a server certificate that names its host in the Common Name only (no subjectAltName). */
 export function issue(dir: string, name: string, ca: string, subject: string, altNames?: string, days = 7): void {
   openssl(dir, 'req', ...KEY, '-keyout', `${name}.key`, '-out', `${name}.csr`, '-subj', `/CN=${subject}`);
-  const ext = altNames ? `subjectAltName=${altNames}\n` : altNames === '' ? 'extendedKeyUsage=serverAuth\n' : 'extendedKeyUsage=clientAuth\n';
+  const ext = altNames
+    ? `subjectAltName=${altNames}\n`
+    : altNames === ''
+    ? 'extendedKeyUsage=serverAuth\n'
+    : 'extendedKeyUsage=clientAuth\n';
   writeFileSync(path.join(dir, `${name}.ext`), ext);
-  openssl(dir, 'x509', '-req', '-in', `${name}.csr`, '-CA', `${ca}.pem`, '-CAkey', `${ca}.key`, '-CAcreateserial', '-out', `${name}.pem`, '-days', String(days), '-extfile', `${name}.ext`);
+  openssl(
+    dir,
+    'x509',
+    '-req',
+    '-in',
+    `${name}.csr`,
+    '-CA',
+    `${ca}.pem`,
+    '-CAkey',
+    `${ca}.key`,
+    '-CAcreateserial',
+    '-out',
+    `${name}.pem`,
+    '-days',
+    String(days),
+    '-extfile',
+    `${name}.ext`,
+  );
 }

@@ -17,7 +17,7 @@
  * PAYMENTS_PORT (9443). Every other variable reaches the processes, so `FAIL_EVERY=2 npm start` gives a
  * flaky inventory and `RETRY_ATTEMPTS=1 npm start` an ambassador that does not retry.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -54,14 +54,26 @@ function argv(name: 'ambassador' | 'order-service' | 'inventory-service' | 'paym
   return [shippedNode(root), path.join(root, bundle)];
 }
 
-const color = process.stdout.isTTY ? (code: number, s: string) => `\x1b[${code}m${s}\x1b[0m` : (_: number, s: string) => s;
+const color = process.stdout.isTTY
+  ? (code: number, s: string) => `\x1b[${code}m${s}\x1b[0m`
+  : (_: number, s: string) => s;
 const children: Array<{ name: string; child: ChildProcess }> = [];
 let stopping = false;
 
-function start(name: string, label: string, code: number, command: string[], extra: Record<string, string>): ChildProcess {
+function start(
+  name: string,
+  label: string,
+  code: number,
+  command: string[],
+  extra: Record<string, string>,
+): ChildProcess {
   // A process group of its own: a terminal's Ctrl-C (and `deno task`'s SIGTERM after it) reaches this runner
   // alone, which then stops the processes one by one, in the order `stop` gives; each gets one SIGTERM.
-  const child = spawn(command[0], command.slice(1), { env: { ...env, ...extra }, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+  const child = spawn(command[0], command.slice(1), {
+    env: { ...env, ...extra },
+    stdio: ['ignore', 'pipe', 'pipe'],
+    detached: true,
+  });
   const prefix = color(code, `[${label.padEnd(10)}]`);
   for (const stream of [child.stdout!, child.stderr!]) {
     let buffered = '';
@@ -134,7 +146,9 @@ function makeCertificates(dir: string): boolean {
     issue(dir, 'order-service', 'demo-ca', 'order-service');
     return true;
   } catch (err) {
-    console.log(`demo: no certificates (${(err as Error).message.split('\n')[0]}): the payments leg over mTLS is left out`);
+    console.log(
+      `demo: no certificates (${(err as Error).message.split('\n')[0]}): the payments leg over mTLS is left out`,
+    );
     return false;
   }
 }
@@ -151,24 +165,44 @@ const mtls = makeCertificates(dir);
 const file = (name: string) => path.join(dir, name);
 const routes = [
   { name: 'inventory', prefix: '/inventory', upstream: `http://127.0.0.1:${ports.inventory}` },
-  ...(mtls ? [{
-    // A payment is not repeated: one attempt, whatever the inventory route does.
-    name: 'payments', prefix: '/payments', upstream: `https://127.0.0.1:${ports.payments}`, retryAttempts: 1,
-    tls: { caFile: file('demo-ca.pem'), certFile: file('order-service.pem'), keyFile: file('order-service.key') },
-  }] : []),
+  ...(mtls
+    ? [{
+      // A payment is not repeated: one attempt, whatever the inventory route does.
+      name: 'payments',
+      prefix: '/payments',
+      upstream: `https://127.0.0.1:${ports.payments}`,
+      retryAttempts: 1,
+      tls: { caFile: file('demo-ca.pem'), certFile: file('order-service.pem'), keyFile: file('order-service.key') },
+    }]
+    : []),
 ];
 writeFileSync(file('routes.json'), JSON.stringify({ routes }, null, 2));
 
-const inventory = start('inventory-service', 'inventory', 32, argv('inventory-service'), { PORT: ports.inventory, HOST: '127.0.0.1' });
-const payments = mtls ? start('payments-service', 'payments', 33, argv('payments-service'), {
-  PORT: ports.payments, HOST: '127.0.0.1', TLS_CERT_FILE: file('payments.pem'), TLS_KEY_FILE: file('payments.key'), CLIENT_CA_FILE: file('demo-ca.pem'),
-}) : undefined;
+const inventory = start('inventory-service', 'inventory', 32, argv('inventory-service'), {
+  PORT: ports.inventory,
+  HOST: '127.0.0.1',
+});
+const payments = mtls
+  ? start('payments-service', 'payments', 33, argv('payments-service'), {
+    PORT: ports.payments,
+    HOST: '127.0.0.1',
+    TLS_CERT_FILE: file('payments.pem'),
+    TLS_KEY_FILE: file('payments.key'),
+    CLIENT_CA_FILE: file('demo-ca.pem'),
+  })
+  : undefined;
 const ambassador = start('ambassador', 'ambassador', 35, argv('ambassador'), {
-  ROUTES_FILE: file('routes.json'), PORT: ports.ambassador, ADMIN_PORT: ports.admin, ADMIN_HOST: '127.0.0.1',
+  ROUTES_FILE: file('routes.json'),
+  PORT: ports.ambassador,
+  ADMIN_PORT: ports.admin,
+  ADMIN_HOST: '127.0.0.1',
   LOG_FORMAT: env.LOG_FORMAT ?? 'text',
 });
 const order = start('order-service', 'order', 36, argv('order-service'), {
-  PORT: ports.order, HOST: '127.0.0.1', AMBASSADOR_URL: `http://127.0.0.1:${ports.ambassador}`, PAYMENTS_PATH: mtls ? '/payments' : '',
+  PORT: ports.order,
+  HOST: '127.0.0.1',
+  AMBASSADOR_URL: `http://127.0.0.1:${ports.ambassador}`,
+  PAYMENTS_PATH: mtls ? '/payments' : '',
 });
 
 try {
@@ -186,12 +220,18 @@ try {
 
 const a = `http://localhost:${ports.ambassador}`;
 console.log(`
-The chain is up (${onDeno ? 'Deno, from the sources' : onBun ? 'Bun, the ambassador from its source' : 'Node, from the bundles'}): one ambassador in front of
+The chain is up (${
+  onDeno ? 'Deno, from the sources' : onBun ? 'Bun, the ambassador from its source' : 'Node, from the bundles'
+}): one ambassador in front of
 the inventory (plain HTTP)${mtls ? ' and the payments service (mutual TLS, certificates in ' + dir + ')' : ''}. Try:
   curl http://localhost:${ports.order}/order                     # the whole chain
   curl ${a}/inventory                 # the ambassador on its own
-  curl '${a}/inventory?fail_every=2'  # a flaky inventory: the ambassador retries${mtls ? `
-  curl -X POST ${a}/payments          # over mTLS: the ambassador holds the client certificate` : ''}
+  curl '${a}/inventory?fail_every=2'  # a flaky inventory: the ambassador retries${
+  mtls
+    ? `
+  curl -X POST ${a}/payments          # over mTLS: the ambassador holds the client certificate`
+    : ''
+}
   curl ${a}/shipping                  # no route: 404 from the ambassador
 Watch the circuit breaker open and close:
   for i in 1 2; do curl '${a}/inventory?fail_percent=100'; done   # 5 failed attempts in a row: ejected

@@ -33,7 +33,8 @@ const push = process.argv.includes('--push');
 const privateStorage = option('--private-storage');
 
 const env = { ...process.env, ...(privateStorage ? privatePodmanEnv(path.resolve(privateStorage)) : {}) };
-const podman = (...args: string[]) => execFileSync('podman', args, { cwd: root, env, stdio: ['ignore', 'pipe', 'inherit'] }).toString().trim();
+const podman = (...args: string[]) =>
+  execFileSync('podman', args, { cwd: root, env, stdio: ['ignore', 'pipe', 'inherit'] }).toString().trim();
 
 /** The shared libraries a binary loads, as `ldd` lists them. */
 function libraries(binary: string): string[] {
@@ -55,10 +56,15 @@ function buildLocalBase(tag: string, files: Record<string, string>, libsOf: stri
     };
     for (const [to, from] of Object.entries(files)) put(from, to);
     for (const binary of [...Object.values(files), ...libsOf]) for (const lib of libraries(binary)) put(lib, lib);
-    if (existsSync('/etc/ssl/certs/ca-certificates.crt')) put('/etc/ssl/certs/ca-certificates.crt', '/etc/ssl/certs/ca-certificates.crt');
+    if (existsSync('/etc/ssl/certs/ca-certificates.crt')) {
+      put('/etc/ssl/certs/ca-certificates.crt', '/etc/ssl/certs/ca-certificates.crt');
+    }
     mkdirSync(path.join(rootfs, 'etc'), { recursive: true });
     mkdirSync(path.join(rootfs, 'tmp'), { recursive: true });
-    writeFileSync(path.join(rootfs, 'etc/passwd'), 'root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n');
+    writeFileSync(
+      path.join(rootfs, 'etc/passwd'),
+      'root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n',
+    );
     writeFileSync(path.join(rootfs, 'etc/group'), 'root:x:0:\nnonroot:x:65532:\n');
     writeFileSync(path.join(dir, 'Containerfile'), 'FROM scratch\nCOPY rootfs/ /\nUSER 65532:65532\n');
     podman('build', '--quiet', '-t', tag, dir);
@@ -75,16 +81,34 @@ if (localBases) {
   const denoBinary = path.join(root, 'node_modules', 'deno', 'deno');
   const bunBinary = path.join(root, 'bin', 'ambassador-bun');
   const node = shippedNode(root); // Node 24, as the public base has it
-  buildLocalBase('localhost/ambassador-base-glibc:local', {}, [node, ...[denoBinary, bunBinary].filter((b) => existsSync(b))]);
+  buildLocalBase('localhost/ambassador-base-glibc:local', {}, [
+    node,
+    ...[denoBinary, bunBinary].filter((b) => existsSync(b)),
+  ]);
   buildLocalBase('localhost/ambassador-base-node:local', { '/nodejs/bin/node': node });
-  buildArgs.push('--build-arg', 'GLIBC_BASE=localhost/ambassador-base-glibc:local', '--build-arg', 'NODE_BASE=localhost/ambassador-base-node:local');
+  buildArgs.push(
+    '--build-arg',
+    'GLIBC_BASE=localhost/ambassador-base-glibc:local',
+    '--build-arg',
+    'NODE_BASE=localhost/ambassador-base-node:local',
+  );
 }
 
 // The deno-compiled ambassador only where `deno compile` can get its runtime (see README).
 const deno = path.join(root, 'node_modules', '.bin', 'deno');
-const compiled = spawnSync(deno, ['compile', '--no-config', '--allow-net', '--allow-env', '--allow-read', '--output', 'bin/ambassador', 'dist/ambassador.mjs'],
-  { cwd: root, env: { ...env, NO_COLOR: '1' }, encoding: 'utf8' });
-if (compiled.status !== 0) console.warn('images: SKIPPED the `ambassador` (deno) target: `deno compile` could not get its denort runtime here');
+const compiled = spawnSync(deno, [
+  'compile',
+  '--no-config',
+  '--allow-net',
+  '--allow-env',
+  '--allow-read',
+  '--output',
+  'bin/ambassador',
+  'dist/ambassador.mjs',
+], { cwd: root, env: { ...env, NO_COLOR: '1' }, encoding: 'utf8' });
+if (compiled.status !== 0) {
+  console.warn('images: SKIPPED the `ambassador` (deno) target: `deno compile` could not get its denort runtime here');
+}
 
 const targets: Array<{ target: string; tag: string }> = [
   ...(compiled.status === 0 ? [{ target: 'ambassador', tag: `${registry}/ambassador:deno` }] : []),

@@ -7,15 +7,34 @@ import path from 'node:path';
 /** Writes containers.conf and storage.conf under `dir`; returns the environment that points podman at them. */
 export function privatePodmanEnv(dir: string): Record<string, string> {
   mkdirSync(dir, { recursive: true });
-  writeFileSync(path.join(dir, 'containers.conf'), [
-    '[containers]', 'default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]',
-    '[network]', 'network_backend = "netavark"', `network_config_dir = "${dir}/networks"`,
-    '[engine]', 'runtime = "runc"', `tmp_dir = "${dir}/libpod-tmp"`, '',
-  ].join('\n'));
-  writeFileSync(path.join(dir, 'storage.conf'), [
-    '[storage]', 'driver = "overlay"', `graphroot = "${dir}/storage"`, `runroot = "${dir}/runroot"`, '',
-  ].join('\n'));
-  return { CONTAINERS_CONF: path.join(dir, 'containers.conf'), CONTAINERS_STORAGE_CONF: path.join(dir, 'storage.conf') };
+  writeFileSync(
+    path.join(dir, 'containers.conf'),
+    [
+      '[containers]',
+      'default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]',
+      '[network]',
+      'network_backend = "netavark"',
+      `network_config_dir = "${dir}/networks"`,
+      '[engine]',
+      'runtime = "runc"',
+      `tmp_dir = "${dir}/libpod-tmp"`,
+      '',
+    ].join('\n'),
+  );
+  writeFileSync(
+    path.join(dir, 'storage.conf'),
+    [
+      '[storage]',
+      'driver = "overlay"',
+      `graphroot = "${dir}/storage"`,
+      `runroot = "${dir}/runroot"`,
+      '',
+    ].join('\n'),
+  );
+  return {
+    CONTAINERS_CONF: path.join(dir, 'containers.conf'),
+    CONTAINERS_STORAGE_CONF: path.join(dir, 'storage.conf'),
+  };
 }
 
 /** Removes a folder made for `privatePodmanEnv`, and never throws. Podman mounts its overlay storage
@@ -33,7 +52,9 @@ export function removePodmanFolder(dir: string, env: NodeJS.ProcessEnv): string 
     }
   };
   // Deepest first: a mount inside another must go before it.
-  for (const mount of mountsBelow().sort((a, b) => b.length - a.length)) spawnSync('umount', ['-l', mount], { stdio: 'ignore' });
+  for (const mount of mountsBelow().sort((a, b) => b.length - a.length)) {
+    spawnSync('umount', ['-l', mount], { stdio: 'ignore' });
+  }
   try {
     rmSync(dir, { recursive: true, force: true });
     return undefined;

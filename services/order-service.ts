@@ -18,9 +18,13 @@ import { environment, fail, intVar, serve } from './serve.ts';
 
 const env = environment();
 const ambassador = env.AMBASSADOR_URL?.trim() || 'http://localhost:8080';
-if (!/^https?:\/\/[^/]+/.test(ambassador)) fail(`AMBASSADOR_URL=${JSON.stringify(ambassador)}: expected an http:// URL`);
+if (!/^https?:\/\/[^/]+/.test(ambassador)) {
+  fail(`AMBASSADOR_URL=${JSON.stringify(ambassador)}: expected an http:// URL`);
+}
 const paymentsPath = env.PAYMENTS_PATH?.trim() || '';
-if (paymentsPath && !paymentsPath.startsWith('/')) fail(`PAYMENTS_PATH=${JSON.stringify(paymentsPath)}: expected a path starting with /`);
+if (paymentsPath && !paymentsPath.startsWith('/')) {
+  fail(`PAYMENTS_PATH=${JSON.stringify(paymentsPath)}: expected a path starting with /`);
+}
 const base = ambassador.replace(/\/$/, '');
 
 const app = new Hono();
@@ -33,7 +37,11 @@ app.get('/order', async (c) => {
     const body = await res.text();
     if (!res.ok) return c.text(`upstream error: ${res.status} ${body.trim()}\n`, 502);
     if (!paymentsPath) return c.text(`Order received. Inventory says: ${body}`);
-    const paid = await fetch(`${base}${paymentsPath}`, { method: 'POST', body: JSON.stringify({ item: 'widget', quantity: 1 }), headers: { 'content-type': 'application/json' } });
+    const paid = await fetch(`${base}${paymentsPath}`, {
+      method: 'POST',
+      body: JSON.stringify({ item: 'widget', quantity: 1 }),
+      headers: { 'content-type': 'application/json' },
+    });
     const receipt = await paid.text();
     if (!paid.ok) return c.text(`payments error: ${paid.status} ${receipt.trim()}\n`, 502);
     return c.text(`Order received. Inventory says: ${body}. Payments says: ${receipt}`);

@@ -43,5 +43,7 @@ app.post('/payments', (c) => {
 });
 
 void serve('payments', app, env.HOST?.trim() || '0.0.0.0', intVar(env, 'PORT', 9443, 0, 65535), {
-  ...tls, requestCert: true, rejectUnauthorized: true,
+  ...tls,
+  requestCert: true,
+  rejectUnauthorized: true,
 });

@@ -5,7 +5,14 @@
 import type { Hono } from 'hono';
 
 interface DenoLike {
-  serve(options: { hostname: string; port: number; onListen?: (addr: { port: number }) => void; handler: (req: Request) => Response | Promise<Response> }): { shutdown(): Promise<void> };
+  serve(
+    options: {
+      hostname: string;
+      port: number;
+      onListen?: (addr: { port: number }) => void;
+      handler: (req: Request) => Response | Promise<Response>;
+    },
+  ): { shutdown(): Promise<void> };
   addSignalListener(signal: string, handler: () => void): void;
   env: { toObject(): Record<string, string> };
   exit(code: number): never;
@@ -22,10 +29,18 @@ export function log(service: string, msg: string, fields: Record<string, unknown
 }
 
 /** Reads a whole-number variable or stops with exit code 2 naming it, its value and what was expected. */
-export function intVar(env: Record<string, string | undefined>, name: string, fallback: number, min = 0, max = Number.MAX_SAFE_INTEGER): number {
+export function intVar(
+  env: Record<string, string | undefined>,
+  name: string,
+  fallback: number,
+  min = 0,
+  max = Number.MAX_SAFE_INTEGER,
+): number {
   const v = env[name]?.trim();
   if (!v) return fallback;
-  if (!/^\d+$/.test(v) || Number(v) < min || Number(v) > max) fail(`${name}=${JSON.stringify(v)}: expected a whole number from ${min} to ${max}`);
+  if (!/^\d+$/.test(v) || Number(v) < min || Number(v) > max) {
+    fail(`${name}=${JSON.stringify(v)}: expected a whole number from ${min} to ${max}`);
+  }
   return Number(v);
 }
 
@@ -49,7 +64,13 @@ export interface TlsOptions {
 
 /** Listens, logs the port, and closes the listener (then exits 0) on SIGTERM or SIGINT. With `tls`, it
  * serves HTTPS through node:https on either runtime (Deno.serve cannot ask for client certificates). */
-export async function serve(service: string, app: Hono<any>, host: string, port: number, tls?: TlsOptions): Promise<void> {
+export async function serve(
+  service: string,
+  app: Hono<any>,
+  host: string,
+  port: number,
+  tls?: TlsOptions,
+): Promise<void> {
   if (deno && !tls) {
     let server: { shutdown(): Promise<void> } | undefined;
     // Signal listeners first: a SIGTERM right after the `listening` line must not find Deno's default.
@@ -59,12 +80,20 @@ export async function serve(service: string, app: Hono<any>, host: string, port:
         void (server?.shutdown() ?? Promise.resolve()).then(() => deno.exit(0));
       });
     }
-    server = deno.serve({ hostname: host, port, onListen: (addr) => log(service, 'listening', { port: addr.port }), handler: app.fetch });
+    server = deno.serve({
+      hostname: host,
+      port,
+      onListen: (addr) => log(service, 'listening', { port: addr.port }),
+      handler: app.fetch,
+    });
     return;
   }
   const { serve: nodeServe } = await import('@hono/node-server');
   const https = tls ? { createServer: (await import('node:https')).createServer, serverOptions: tls } : {};
-  const server = nodeServe({ fetch: app.fetch, hostname: host, port, ...https } as Parameters<typeof nodeServe>[0], (info) => log(service, 'listening', { port: info.port }));
+  const server = nodeServe(
+    { fetch: app.fetch, hostname: host, port, ...https } as Parameters<typeof nodeServe>[0],
+    (info) => log(service, 'listening', { port: info.port }),
+  );
   const stop = (signal: string) => {
     log(service, `${signal}: stopping`);
     server.close(() => exit(0));

@@ -1,9 +1,19 @@
 /** Circuit breaking per endpoint: real upstreams on loopback going down
  * and coming back, with every request counted at the upstream and the state read from /metrics. */
 import { describe, expect, it } from 'vitest';
-import { RUNTIMES, deadPort, scrape, sleep, startAmbassador, startUpstream, stopAfterEach, waitFor, type Upstream } from './helpers.ts';
+import {
+  ARTIFACTS,
+  deadPort,
+  scrape,
+  sleep,
+  startAmbassador,
+  startUpstream,
+  stopAfterEach,
+  type Upstream,
+  waitFor,
+} from './helpers.ts';
 
-describe.each(RUNTIMES)('circuit breaking on real upstreams (%s)', (runtime) => {
+describe.each(ARTIFACTS)('circuit breaking on real upstreams (%s)', (runtime) => {
   stopAfterEach();
   const ok = (name: string) => startUpstream((_q, res) => res.end(name));
   const key = (u: Upstream) => `127.0.0.1:${u.port}`;
@@ -13,7 +23,8 @@ describe.each(RUNTIMES)('circuit breaking on real upstreams (%s)', (runtime) => 
       while (n-- > 0) expect((await fetch(url)).status).toBe(200);
     }));
   };
-  const state = (m: Map<string, number>, endpoint: string, s: string) => m.get(`ambassador_upstream_endpoint_state{route="default",endpoint="${endpoint}",state="${s}"}`);
+  const state = (m: Map<string, number>, endpoint: string, s: string) =>
+    m.get(`ambassador_upstream_endpoint_state{route="default",endpoint="${endpoint}",state="${s}"}`);
 
   it('ejects an endpoint that goes down, shifts its traffic to the others, and re-admits it after a probe once it is back', async () => {
     const a = await ok('a');
@@ -21,7 +32,11 @@ describe.each(RUNTIMES)('circuit breaking on real upstreams (%s)', (runtime) => 
     let c = await ok('c');
     const port = c.port;
     const amb = await startAmbassador(runtime, {
-      UPSTREAM_URL: [a, b, c].map((u) => u.url).join(','), BREAKER_FAILURES: '3', BREAKER_OPEN_MS: '2500', RETRY_BACKOFF_MS: '0', RETRY_BACKOFF_MAX_MS: '0',
+      UPSTREAM_URL: [a, b, c].map((u) => u.url).join(','),
+      BREAKER_FAILURES: '3',
+      BREAKER_OPEN_MS: '2500',
+      RETRY_BACKOFF_MS: '0',
+      RETRY_BACKOFF_MAX_MS: '0',
     });
     await load(`${amb.url}/x`, 30);
     expect(c.seen.length).toBeGreaterThan(0); // every endpoint takes a share while all are healthy
@@ -31,14 +46,26 @@ describe.each(RUNTIMES)('circuit breaking on real upstreams (%s)', (runtime) => 
     await load(`${amb.url}/x`, 60);
     const ejected = await scrape(amb);
     expect(state(ejected, `127.0.0.1:${port}`, 'open')).toBe(1);
-    expect(ejected.get(`ambassador_upstream_endpoint_ejections_total{route="default",endpoint="127.0.0.1:${port}"}`)).toBe(1);
+    expect(ejected.get(`ambassador_upstream_endpoint_ejections_total{route="default",endpoint="127.0.0.1:${port}"}`))
+      .toBe(1);
     const line = await amb.waitForLine((l) => l.includes('ejected'));
-    expect(JSON.parse(line)).toMatchObject({ level: 'warn', route: 'default', endpoint: `127.0.0.1:${port}`, state: 'open' });
-    const attemptsOnC = ejected.get(`ambassador_upstream_endpoint_requests_total{route="default",endpoint="127.0.0.1:${port}"}`)!;
+    expect(JSON.parse(line)).toMatchObject({
+      level: 'warn',
+      route: 'default',
+      endpoint: `127.0.0.1:${port}`,
+      state: 'open',
+    });
+    const attemptsOnC = ejected.get(
+      `ambassador_upstream_endpoint_requests_total{route="default",endpoint="127.0.0.1:${port}"}`,
+    )!;
     const servedByOthers = a.seen.length + b.seen.length;
     await load(`${amb.url}/x`, 20);
     // While open, not one attempt goes to c; a and b take all twenty.
-    expect((await scrape(amb)).get(`ambassador_upstream_endpoint_requests_total{route="default",endpoint="127.0.0.1:${port}"}`)).toBe(attemptsOnC);
+    expect(
+      (await scrape(amb)).get(
+        `ambassador_upstream_endpoint_requests_total{route="default",endpoint="127.0.0.1:${port}"}`,
+      ),
+    ).toBe(attemptsOnC);
     expect(a.seen.length + b.seen.length).toBe(servedByOthers + 20);
 
     c = await startUpstream((_q, res) => res.end('c'), { port });
@@ -59,7 +86,13 @@ describe.each(RUNTIMES)('circuit breaking on real upstreams (%s)', (runtime) => 
     const x = await hang();
     const y = await hang();
     const amb = await startAmbassador(runtime, {
-      UPSTREAM_URL: `${x.url},${y.url}`, BREAKER_FAILURES: '2', BREAKER_OPEN_MS: '30000', TRY_TIMEOUT_MS: '1000', RETRY_ATTEMPTS: '2', RETRY_BACKOFF_MS: '0', RETRY_BACKOFF_MAX_MS: '0',
+      UPSTREAM_URL: `${x.url},${y.url}`,
+      BREAKER_FAILURES: '2',
+      BREAKER_OPEN_MS: '30000',
+      TRY_TIMEOUT_MS: '1000',
+      RETRY_ATTEMPTS: '2',
+      RETRY_BACKOFF_MS: '0',
+      RETRY_BACKOFF_MAX_MS: '0',
     });
     for (let i = 0; i < 2; i++) expect((await fetch(`${amb.url}/slow`)).status).toBe(504);
     const seenBefore = x.seen.length + y.seen.length;
@@ -93,7 +126,12 @@ describe.each(RUNTIMES)('circuit breaking on real upstreams (%s)', (runtime) => 
       if (release) return void res.end('ok');
       release = () => res.end('ok'); // hold the probe until the test has sent the burst
     }, { port });
-    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, BREAKER_FAILURES: '2', BREAKER_OPEN_MS: '300', RETRY_ATTEMPTS: '1' });
+    const amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: up.url,
+      BREAKER_FAILURES: '2',
+      BREAKER_OPEN_MS: '300',
+      RETRY_ATTEMPTS: '1',
+    });
     for (let i = 0; i < 2; i++) expect((await fetch(`${amb.url}/x`)).status).toBe(500);
     healthy = true;
     await sleep(350);
@@ -111,7 +149,12 @@ describe.each(RUNTIMES)('circuit breaking on real upstreams (%s)', (runtime) => 
   it('answers Retry-After with the seconds until the first ejection ends, when every endpoint is ejected', async () => {
     const a = await ok('a');
     const b = await ok('b');
-    const amb = await startAmbassador(runtime, { UPSTREAM_URL: `${a.url},${b.url}`, BREAKER_FAILURES: '1', BREAKER_OPEN_MS: '10000', RETRY_ATTEMPTS: '1' });
+    const amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: `${a.url},${b.url}`,
+      BREAKER_FAILURES: '1',
+      BREAKER_OPEN_MS: '10000',
+      RETRY_ATTEMPTS: '1',
+    });
     await a.close();
     await waitFor('a ejected', async () => {
       await fetch(`${amb.url}/x`);
@@ -128,7 +171,12 @@ describe.each(RUNTIMES)('circuit breaking on real upstreams (%s)', (runtime) => 
   });
 
   it('doubles an ejection that follows soon after the last, end to end', async () => {
-    const amb = await startAmbassador(runtime, { UPSTREAM_URL: `http://127.0.0.1:${await deadPort()}`, BREAKER_FAILURES: '1', BREAKER_OPEN_MS: '400', RETRY_ATTEMPTS: '1' });
+    const amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: `http://127.0.0.1:${await deadPort()}`,
+      BREAKER_FAILURES: '1',
+      BREAKER_OPEN_MS: '400',
+      RETRY_ATTEMPTS: '1',
+    });
     const ejections = () => amb.logs().filter((l) => String(l.msg).includes('ejected for')).map((l) => l.open_ms);
     expect((await fetch(`${amb.url}/x`)).status).toBe(502);
     await waitFor('the first ejection', () => ejections().length === 1);

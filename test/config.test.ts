@@ -3,9 +3,9 @@
 import net from 'node:net';
 import { describe, expect, it } from 'vitest';
 
-import { RUNTIMES, command, startProcess } from './helpers.ts';
+import { ARTIFACTS, command, startProcess } from './helpers.ts';
 
-describe.each(RUNTIMES)('bad configuration stops the process (%s)', (runtime) => {
+describe.each(ARTIFACTS)('bad configuration stops the process (%s)', (runtime) => {
   it('exits 2 naming HOST and PORT when it cannot listen there (an address not of this machine, a port taken)', async () => {
     const blocker = net.createServer();
     await new Promise<void>((r) => blocker.listen(0, '127.0.0.1', r));
@@ -16,7 +16,11 @@ describe.each(RUNTIMES)('bad configuration stops the process (%s)', (runtime) =>
         const { code } = await p.exited;
         expect(code, JSON.stringify(env)).toBe(2);
         const err = p.stderr.join('\n');
-        expect(err).toContain(`HOST=${JSON.stringify(env.HOST)}, PORT=${JSON.stringify(env.PORT)}: expected an address of this machine and a port free on it`);
+        expect(err).toContain(
+          `HOST=${JSON.stringify(env.HOST)}, PORT=${
+            JSON.stringify(env.PORT)
+          }: expected an address of this machine and a port free on it`,
+        );
       }
     } finally {
       blocker.close();
@@ -25,9 +29,17 @@ describe.each(RUNTIMES)('bad configuration stops the process (%s)', (runtime) =>
 
   it('exits 2 naming a time setting past what a timer can wait (2^31 - 1 ms), rather than fire it at once', async () => {
     for (const name of ['DRAIN_TIMEOUT_MS', 'QUEUE_TIMEOUT_MS']) {
-      const p = startProcess(command(runtime), { UPSTREAM_URL: 'http://127.0.0.1:9', PORT: '0', ADMIN_PORT: '0', [name]: '2147483648' });
+      const p = startProcess(command(runtime), {
+        UPSTREAM_URL: 'http://127.0.0.1:9',
+        PORT: '0',
+        ADMIN_PORT: '0',
+        [name]: '2147483648',
+      });
       // A process that takes the value starts listening instead: it is ended, and the test fails.
-      const { code } = await Promise.race([p.exited, new Promise<{ code: number | null }>((r) => setTimeout(() => r({ code: null }), 20_000))]);
+      const { code } = await Promise.race([
+        p.exited,
+        new Promise<{ code: number | null }>((r) => setTimeout(() => r({ code: null }), 20_000)),
+      ]);
       p.kill('SIGKILL');
       expect(code, name).toBe(2);
       expect(p.stderr.join('\n')).toContain(`${name}="2147483648": expected a whole number from 0 to 2147483647`);
@@ -35,7 +47,13 @@ describe.each(RUNTIMES)('bad configuration stops the process (%s)', (runtime) =>
   });
 
   it('exits 2 before listening, naming every bad variable on stderr', async () => {
-    const p = startProcess(command(runtime), { UPSTREAM_URL: 'not a url', RETRY_ATTEMPTS: '0', LOG_FORMAT: 'yaml', PORT: '0', ADMIN_PORT: '0' });
+    const p = startProcess(command(runtime), {
+      UPSTREAM_URL: 'not a url',
+      RETRY_ATTEMPTS: '0',
+      LOG_FORMAT: 'yaml',
+      PORT: '0',
+      ADMIN_PORT: '0',
+    });
     const { code } = await p.exited;
     expect(code).toBe(2);
     const err = p.stderr.join('\n');

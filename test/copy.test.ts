@@ -14,8 +14,14 @@ let tarballs: string[] = [];
 beforeAll(() => {
   const packed = path.join(dir, 'packed');
   execFileSync('mkdir', ['-p', packed]);
-  tarballs = ['hono', '@hono/node-server'].map((name) => path.join(packed, execFileSync('npm', ['pack', '--silent', '--pack-destination', packed, path.join(ROOT, 'node_modules', name)],
-    { encoding: 'utf8' }).trim().split('\n').pop()!));
+  tarballs = ['hono', '@hono/node-server'].map((name) =>
+    path.join(
+      packed,
+      execFileSync('npm', ['pack', '--silent', '--pack-destination', packed, path.join(ROOT, 'node_modules', name)], {
+        encoding: 'utf8',
+      }).trim().split('\n').pop()!,
+    )
+  );
 }, 120_000);
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
@@ -26,13 +32,28 @@ function project(name: string, packages: string[]): string {
   copyFileSync(path.join(ROOT, 'ambassador.ts'), path.join(p, 'ambassador.ts'));
   // `npm init -y` writes "type": "commonjs" (npm 11); the file is an ES module.
   writeFileSync(path.join(p, 'package.json'), JSON.stringify({ name, private: true, type: 'module' }));
-  execFileSync('npm', ['install', '--offline', '--no-audit', '--no-fund', '--silent', ...packages], { cwd: p, stdio: 'pipe' });
+  execFileSync('npm', ['install', '--offline', '--no-audit', '--no-fund', '--silent', ...packages], {
+    cwd: p,
+    stdio: 'pipe',
+  });
   return p;
 }
 
 const runs: Array<[string, (p: string) => string[]]> = [
   ['Node 24: node ambassador.ts', () => [NODE, 'ambassador.ts']],
-  ['Deno: deno run ambassador.ts', () => [DENO, 'run', '--quiet', '--allow-net', '--allow-env', '--allow-read', '--unstable-no-legacy-abort', 'ambassador.ts']],
+  [
+    'Deno: deno run ambassador.ts',
+    () => [
+      DENO,
+      'run',
+      '--quiet',
+      '--allow-net',
+      '--allow-env',
+      '--allow-read',
+      '--unstable-no-legacy-abort',
+      'ambassador.ts',
+    ],
+  ],
   ['Bun: bun ambassador.ts', () => [BUN, 'ambassador.ts']],
 ];
 
@@ -44,7 +65,12 @@ describe('the file copied alone into a project', () => {
     // Node needs both packages; Deno and Bun need hono alone (the Node adapter is imported only on Node).
     const p = project(slug, slug.startsWith('node') ? tarballs : [tarballs[0]]);
     const upstream = await startUpstream((q, res) => res.end(`upstream saw ${q.url}`));
-    const amb = startProcess(['sh', '-c', `cd ${JSON.stringify(p)} && exec "$@"`, 'sh', ...argv(p)], { UPSTREAM_URL: upstream.url, PORT: '0', ADMIN_PORT: '0', ADMIN_HOST: '127.0.0.1' });
+    const amb = startProcess(['sh', '-c', `cd ${JSON.stringify(p)} && exec "$@"`, 'sh', ...argv(p)], {
+      UPSTREAM_URL: upstream.url,
+      PORT: '0',
+      ADMIN_PORT: '0',
+      ADMIN_HOST: '127.0.0.1',
+    });
     try {
       const line = await amb.waitForLine((l) => l.includes('"msg":"listening"'), 30_000);
       const port = Number(/"port":(\d+)/.exec(line)?.[1]);

@@ -3,9 +3,21 @@
 import http from 'node:http';
 import net from 'node:net';
 import { describe, expect, it } from 'vitest';
-import { RUNTIMES, get, openConnections, sleep, stackOf, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach, waitFor } from './helpers.ts';
+import {
+  type AmbassadorProc,
+  ARTIFACTS,
+  get,
+  openConnections,
+  runtimeOf,
+  sleep,
+  startAmbassador,
+  startUpstream,
+  stopAfterEach,
+  type Upstream,
+  waitFor,
+} from './helpers.ts';
 
-describe.each(RUNTIMES)('drain on SIGTERM (%s)', (runtime) => {
+describe.each(ARTIFACTS)('drain on SIGTERM (%s)', (runtime) => {
   let upstream: Upstream | undefined;
   let amb: AmbassadorProc | undefined;
   stopAfterEach();
@@ -38,14 +50,18 @@ describe.each(RUNTIMES)('drain on SIGTERM (%s)', (runtime) => {
     amb.kill('SIGTERM');
     await amb.waitForLine((l) => l.includes('no longer accepting'));
     // The listener closes right after that line.
-    await waitFor('the listener closed', () => new Promise<boolean>((resolve) => {
-      const s = net.connect(amb!.port, '127.0.0.1');
-      s.on('connect', () => (s.destroy(), resolve(false)));
-      s.on('error', () => resolve(true));
-    }), 3000);
+    await waitFor('the listener closed', () =>
+      new Promise<boolean>((resolve) => {
+        const s = net.connect(amb!.port, '127.0.0.1');
+        s.on('connect', () => (s.destroy(), resolve(false)));
+        s.on('error', () => resolve(true));
+      }), 3000);
     // A fresh connection after the listener closed is refused: nothing was accepted, so the app's client
     // knows it may send the request elsewhere. (A reset after the request went out would not say that.)
-    const late = await get(`${amb.url}/late`, { agent: new http.Agent({ keepAlive: false }) }).then((r) => `answered ${r.status}`, (e: NodeJS.ErrnoException) => e.code);
+    const late = await get(`${amb.url}/late`, { agent: new http.Agent({ keepAlive: false }) }).then(
+      (r) => `answered ${r.status}`,
+      (e: NodeJS.ErrnoException) => e.code,
+    );
     expect(late).toBe('ECONNREFUSED');
     expect((await inFlight).status).toBe(200);
     expect((await amb.exited).code).toBe(0);
@@ -76,7 +92,12 @@ describe.each(RUNTIMES)('drain on SIGTERM (%s)', (runtime) => {
 
   it('cuts off what is left at DRAIN_TIMEOUT_MS, logs it, and still exits 0', async () => {
     upstream = await startUpstream(() => {}); // never answers
-    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, DRAIN_TIMEOUT_MS: '700', TRY_TIMEOUT_MS: '0', REQUEST_TIMEOUT_MS: '0' });
+    amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: upstream.url,
+      DRAIN_TIMEOUT_MS: '700',
+      TRY_TIMEOUT_MS: '0',
+      REQUEST_TIMEOUT_MS: '0',
+    });
     const stuck = get(`${amb.url}/stuck`).catch((e: Error) => e.message);
     await waitFor('the request at the upstream', () => upstream!.seen.length === 1);
     const t0 = performance.now();
@@ -91,64 +112,74 @@ describe.each(RUNTIMES)('drain on SIGTERM (%s)', (runtime) => {
   });
 });
 
-describe.each(RUNTIMES)('drain under keep-alive load (%s)', (runtime) => {
+describe.each(ARTIFACTS)('drain under keep-alive load (%s)', (runtime) => {
   stopAfterEach();
 
-  it.each([1, 2, 3])('resets no request of keep-alive clients looping across SIGTERM: each is answered, or its new connection refused (run %i)', async () => {
-    const upstream = await startUpstream((_q, res) => setTimeout(() => res.end('ok'), 50));
-    const amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, LOG_LEVEL: 'warn' });
-    const agent = new http.Agent({ keepAlive: true, maxSockets: 32 });
-    let signalled = false;
-    const failures: string[] = [];
-    let answered = 0;
-    let refused = 0;
-    const one = () => new Promise<'done' | 'refused'>((resolve) => {
-      const req = http.get(`${amb.url}/loop`, { agent }, (res) => {
-        res.resume();
-        res.on('end', () => {
-          if (res.statusCode === 200) answered++;
-          else failures.push(`status ${res.statusCode}`);
-          resolve('done');
+  it.each([1, 2, 3])(
+    'resets no request of keep-alive clients looping across SIGTERM: each is answered, or its new connection refused (run %i)',
+    async () => {
+      const upstream = await startUpstream((_q, res) => setTimeout(() => res.end('ok'), 50));
+      const amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, LOG_LEVEL: 'warn' });
+      const agent = new http.Agent({ keepAlive: true, maxSockets: 32 });
+      let signalled = false;
+      const failures: string[] = [];
+      let answered = 0;
+      let refused = 0;
+      const one = () =>
+        new Promise<'done' | 'refused'>((resolve) => {
+          const req = http.get(`${amb.url}/loop`, { agent }, (res) => {
+            res.resume();
+            res.on('end', () => {
+              if (res.statusCode === 200) answered++;
+              else failures.push(`status ${res.statusCode}`);
+              resolve('done');
+            });
+            res.on('error', (err) => {
+              failures.push(`body: ${err.message}`);
+              resolve('done');
+            });
+          });
+          req.on('error', (err: NodeJS.ErrnoException) => {
+            if (err.code === 'ECONNREFUSED') {
+              refused++;
+              return resolve('refused');
+            }
+            failures.push(
+              `${err.code ?? err.message} on a ${req.reusedSocket ? 'reused' : 'new'} connection${
+                signalled ? ' after SIGTERM' : ''
+              }`,
+            );
+            resolve('done');
+          });
         });
-        res.on('error', (err) => {
-          failures.push(`body: ${err.message}`);
-          resolve('done');
-        });
-      });
-      req.on('error', (err: NodeJS.ErrnoException) => {
-        if (err.code === 'ECONNREFUSED') {
-          refused++;
-          return resolve('refused');
+      // 32 clients, each sending its next request a few milliseconds after the last one is answered (as an
+      // app does between calls), until refused: at SIGTERM some connections are busy, some idle for a moment.
+      const clients = Array.from({ length: 32 }, async (_, c) => {
+        for (let i = 0; i < 400; i++) {
+          if ((await one()) === 'refused') return;
+          await sleep(2 + ((c * 7 + i * 3) % 12));
         }
-        failures.push(`${err.code ?? err.message} on a ${req.reusedSocket ? 'reused' : 'new'} connection${signalled ? ' after SIGTERM' : ''}`);
-        resolve('done');
       });
-    });
-    // 32 clients, each sending its next request a few milliseconds after the last one is answered (as an
-    // app does between calls), until refused: at SIGTERM some connections are busy, some idle for a moment.
-    const clients = Array.from({ length: 32 }, async (_, c) => {
-      for (let i = 0; i < 400; i++) {
-        if ((await one()) === 'refused') return;
-        await sleep(2 + ((c * 7 + i * 3) % 12));
-      }
-    });
-    await waitFor('load under way', () => answered >= 64, 10_000);
-    const t0 = performance.now();
-    signalled = true;
-    amb.kill('SIGTERM');
-    await Promise.all(clients);
-    const { code } = await amb.exited;
-    agent.destroy();
-    // Deno's and Bun's servers cannot stop accepting without closing, at that instant, connections they
-    // have accepted (or the kernel has queued for them) whose first request they have not read: such a
-    // connection, new, may be reset as the listener stops. A reused connection never is, on any runtime.
-    const allowed = stackOf(runtime) !== 'node' ? failures.filter((f) => !/^ECONNRESET on a new connection after SIGTERM$/.test(f)) : failures;
-    expect(allowed.join('; ')).toBe('');
-    expect(refused).toBeGreaterThan(0);
-    expect(code).toBe(0);
-    // Every connection said close, so none can keep the drain going to DRAIN_TIMEOUT_MS (20 s).
-    expect(performance.now() - t0).toBeLessThan(8000);
-  });
+      await waitFor('load under way', () => answered >= 64, 10_000);
+      const t0 = performance.now();
+      signalled = true;
+      amb.kill('SIGTERM');
+      await Promise.all(clients);
+      const { code } = await amb.exited;
+      agent.destroy();
+      // Deno's and Bun's servers cannot stop accepting without closing, at that instant, connections they
+      // have accepted (or the kernel has queued for them) whose first request they have not read: such a
+      // connection, new, may be reset as the listener stops. A reused connection never is, on any runtime.
+      const allowed = runtimeOf(runtime) !== 'node'
+        ? failures.filter((f) => !/^ECONNRESET on a new connection after SIGTERM$/.test(f))
+        : failures;
+      expect(allowed.join('; ')).toBe('');
+      expect(refused).toBeGreaterThan(0);
+      expect(code).toBe(0);
+      // Every connection said close, so none can keep the drain going to DRAIN_TIMEOUT_MS (20 s).
+      expect(performance.now() - t0).toBeLessThan(8000);
+    },
+  );
 
   it('closes a keep-alive connection that turns idle after SIGTERM, and exits soon after its last body ends', async () => {
     const upstream = await startUpstream((_q, res) => {
@@ -209,13 +240,16 @@ describe.each(RUNTIMES)('drain under keep-alive load (%s)', (runtime) => {
   });
 });
 
-describe.each(RUNTIMES)('drain with work still arriving, and other signals (%s)', (runtime) => {
+describe.each(ARTIFACTS)('drain with work still arriving, and other signals (%s)', (runtime) => {
   stopAfterEach();
 
   /** An upload sent in 16 KiB pieces, one every 100 ms; its body length as the upstream counted it. */
   function slowUpload(url: string, pieces: number, withLength: boolean): Promise<{ status: number; body: string }> {
     return new Promise((resolve, reject) => {
-      const req = http.request(url, { method: 'PUT', headers: withLength ? { 'content-length': String(pieces * 16384) } : {} }, (res) => {
+      const req = http.request(url, {
+        method: 'PUT',
+        headers: withLength ? { 'content-length': String(pieces * 16384) } : {},
+      }, (res) => {
         let body = '';
         res.on('data', (c) => (body += c));
         res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
@@ -277,7 +311,7 @@ describe.each(RUNTIMES)('drain with work still arriving, and other signals (%s)'
   });
 });
 
-describe.each(RUNTIMES)('POST /shutdown, for Jobs on clusters without native sidecars (%s)', (runtime) => {
+describe.each(ARTIFACTS)('POST /shutdown, for Jobs on clusters without native sidecars (%s)', (runtime) => {
   it('drains and exits 0 when asked from loopback', async () => {
     const upstream = await startUpstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });

@@ -4,7 +4,19 @@
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import http from 'node:http';
-import { RUNTIMES, stackOf, rawRequest, scrape, sleep, startAmbassador, startRawUpstream, startUpstream, stopAfterEach, waitFor, type AmbassadorProc } from './helpers.ts';
+import {
+  type AmbassadorProc,
+  ARTIFACTS,
+  rawRequest,
+  runtimeOf,
+  scrape,
+  sleep,
+  startAmbassador,
+  startRawUpstream,
+  startUpstream,
+  stopAfterEach,
+  waitFor,
+} from './helpers.ts';
 
 const OK = 'HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok';
 
@@ -32,20 +44,24 @@ async function misbehavingUpstream() {
   return {
     url: `http://127.0.0.1:${(server.address() as net.AddressInfo).port}`,
     seen,
-    close: () => new Promise<void>((r) => {
-      for (const s of sockets) s.destroy();
-      server.close(() => r());
-    }),
+    close: () =>
+      new Promise<void>((r) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => r());
+      }),
   };
 }
 
 function answer(path: string, socket: net.Socket, n: number): void {
   switch (path) {
-    case '/ok': return void socket.write(OK);
-    case '/silent': return; // accepts, reads, never answers
+    case '/ok':
+      return void socket.write(OK);
+    case '/silent':
+      return; // accepts, reads, never answers
     case '/stall-body':
       return void socket.write('HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nfirst part'); // then nothing
-    case '/garbage': return void socket.end('SSH-2.0-OpenSSH_9.2 this is not HTTP\r\n\r\n');
+    case '/garbage':
+      return void socket.end('SSH-2.0-OpenSSH_9.2 this is not HTTP\r\n\r\n');
     case '/too-long': // declares more than it sends, then closes
       return void socket.end('HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\nonly this much');
     case '/too-short': // declares less than it sends
@@ -69,27 +85,40 @@ function answer(path: string, socket: net.Socket, n: number): void {
     case '/upgrade': // switches protocols though nobody asked (a WebSocket server that saw Sec-WebSocket-Key)
       return void socket.write('HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n');
     case '/te-and-cl': // both framing headers: a smuggling shape
-      return void socket.write('HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n');
+      return void socket.write(
+        'HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n',
+      );
     case '/no-content':
       return void socket.write('HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n');
-    case '/bad-reason-soh': return void socket.write('HTTP/1.1 200 O\x01K\r\ncontent-length: 2\r\n\r\nok');
-    case '/bad-reason-del': return void socket.write('HTTP/1.1 200 O\x7fK\r\ncontent-length: 2\r\n\r\nok');
-    case '/bad-reason-nul': return void socket.write('HTTP/1.1 200 O\x00K\r\ncontent-length: 2\r\n\r\nok');
+    case '/bad-reason-soh':
+      return void socket.write('HTTP/1.1 200 O\x01K\r\ncontent-length: 2\r\n\r\nok');
+    case '/bad-reason-del':
+      return void socket.write('HTTP/1.1 200 O\x7fK\r\ncontent-length: 2\r\n\r\nok');
+    case '/bad-reason-nul':
+      return void socket.write('HTTP/1.1 200 O\x00K\r\ncontent-length: 2\r\n\r\nok');
     case '/gzip-chunked': // a transfer coding under the chunked framing, which the app would never be told of
       return void socket.write('HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n');
     case '/reset-first':
       if (n === 1) return void socket.resetAndDestroy();
       return void socket.write(OK);
-    default: return void socket.write('HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n');
+    default:
+      return void socket.write('HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n');
   }
 }
 
-describe.each(RUNTIMES)('upstream faults (%s)', (runtime) => {
+describe.each(ARTIFACTS)('upstream faults (%s)', (runtime) => {
   let upstream: Awaited<ReturnType<typeof misbehavingUpstream>>;
   let amb: AmbassadorProc;
   beforeAll(async () => {
     upstream = await misbehavingUpstream();
-    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, TRY_TIMEOUT_MS: '300', REQUEST_TIMEOUT_MS: '1500', BODY_IDLE_TIMEOUT_MS: '500', RETRY_BACKOFF_MS: '0', RETRY_BACKOFF_MAX_MS: '0' });
+    amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: upstream.url,
+      TRY_TIMEOUT_MS: '300',
+      REQUEST_TIMEOUT_MS: '1500',
+      BODY_IDLE_TIMEOUT_MS: '500',
+      RETRY_BACKOFF_MS: '0',
+      RETRY_BACKOFF_MAX_MS: '0',
+    });
   });
   afterAll(async () => {
     await amb?.stop();
@@ -99,7 +128,13 @@ describe.each(RUNTIMES)('upstream faults (%s)', (runtime) => {
 
   it('accepts and never answers: 504 at REQUEST_TIMEOUT_MS, the deadline cutting the running try short', async () => {
     // Tries of 2000 ms against a 2200 ms deadline: the second try is cut to 200 ms, a third never starts.
-    const own = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, TRY_TIMEOUT_MS: '2000', REQUEST_TIMEOUT_MS: '2200', RETRY_BACKOFF_MS: '0', RETRY_BACKOFF_MAX_MS: '0' });
+    const own = await startAmbassador(runtime, {
+      UPSTREAM_URL: upstream.url,
+      TRY_TIMEOUT_MS: '2000',
+      REQUEST_TIMEOUT_MS: '2200',
+      RETRY_BACKOFF_MS: '0',
+      RETRY_BACKOFF_MAX_MS: '0',
+    });
     try {
       const before = upstream.seen.get('/silent') ?? 0;
       const t0 = performance.now();
@@ -125,7 +160,11 @@ describe.each(RUNTIMES)('upstream faults (%s)', (runtime) => {
   });
 
   it('cuts a stalled response body after BODY_IDLE_TIMEOUT_MS, not after the much shorter TRY_TIMEOUT_MS', async () => {
-    const own = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, BODY_IDLE_TIMEOUT_MS: '1000', TRY_TIMEOUT_MS: '200' });
+    const own = await startAmbassador(runtime, {
+      UPSTREAM_URL: upstream.url,
+      BODY_IDLE_TIMEOUT_MS: '1000',
+      TRY_TIMEOUT_MS: '200',
+    });
     try {
       const res = await fetch(`${own.url}/stall-body`);
       expect(res.status).toBe(200);
@@ -167,7 +206,12 @@ describe.each(RUNTIMES)('upstream faults (%s)', (runtime) => {
       if (raw.requests.filter((q) => q.connection === req.connection).length > 1) socket.destroy();
       else socket.write(OK);
     });
-    const own = await startAmbassador(runtime, { UPSTREAM_URL: raw.url, RETRY_BACKOFF_MS: '0', RETRY_BACKOFF_MAX_MS: '0', BREAKER_FAILURES: '0' });
+    const own = await startAmbassador(runtime, {
+      UPSTREAM_URL: raw.url,
+      RETRY_BACKOFF_MS: '0',
+      RETRY_BACKOFF_MAX_MS: '0',
+      BREAKER_FAILURES: '0',
+    });
     try {
       const seen = () => raw.requests.length;
       expect(await (await fetch(`${own.url}/first`)).text()).toBe('ok'); // leaves one pooled connection
@@ -180,11 +224,18 @@ describe.each(RUNTIMES)('upstream faults (%s)', (runtime) => {
       // Never sent twice: on Node it met the closing connection and, since the upstream may have taken it,
       // is answered 502; on Deno, whose client would resend it by itself, such a request never goes on a
       // reused connection at all, so it met no race.
-      expect({ status: post.status, sent: seen() - before }).toEqual({ status: runtime === 'deno' ? 200 : 502, sent: 1 });
+      expect({ status: post.status, sent: seen() - before }).toEqual({
+        status: runtime === 'deno' ? 200 : 502,
+        sent: 1,
+      });
       before = seen();
       await (await fetch(`${own.url}/warm`)).text();
       before = seen();
-      const keyed = await fetch(`${own.url}/order`, { method: 'POST', body: 'one order', headers: { 'idempotency-key': 'k-1' } });
+      const keyed = await fetch(`${own.url}/order`, {
+        method: 'POST',
+        body: 'one order',
+        headers: { 'idempotency-key': 'k-1' },
+      });
       expect(await keyed.text()).toBe('ok');
       expect(seen() - before).toBe(2);
     } finally {
@@ -222,7 +273,11 @@ describe.each(RUNTIMES)('upstream faults (%s)', (runtime) => {
     expect(res.status).toBe(502);
     expect(performance.now() - t0).toBeLessThan(1000); // not held until a timeout
     expect(await res.text()).toContain('switched protocols');
-    await waitFor('no place held', async () => (await scrape(amb)).get('ambassador_upstream_active_requests{route="default"}') === 0, 3000);
+    await waitFor(
+      'no place held',
+      async () => (await scrape(amb)).get('ambassador_upstream_active_requests{route="default"}') === 0,
+      3000,
+    );
     await stillServing();
   });
 
@@ -233,67 +288,91 @@ describe.each(RUNTIMES)('upstream faults (%s)', (runtime) => {
     await stillServing();
   });
 
-  it.each(['soh', 'del', 'nul'])('sends a control character (%s) in its reason phrase: never passed on, and the process lives on', async (which) => {
-    const own = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, RETRY_ATTEMPTS: '1', BREAKER_FAILURES: '0' });
-    try {
-      const raw = await rawRequest(own.port, `GET /bad-reason-${which} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`, 3000);
-      const statusLine = raw.slice(0, raw.indexOf('\r\n'));
-      if (stackOf(runtime) === 'node') {
-        // Node's client reads the head: the app gets the answer, with the standard reason phrase.
-        expect(statusLine).toBe('HTTP/1.1 200 OK');
-        expect(raw.endsWith('\r\n\r\nok')).toBe(true);
-      } else {
-        // Deno's and Bun's clients refuse such a head themselves: a clean 502.
-        expect(statusLine).toBe('HTTP/1.1 502 Bad Gateway');
+  it.each(['soh', 'del', 'nul'])(
+    'sends a control character (%s) in its reason phrase: never passed on, and the process lives on',
+    async (which) => {
+      const own = await startAmbassador(runtime, {
+        UPSTREAM_URL: upstream.url,
+        RETRY_ATTEMPTS: '1',
+        BREAKER_FAILURES: '0',
+      });
+      try {
+        const raw = await rawRequest(
+          own.port,
+          `GET /bad-reason-${which} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`,
+          3000,
+        );
+        const statusLine = raw.slice(0, raw.indexOf('\r\n'));
+        if (runtimeOf(runtime) === 'node') {
+          // Node's client reads the head: the app gets the answer, with the standard reason phrase.
+          expect(statusLine).toBe('HTTP/1.1 200 OK');
+          expect(raw.endsWith('\r\n\r\nok')).toBe(true);
+        } else {
+          // Deno's and Bun's clients refuse such a head themselves: a clean 502.
+          expect(statusLine).toBe('HTTP/1.1 502 Bad Gateway');
+        }
+        expect((await fetch(`${own.url}/ok`)).status).toBe(200);
+        expect(own.child.exitCode).toBe(null);
+      } finally {
+        await own.stop();
       }
-      expect((await fetch(`${own.url}/ok`)).status).toBe(200);
-      expect(own.child.exitCode).toBe(null);
-    } finally {
-      await own.stop();
-    }
-  });
+    },
+  );
 
   it('sends a transfer coding other than chunked: a clean 502, never coded bytes the app is not told of', async () => {
-    const own = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, RETRY_ATTEMPTS: '1', BREAKER_FAILURES: '0' });
+    const own = await startAmbassador(runtime, {
+      UPSTREAM_URL: upstream.url,
+      RETRY_ATTEMPTS: '1',
+      BREAKER_FAILURES: '0',
+    });
     try {
       const res = await fetch(`${own.url}/gzip-chunked`);
       expect(res.status).toBe(502);
-      expect(await res.text()).toContain(stackOf(runtime) === 'node' ? 'transfer coding other than chunked' : 'ambassador: upstream failed');
+      expect(await res.text()).toContain(
+        runtimeOf(runtime) === 'node' ? 'transfer coding other than chunked' : 'ambassador: upstream failed',
+      );
     } finally {
       await own.stop();
     }
   });
 
   it('sends a Content-Length on a 204: the app gets the 204 without it', async () => {
-    const raw = await rawRequest(Number(new URL(amb.url).port), 'GET /no-content HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n', 3000);
+    const raw = await rawRequest(
+      Number(new URL(amb.url).port),
+      'GET /no-content HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n',
+      3000,
+    );
     expect(raw).toMatch(/^HTTP\/1\.1 204/);
     expect(raw.toLowerCase()).not.toContain('content-length');
   });
 });
 
-describe.each(RUNTIMES)('statuses that are no final HTTP status (%s)', (runtime) => {
+describe.each(ARTIFACTS)('statuses that are no final HTTP status (%s)', (runtime) => {
   stopAfterEach();
 
-  it.each(['999', '600', '099', '000'])('answers 502 to status %s, closes that upstream connection, and keeps serving', async (code) => {
-    const up = await startRawUpstream((req, socket) => {
-      if (req.target === '/ok') return void socket.write(OK);
-      socket.write(`HTTP/1.1 ${code} Weird\r\ncontent-length: 2\r\n\r\nno`);
-    });
-    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, RETRY_ATTEMPTS: '1', BREAKER_FAILURES: '0' });
-    const res = await fetch(`${amb.url}/weird`);
-    expect(res.status).toBe(502);
-    expect(await res.text()).toMatch(/^ambassador: upstream failed: /);
-    expect((await fetch(`${amb.url}/ok`)).status).toBe(200);
-    const [weird, ok] = up.requests.slice(-2);
-    expect(weird.target).toBe('/weird');
-    // Node: the connection that carried it is closed, and the next request comes on a fresh one. Deno's and
-    // Bun's fetch keep their own pools: the answer's body is cancelled, and a connection whose framing was
-    // whole may carry the next request.
-    if (stackOf(runtime) === 'node') expect(ok.connection).not.toBe(weird.connection);
-  });
+  it.each(['999', '600', '099', '000'])(
+    'answers 502 to status %s, closes that upstream connection, and keeps serving',
+    async (code) => {
+      const up = await startRawUpstream((req, socket) => {
+        if (req.target === '/ok') return void socket.write(OK);
+        socket.write(`HTTP/1.1 ${code} Weird\r\ncontent-length: 2\r\n\r\nno`);
+      });
+      const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, RETRY_ATTEMPTS: '1', BREAKER_FAILURES: '0' });
+      const res = await fetch(`${amb.url}/weird`);
+      expect(res.status).toBe(502);
+      expect(await res.text()).toMatch(/^ambassador: upstream failed: /);
+      expect((await fetch(`${amb.url}/ok`)).status).toBe(200);
+      const [weird, ok] = up.requests.slice(-2);
+      expect(weird.target).toBe('/weird');
+      // Node: the connection that carried it is closed, and the next request comes on a fresh one. Deno's and
+      // Bun's fetch keep their own pools: the answer's body is cancelled, and a connection whose framing was
+      // whole may carry the next request.
+      if (runtimeOf(runtime) === 'node') expect(ok.connection).not.toBe(weird.connection);
+    },
+  );
 });
 
-describe.each(RUNTIMES)('no place, timer or in-flight entry outlives its request (%s)', (runtime) => {
+describe.each(ARTIFACTS)('no place, timer or in-flight entry outlives its request (%s)', (runtime) => {
   stopAfterEach();
 
   it('gives back every place, whatever stage a request ends at', async () => {
@@ -306,10 +385,28 @@ describe.each(RUNTIMES)('no place, timer or in-flight entry outlives its request
       }
       setTimeout(() => res.end('late'), 2000);
     });
-    const dir = { routes: [
-      { name: 'faulty', prefix: '/f', stripPrefix: true, upstream: upstream.url, retryAttempts: 1, breakerFailures: 0 },
-      { name: 'slow', prefix: '/s', stripPrefix: true, upstream: slow.url, retryAttempts: 3, retryBackoffMs: 1500, retryBackoffMaxMs: 1500, breakerFailures: 0 },
-    ] };
+    const dir = {
+      routes: [
+        {
+          name: 'faulty',
+          prefix: '/f',
+          stripPrefix: true,
+          upstream: upstream.url,
+          retryAttempts: 1,
+          breakerFailures: 0,
+        },
+        {
+          name: 'slow',
+          prefix: '/s',
+          stripPrefix: true,
+          upstream: slow.url,
+          retryAttempts: 3,
+          retryBackoffMs: 1500,
+          retryBackoffMaxMs: 1500,
+          breakerFailures: 0,
+        },
+      ],
+    };
     const { mkdtempSync, writeFileSync, rmSync } = await import('node:fs');
     const os = await import('node:os');
     const path = await import('node:path');
@@ -317,11 +414,22 @@ describe.each(RUNTIMES)('no place, timer or in-flight entry outlives its request
     const file = path.join(folder, 'routes.json');
     writeFileSync(file, JSON.stringify(dir));
     try {
-      const amb = await startAmbassador(runtime, { ROUTES_FILE: file, MAX_IN_FLIGHT: '2', QUEUE_SIZE: '4', QUEUE_TIMEOUT_MS: '3000', TRY_TIMEOUT_MS: '300', BODY_IDLE_TIMEOUT_MS: '400' });
+      const amb = await startAmbassador(runtime, {
+        ROUTES_FILE: file,
+        MAX_IN_FLIGHT: '2',
+        QUEUE_SIZE: '4',
+        QUEUE_TIMEOUT_MS: '3000',
+        TRY_TIMEOUT_MS: '300',
+        BODY_IDLE_TIMEOUT_MS: '400',
+      });
       const places = async () => {
         const m = await scrape(amb);
-        return [m.get('ambassador_upstream_active_requests{route="faulty"}'), m.get('ambassador_upstream_active_requests{route="slow"}'),
-          m.get('ambassador_upstream_queued_requests{route="slow"}'), m.get('ambassador_requests_in_flight')];
+        return [
+          m.get('ambassador_upstream_active_requests{route="faulty"}'),
+          m.get('ambassador_upstream_active_requests{route="slow"}'),
+          m.get('ambassador_upstream_queued_requests{route="slow"}'),
+          m.get('ambassador_requests_in_flight'),
+        ];
       };
       // A stray 101, three times over a limit of two: each gives its place back.
       for (let i = 0; i < 3; i++) expect((await fetch(`${amb.url}/f/upgrade`)).status).toBe(502);
@@ -356,7 +464,7 @@ describe.each(RUNTIMES)('no place, timer or in-flight entry outlives its request
     }
   });
 
-  it('passes on an upstream\'s early answer to an upload (413 before the body is read), and holds nothing against it', async () => {
+  it("passes on an upstream's early answer to an upload (413 before the body is read), and holds nothing against it", async () => {
     const refuse = (_req: http.IncomingMessage, res: http.ServerResponse) => {
       res.writeHead(413, { 'content-type': 'text/plain', connection: 'close' });
       res.end('too large');
@@ -366,23 +474,40 @@ describe.each(RUNTIMES)('no place, timer or in-flight entry outlives its request
     up.server.on('checkContinue', refuse);
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, BREAKER_FAILURES: '2' });
     // node:http, as an app would upload: it reads an answer that comes while it is still sending.
-    const upload = (size: number) => new Promise<{ status: number; text: string }>((resolve, reject) => {
-      const req = http.request(`${amb.url}/upload`, { method: 'PUT', headers: { 'content-length': String(size) } }, (res) => {
-        let text = '';
-        res.on('data', (d) => (text += d));
-        res.on('end', () => resolve({ status: res.statusCode ?? 0, text }));
+    const upload = (size: number) =>
+      new Promise<{ status: number; text: string }>((resolve, reject) => {
+        const req = http.request(
+          `${amb.url}/upload`,
+          { method: 'PUT', headers: { 'content-length': String(size) } },
+          (res) => {
+            let text = '';
+            res.on('data', (d) => (text += d));
+            res.on('end', () => resolve({ status: res.statusCode ?? 0, text }));
+          },
+        );
+        req.on('error', (err) => (req.destroyed && (err as NodeJS.ErrnoException).code === 'EPIPE') || reject(err));
+        req.end(Buffer.alloc(size));
       });
-      req.on('error', (err) => (req.destroyed && (err as NodeJS.ErrnoException).code === 'EPIPE') || reject(err));
-      req.end(Buffer.alloc(size));
-    });
     // Small and large in turn, on the app's keep-alive connections: an answer that came before the body
     // was all read closes its connection, so the next request is never stuck behind what is left of it.
-    for (const size of [10 * 1024, 4 * 1024 * 1024, 10 * 1024, 4 * 1024 * 1024, 10 * 1024, 10 * 1024, 4 * 1024 * 1024, 10 * 1024]) {
+    for (
+      const size of [
+        10 * 1024,
+        4 * 1024 * 1024,
+        10 * 1024,
+        4 * 1024 * 1024,
+        10 * 1024,
+        10 * 1024,
+        4 * 1024 * 1024,
+        10 * 1024,
+      ]
+    ) {
       const r = await upload(size);
       expect(r.status, `${size} bytes`).toBe(413);
       expect(r.text).toBe('too large');
     }
     const m = await scrape(amb);
-    expect(m.get(`ambassador_upstream_endpoint_ejections_total{route="default",endpoint="${new URL(up.url).host}"}`)).toBe(0);
+    expect(m.get(`ambassador_upstream_endpoint_ejections_total{route="default",endpoint="${new URL(up.url).host}"}`))
+      .toBe(0);
   });
 });

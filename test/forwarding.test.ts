@@ -3,9 +3,19 @@
 import http from 'node:http';
 import zlib from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { stackOf, RUNTIMES, rawRequest, startAmbassador, startRawUpstream, startUpstream, stopAfterEach, type AmbassadorProc, type Upstream } from './helpers.ts';
+import {
+  type AmbassadorProc,
+  ARTIFACTS,
+  rawRequest,
+  runtimeOf,
+  startAmbassador,
+  startRawUpstream,
+  startUpstream,
+  stopAfterEach,
+  type Upstream,
+} from './helpers.ts';
 
-describe.each(RUNTIMES)('forwarding (%s)', (runtime) => {
+describe.each(ARTIFACTS)('forwarding (%s)', (runtime) => {
   let upstream: Upstream;
   let amb: AmbassadorProc;
   beforeAll(async () => {
@@ -15,7 +25,12 @@ describe.each(RUNTIMES)('forwarding (%s)', (runtime) => {
         return res.end(zlib.gzipSync('compressed hello'));
       }
       if (req.url === '/base/hop') {
-        res.writeHead(200, { connection: 'x-upstream-hop', 'x-upstream-hop': 'secret', 'keep-alive': 'timeout=1', 'x-kept': 'yes' });
+        res.writeHead(200, {
+          connection: 'x-upstream-hop',
+          'x-upstream-hop': 'secret',
+          'keep-alive': 'timeout=1',
+          'x-kept': 'yes',
+        });
         return res.end('hop');
       }
       if (req.url === '/base/nocontent') {
@@ -47,7 +62,9 @@ describe.each(RUNTIMES)('forwarding (%s)', (runtime) => {
 
   it('gives the upstream its own Host, X-Forwarded-*, Via and a request id, and keeps traceparent', async () => {
     const before = upstream.seen.length;
-    const res = await fetch(`${amb.url}/h`, { headers: { traceparent: '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01', tracestate: 'k=v' } });
+    const res = await fetch(`${amb.url}/h`, {
+      headers: { traceparent: '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01', tracestate: 'k=v' },
+    });
     await res.text();
     const seen = upstream.seen[before];
     expect(seen.headers.host).toBe(`127.0.0.1:${upstream.port}`);
@@ -70,8 +87,11 @@ describe.each(RUNTIMES)('forwarding (%s)', (runtime) => {
 
   it('removes hop-by-hop headers in both directions, including those named in Connection', async () => {
     const before = upstream.seen.length;
-    const text = await rawRequest(amb.port, 'GET /hop HTTP/1.1\r\nHost: localhost\r\nConnection: close, x-app-hop\r\n' +
-      'X-App-Hop: secret\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic eDp5\r\nX-App-Kept: yes\r\n\r\n');
+    const text = await rawRequest(
+      amb.port,
+      'GET /hop HTTP/1.1\r\nHost: localhost\r\nConnection: close, x-app-hop\r\n' +
+        'X-App-Hop: secret\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic eDp5\r\nX-App-Kept: yes\r\n\r\n',
+    );
     const seen = upstream.seen[before].headers;
     expect(seen['x-app-hop']).toBeUndefined();
     expect(seen['te']).toBeUndefined();
@@ -87,7 +107,10 @@ describe.each(RUNTIMES)('forwarding (%s)', (runtime) => {
     const before = upstream.seen.length;
     const body = 'x'.repeat(5000);
     const status = await new Promise<number>((resolve, reject) => {
-      const req = http.request(`${amb.url}/upload`, { method: 'PUT', headers: { expect: '100-continue', 'content-length': body.length } });
+      const req = http.request(`${amb.url}/upload`, {
+        method: 'PUT',
+        headers: { expect: '100-continue', 'content-length': body.length },
+      });
       req.on('continue', () => req.end(body));
       req.on('response', (res) => {
         res.resume();
@@ -123,12 +146,19 @@ describe.each(RUNTIMES)('forwarding (%s)', (runtime) => {
 
   it('refuses CONNECT, absolute-form targets to other hosts and TRACE, and sends nothing upstream for them', async () => {
     const before = upstream.seen.length;
-    const connect = await rawRequest(amb.port, 'CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n', 1000);
+    const connect = await rawRequest(
+      amb.port,
+      'CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n',
+      1000,
+    );
     expect(connect).toMatch(/^HTTP\/1\.1 405 /);
     const trace = await rawRequest(amb.port, 'TRACE / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n');
     expect(trace).toMatch(/^HTTP\/1\.1 405/);
-    const absolute = await rawRequest(amb.port, 'GET http://example.com/steal HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n');
-    if (stackOf(runtime) === 'bun') {
+    const absolute = await rawRequest(
+      amb.port,
+      'GET http://example.com/steal HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n',
+    );
+    if (runtimeOf(runtime) === 'bun') {
       // Bun's server drops the target's authority before the handler sees it: the request is read as
       // `GET /steal` on the Host it carries, and goes to the configured upstream, never to example.com.
       expect(absolute).toMatch(/^HTTP\/1\.1 200/);
@@ -141,10 +171,13 @@ describe.each(RUNTIMES)('forwarding (%s)', (runtime) => {
 
   it('sends an absolute-form request to the upstream only, whatever host it names', async () => {
     const before = upstream.seen.length;
-    const res = await rawRequest(amb.port, 'GET http://example.com/steal HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n');
+    const res = await rawRequest(
+      amb.port,
+      'GET http://example.com/steal HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n',
+    );
     // Refused on Node, which sees the raw target; forwarded to the configured upstream on Deno and Bun,
     // whose servers rewrite the target to origin-form: never a connection to example.com.
-    if (stackOf(runtime) === 'node') {
+    if (runtimeOf(runtime) === 'node') {
       expect(res).toMatch(/^HTTP\/1\.1 400 /);
       expect(upstream.seen.length).toBe(before);
     } else {
@@ -159,9 +192,11 @@ describe.each(RUNTIMES)('forwarding (%s)', (runtime) => {
     expect((await fetch(`${amb.adminUrl}/items`)).status).toBe(404);
   });
 
-  it('appends the app\'s peer to an X-Forwarded-For the app already sent, keeping what was there', async () => {
+  it("appends the app's peer to an X-Forwarded-For the app already sent, keeping what was there", async () => {
     const before = upstream.seen.length;
-    expect((await fetch(`${amb.url}/xff`, { headers: { 'x-forwarded-for': '203.0.113.7, 10.1.2.3' } })).status).toBe(200);
+    expect((await fetch(`${amb.url}/xff`, { headers: { 'x-forwarded-for': '203.0.113.7, 10.1.2.3' } })).status).toBe(
+      200,
+    );
     expect(upstream.seen[before].headers['x-forwarded-for']).toBe('203.0.113.7, 10.1.2.3, 127.0.0.1');
   });
 });
@@ -178,15 +213,17 @@ function dechunk(buf: Buffer): Buffer {
   }
 }
 
-describe.each(RUNTIMES)('headers as the wire carries them (%s)', (runtime) => {
+describe.each(ARTIFACTS)('headers as the wire carries them (%s)', (runtime) => {
   stopAfterEach();
 
-  it('keeps the upstream\'s Content-Length on Node and Deno; Bun\'s server sends the body chunked instead', async () => {
-    const up = await startRawUpstream((_req, socket) => void socket.write('HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\nhello there'));
+  it("keeps the upstream's Content-Length on Node and Deno; Bun's server sends the body chunked instead", async () => {
+    const up = await startRawUpstream((_req, socket) =>
+      void socket.write('HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\nhello there')
+    );
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
     const raw = await rawRequest(amb.port, 'GET /len HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n', 3000);
     const head = raw.slice(0, raw.indexOf('\r\n\r\n')).toLowerCase();
-    if (stackOf(runtime) === 'bun') {
+    if (runtimeOf(runtime) === 'bun') {
       expect(head).toContain('\r\ntransfer-encoding: chunked');
       expect(head).not.toContain('content-length');
       expect(raw.endsWith('\r\n\r\nb\r\nhello there\r\n0\r\n\r\n')).toBe(true);
@@ -197,41 +234,83 @@ describe.each(RUNTIMES)('headers as the wire carries them (%s)', (runtime) => {
     }
   });
 
-  it('sends the app\'s header lines on in order with their repeats, adding only the forwarding headers (Deno: exactly what its server and fetch change)', async () => {
-    const up = await startRawUpstream((_req, socket) => void socket.write('HTTP/1.1 200 OK\r\nX-Dup: a\r\nX-Dup: b\r\nWWW-Authenticate: Basic realm="a"\r\nWWW-Authenticate: Bearer\r\nContent-Length: 2\r\n\r\nok'));
+  it("sends the app's header lines on in order with their repeats, adding only the forwarding headers (Deno: exactly what its server and fetch change)", async () => {
+    const up = await startRawUpstream((_req, socket) =>
+      void socket.write(
+        'HTTP/1.1 200 OK\r\nX-Dup: a\r\nX-Dup: b\r\nWWW-Authenticate: Basic realm="a"\r\nWWW-Authenticate: Bearer\r\nContent-Length: 2\r\n\r\nok',
+      )
+    );
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
-    const raw = await rawRequest(amb.port, 'GET /h HTTP/1.1\r\nHost: app.local\r\nZeta: 1\r\nX-A: 1\r\nX-A: 2\r\nAlpha: 3\r\nConnection: close\r\n\r\n', 3000);
+    const raw = await rawRequest(
+      amb.port,
+      'GET /h HTTP/1.1\r\nHost: app.local\r\nZeta: 1\r\nX-A: 1\r\nX-A: 2\r\nAlpha: 3\r\nConnection: close\r\n\r\n',
+      3000,
+    );
     const sent = up.requests[0].headers.map(([k, v]) => `${k.toLowerCase()}: ${v}`);
     // Ours: the forwarding headers, and the client's own Connection (its keep-alive, hop-by-hop).
-    const own = ['host', 'accept-encoding', 'x-request-id', 'x-forwarded-for', 'x-forwarded-proto', 'x-forwarded-host', 'via', 'connection'];
+    const own = [
+      'host',
+      'accept-encoding',
+      'x-request-id',
+      'x-forwarded-for',
+      'x-forwarded-proto',
+      'x-forwarded-host',
+      'via',
+      'connection',
+    ];
     const appLines = sent.filter((l) => !own.includes(l.split(':')[0]));
     const received = raw.split('\r\n\r\n')[0].split('\r\n').slice(1).map((l) => l.toLowerCase());
-    if (stackOf(runtime) === 'bun') {
+    if (runtimeOf(runtime) === 'bun') {
       // Bun.serve hands the handler a Headers object too: names sorted, repeats joined. Its fetch adds
       // user-agent and accept when the app sent none, and its Response sorts and joins on the way back.
-      expect(appLines).toEqual(['alpha: 3', 'x-a: 1, 2', 'zeta: 1', expect.stringMatching(/^user-agent: Bun\//), 'accept: */*']);
-      expect(received.filter((l) => l.startsWith('x-dup') || l.startsWith('www-authenticate'))).toEqual(['www-authenticate: basic realm="a", bearer', 'x-dup: a, b']);
+      expect(appLines).toEqual([
+        'alpha: 3',
+        'x-a: 1, 2',
+        'zeta: 1',
+        expect.stringMatching(/^user-agent: Bun\//),
+        'accept: */*',
+      ]);
+      expect(received.filter((l) => l.startsWith('x-dup') || l.startsWith('www-authenticate'))).toEqual([
+        'www-authenticate: basic realm="a", bearer',
+        'x-dup: a, b',
+      ]);
     } else if (runtime === 'deno') {
       // Deno.serve hands the handler a Headers object: names sorted, repeats joined. Its fetch adds
       // accept, accept-language and user-agent when the app sent none, and joins repeats on the way back.
-      expect(appLines).toEqual(['alpha: 3', 'x-a: 1, 2', 'zeta: 1', 'accept: */*', 'accept-language: *', expect.stringMatching(/^user-agent: Deno\//)]);
+      expect(appLines).toEqual([
+        'alpha: 3',
+        'x-a: 1, 2',
+        'zeta: 1',
+        'accept: */*',
+        'accept-language: *',
+        expect.stringMatching(/^user-agent: Deno\//),
+      ]);
       expect(received).toContain('x-dup: a, b');
       expect(received).toContain('www-authenticate: basic realm="a", bearer');
     } else {
       expect(appLines).toEqual(['zeta: 1', 'x-a: 1', 'x-a: 2', 'alpha: 3']);
-      expect(received.filter((l) => l.startsWith('x-dup') || l.startsWith('www-authenticate'))).toEqual(['x-dup: a', 'x-dup: b', 'www-authenticate: basic realm="a"', 'www-authenticate: bearer']);
+      expect(received.filter((l) => l.startsWith('x-dup') || l.startsWith('www-authenticate'))).toEqual([
+        'x-dup: a',
+        'x-dup: b',
+        'www-authenticate: basic realm="a"',
+        'www-authenticate: bearer',
+      ]);
     }
   });
 
-  it('keeps an app\'s Content-Length on an upload too large to hold for a retry, on every runtime', async () => {
+  it("keeps an app's Content-Length on an upload too large to hold for a retry, on every runtime", async () => {
     const up = await startRawUpstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
     const size = 16 * 16 * 1024; // sixteen pieces of 16 KiB
     const status = await new Promise<number>((resolve, reject) => {
-      const req = http.request(`${amb.url}/upload`, { method: 'PUT', headers: { 'content-length': String(size) } }, (res) => {
-        res.resume();
-        res.on('end', () => resolve(res.statusCode ?? 0));
-      });
+      const req = http.request(
+        `${amb.url}/upload`,
+        { method: 'PUT', headers: { 'content-length': String(size) } },
+        (res) => {
+          res.resume();
+          res.on('end', () => resolve(res.statusCode ?? 0));
+        },
+      );
       req.on('error', reject);
       // In pieces, so the ambassador streams it rather than holding it whole.
       let sent = 0;

@@ -4,13 +4,31 @@
 import { readdirSync } from 'node:fs';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { stackOf, RUNTIMES, deadPort, memoryOf, openConnections, rawRequest, routesFile, scrape, sleep, startAmbassador, startRawUpstream, startUpstream, stopAfterEach, waitFor, type AmbassadorProc, type Upstream } from './helpers.ts';
+import {
+  type AmbassadorProc,
+  ARTIFACTS,
+  deadPort,
+  memoryOf,
+  openConnections,
+  rawRequest,
+  routesFile,
+  runtimeOf,
+  scrape,
+  sleep,
+  startAmbassador,
+  startRawUpstream,
+  startUpstream,
+  stopAfterEach,
+  type Upstream,
+  waitFor,
+} from './helpers.ts';
 
 /** `n` connections to `port` that send nothing. */
-const idleConnections = (port: number, n: number) => Array.from({ length: n }, () => net.connect(port, '127.0.0.1').on('error', () => {}));
+const idleConnections = (port: number, n: number) =>
+  Array.from({ length: n }, () => net.connect(port, '127.0.0.1').on('error', () => {}));
 const statusOf = (raw: string) => Number(/^HTTP\/1\.1 (\d{3})/.exec(raw)?.[1] ?? 0);
 
-describe.each(RUNTIMES)('hostile input (%s)', (runtime) => {
+describe.each(ARTIFACTS)('hostile input (%s)', (runtime) => {
   let upstream: Upstream;
   let amb: AmbassadorProc;
   let aborted = 0;
@@ -32,8 +50,14 @@ describe.each(RUNTIMES)('hostile input (%s)', (runtime) => {
 
   // What each runtime's server answers, exactly: Deno's answers 400 where Node's and Bun's say 431.
   it.each([
-    ['Content-Length and Transfer-Encoding together', 'POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n'],
-    ['two different Content-Lengths', 'POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcdeGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n'],
+    [
+      'Content-Length and Transfer-Encoding together',
+      'POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n',
+    ],
+    [
+      'two different Content-Lengths',
+      'POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcdeGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n',
+    ],
     ['obsolete line folding', 'GET /a HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n  b\r\n\r\n'],
     ['headers over 64 KiB', `GET /a HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(70_000)}\r\n\r\n`],
     ['a URL over 64 KiB', `GET /${'a'.repeat(70_000)} HTTP/1.1\r\nHost: x\r\n\r\n`],
@@ -46,7 +70,7 @@ describe.each(RUNTIMES)('hostile input (%s)', (runtime) => {
       // A hang is a failure: `exchange` rejects when neither an answer nor a close comes in 3 s.
       const r = await exchange(own.port, text, 3000);
       const tooLarge = name.startsWith('headers over') || name.startsWith('a URL over');
-      expect(r.status, r.raw.slice(0, 80)).toBe(tooLarge && stackOf(runtime) !== 'deno' ? 431 : 400);
+      expect(r.status, r.raw.slice(0, 80)).toBe(tooLarge && runtimeOf(runtime) !== 'deno' ? 431 : 400);
       await sleep(100);
       // Whatever the upstream received, byte for byte, holds no request the app did not send as one.
       expect(raw.received.join('')).not.toContain('smuggled');
@@ -60,11 +84,15 @@ describe.each(RUNTIMES)('hostile input (%s)', (runtime) => {
 
   it('bare LF line endings: refused, or read as one request (RFC 9112 §2.2 allows it) — never two', async () => {
     const before = upstream.seen.length;
-    const raw = await rawRequest(amb.port, 'GET /a HTTP/1.1\nHost: x\nConnection: close\n\nGET /smuggled HTTP/1.1\nHost: x\n\n', 2000);
+    const raw = await rawRequest(
+      amb.port,
+      'GET /a HTTP/1.1\nHost: x\nConnection: close\n\nGET /smuggled HTTP/1.1\nHost: x\n\n',
+      2000,
+    );
     // Node's server refuses bare LF (400), Bun's reads it as no HTTP/1.1 at all (505), Deno's reads it as
     // one request (and the ambassador re-serializes it).
-    expect(statusOf(raw)).toBe({ node: 400, deno: 200, bun: 505 }[stackOf(runtime)]);
-    expect(upstream.seen.slice(before).map((s) => s.url)).toEqual(stackOf(runtime) === 'deno' ? ['/a'] : []);
+    expect(statusOf(raw)).toBe({ node: 400, deno: 200, bun: 505 }[runtimeOf(runtime)]);
+    expect(upstream.seen.slice(before).map((s) => s.url)).toEqual(runtimeOf(runtime) === 'deno' ? ['/a'] : []);
   });
 
   it('slow clients (slowloris) do not keep others waiting', async () => {
@@ -108,7 +136,11 @@ describe.each(RUNTIMES)('hostile input (%s)', (runtime) => {
 
 /** One exchange on its own connection: a whole answer (its body complete by Content-Length or chunked
  * framing), or the connection closed, within `boundMs` — a hang fails the test. */
-async function exchange(port: number, text: string | Buffer, boundMs = 5000): Promise<{ status: number; raw: string; closed: boolean }> {
+async function exchange(
+  port: number,
+  text: string | Buffer,
+  boundMs = 5000,
+): Promise<{ status: number; raw: string; closed: boolean }> {
   return new Promise((resolve, reject) => {
     const socket = net.connect(port, '127.0.0.1');
     let raw = '';
@@ -138,7 +170,7 @@ async function exchange(port: number, text: string | Buffer, boundMs = 5000): Pr
   });
 }
 
-describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', (runtime) => {
+describe.each(ARTIFACTS)('hostile requests, as the upstream receives them (%s)', (runtime) => {
   stopAfterEach();
 
   it('refuses a GET or HEAD that carries a body with 400, so the next request on the upstream connection arrives intact', async () => {
@@ -146,12 +178,14 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
     expect((await fetch(`${amb.url}/warm`)).status).toBe(200); // a pooled upstream connection now exists
     const hidden = 'GET /admin HTTP/1.1\r\nHost: x\r\n\r\n';
-    for (const text of [
-      'GET /search HTTP/1.1\r\nHost: x\r\nContent-Length: 237\r\n\r\n', // announces a body it never sends
-      'GET /search HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n{"query":"a"}', // curl -X GET -d
-      'HEAD /search HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}',
-      'GET /search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n',
-    ]) {
+    for (
+      const text of [
+        'GET /search HTTP/1.1\r\nHost: x\r\nContent-Length: 237\r\n\r\n', // announces a body it never sends
+        'GET /search HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n{"query":"a"}', // curl -X GET -d
+        'HEAD /search HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}',
+        'GET /search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n',
+      ]
+    ) {
       const r = await exchange(amb.port, text);
       expect(r.status, text).toBe(400);
     }
@@ -162,11 +196,14 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
     expect(up.requests[1].body.toString('latin1')).toBe(hidden);
     expect(up.requests[1].connection).toBe(up.requests[0].connection);
     // A GET whose Content-Length says 0 carries no body: it is forwarded as it is.
-    expect((await exchange(amb.port, 'GET /empty HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n')).status).toBe(200);
+    expect(
+      (await exchange(amb.port, 'GET /empty HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n'))
+        .status,
+    ).toBe(200);
     expect(up.requests.at(-1)!.target).toBe('/empty');
   });
 
-  it('keeps every path under the upstream\'s base path, whatever dots, encoded dots or encoded slashes it carries', async () => {
+  it("keeps every path under the upstream's base path, whatever dots, encoded dots or encoded slashes it carries", async () => {
     const up = await startRawUpstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: `${up.url}/api/v1` });
     const cases: Array<[string, number, string?]> = [
@@ -188,10 +225,18 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
     for (const q of up.requests) expect(q.target.startsWith('/api/v1/')).toBe(true);
   });
 
-  it('keeps a stripPrefix route\'s paths under what its prefix maps to', async () => {
+  it("keeps a stripPrefix route's paths under what its prefix maps to", async () => {
     const up = await startRawUpstream();
-    const amb = await startAmbassador(runtime, { ROUTES_FILE: routesFile([{ name: 's', prefix: '/s', stripPrefix: true, upstream: `${up.url}/base` }]) });
-    for (const [target, status, seen] of [['/s/../s/t', 200, '/base/t'], ['/s/%2e%2e/s/u', 200, '/base/u'], ['/s/../other', 404, undefined], ['/s/..%2f..%2fother', 400, undefined]] as const) {
+    const amb = await startAmbassador(runtime, {
+      ROUTES_FILE: routesFile([{ name: 's', prefix: '/s', stripPrefix: true, upstream: `${up.url}/base` }]),
+    });
+    for (
+      const [target, status, seen] of [['/s/../s/t', 200, '/base/t'], ['/s/%2e%2e/s/u', 200, '/base/u'], [
+        '/s/../other',
+        404,
+        undefined,
+      ], ['/s/..%2f..%2fother', 400, undefined]] as const
+    ) {
       const before = up.requests.length;
       const r = await exchange(amb.port, `GET ${target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`);
       expect(r.status, target).toBe(status);
@@ -201,10 +246,12 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
 
   it('refuses a request target with a fragment (400), so no parser can read a dot segment out of it', async () => {
     const up = await startRawUpstream();
-    const amb = await startAmbassador(runtime, { ROUTES_FILE: routesFile([
-      { name: 's', prefix: '/s', stripPrefix: true, upstream: `${up.url}/base` },
-      { name: 'api', prefix: '/', upstream: `${up.url}/api/v1` },
-    ]) });
+    const amb = await startAmbassador(runtime, {
+      ROUTES_FILE: routesFile([
+        { name: 's', prefix: '/s', stripPrefix: true, upstream: `${up.url}/base` },
+        { name: 'api', prefix: '/', upstream: `${up.url}/api/v1` },
+      ]),
+    });
     for (const target of ['/..#', '/a/..#x', '/s/..#', '/a#frag', '/a?q=1#frag', '/s/x#', '/#']) {
       const r = await exchange(amb.port, `GET ${target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`);
       expect(r.status, target).toBe(400);
@@ -217,7 +264,11 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
 
   it('reads Host case-insensitively and with its default port, as a URL would, and refuses only a target that names another host', async () => {
     const up = await startRawUpstream();
-    const file = routesFile([{ name: 'shop', host: 'shop.local', prefix: '/', upstream: `${up.url}/shop` }, { name: 'other', prefix: '/', upstream: `${up.url}/other` }]);
+    const file = routesFile([{ name: 'shop', host: 'shop.local', prefix: '/', upstream: `${up.url}/shop` }, {
+      name: 'other',
+      prefix: '/',
+      upstream: `${up.url}/other`,
+    }]);
     const amb = await startAmbassador(runtime, { ROUTES_FILE: file });
     for (const host of ['Shop.Local', 'SHOP.LOCAL:8080', 'shop.local:80', 'SHOP.local:0080']) {
       const before = up.requests.length;
@@ -226,26 +277,37 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
       expect(up.requests.slice(before).map((q) => q.target), host).toEqual(['/shop/a']);
     }
     const before = up.requests.length;
-    const absolute = await exchange(amb.port, 'GET http://elsewhere/a HTTP/1.1\r\nHost: shop.local\r\nConnection: close\r\n\r\n');
+    const absolute = await exchange(
+      amb.port,
+      'GET http://elsewhere/a HTTP/1.1\r\nHost: shop.local\r\nConnection: close\r\n\r\n',
+    );
     // Bun's server drops an absolute-form target's authority before the handler (see forwarding.test.ts):
     // the request is read as GET /a on its Host, and goes to that route's upstream.
-    expect(absolute.status).toBe(stackOf(runtime) === 'bun' ? 200 : 400);
-    expect(up.requests.slice(before).map((q) => q.target)).toEqual(stackOf(runtime) === 'bun' ? ['/shop/a'] : []);
+    expect(absolute.status).toBe(runtimeOf(runtime) === 'bun' ? 200 : 400);
+    expect(up.requests.slice(before).map((q) => q.target)).toEqual(runtimeOf(runtime) === 'bun' ? ['/shop/a'] : []);
   });
 
   it('refuses a target carrying raw bytes that are not UTF-8 (400) on every runtime, never U+FFFD in their place', async () => {
     const up = await startRawUpstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
     for (const bytes of ['/a\xff\xfeb', '/caf\xe9', '/x?q=\xc3\x28']) {
-      const r = await exchange(amb.port, Buffer.from(`GET ${bytes} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`, 'latin1'));
+      const r = await exchange(
+        amb.port,
+        Buffer.from(`GET ${bytes} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`, 'latin1'),
+      );
       expect(r.status, JSON.stringify(bytes)).toBe(400);
     }
-    expect((await exchange(amb.port, 'GET /a%EF%BF%BD HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')).status).toBe(400);
+    expect((await exchange(amb.port, 'GET /a%EF%BF%BD HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')).status).toBe(
+      400,
+    );
     expect(up.requests).toEqual([]);
     // Raw UTF-8 is refused too where the handler sees the raw target (Node, Deno); Bun's server
     // percent-encodes it before the handler sees it, and the request goes on with those bytes encoded.
-    const r = await exchange(amb.port, Buffer.from('GET /caf\xc3\xa9 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n', 'latin1'));
-    if (stackOf(runtime) !== 'bun') {
+    const r = await exchange(
+      amb.port,
+      Buffer.from('GET /caf\xc3\xa9 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n', 'latin1'),
+    );
+    if (runtimeOf(runtime) !== 'bun') {
       expect(r.status).toBe(400);
       expect(up.requests).toEqual([]);
     } else {
@@ -258,37 +320,46 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
     const up = await startRawUpstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
     for (const te of ['gzip, chunked', 'deflate, chunked', 'chunked, chunked', 'identity, chunked']) {
-      const r = await exchange(amb.port, `POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: ${te}\r\n\r\n5\r\nhello\r\n0\r\n\r\n`);
+      const r = await exchange(
+        amb.port,
+        `POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: ${te}\r\n\r\n5\r\nhello\r\n0\r\n\r\n`,
+      );
       // Node's parser refuses some of these itself with 400, and Bun's every one; the rest is 501.
-      const refused = r.status === 501 || (r.status === 400 && (te !== 'gzip, chunked' || stackOf(runtime) === 'bun'));
+      const refused = r.status === 501 ||
+        (r.status === 400 && (te !== 'gzip, chunked' || runtimeOf(runtime) === 'bun'));
       expect(refused, `${te}: ${r.raw.slice(0, 40)}`).toBe(true);
     }
-    const gzip = await exchange(amb.port, 'POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n');
-    expect(gzip.status).toBe(stackOf(runtime) === 'bun' ? 400 : 501);
+    const gzip = await exchange(
+      amb.port,
+      'POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n',
+    );
+    expect(gzip.status).toBe(runtimeOf(runtime) === 'bun' ? 400 : 501);
     expect(up.requests).toEqual([]);
   });
 
-  it('honours an app\'s Connection: close: its answer says close too, and nothing pipelined behind it is served', async () => {
+  it("honours an app's Connection: close: its answer says close too, and nothing pipelined behind it is served", async () => {
     const up = await startRawUpstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
     const behind = 'GET /pipelined HTTP/1.1\r\nHost: x\r\n\r\n';
-    for (const first of [
-      'TRACE /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n', // 405
-      'GET /a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, close\r\n\r\n', // forwarded
-      'OPTIONS /a HTTP/1.1\r\nHost: x\r\nConnection: Close\r\n\r\n', // forwarded
-    ]) {
+    for (
+      const first of [
+        'TRACE /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n', // 405
+        'GET /a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, close\r\n\r\n', // forwarded
+        'OPTIONS /a HTTP/1.1\r\nHost: x\r\nConnection: Close\r\n\r\n', // forwarded
+      ]
+    ) {
       // rawRequest reads until the connection closes (or 3 s pass, which fails below).
       const raw = await rawRequest(amb.port, first + behind, 3000);
       // Node's parser refuses bytes after a request that said close with a 400 of its own.
       const status = statusOf(raw);
-      expect(status === 400 ? stackOf(runtime) : 'answered', first).toBe(status === 400 ? 'node' : 'answered');
+      expect(status === 400 ? runtimeOf(runtime) : 'answered', first).toBe(status === 400 ? 'node' : 'answered');
       if (status !== 400) expect(raw.toLowerCase(), first).toContain('\r\nconnection: close\r\n');
       expect(raw.split('HTTP/1.1 ').length - 1, first).toBe(1);
     }
     expect(up.requests.map((q) => q.target)).not.toContain('/pipelined');
   });
 
-  it('notices an app that leaves mid-upload at once, whatever the body\'s size, and keeps no connection or descriptor for it', async () => {
+  it("notices an app that leaves mid-upload at once, whatever the body's size, and keeps no connection or descriptor for it", async () => {
     let aborted = 0;
     const up = await startUpstream((req, res) => {
       req.on('close', () => (req.complete ? undefined : aborted++));
@@ -298,14 +369,22 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, BODY_IDLE_TIMEOUT_MS: '300000' });
     // The descriptors it holds (the upstream's pooled connection among them), and the app's connections.
     const descriptors = () => readdirSync(`/proc/${amb.pid}/fd`).length;
-    const held = () => { const c = openConnections(amb.port); return c.established + c.closeWait; };
+    const held = () => {
+      const c = openConnections(amb.port);
+      return c.established + c.closeWait;
+    };
     expect((await exchange(amb.port, 'GET /warm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')).status).toBe(200);
     const baseline = descriptors();
     // Kept for replay (not yet sent), streamed with a length, streamed chunked; the app closes, or resets.
     const cases: Array<[string, string, Buffer, 'end' | 'reset']> = [
       ['small, kept for replay', 'content-length: 50000', Buffer.alloc(10_000, 's'), 'end'],
       ['large, streamed', `content-length: ${4 * 1024 * 1024}`, Buffer.alloc(300 * 1024, 'l'), 'end'],
-      ['chunked, streamed', 'transfer-encoding: chunked', Buffer.from(`${(200 * 1024).toString(16)}\r\n${'c'.repeat(200 * 1024)}\r\n`), 'reset'],
+      [
+        'chunked, streamed',
+        'transfer-encoding: chunked',
+        Buffer.from(`${(200 * 1024).toString(16)}\r\n${'c'.repeat(200 * 1024)}\r\n`),
+        'reset',
+      ],
     ];
     for (const [name, framing, part, how] of cases) {
       const before = aborted;
@@ -320,7 +399,11 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
       const t0 = performance.now();
       // Whatever reached the upstream is cut off, and the ambassador holds nothing more than it did before.
       const reached = name !== 'small, kept for replay'; // a body kept for replay has not gone upstream yet
-      await waitFor(`${name}: the upload given up`, () => held() === 0 && descriptors() <= baseline && aborted === before + (reached ? 1 : 0), 5000);
+      await waitFor(
+        `${name}: the upload given up`,
+        () => held() === 0 && descriptors() <= baseline && aborted === before + (reached ? 1 : 0),
+        5000,
+      );
       expect(performance.now() - t0, name).toBeLessThan(5000);
     }
     expect((await scrape(amb)).get('ambassador_requests_in_flight')).toBe(0);
@@ -329,8 +412,14 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
   it('answers 400 to a request with two Host headers, and sends nothing upstream', async () => {
     const up = await startRawUpstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
-    for (const text of ['GET /a HTTP/1.1\r\nHost: one\r\nHost: two\r\n\r\n', 'GET /a HTTP/1.1\r\nHost: one, two\r\n\r\n', 'GET /a HTTP/1.1\r\nHost: a b\r\n\r\n',
-      'GET /a HTTP/1.1\r\nHost: shop.local:\r\n\r\n']) {
+    for (
+      const text of [
+        'GET /a HTTP/1.1\r\nHost: one\r\nHost: two\r\n\r\n',
+        'GET /a HTTP/1.1\r\nHost: one, two\r\n\r\n',
+        'GET /a HTTP/1.1\r\nHost: a b\r\n\r\n',
+        'GET /a HTTP/1.1\r\nHost: shop.local:\r\n\r\n',
+      ]
+    ) {
       const r = await exchange(amb.port, text);
       expect(r.status, text).toBe(400);
     }
@@ -340,44 +429,70 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
   it('refuses methods in lower case (fetch-style clients would rewrite them) with a 400, and they never count against the upstream', async () => {
     const up = await startRawUpstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, BREAKER_FAILURES: '2' });
-    for (const text of ['get /a HTTP/1.1\r\nHost: x\r\n\r\n', 'get /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}', 'trace /a HTTP/1.1\r\nHost: x\r\n\r\n', 'connect /a HTTP/1.1\r\nHost: x\r\n\r\n', 'Post /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n']) {
+    for (
+      const text of [
+        'get /a HTTP/1.1\r\nHost: x\r\n\r\n',
+        'get /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}',
+        'trace /a HTTP/1.1\r\nHost: x\r\n\r\n',
+        'connect /a HTTP/1.1\r\nHost: x\r\n\r\n',
+        'Post /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n',
+      ]
+    ) {
       const r = await exchange(amb.port, text);
       // Bun's server closes the connection on a method it does not know, answering nothing.
-      const refused = (r.status >= 400 && r.status < 500) || (stackOf(runtime) === 'bun' && r.status === 0 && r.closed);
+      const refused = (r.status >= 400 && r.status < 500) ||
+        (runtimeOf(runtime) === 'bun' && r.status === 0 && r.closed);
       expect(refused, text).toBe(true);
     }
     expect(up.requests).toEqual([]);
     const m = await scrape(amb);
-    expect([...m].filter(([k, v]) => k.startsWith('ambassador_upstream_endpoint_state') && k.includes('state="closed"')).map(([, v]) => v)).toEqual([1]);
+    expect(
+      [...m].filter(([k, v]) => k.startsWith('ambassador_upstream_endpoint_state') && k.includes('state="closed"')).map(
+        ([, v]) => v,
+      ),
+    ).toEqual([1]);
     expect((await fetch(`${amb.url}/ok`)).status).toBe(200);
   });
 
   it('holds every runtime to one request-head limit: 431 past 100 header fields or 16 KiB', async () => {
     const up = await startRawUpstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
-    const withHeaders = (n: number) => `GET /h HTTP/1.1\r\nHost: x\r\n${Array.from({ length: n - 1 }, (_, i) => `x-h${i}: ${i}\r\n`).join('')}Connection: close\r\n\r\n`;
+    const withHeaders = (n: number) =>
+      `GET /h HTTP/1.1\r\nHost: x\r\n${
+        Array.from({ length: n - 1 }, (_, i) => `x-h${i}: ${i}\r\n`).join('')
+      }Connection: close\r\n\r\n`;
     expect((await exchange(amb.port, withHeaders(99))).status).toBe(200);
     expect((await exchange(amb.port, withHeaders(101))).status).toBe(431);
     expect((await exchange(amb.port, withHeaders(120))).status).toBe(431);
-    const withSize = (bytes: number) => `GET /h HTTP/1.1\r\nHost: x\r\nx-big: ${'b'.repeat(bytes)}\r\nConnection: close\r\n\r\n`;
+    const withSize = (bytes: number) =>
+      `GET /h HTTP/1.1\r\nHost: x\r\nx-big: ${'b'.repeat(bytes)}\r\nConnection: close\r\n\r\n`;
     expect((await exchange(amb.port, withSize(15 * 1024))).status).toBe(200);
     expect((await exchange(amb.port, withSize(17 * 1024))).status).toBe(431);
     expect((await exchange(amb.port, withSize(40 * 1024))).status).toBe(431);
     expect(up.requests.length).toBe(2);
   });
 
-  it('keeps an app\'s x-request-id only when it is safe, and counts two requests with one id as two', async () => {
-    const up = await startRawUpstream((req, socket) => setTimeout(() => socket.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok'), req.target === '/slow' ? 600 : 0));
+  it("keeps an app's x-request-id only when it is safe, and counts two requests with one id as two", async () => {
+    const up = await startRawUpstream((req, socket) =>
+      setTimeout(() => socket.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok'), req.target === '/slow' ? 600 : 0)
+    );
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, LOG_FORMAT: 'text' });
-    const safe = (await fetch(`${amb.url}/a`, { headers: { 'x-request-id': 'abc-123_x.y' } })).headers.get('x-request-id');
+    const safe = (await fetch(`${amb.url}/a`, { headers: { 'x-request-id': 'abc-123_x.y' } })).headers.get(
+      'x-request-id',
+    );
     expect(safe).toBe('abc-123_x.y');
     for (const hostile of ['x route=admin method=DELETE status=200', 'a"b', 'x'.repeat(129), 'caf\u00e9']) {
-      const r = await exchange(amb.port, Buffer.from(`GET /a HTTP/1.1\r\nHost: x\r\nx-request-id: ${hostile}\r\nConnection: close\r\n\r\n`, 'latin1'));
+      const r = await exchange(
+        amb.port,
+        Buffer.from(`GET /a HTTP/1.1\r\nHost: x\r\nx-request-id: ${hostile}\r\nConnection: close\r\n\r\n`, 'latin1'),
+      );
       expect(r.status, hostile).toBe(200);
       const id = /\r\nx-request-id: ([^\r]*)/i.exec(r.raw)?.[1];
       expect(id).toMatch(/^[0-9a-f-]{36}$/);
     }
-    for (const q of up.requests) expect(/x-request-id: [0-9a-f-]{36}\r\n|x-request-id: abc-123_x\.y\r\n/i.test(q.head), q.head).toBe(true);
+    for (const q of up.requests) {
+      expect(/x-request-id: [0-9a-f-]{36}\r\n|x-request-id: abc-123_x\.y\r\n/i.test(q.head), q.head).toBe(true);
+    }
     expect(amb.lines.join('\n')).not.toContain('route=admin');
     // Two requests sharing an id are two in flight, not one.
     const both = [0, 1].map(() => fetch(`${amb.url}/slow`, { headers: { 'x-request-id': 'same' } }));
@@ -387,26 +502,50 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
 
   it('ends a request whose body stalls with 408 after BODY_IDLE_TIMEOUT_MS, freeing its place under MAX_IN_FLIGHT', async () => {
     const up = await startUpstream((req, res) => res.end('fine'));
-    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, BODY_IDLE_TIMEOUT_MS: '500', MAX_IN_FLIGHT: '1', QUEUE_SIZE: '0', BREAKER_FAILURES: '1' });
+    const amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: up.url,
+      BODY_IDLE_TIMEOUT_MS: '500',
+      MAX_IN_FLIGHT: '1',
+      QUEUE_SIZE: '0',
+      BREAKER_FAILURES: '1',
+    });
     expect((await exchange(amb.port, 'GET /warm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')).status).toBe(200);
     // The app's connections the ambassador still holds: those it answered are closed by now.
-    const held = () => { const c = openConnections(amb.port); return c.established + c.closeWait; };
+    const held = () => {
+      const c = openConnections(amb.port);
+      return c.established + c.closeWait;
+    };
     for (const [name, declared, sent] of [['small', 100, 10], ['streamed', 1024 * 1024, 200 * 1024]] as const) {
       const t0 = performance.now();
-      const r = await exchange(amb.port, Buffer.concat([Buffer.from(`POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: ${declared}\r\n\r\n`), Buffer.alloc(sent, 'a')]), 5000);
+      const r = await exchange(
+        amb.port,
+        Buffer.concat([
+          Buffer.from(`POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: ${declared}\r\n\r\n`),
+          Buffer.alloc(sent, 'a'),
+        ]),
+        5000,
+      );
       const took = performance.now() - t0;
       expect(r.status, name).toBe(408);
       expect(took, name).toBeGreaterThanOrEqual(450);
       expect(took, name).toBeLessThan(4000);
-      await waitFor('the place freed', async () => (await scrape(amb)).get('ambassador_upstream_active_requests{route="default"}') === 0, 3000);
+      await waitFor(
+        'the place freed',
+        async () => (await scrape(amb)).get('ambassador_upstream_active_requests{route="default"}') === 0,
+        3000,
+      );
       // The one place is free again, and the endpoint was not held responsible.
       // (Asked on a connection of its own, closed after: the descriptors below count the app's alone.)
-      expect((await exchange(amb.port, 'GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')).raw, name).toMatch(/\r\n\r\n(4\r\n)?fine/);
+      expect((await exchange(amb.port, 'GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')).raw, name).toMatch(
+        /\r\n\r\n(4\r\n)?fine/,
+      );
       // The app has closed its side: no socket of it is kept (Deno kept one in CLOSE_WAIT, its body unread).
       await waitFor(`${name}: the app's connection let go`, () => held() === 0, 3000);
     }
     const m = await scrape(amb);
-    expect(m.get('ambassador_upstream_endpoint_ejections_total{route="default",endpoint="' + new URL(up.url).host + '"}')).toBe(0);
+    expect(
+      m.get('ambassador_upstream_endpoint_ejections_total{route="default",endpoint="' + new URL(up.url).host + '"}'),
+    ).toBe(0);
     expect(m.get('ambassador_requests_total{route="default",method="POST",code="408"}')).toBe(2);
   });
 
@@ -440,13 +579,21 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
     expect(closedAfter).toBeLessThan(8000);
     for (const s of idle) s.destroy();
     // Requests it cannot take are answered, not held: a body, and a head that is not HTTP.
-    expect(statusOf(await rawRequest(amb.adminPort, 'POST /shutdown HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello', 3000))).toBe(400);
+    expect(
+      statusOf(
+        await rawRequest(amb.adminPort, 'POST /shutdown HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello', 3000),
+      ),
+    ).toBe(400);
     expect(statusOf(await rawRequest(amb.adminPort, 'GARBAGE\r\n\r\n', 3000))).toBe(400);
     expect(amb.child.exitCode).toBe(null);
   });
 
   it('never lets a query string reach the log or the answer when an attempt fails', async () => {
-    const amb = await startAmbassador(runtime, { UPSTREAM_URL: `http://127.0.0.1:${await deadPort()}`, RETRY_ATTEMPTS: '2', LOG_LEVEL: 'debug' });
+    const amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: `http://127.0.0.1:${await deadPort()}`,
+      RETRY_ATTEMPTS: '2',
+      LOG_LEVEL: 'debug',
+    });
     const res = await fetch(`${amb.url}/x?token=SEKRIT&user=me`);
     expect(res.status).toBe(502);
     const body = await res.text();
@@ -456,11 +603,11 @@ describe.each(RUNTIMES)('hostile requests, as the upstream receives them (%s)', 
     expect([...amb.lines, ...amb.stderr].join('\n')).not.toContain('SEKRIT');
   });
 
-  it('answers OPTIONS * itself (Node), where the server tells it from OPTIONS /* (Deno\'s does not; Bun\'s answers 400)', async () => {
+  it("answers OPTIONS * itself (Node), where the server tells it from OPTIONS /* (Deno's does not; Bun's answers 400)", async () => {
     const up = await startRawUpstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
     const r = await exchange(amb.port, 'OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n');
-    if (stackOf(runtime) === 'bun') {
+    if (runtimeOf(runtime) === 'bun') {
       // Bun's server refuses the asterisk-form itself, before the handler.
       expect(r.status).toBe(400);
       expect(up.requests).toEqual([]);

@@ -13,17 +13,20 @@ import path from 'node:path';
 import { stringify } from 'yaml';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { privatePodmanEnv, removePodmanFolder } from '../scripts/podman.ts';
-import { ROOT, sleep, skippedBecause } from './helpers.ts';
-import { kustomization, objects, resolveImage, type K8sObject } from './manifests.ts';
+import { ROOT, skippedBecause, sleep } from './helpers.ts';
+import { type K8sObject, kustomization, objects, resolveImage } from './manifests.ts';
 
 const dir = mkdtempSync(path.join(os.tmpdir(), 'ambassador-kube-'));
 const env = { ...process.env, ...privatePodmanEnv(dir) };
 const network = `ambassador-test-${process.pid}`;
-const podman = (...args: string[]) => execFileSync('podman', args, { env, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
+const podman = (...args: string[]) =>
+  execFileSync('podman', args, { env, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
 
 function whyNot(): string | undefined {
   const probe = spawnSync('podman', ['info', '--format', '{{.Host.OCIRuntime.Name}}'], { env, encoding: 'utf8' });
-  if (probe.error) return 'podman is not installed (Debian packages podman, buildah, runc, netavark, aardvark-dns, catatonit, iptables)';
+  if (probe.error) {
+    return 'podman is not installed (Debian packages podman, buildah, runc, netavark, aardvark-dns, catatonit, iptables)';
+  }
   if (probe.status !== 0) return `podman cannot run here: ${probe.stderr.trim().split('\n').pop()}`;
   return undefined;
 }
@@ -40,40 +43,66 @@ function render(object: K8sObject): K8sObject {
   const d = structuredClone(object);
   const spec = d.spec.template.spec;
   const sidecars = (spec.initContainers ?? []).filter((c: { restartPolicy?: string }) => c.restartPolicy === 'Always');
-  spec.initContainers = (spec.initContainers ?? []).filter((c: { restartPolicy?: string }) => c.restartPolicy !== 'Always');
+  spec.initContainers = (spec.initContainers ?? []).filter((c: { restartPolicy?: string }) =>
+    c.restartPolicy !== 'Always'
+  );
   if (spec.initContainers.length === 0) delete spec.initContainers;
-  spec.containers = [...sidecars.map(({ restartPolicy: _, ...c }: { restartPolicy?: string }) => c), ...spec.containers];
+  spec.containers = [
+    ...sidecars.map(({ restartPolicy: _, ...c }: { restartPolicy?: string }) => c),
+    ...spec.containers,
+  ];
   for (const c of spec.containers) {
-    c.image = c.name === 'ambassador' && process.env.AMBASSADOR_IMAGE ? process.env.AMBASSADOR_IMAGE : resolveImage(c.image, kustomization());
+    c.image = c.name === 'ambassador' && process.env.AMBASSADOR_IMAGE
+      ? process.env.AMBASSADOR_IMAGE
+      : resolveImage(c.image, kustomization());
     c.imagePullPolicy = 'Never';
     // Shorter limits than production's, so "inventory down" is over in seconds.
     // (and an ejection that stops growing at 5 s, so the recovery check waits on the inventory, not on
     // how long the breaker's backoff has grown while it was down).
     if (c.name === 'ambassador') {
-      c.env = [...c.env, { name: 'TRY_TIMEOUT_MS', value: '1000' }, { name: 'REQUEST_TIMEOUT_MS', value: '4000' }, { name: 'BREAKER_OPEN_MAX_MS', value: '5000' }];
+      c.env = [...c.env, { name: 'TRY_TIMEOUT_MS', value: '1000' }, { name: 'REQUEST_TIMEOUT_MS', value: '4000' }, {
+        name: 'BREAKER_OPEN_MAX_MS',
+        value: '5000',
+      }];
     }
   }
   d.spec.replicas = 1;
   return d;
 }
 
-describe.skipIf(why !== undefined)(skippedBecause('podman kube play: the article\'s system in pods', why), () => {
+describe.skipIf(why !== undefined)(skippedBecause("podman kube play: the article's system in pods", why), () => {
   const files: Record<string, string> = {};
   /** Runs a one-off client in the pod network (the order-service image has node, and nothing else). */
   const client = (url: string) => {
-    const r = spawnSync('podman', ['run', '--rm', '--network', network, '--entrypoint', '/nodejs/bin/node', 'localhost/order-service:latest', '-e',
-      `fetch(${JSON.stringify(url)}).then(async (r) => console.log(r.status + ' ' + await r.text()), (e) => console.log('000 ' + e.cause?.code))`], { env, encoding: 'utf8' });
+    const r = spawnSync('podman', [
+      'run',
+      '--rm',
+      '--network',
+      network,
+      '--entrypoint',
+      '/nodejs/bin/node',
+      'localhost/order-service:latest',
+      '-e',
+      `fetch(${
+        JSON.stringify(url)
+      }).then(async (r) => console.log(r.status + ' ' + await r.text()), (e) => console.log('000 ' + e.cause?.code))`,
+    ], { env, encoding: 'utf8' });
     return r.stdout.trim();
   };
   const until = async (url: string, pred: (out: string) => boolean, seconds = 30) => {
     let out = '';
     // Bounded by the clock: each try is itself a `podman run` of a second or so.
-    for (const end = Date.now() + seconds * 1000; !pred((out = client(url))) && Date.now() < end;) await sleep(500);
+    for (const end = Date.now() + seconds * 1000; !pred(out = client(url)) && Date.now() < end;) await sleep(500);
     return out;
   };
 
   beforeAll(() => {
-    execFileSync(process.execPath, [path.join(ROOT, 'dist/scripts/images.mjs'), '--local-bases', '--private-storage', dir], { cwd: ROOT, stdio: 'inherit' });
+    execFileSync(process.execPath, [
+      path.join(ROOT, 'dist/scripts/images.mjs'),
+      '--local-bases',
+      '--private-storage',
+      dir,
+    ], { cwd: ROOT, stdio: 'inherit' });
     podman('network', 'create', '--internal', network);
     for (const { object } of objects()) {
       if (object.kind !== 'Deployment') continue; // Services: the network alias below stands in for them
@@ -98,8 +127,16 @@ describe.skipIf(why !== undefined)(skippedBecause('podman kube play: the article
   });
 
   it('every container runs as the non-root user on a read-only root filesystem', () => {
-    for (const name of ['order-service-pod-0-ambassador', 'order-service-pod-0-order-service', 'inventory-service-pod-0-inventory-service']) {
-      expect(podman('inspect', '--format', '{{.Config.User}} {{.HostConfig.ReadonlyRootfs}}', name), name).toBe('65532:65532 true');
+    for (
+      const name of [
+        'order-service-pod-0-ambassador',
+        'order-service-pod-0-order-service',
+        'inventory-service-pod-0-inventory-service',
+      ]
+    ) {
+      expect(podman('inspect', '--format', '{{.Config.User}} {{.HostConfig.ReadonlyRootfs}}', name), name).toBe(
+        '65532:65532 true',
+      );
     }
   });
 
@@ -119,8 +156,11 @@ describe.skipIf(why !== undefined)(skippedBecause('podman kube play: the article
     // podman's network may take a while to carry traffic to the restarted container again (seen: over
     // 30 s, connections timing out meanwhile); the breaker probes every 5 s until it does.
     const out = await until('http://order-service-pod-0:3000/order', (o) => o.startsWith('200 '), 100);
-    const sidecarLog = () => spawnSync('podman', ['logs', '--tail', '30', 'order-service-pod-0-ambassador'], { env, encoding: 'utf8' }).stdout;
-    expect(out, out.startsWith('200 ') ? '' : sidecarLog()).toBe('200 Order received. Inventory says: {"item":"widget","stock":42}');
+    const sidecarLog = () =>
+      spawnSync('podman', ['logs', '--tail', '30', 'order-service-pod-0-ambassador'], { env, encoding: 'utf8' }).stdout;
+    expect(out, out.startsWith('200 ') ? '' : sidecarLog()).toBe(
+      '200 Order received. Inventory says: {"item":"widget","stock":42}',
+    );
     expect(podman('inspect', '--format', '{{.RestartCount}}', 'order-service-pod-0-ambassador')).toBe('0');
   }, 130_000);
 });

@@ -2,9 +2,9 @@
  * requests through the ambassador, counted at a real upstream. */
 import http from 'node:http';
 import { describe, expect, it } from 'vitest';
-import { RUNTIMES, scrape, sleep, startAmbassador, startUpstream, stopAfterEach, waitFor } from './helpers.ts';
+import { ARTIFACTS, scrape, sleep, startAmbassador, startUpstream, stopAfterEach, waitFor } from './helpers.ts';
 
-describe.each(RUNTIMES)('limits under a burst of real requests (%s)', (runtime) => {
+describe.each(ARTIFACTS)('limits under a burst of real requests (%s)', (runtime) => {
   stopAfterEach();
 
   it('holds the concurrency limit exactly: the queue waits, the rest get 503 at once', async () => {
@@ -14,11 +14,32 @@ describe.each(RUNTIMES)('limits under a burst of real requests (%s)', (runtime) 
       held.push(res);
       most = Math.max(most, held.filter((r) => !r.writableEnded).length);
     });
-    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, MAX_IN_FLIGHT: '3', QUEUE_SIZE: '2', QUEUE_TIMEOUT_MS: '10000' });
-    const results = Array.from({ length: 10 }, () => fetch(`${amb.url}/x`).then(async (r) => ({ status: r.status, retryAfter: r.headers.get('retry-after'), text: await r.text() })));
+    const amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: up.url,
+      MAX_IN_FLIGHT: '3',
+      QUEUE_SIZE: '2',
+      QUEUE_TIMEOUT_MS: '10000',
+    });
+    const results = Array.from(
+      { length: 10 },
+      () =>
+        fetch(`${amb.url}/x`).then(async (r) => ({
+          status: r.status,
+          retryAfter: r.headers.get('retry-after'),
+          text: await r.text(),
+        })),
+    );
     // Three in flight, two queued, five refused: wait for that state rather than for a fixed time.
-    await waitFor('three held and two queued', async () => held.length >= 3 && (await scrape(amb)).get('ambassador_upstream_queued_requests{route="default"}') === 2);
-    await waitFor('five refused', async () => (await scrape(amb)).get('ambassador_requests_rejected_total{route="default",reason="concurrency"}') === 5);
+    await waitFor(
+      'three held and two queued',
+      async () =>
+        held.length >= 3 && (await scrape(amb)).get('ambassador_upstream_queued_requests{route="default"}') === 2,
+    );
+    await waitFor(
+      'five refused',
+      async () =>
+        (await scrape(amb)).get('ambassador_requests_rejected_total{route="default",reason="concurrency"}') === 5,
+    );
     expect(up.seen.length).toBe(3);
     for (const r of held) r.end('ok');
     while (held.length < 5) await sleep(5);
@@ -39,7 +60,12 @@ describe.each(RUNTIMES)('limits under a burst of real requests (%s)', (runtime) 
   it('answers 503 when a queued request has waited QUEUE_TIMEOUT_MS', async () => {
     const held: http.ServerResponse[] = [];
     const up = await startUpstream((_q, res) => void held.push(res));
-    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, MAX_IN_FLIGHT: '1', QUEUE_SIZE: '5', QUEUE_TIMEOUT_MS: '200' });
+    const amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: up.url,
+      MAX_IN_FLIGHT: '1',
+      QUEUE_SIZE: '5',
+      QUEUE_TIMEOUT_MS: '200',
+    });
     const first = fetch(`${amb.url}/x`);
     while (held.length < 1) await sleep(5);
     const t0 = performance.now();
@@ -52,9 +78,20 @@ describe.each(RUNTIMES)('limits under a burst of real requests (%s)', (runtime) 
 
   it('holds the rate limit exactly: the burst passes, the rest get 429 with Retry-After', async () => {
     const up = await startUpstream();
-    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, RATE_LIMIT_PER_SEC: '1', RATE_LIMIT_BURST: '5' });
+    const amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: up.url,
+      RATE_LIMIT_PER_SEC: '1',
+      RATE_LIMIT_BURST: '5',
+    });
     const t0 = performance.now();
-    const all = await Promise.all(Array.from({ length: 20 }, () => fetch(`${amb.url}/x`).then(async (r) => ({ status: r.status, retryAfter: r.headers.get('retry-after'), text: await r.text() }))));
+    const all = await Promise.all(
+      Array.from({ length: 20 }, () =>
+        fetch(`${amb.url}/x`).then(async (r) => ({
+          status: r.status,
+          retryAfter: r.headers.get('retry-after'),
+          text: await r.text(),
+        }))),
+    );
     // The burst of 5, plus one token for each whole second the burst took to arrive (on a loaded machine
     // it may straddle a second or two).
     const refills = Math.floor((performance.now() - t0) / 1000);
@@ -66,12 +103,19 @@ describe.each(RUNTIMES)('limits under a burst of real requests (%s)', (runtime) 
     expect(limited.every((r) => r.retryAfter === '1')).toBe(true);
     expect(limited[0].text).toMatch(/rate limit: over 1\/s \(burst 5\) to default/);
     expect(up.seen.length).toBe(passed);
-    expect((await scrape(amb)).get('ambassador_requests_rejected_total{route="default",reason="rate_limit"}')).toBe(20 - passed);
+    expect((await scrape(amb)).get('ambassador_requests_rejected_total{route="default",reason="rate_limit"}')).toBe(
+      20 - passed,
+    );
   });
 
   it('with RATE_LIMIT_WAIT_MS, makes a burst wait its turn instead of refusing it', async () => {
     const up = await startUpstream();
-    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, RATE_LIMIT_PER_SEC: '20', RATE_LIMIT_BURST: '1', RATE_LIMIT_WAIT_MS: '2000' });
+    const amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: up.url,
+      RATE_LIMIT_PER_SEC: '20',
+      RATE_LIMIT_BURST: '1',
+      RATE_LIMIT_WAIT_MS: '2000',
+    });
     const t0 = performance.now();
     const all = await Promise.all(Array.from({ length: 8 }, () => fetch(`${amb.url}/x`).then((r) => r.status)));
     expect(all.every((s) => s === 200)).toBe(true);
@@ -82,7 +126,12 @@ describe.each(RUNTIMES)('limits under a burst of real requests (%s)', (runtime) 
   it('serves its queue in arrival order: with the one place held, three queued reach the upstream as they came', async () => {
     const release: Array<() => void> = [];
     const up = await startUpstream((req, res) => void release.push(() => res.end(req.url)));
-    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, MAX_IN_FLIGHT: '1', QUEUE_SIZE: '3', QUEUE_TIMEOUT_MS: '20000' });
+    const amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: up.url,
+      MAX_IN_FLIGHT: '1',
+      QUEUE_SIZE: '3',
+      QUEUE_TIMEOUT_MS: '20000',
+    });
     const queued = () => scrape(amb).then((m) => m.get('ambassador_upstream_queued_requests{route="default"}'));
     const answers = [fetch(`${amb.url}/holder`)];
     await waitFor('the holder at the upstream', () => up.seen.length === 1);
@@ -95,7 +144,12 @@ describe.each(RUNTIMES)('limits under a burst of real requests (%s)', (runtime) 
       await waitFor(`request ${i + 1} at the upstream`, () => up.seen.length === i + 1);
       release[i]();
     }
-    expect(await Promise.all(answers.map(async (a) => (await a).text()))).toEqual(['/holder', '/first', '/second', '/third']);
+    expect(await Promise.all(answers.map(async (a) => (await a).text()))).toEqual([
+      '/holder',
+      '/first',
+      '/second',
+      '/third',
+    ]);
     expect(up.seen.map((s) => s.url)).toEqual(['/holder', '/first', '/second', '/third']);
   });
 
@@ -115,13 +169,22 @@ describe.each(RUNTIMES)('limits under a burst of real requests (%s)', (runtime) 
     expect((await fetch(`${amb.url}/second`)).status).toBe(503);
     finish();
     while (!(await reader.read()).done);
-    await waitFor('the place given back', async () => (await scrape(amb)).get('ambassador_upstream_active_requests{route="default"}') === 0, 3000);
+    await waitFor(
+      'the place given back',
+      async () => (await scrape(amb)).get('ambassador_upstream_active_requests{route="default"}') === 0,
+      3000,
+    );
     expect((await fetch(`${amb.url}/third`)).status).toBe(200);
   });
 
   it('holds the rate limit at its rate over seconds, not only over a burst', async () => {
     const up = await startUpstream();
-    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, RATE_LIMIT_PER_SEC: '20', RATE_LIMIT_BURST: '1', LOG_LEVEL: 'warn' });
+    const amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: up.url,
+      RATE_LIMIT_PER_SEC: '20',
+      RATE_LIMIT_BURST: '1',
+      LOG_LEVEL: 'warn',
+    });
     // Four clients as fast as they can for 2.5 s: about 20 a second pass (the burst of 1, then refills).
     const stopAt = performance.now() + 2500;
     let passed = 0;

@@ -1,9 +1,16 @@
 /** The access log: one line per request with stable field names, the request id in every line about a
  * request and no secrets (the text format: test/unit/logs.test.ts). */
 import { describe, expect, it } from 'vitest';
-import { RUNTIMES, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach } from './helpers.ts';
+import {
+  type AmbassadorProc,
+  ARTIFACTS,
+  startAmbassador,
+  startUpstream,
+  stopAfterEach,
+  type Upstream,
+} from './helpers.ts';
 
-describe.each(RUNTIMES)('logs (%s)', (runtime) => {
+describe.each(ARTIFACTS)('logs (%s)', (runtime) => {
   let upstream: Upstream | undefined;
   let amb: AmbassadorProc | undefined;
   stopAfterEach();
@@ -14,11 +21,39 @@ describe.each(RUNTIMES)('logs (%s)', (runtime) => {
       res.end('hello');
     });
     amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
-    await (await fetch(`${amb.url}/path?token=secret-in-query`, { method: 'PUT', body: 'abc', headers: { 'x-request-id': 'rid-1' } })).text();
+    await (await fetch(`${amb.url}/path?token=secret-in-query`, {
+      method: 'PUT',
+      body: 'abc',
+      headers: { 'x-request-id': 'rid-1' },
+    })).text();
     const line = await amb.waitForLine((l) => l.includes('"msg":"request"'));
     const entry = JSON.parse(line);
-    expect(Object.keys(entry)).toEqual(['time', 'level', 'msg', 'id', 'route', 'method', 'path', 'status', 'attempts', 'endpoint', 'duration_ms', 'upstream_ms', 'bytes_in', 'bytes_out']);
-    expect(entry).toMatchObject({ level: 'info', id: 'rid-1', method: 'PUT', path: '/path', status: 200, attempts: 2, bytes_in: 3, bytes_out: 5 });
+    expect(Object.keys(entry)).toEqual([
+      'time',
+      'level',
+      'msg',
+      'id',
+      'route',
+      'method',
+      'path',
+      'status',
+      'attempts',
+      'endpoint',
+      'duration_ms',
+      'upstream_ms',
+      'bytes_in',
+      'bytes_out',
+    ]);
+    expect(entry).toMatchObject({
+      level: 'info',
+      id: 'rid-1',
+      method: 'PUT',
+      path: '/path',
+      status: 200,
+      attempts: 2,
+      bytes_in: 3,
+      bytes_out: 5,
+    });
     expect(entry.duration_ms).toBeGreaterThanOrEqual(entry.upstream_ms);
     const about = amb.logs().filter((l) => l.id === 'rid-1');
     expect(about.map((l) => String(l.msg).split(':')[0])).toEqual(['attempt 1 failed', 'request']);
@@ -31,7 +66,13 @@ describe.each(RUNTIMES)('logs (%s)', (runtime) => {
       res.end();
     });
     amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, LOG_LEVEL: 'debug' });
-    await (await fetch(`${amb.url}/x`, { headers: { authorization: 'Bearer sekrit-token', cookie: 'session=sekrit-cookie', 'proxy-authorization': 'Basic sekrit-proxy' } })).text();
+    await (await fetch(`${amb.url}/x`, {
+      headers: {
+        authorization: 'Bearer sekrit-token',
+        cookie: 'session=sekrit-cookie',
+        'proxy-authorization': 'Basic sekrit-proxy',
+      },
+    })).text();
     await amb.waitForLine((l) => l.includes('"msg":"request"'));
     const admin = await (await fetch(`${amb.adminUrl}/metrics`)).text();
     for (const text of [amb.lines.join('\n'), amb.stderr.join('\n'), admin]) expect(text).not.toMatch(/sekrit/);

@@ -5,7 +5,17 @@ import http from 'node:http';
 import { readdirSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { IMAGE_SEA_OPTIONS } from '../bench/common.ts';
-import { RUNTIMES, stackOf, deadPort, memoryOf, sleep, startAmbassador, startUpstream, stopAfterEach, type Upstream } from './helpers.ts';
+import {
+  ARTIFACTS,
+  deadPort,
+  memoryOf,
+  runtimeOf,
+  sleep,
+  startAmbassador,
+  startUpstream,
+  stopAfterEach,
+  type Upstream,
+} from './helpers.ts';
 
 const SOAK_SECONDS = Number(process.env.SOAK_SECONDS ?? 10);
 /** Load before the measured part: each runtime first grows to its working size (Deno in about 10 s of load;
@@ -36,10 +46,28 @@ function get(url: string, agent: http.Agent): Promise<Outcome> {
   return new Promise((resolve) => {
     const req = http.get(url, { agent, headers: { 'x-request-id': id } }, (res) => {
       res.resume();
-      res.on('end', () => resolve({ id, status: res.statusCode, ms: performance.now() - t0, start: t0, end: performance.now() }));
-      res.on('error', (e) => resolve({ id, error: `body: ${e.message}`, ms: performance.now() - t0, start: t0, end: performance.now() }));
+      res.on(
+        'end',
+        () => resolve({ id, status: res.statusCode, ms: performance.now() - t0, start: t0, end: performance.now() }),
+      );
+      res.on(
+        'error',
+        (e) =>
+          resolve({ id, error: `body: ${e.message}`, ms: performance.now() - t0, start: t0, end: performance.now() }),
+      );
     });
-    req.on('error', (e: NodeJS.ErrnoException) => resolve({ id, error: e.code ?? e.message, reused: req.reusedSocket, ms: performance.now() - t0, start: t0, end: performance.now() }));
+    req.on(
+      'error',
+      (e: NodeJS.ErrnoException) =>
+        resolve({
+          id,
+          error: e.code ?? e.message,
+          reused: req.reusedSocket,
+          ms: performance.now() - t0,
+          start: t0,
+          end: performance.now(),
+        }),
+    );
   });
 }
 
@@ -60,53 +88,73 @@ async function load(url: string, clients: number, until: () => boolean): Promise
 
 const openFiles = (pid: number) => readdirSync(`/proc/${pid}/fd`).length;
 
-describe.each(RUNTIMES)('long runs (%s)', (runtime) => {
+describe.each(ARTIFACTS)('long runs (%s)', (runtime) => {
   stopAfterEach();
 
-  it(`soak (${runtime}): ${SOAK_SECONDS} s of steady load after warm-up, on a flaky upstream — no errors it did not cause, flat memory and sockets`, async () => {
-    // One request in ten fails its first attempt, never its retry: retries stay inside the default 20 %
-    // budget, so the app should see none of it.
-    const failedOnce = new Set<string>();
-    let first = 0;
-    const upstream = await startUpstream((req, res) => {
-      const id = String(req.headers['x-request-id']);
-      const fail = !failedOnce.has(id) && first++ % 10 === 0;
-      if (fail) failedOnce.add(id);
-      res.writeHead(fail ? 503 : 200);
-      res.end('x'.repeat(512));
-    });
-    // Node as its images run it (the heap flags NODE_OPTIONS takes): with an unbounded heap Node 24 grows
-    // in steps (flat near 140 MiB, then up to about 195) at a time that depends on the load, which no
-    // warm-up can place before the measured window; with the image's bounds it cannot, and a leak still shows.
-    const nodeOptions: Record<string, string> = stackOf(runtime) === 'node' ? { NODE_OPTIONS: IMAGE_SEA_OPTIONS } : {};
-    const amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, LOG_LEVEL: 'warn', RETRY_BACKOFF_MS: '1', RETRY_BACKOFF_MAX_MS: '5', ...nodeOptions });
-    let end = Infinity;
-    const t0 = performance.now();
-    const running = load(`${amb.url}/soak`, 16, () => performance.now() > end);
-    await sleep(WARMUP_SECONDS * 1000);
-    // Warm until the resident size settles: less than 5 MiB more than 10 s ago.
-    const sizes = [(await memoryOf(amb.pid)).rssMiB];
-    while (performance.now() - t0 < MAX_WARMUP_SECONDS * 1000) {
-      await sleep(2500);
-      sizes.push((await memoryOf(amb.pid)).rssMiB);
-      if (sizes.length >= 5 && sizes.at(-1)! - sizes.at(-5)! < 5) break;
-    }
-    const warmSeconds = Math.round((performance.now() - t0) / 1000);
-    end = performance.now() + SOAK_SECONDS * 1000;
-    const start = { rss: (await memoryOf(amb.pid)).rssMiB, fds: openFiles(amb.pid) };
-    const outcomes = await running;
-    const last = { rss: (await memoryOf(amb.pid)).rssMiB, fds: openFiles(amb.pid) };
-    console.log(`soak (${runtime}): ${outcomes.length} requests in ${warmSeconds} + ${SOAK_SECONDS} s; after warm-up: RSS ${start.rss.toFixed(1)} → ${last.rss.toFixed(1)} MiB, open files ${start.fds} → ${last.fds}`);
-    expect(outcomes.length).toBeGreaterThan((WARMUP_SECONDS + SOAK_SECONDS) * 100);
-    expect(outcomes.filter((o) => o.status !== 200)).toEqual([]);
-    expect(last.rss - start.rss).toBeLessThan(20);
-    expect(last.fds - start.fds).toBeLessThanOrEqual(20);
-  }, (MAX_WARMUP_SECONDS + SOAK_SECONDS + 60) * 1000);
+  it(
+    `soak (${runtime}): ${SOAK_SECONDS} s of steady load after warm-up, on a flaky upstream — no errors it did not cause, flat memory and sockets`,
+    async () => {
+      // One request in ten fails its first attempt, never its retry: retries stay inside the default 20 %
+      // budget, so the app should see none of it.
+      const failedOnce = new Set<string>();
+      let first = 0;
+      const upstream = await startUpstream((req, res) => {
+        const id = String(req.headers['x-request-id']);
+        const fail = !failedOnce.has(id) && first++ % 10 === 0;
+        if (fail) failedOnce.add(id);
+        res.writeHead(fail ? 503 : 200);
+        res.end('x'.repeat(512));
+      });
+      // Node as its images run it (the heap flags NODE_OPTIONS takes): with an unbounded heap Node 24 grows
+      // in steps (flat near 140 MiB, then up to about 195) at a time that depends on the load, which no
+      // warm-up can place before the measured window; with the image's bounds it cannot, and a leak still shows.
+      const nodeOptions: Record<string, string> = runtimeOf(runtime) === 'node'
+        ? { NODE_OPTIONS: IMAGE_SEA_OPTIONS }
+        : {};
+      const amb = await startAmbassador(runtime, {
+        UPSTREAM_URL: upstream.url,
+        LOG_LEVEL: 'warn',
+        RETRY_BACKOFF_MS: '1',
+        RETRY_BACKOFF_MAX_MS: '5',
+        ...nodeOptions,
+      });
+      let end = Infinity;
+      const t0 = performance.now();
+      const running = load(`${amb.url}/soak`, 16, () => performance.now() > end);
+      await sleep(WARMUP_SECONDS * 1000);
+      // Warm until the resident size settles: less than 5 MiB more than 10 s ago.
+      const sizes = [(await memoryOf(amb.pid)).rssMiB];
+      while (performance.now() - t0 < MAX_WARMUP_SECONDS * 1000) {
+        await sleep(2500);
+        sizes.push((await memoryOf(amb.pid)).rssMiB);
+        if (sizes.length >= 5 && sizes.at(-1)! - sizes.at(-5)! < 5) break;
+      }
+      const warmSeconds = Math.round((performance.now() - t0) / 1000);
+      end = performance.now() + SOAK_SECONDS * 1000;
+      const start = { rss: (await memoryOf(amb.pid)).rssMiB, fds: openFiles(amb.pid) };
+      const outcomes = await running;
+      const last = { rss: (await memoryOf(amb.pid)).rssMiB, fds: openFiles(amb.pid) };
+      console.log(
+        `soak (${runtime}): ${outcomes.length} requests in ${warmSeconds} + ${SOAK_SECONDS} s; after warm-up: RSS ${
+          start.rss.toFixed(1)
+        } → ${last.rss.toFixed(1)} MiB, open files ${start.fds} → ${last.fds}`,
+      );
+      expect(outcomes.length).toBeGreaterThan((WARMUP_SECONDS + SOAK_SECONDS) * 100);
+      expect(outcomes.filter((o) => o.status !== 200)).toEqual([]);
+      expect(last.rss - start.rss).toBeLessThan(20);
+      expect(last.fds - start.fds).toBeLessThanOrEqual(20);
+    },
+    (MAX_WARMUP_SECONDS + SOAK_SECONDS + 60) * 1000,
+  );
 
   it('SIGTERM under load: every request the ambassador accepted succeeds, and it exits 0 within DRAIN_TIMEOUT_MS', async () => {
     const upstream = await startUpstream((_q, res) => setTimeout(() => res.end('done'), 20));
     // LOG_LEVEL=info: the access log says which requests reached the handler.
-    const amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, LOG_LEVEL: 'info', DRAIN_TIMEOUT_MS: '5000' });
+    const amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: upstream.url,
+      LOG_LEVEL: 'info',
+      DRAIN_TIMEOUT_MS: '5000',
+    });
     let exited = false;
     void amb.exited.then(() => (exited = true));
     const running = load(`${amb.url}/work`, 16, () => exited);
@@ -135,13 +183,22 @@ describe.each(RUNTIMES)('long runs (%s)', (runtime) => {
     const port = await deadPort();
     let hung = false;
     const held: http.ServerResponse[] = [];
-    const handler = (_q: http.IncomingMessage, res: http.ServerResponse) => (hung ? void held.push(res) : res.end('up'));
+    const handler = (
+      _q: http.IncomingMessage,
+      res: http.ServerResponse,
+    ) => (hung ? void held.push(res) : res.end('up'));
     let upstream: Upstream | undefined = await startUpstream(handler, { port });
     // Tries may take longer than the whole request may: while the upstream hangs, only REQUEST_TIMEOUT_MS
     // ends a request. The breaker then ejects it (fast 503s); short open periods let its probes find it
     // again well before the load ends.
-    const amb = await startAmbassador(runtime, { UPSTREAM_URL: `http://127.0.0.1:${port}`, LOG_LEVEL: 'warn', TRY_TIMEOUT_MS: '10000', REQUEST_TIMEOUT_MS: '1000',
-      BREAKER_OPEN_MS: '200', BREAKER_OPEN_MAX_MS: '400' });
+    const amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: `http://127.0.0.1:${port}`,
+      LOG_LEVEL: 'warn',
+      TRY_TIMEOUT_MS: '10000',
+      REQUEST_TIMEOUT_MS: '1000',
+      BREAKER_OPEN_MS: '200',
+      BREAKER_OPEN_MAX_MS: '400',
+    });
     const stopAt = performance.now() + 5000;
     const running = load(`${amb.url}/x`, 8, () => performance.now() > stopAt);
     await sleep(800);
@@ -171,7 +228,14 @@ describe.each(RUNTIMES)('long runs (%s)', (runtime) => {
       // and 200 never for one sent and ended while it was hung or gone.
       return o.start > hungAt + 50 && o.end < backAt;
     });
-    expect(wrong.map((o) => ({ status: o.status, error: o.error, start: Math.round(o.start - hungAt), ms: Math.round(o.ms) }))).toEqual([]);
+    expect(
+      wrong.map((o) => ({
+        status: o.status,
+        error: o.error,
+        start: Math.round(o.start - hungAt),
+        ms: Math.round(o.ms),
+      })),
+    ).toEqual([]);
     expect(outcomes.some((o) => o.status === 504)).toBe(true);
     expect(outcomes.some((o) => o.status === 502 || o.status === 503)).toBe(true);
     // Once its last ejection (at most BREAKER_OPEN_MAX_MS) is over, every request is answered 200 again.

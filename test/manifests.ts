@@ -30,7 +30,9 @@ export function kustomization(): Kustomization {
 
 /** Every object of every resource the kustomization names, with the file it came from. */
 export function objects(): Array<{ file: string; object: K8sObject }> {
-  return kustomization().resources.flatMap((file) => readYaml(file).map((object) => ({ file, object: object as K8sObject })));
+  return kustomization().resources.flatMap((file) =>
+    readYaml(file).map((object) => ({ file, object: object as K8sObject }))
+  );
 }
 
 /** The image a container name resolves to after the kustomization's `images:`. */

@@ -7,9 +7,9 @@
 import { spawn } from 'node:child_process';
 import http from 'node:http';
 import { describe, expect, it } from 'vitest';
-import { cannotMakeGroups, makeGroup, podLimits, type Limits } from '../bench/cgroup.ts';
+import { cannotMakeGroups, type Limits, makeGroup, podLimits } from '../bench/cgroup.ts';
 import { IMAGE_NODE_FLAGS, IMAGE_SEA_OPTIONS } from '../bench/common.ts';
-import { BUN_BIN, NODE, SEA, deadPort, startUpstream, stopAfterEach, waitFor, skippedBecause } from './helpers.ts';
+import { BUN_BIN, deadPort, NODE, SEA, skippedBecause, startUpstream, stopAfterEach, waitFor } from './helpers.ts';
 
 /** The memory the README asks for the Bun and single-executable images (measured with `npm run bench:pod --
  * --memory-mib`): Bun's fetch takes about 125 MiB here; the 104 MB executable's own pages (Node 24) count against the
@@ -22,61 +22,105 @@ const limits = podLimits();
 const unavailable = await cannotMakeGroups(limits);
 
 const images: Array<{ name: string; argv: string[]; env: Record<string, string>; limits: Limits }> = [
-  { name: 'ambassador:node (the bundle with the image\'s V8 flags)', argv: [NODE, ...IMAGE_NODE_FLAGS, 'dist/ambassador.mjs'], env: {}, limits },
-  { name: `ambassador:sea (NODE_OPTIONS as the image sets it, at ${SEA_MEMORY_MIB}Mi)`, argv: [SEA], env: { NODE_OPTIONS: IMAGE_SEA_OPTIONS }, limits: { ...limits, memoryBytes: SEA_MEMORY_MIB * 1024 ** 2 } },
-  { name: `ambassador:bun (at ${BUN_MEMORY_MIB}Mi)`, argv: [BUN_BIN], env: {}, limits: { ...limits, memoryBytes: BUN_MEMORY_MIB * 1024 ** 2 } },
+  {
+    name: "ambassador:node (the bundle with the image's V8 flags)",
+    argv: [NODE, ...IMAGE_NODE_FLAGS, 'dist/ambassador.mjs'],
+    env: {},
+    limits,
+  },
+  {
+    name: `ambassador:sea (NODE_OPTIONS as the image sets it, at ${SEA_MEMORY_MIB}Mi)`,
+    argv: [SEA],
+    env: { NODE_OPTIONS: IMAGE_SEA_OPTIONS },
+    limits: { ...limits, memoryBytes: SEA_MEMORY_MIB * 1024 ** 2 },
+  },
+  {
+    name: `ambassador:bun (at ${BUN_MEMORY_MIB}Mi)`,
+    argv: [BUN_BIN],
+    env: {},
+    limits: { ...limits, memoryBytes: BUN_MEMORY_MIB * 1024 ** 2 },
+  },
 ];
 
-describe.skipIf(unavailable !== undefined)(skippedBecause('memory inside the pod\'s limits', unavailable && `no cgroup with the pod's limits can be made here (${unavailable})`), () => {
-  stopAfterEach();
+describe.skipIf(unavailable !== undefined)(
+  skippedBecause(
+    "memory inside the pod's limits",
+    unavailable && `no cgroup with the pod's limits can be made here (${unavailable})`,
+  ),
+  () => {
+    stopAfterEach();
 
-  it.each(images)('$name streams 64 connections of 1 MiB bodies for 10 s without an OOM kill', async ({ argv, env, limits: l }) => {
-    const body = Buffer.alloc(1024 * 1024, 'a');
-    const upstream = await startUpstream((_req, res) => res.end(body));
-    const group = makeGroup(`ambassador-memory-test-${process.pid}-${Math.round(Math.random() * 1e6)}`, l);
-    try {
-      const [port, admin] = [await deadPort(), await deadPort()]; // free now, and taken by the ambassador
-      const join = group.procs.map((f) => `echo $$ > ${f}`).join('; ');
-      const child = spawn('sh', ['-c', `${join}; exec "$@"`, 'sh', ...argv], {
-        cwd: new URL('..', import.meta.url).pathname,
-        env: { PATH: process.env.PATH ?? '', ...env, UPSTREAM_URL: upstream.url, PORT: String(port), ADMIN_PORT: String(admin), ADMIN_HOST: '127.0.0.1', LOG_LEVEL: 'warn' },
-        stdio: ['ignore', 'ignore', 'inherit'],
-      });
-      let exit: { code: number | null; signal: string | null } | undefined;
-      child.once('exit', (code, signal) => (exit = { code, signal }));
-      await waitFor('the ambassador ready', async () => (await fetch(`http://127.0.0.1:${admin}/readyz`).catch(() => undefined))?.status === 200, 30_000);
+    it.each(images)(
+      '$name streams 64 connections of 1 MiB bodies for 10 s without an OOM kill',
+      async ({ argv, env, limits: l }) => {
+        const body = Buffer.alloc(1024 * 1024, 'a');
+        const upstream = await startUpstream((_req, res) => res.end(body));
+        const group = makeGroup(`ambassador-memory-test-${process.pid}-${Math.round(Math.random() * 1e6)}`, l);
+        try {
+          const [port, admin] = [await deadPort(), await deadPort()]; // free now, and taken by the ambassador
+          const join = group.procs.map((f) => `echo $$ > ${f}`).join('; ');
+          const child = spawn('sh', ['-c', `${join}; exec "$@"`, 'sh', ...argv], {
+            cwd: new URL('..', import.meta.url).pathname,
+            env: {
+              PATH: process.env.PATH ?? '',
+              ...env,
+              UPSTREAM_URL: upstream.url,
+              PORT: String(port),
+              ADMIN_PORT: String(admin),
+              ADMIN_HOST: '127.0.0.1',
+              LOG_LEVEL: 'warn',
+            },
+            stdio: ['ignore', 'ignore', 'inherit'],
+          });
+          let exit: { code: number | null; signal: string | null } | undefined;
+          child.once('exit', (code, signal) => (exit = { code, signal }));
+          await waitFor(
+            'the ambassador ready',
+            async () => (await fetch(`http://127.0.0.1:${admin}/readyz`).catch(() => undefined))?.status === 200,
+            30_000,
+          );
 
-      const agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
-      const until = performance.now() + SECONDS * 1000;
-      let done = 0;
-      let short = 0; // ended as if whole, with fewer bytes: never allowed
-      let late = 0; // no progress for 5 s under the CPU limit: the client gave up
-      let broken = 0; // ended in an error, as a body the ambassador could not finish must
-      const one = () => new Promise<void>((resolve) => {
-        const req = http.get({ host: '127.0.0.1', port, path: '/big', agent, timeout: 5000 }, (res) => {
-          let bytes = 0;
-          res.on('data', (c: Buffer) => (bytes += c.length));
-          res.on('end', () => ((bytes === body.length ? done++ : short++), resolve()));
-          res.on('error', () => (req.destroyed && timedOut ? late++ : broken++, resolve()));
-        });
-        let timedOut = false;
-        req.on('timeout', () => ((timedOut = true), req.destroy()));
-        req.on('error', () => (timedOut ? late++ : broken++, resolve()));
-      });
-      await Promise.all(Array.from({ length: 64 }, async () => {
-        while (performance.now() < until && exit === undefined) await one();
-      }));
-      agent.destroy();
-      const oomKills = group.oomKills();
-      const peakMiB = group.peakBytes() / 1024 ** 2;
-      console.log(`memory: ${argv[argv.length - 1]}: ${done} bodies of 1 MiB in ${SECONDS} s (${late} later than 5 s, ${broken} broken, ${short} short), peak ${peakMiB.toFixed(0)} of ${l.memoryBytes / 1024 ** 2} MiB, OOM kills ${oomKills}`);
-      // What holds inside 100m CPU today (the pod issue's work is the rest): never OOM-killed, never a
-      // body that ends short as if whole, none broken; some answers take longer than the client's 5 s.
-      expect({ oomKills, exit, short, broken }).toEqual({ oomKills: 0, exit: undefined, short: 0, broken: 0 });
-      expect(done).toBeGreaterThan(late);
-      child.kill('SIGKILL');
-    } finally {
-      await group.remove();
-    }
-  }, 60_000);
-});
+          const agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
+          const until = performance.now() + SECONDS * 1000;
+          let done = 0;
+          let short = 0; // ended as if whole, with fewer bytes: never allowed
+          let late = 0; // no progress for 5 s under the CPU limit: the client gave up
+          let broken = 0; // ended in an error, as a body the ambassador could not finish must
+          const one = () =>
+            new Promise<void>((resolve) => {
+              const req = http.get({ host: '127.0.0.1', port, path: '/big', agent, timeout: 5000 }, (res) => {
+                let bytes = 0;
+                res.on('data', (c: Buffer) => (bytes += c.length));
+                res.on('end', () => ((bytes === body.length ? done++ : short++), resolve()));
+                res.on('error', () => (req.destroyed && timedOut ? late++ : broken++, resolve()));
+              });
+              let timedOut = false;
+              req.on('timeout', () => ((timedOut = true), req.destroy()));
+              req.on('error', () => (timedOut ? late++ : broken++, resolve()));
+            });
+          await Promise.all(Array.from({ length: 64 }, async () => {
+            while (performance.now() < until && exit === undefined) await one();
+          }));
+          agent.destroy();
+          const oomKills = group.oomKills();
+          const peakMiB = group.peakBytes() / 1024 ** 2;
+          console.log(
+            `memory: ${
+              argv[argv.length - 1]
+            }: ${done} bodies of 1 MiB in ${SECONDS} s (${late} later than 5 s, ${broken} broken, ${short} short), peak ${
+              peakMiB.toFixed(0)
+            } of ${l.memoryBytes / 1024 ** 2} MiB, OOM kills ${oomKills}`,
+          );
+          // What holds inside 100m CPU today (the pod issue's work is the rest): never OOM-killed, never a
+          // body that ends short as if whole, none broken; some answers take longer than the client's 5 s.
+          expect({ oomKills, exit, short, broken }).toEqual({ oomKills: 0, exit: undefined, short: 0, broken: 0 });
+          expect(done).toBeGreaterThan(late);
+          child.kill('SIGKILL');
+        } finally {
+          await group.remove();
+        }
+      },
+      60_000,
+    );
+  },
+);

@@ -21,5 +21,10 @@ export function makePki(): Pki {
   issue(dir, 'client-one', 'client-ca', 'client-one', undefined, 2);
   issue(dir, 'client-two', 'client-ca', 'client-two', undefined, 2);
   const file = (name: string) => path.join(dir, name);
-  return { dir, file, read: (name) => readFileSync(file(name), 'utf8'), remove: () => rmSync(dir, { recursive: true, force: true }) };
+  return {
+    dir,
+    file,
+    read: (name) => readFileSync(file(name), 'utf8'),
+    remove: () => rmSync(dir, { recursive: true, force: true }),
+  };
 }

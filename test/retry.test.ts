@@ -1,13 +1,24 @@
 /** Every retry rule, proved by counting requests at a real upstream (or, for a dead port, in the log). */
 import http from 'node:http';
 import { describe, expect, it } from 'vitest';
-import { RUNTIMES, deadPort, scrape, sleep, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach } from './helpers.ts';
+import {
+  type AmbassadorProc,
+  ARTIFACTS,
+  deadPort,
+  scrape,
+  sleep,
+  startAmbassador,
+  startUpstream,
+  stopAfterEach,
+  type Upstream,
+} from './helpers.ts';
 
-describe.each(RUNTIMES)('retries (%s)', (runtime) => {
+describe.each(ARTIFACTS)('retries (%s)', (runtime) => {
   let upstream: Upstream | undefined;
   let amb: AmbassadorProc | undefined;
   stopAfterEach();
-  const attemptLines = (a: AmbassadorProc) => a.logs().filter((l) => typeof l.msg === 'string' && /^attempt \d+ failed/.test(l.msg));
+  const attemptLines = (a: AmbassadorProc) =>
+    a.logs().filter((l) => typeof l.msg === 'string' && /^attempt \d+ failed/.test(l.msg));
 
   it('retries a GET after 503 and honours Retry-After', async () => {
     upstream = await startUpstream((_q, res, _s, n) => {
@@ -79,7 +90,11 @@ describe.each(RUNTIMES)('retries (%s)', (runtime) => {
       res.end();
     });
     amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
-    const res = await fetch(`${amb.url}/orders`, { method: 'POST', body: 'same body', headers: { 'idempotency-key': 'k1' } });
+    const res = await fetch(`${amb.url}/orders`, {
+      method: 'POST',
+      body: 'same body',
+      headers: { 'idempotency-key': 'k1' },
+    });
     expect(res.status).toBe(201);
     expect(upstream.seen.map((s) => s.body.toString())).toEqual(['same body', 'same body']);
   });
@@ -117,7 +132,7 @@ describe.each(RUNTIMES)('retries (%s)', (runtime) => {
     expect(upstream.seen.map((s) => s.body.toString())).toEqual(['v1', 'v1', 'v1']);
   });
 
-  it('passes the upstream\'s own last answer through when every attempt got a 503', async () => {
+  it("passes the upstream's own last answer through when every attempt got a 503", async () => {
     upstream = await startUpstream((_q, res, _s, n) => {
       res.writeHead(503, { 'x-try': String(n) });
       res.end(`busy ${n}`);
@@ -134,14 +149,21 @@ describe.each(RUNTIMES)('retries (%s)', (runtime) => {
     upstream = await startUpstream(() => {});
     // Tries of 2000 ms against a 2200 ms deadline: the first try times out, the second is cut to what is
     // left. Without the deadline this takes 10 s; with a deadline that lets the running try finish, 4 s.
-    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, TRY_TIMEOUT_MS: '2000', REQUEST_TIMEOUT_MS: '2200', RETRY_ATTEMPTS: '5', RETRY_BACKOFF_MS: '0', RETRY_BACKOFF_MAX_MS: '0' });
+    amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: upstream.url,
+      TRY_TIMEOUT_MS: '2000',
+      REQUEST_TIMEOUT_MS: '2200',
+      RETRY_ATTEMPTS: '5',
+      RETRY_BACKOFF_MS: '0',
+      RETRY_BACKOFF_MAX_MS: '0',
+    });
     const t0 = performance.now();
     const res = await fetch(`${amb.url}/x`);
     const took = performance.now() - t0;
     expect(res.status).toBe(504);
     expect(took).toBeGreaterThanOrEqual(2150);
     expect(took).toBeLessThan(3300);
-    expect(upstream.seen.length, amb.lines.join("\n")).toBe(2);
+    expect(upstream.seen.length, amb.lines.join('\n')).toBe(2);
   });
 
   it('does not wait for a Retry-After that would pass the deadline', async () => {
@@ -163,8 +185,16 @@ describe.each(RUNTIMES)('retries (%s)', (runtime) => {
       res.writeHead(503);
       res.end();
     });
-    const a = (amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, BREAKER_FAILURES: '0', RETRY_BUDGET_PERCENT: '20', RETRY_BUDGET_MIN_PER_SEC: '0',
-      RETRY_ATTEMPTS: '3', RETRY_BACKOFF_MS: '0', RETRY_BACKOFF_MAX_MS: '0', LOG_LEVEL: 'error' }));
+    const a = (amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: upstream.url,
+      BREAKER_FAILURES: '0',
+      RETRY_BUDGET_PERCENT: '20',
+      RETRY_BUDGET_MIN_PER_SEC: '0',
+      RETRY_ATTEMPTS: '3',
+      RETRY_BACKOFF_MS: '0',
+      RETRY_BACKOFF_MAX_MS: '0',
+      LOG_LEVEL: 'error',
+    }));
     let sent = 0;
     const stopAt = performance.now() + 3000;
     await Promise.all(Array.from({ length: 8 }, async () => {
@@ -187,7 +217,14 @@ describe.each(RUNTIMES)('retries (%s)', (runtime) => {
     });
     // No percentage, a floor of 1 retry/s: at most 10 retries in the 10 s window. The breaker is off, or
     // it would (rightly) stop sending to this upstream after 5 failures in a row.
-    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, BREAKER_FAILURES: '0', RETRY_BUDGET_PERCENT: '0', RETRY_BUDGET_MIN_PER_SEC: '1', RETRY_BACKOFF_MS: '0', RETRY_BACKOFF_MAX_MS: '0' });
+    amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: upstream.url,
+      BREAKER_FAILURES: '0',
+      RETRY_BUDGET_PERCENT: '0',
+      RETRY_BUDGET_MIN_PER_SEC: '1',
+      RETRY_BACKOFF_MS: '0',
+      RETRY_BACKOFF_MAX_MS: '0',
+    });
     for (let i = 0; i < 20; i++) await (await fetch(`${amb.url}/x`)).text();
     expect(upstream.seen.length).toBe(20 + 10);
     expect(attemptLines(amb).some((l) => l.skip === 'budget')).toBe(true);
@@ -198,11 +235,15 @@ describe.each(RUNTIMES)('retries (%s)', (runtime) => {
     amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, REQUEST_TIMEOUT_MS: '1500' });
     // 1 KiB, kept for replay, sent in eight pieces over 2.4 s: longer than the request's whole limit.
     const answer = await new Promise<{ status: number; body: string }>((resolve, reject) => {
-      const req = http.request(`${amb!.url}/orders`, { method: 'POST', headers: { 'content-length': '1024' } }, (res) => {
-        let body = '';
-        res.on('data', (c) => (body += c));
-        res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
-      });
+      const req = http.request(
+        `${amb!.url}/orders`,
+        { method: 'POST', headers: { 'content-length': '1024' } },
+        (res) => {
+          let body = '';
+          res.on('data', (c) => (body += c));
+          res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+        },
+      );
       req.on('error', reject);
       void (async () => {
         for (let i = 0; i < 8; i++) {
@@ -221,7 +262,11 @@ describe.each(RUNTIMES)('retries (%s)', (runtime) => {
       res.writeHead(503, { 'retry-after': '99999999' });
       res.end('come back much later');
     });
-    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, REQUEST_TIMEOUT_MS: '0', BREAKER_FAILURES: '0' });
+    amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: upstream.url,
+      REQUEST_TIMEOUT_MS: '0',
+      BREAKER_FAILURES: '0',
+    });
     const t0 = performance.now();
     const res = await fetch(`${amb.url}/a`);
     expect(res.status).toBe(503);
@@ -236,12 +281,20 @@ describe.each(RUNTIMES)('retries (%s)', (runtime) => {
 
   it('holds every body kept for replay together to RETRY_BODIES_MAX_BYTES: past it a body is streamed and sent once', async () => {
     // Every attempt waits 400 ms and answers 503, so each request would be retried if its body could be.
-    upstream = await startUpstream((_q, res) => setTimeout(() => {
-      res.writeHead(503);
-      res.end('busy');
-    }, 400));
-    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, RETRY_ATTEMPTS: '2', RETRY_BODIES_MAX_BYTES: String(256 * 1024), BREAKER_FAILURES: '0',
-      RETRY_BUDGET_MIN_PER_SEC: '1000', LOG_LEVEL: 'warn' });
+    upstream = await startUpstream((_q, res) =>
+      setTimeout(() => {
+        res.writeHead(503);
+        res.end('busy');
+      }, 400)
+    );
+    amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: upstream.url,
+      RETRY_ATTEMPTS: '2',
+      RETRY_BODIES_MAX_BYTES: String(256 * 1024),
+      BREAKER_FAILURES: '0',
+      RETRY_BUDGET_MIN_PER_SEC: '1000',
+      LOG_LEVEL: 'warn',
+    });
     const body = new Uint8Array(64 * 1024).fill(98);
     let peak = 0;
     let polling = true;
@@ -251,7 +304,9 @@ describe.each(RUNTIMES)('retries (%s)', (runtime) => {
         await sleep(20);
       }
     })();
-    const answers = await Promise.all(Array.from({ length: 40 }, () => fetch(`${amb!.url}/put`, { method: 'PUT', body }).then((r) => r.status)));
+    const answers = await Promise.all(
+      Array.from({ length: 40 }, () => fetch(`${amb!.url}/put`, { method: 'PUT', body }).then((r) => r.status)),
+    );
     polling = false;
     await poll;
     expect(answers.every((s) => s === 503)).toBe(true);
@@ -261,7 +316,9 @@ describe.each(RUNTIMES)('retries (%s)', (runtime) => {
     expect(peak).toBeGreaterThan(0);
     expect(peak).toBeLessThanOrEqual(256 * 1024);
     const m = await scrape(amb);
-    expect(m.get('ambassador_upstream_retries_skipped_total{route="default",reason="body"}')).toBe(40 - (upstream.seen.length - 40));
+    expect(m.get('ambassador_upstream_retries_skipped_total{route="default",reason="body"}')).toBe(
+      40 - (upstream.seen.length - 40),
+    );
     expect(m.get('ambassador_retry_body_bytes')).toBe(0);
   });
 
@@ -270,24 +327,38 @@ describe.each(RUNTIMES)('retries (%s)', (runtime) => {
       res.writeHead(503);
       res.end('busy');
     });
-    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, RETRY_BODY_MAX_BYTES: '1024', BREAKER_FAILURES: '0' });
-    expect((await fetch(`${amb.url}/at-limit`, { method: 'PUT', body: new Uint8Array(1024).fill(97) })).status).toBe(503);
+    amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: upstream.url,
+      RETRY_BODY_MAX_BYTES: '1024',
+      BREAKER_FAILURES: '0',
+    });
+    expect((await fetch(`${amb.url}/at-limit`, { method: 'PUT', body: new Uint8Array(1024).fill(97) })).status).toBe(
+      503,
+    );
     expect(upstream.seen.map((s) => `${s.url} ${s.body.length}`)).toEqual(Array(3).fill('/at-limit 1024'));
-    expect((await fetch(`${amb.url}/past-limit`, { method: 'PUT', body: new Uint8Array(1025).fill(98) })).status).toBe(503);
+    expect((await fetch(`${amb.url}/past-limit`, { method: 'PUT', body: new Uint8Array(1025).fill(98) })).status).toBe(
+      503,
+    );
     expect(upstream.seen.slice(3).map((s) => `${s.url} ${s.body.length}`)).toEqual(['/past-limit 1025']);
     // The same two sizes sent chunked, with no Content-Length to decide by: the bytes read decide.
-    const chunked = (size: number) => new ReadableStream<Uint8Array>({
-      start(c) {
-        c.enqueue(new Uint8Array(size - 1).fill(99));
-        c.enqueue(new Uint8Array(1).fill(99));
-        c.close();
-      },
-    });
+    const chunked = (size: number) =>
+      new ReadableStream<Uint8Array>({
+        start(c) {
+          c.enqueue(new Uint8Array(size - 1).fill(99));
+          c.enqueue(new Uint8Array(1).fill(99));
+          c.close();
+        },
+      });
     for (const [name, size, times] of [['chunked-at-limit', 1024, 3], ['chunked-past-limit', 1025, 1]] as const) {
       const before = upstream.seen.length;
-      const res = await fetch(`${amb.url}/${name}`, { method: 'PUT', body: chunked(size), duplex: 'half' } as RequestInit);
+      const res = await fetch(
+        `${amb.url}/${name}`,
+        { method: 'PUT', body: chunked(size), duplex: 'half' } as RequestInit,
+      );
       expect(res.status, name).toBe(503);
-      expect(upstream.seen.slice(before).map((s) => `${s.url} ${s.body.length}`), name).toEqual(Array(times).fill(`/${name} ${size}`));
+      expect(upstream.seen.slice(before).map((s) => `${s.url} ${s.body.length}`), name).toEqual(
+        Array(times).fill(`/${name} ${size}`),
+      );
     }
   });
 
@@ -296,9 +367,15 @@ describe.each(RUNTIMES)('retries (%s)', (runtime) => {
     const dead = `127.0.0.1:${await deadPort()}`;
     // A breaker that never trips (100 failures), so neither it nor the balancer's failure penalty (counted
     // only without a breaker) keeps the dead endpoint away: only the retry's choice of endpoint does.
-    amb = await startAmbassador(runtime, { UPSTREAM_URL: `http://${dead},${upstream.url}`, BREAKER_FAILURES: '100', RETRY_ATTEMPTS: '2', LOG_LEVEL: 'warn' });
+    amb = await startAmbassador(runtime, {
+      UPSTREAM_URL: `http://${dead},${upstream.url}`,
+      BREAKER_FAILURES: '100',
+      RETRY_ATTEMPTS: '2',
+      LOG_LEVEL: 'warn',
+    });
     for (let i = 0; i < 20; i++) expect((await fetch(`${amb.url}/x`)).status).toBe(200);
     expect(upstream.seen.length).toBe(20);
-    expect((await scrape(amb)).get(`ambassador_upstream_endpoint_requests_total{route="default",endpoint="${dead}"}`)).toBeGreaterThan(0);
+    expect((await scrape(amb)).get(`ambassador_upstream_endpoint_requests_total{route="default",endpoint="${dead}"}`))
+      .toBeGreaterThan(0);
   });
 });

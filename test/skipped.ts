@@ -13,12 +13,16 @@ export default class SkippedTests implements Reporter {
         // Tests left out by a -t filter are not skips: only those a condition skipped (their suite says why).
         const suite = test.parent.type === 'suite' ? test.parent.name : test.name;
         if (!suite.includes(' — SKIPPED: ') && !test.name.includes(' — SKIPPED: ')) continue;
-        const key = `${path.relative(process.cwd(), module.moduleId)} › ${test.name.includes(' — SKIPPED: ') ? test.name : suite}`;
+        const key = `${path.relative(process.cwd(), module.moduleId)} › ${
+          test.name.includes(' — SKIPPED: ') ? test.name : suite
+        }`;
         groups.set(key, (groups.get(key) ?? 0) + 1);
       }
     }
     if (groups.size === 0) return;
     const total = [...groups.values()].reduce((a, b) => a + b, 0);
-    console.log(`\nSkipped, not passed: ${total} test(s)\n${[...groups].map(([key, n]) => `  ${key} (${n})`).join('\n')}\n`);
+    console.log(
+      `\nSkipped, not passed: ${total} test(s)\n${[...groups].map(([key, n]) => `  ${key} (${n})`).join('\n')}\n`,
+    );
   }
 }

@@ -2,11 +2,19 @@
 import http from 'node:http';
 import net from 'node:net';
 import { describe, expect, it } from 'vitest';
-import { RUNTIMES, memoryOf, startAmbassador, startUpstream, type AmbassadorProc, type Upstream, stopAfterEach } from './helpers.ts';
+import {
+  type AmbassadorProc,
+  ARTIFACTS,
+  memoryOf,
+  startAmbassador,
+  startUpstream,
+  stopAfterEach,
+  type Upstream,
+} from './helpers.ts';
 
 const MiB = 1024 * 1024;
 
-describe.each(RUNTIMES)('streaming (%s)', (runtime) => {
+describe.each(ARTIFACTS)('streaming (%s)', (runtime) => {
   let upstream: Upstream | undefined;
   let amb: AmbassadorProc | undefined;
   stopAfterEach();
@@ -45,11 +53,13 @@ describe.each(RUNTIMES)('streaming (%s)', (runtime) => {
     }, { readBody: false });
     amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, RETRY_BODY_MAX_BYTES: '0' });
     const req = http.request(`${amb.url}/upload`, { method: 'POST' });
-    const response = new Promise<string>((resolve) => req.on('response', (r) => {
-      let s = '';
-      r.on('data', (c) => (s += c));
-      r.on('end', () => resolve(s));
-    }));
+    const response = new Promise<string>((resolve) =>
+      req.on('response', (r) => {
+        let s = '';
+        r.on('data', (c) => (s += c));
+        r.on('end', () => resolve(s));
+      })
+    );
     req.write('part one;');
     expect(await arrived).toBe('part one;');
     req.end('part two');
@@ -68,7 +78,10 @@ describe.each(RUNTIMES)('streaming (%s)', (runtime) => {
     amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, RETRY_BODY_MAX_BYTES: '0' });
     const pieces = 32;
     const echoed = await new Promise<number>((resolve, reject) => {
-      const req = http.request(`${amb!.url}/echo`, { method: 'PUT', headers: { 'content-length': String(pieces * 16384) } }, (res) => {
+      const req = http.request(`${amb!.url}/echo`, {
+        method: 'PUT',
+        headers: { 'content-length': String(pieces * 16384) },
+      }, (res) => {
         let n = 0;
         res.on('data', (c: Buffer) => (n += c.length));
         res.on('end', () => resolve(n));
@@ -190,10 +203,19 @@ describe.each(RUNTIMES)('streaming (%s)', (runtime) => {
     await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
     try {
       const url = `http://127.0.0.1:${(server.address() as net.AddressInfo).port}`;
-      amb = await startAmbassador(runtime, { UPSTREAM_URL: url, BODY_IDLE_TIMEOUT_MS: '1500', REQUEST_TIMEOUT_MS: '3000', MAX_IN_FLIGHT: '1', QUEUE_SIZE: '0' });
+      amb = await startAmbassador(runtime, {
+        UPSTREAM_URL: url,
+        BODY_IDLE_TIMEOUT_MS: '1500',
+        REQUEST_TIMEOUT_MS: '3000',
+        MAX_IN_FLIGHT: '1',
+        QUEUE_SIZE: '0',
+      });
       const t0 = performance.now();
       const answer = await new Promise<{ status: number; ms: number }>((resolve, reject) => {
-        const req = http.request(`${amb!.url}/upload`, { method: 'PUT', headers: { 'content-length': String(64 * MiB) } }, (res) => {
+        const req = http.request(`${amb!.url}/upload`, {
+          method: 'PUT',
+          headers: { 'content-length': String(64 * MiB) },
+        }, (res) => {
           res.resume();
           resolve({ status: res.statusCode ?? 0, ms: performance.now() - t0 });
         });

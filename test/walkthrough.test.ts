@@ -1,11 +1,18 @@
 /** The article's walkthrough (steps 10–13), over the real processes: order-service → ambassador →
  * inventory-service, with inventory taken down, brought back, and made flaky. */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RUNTIMES, deadPort, startAmbassador, startService, type AmbassadorProc, type ServiceProc } from './helpers.ts';
+import {
+  type AmbassadorProc,
+  ARTIFACTS,
+  deadPort,
+  type ServiceProc,
+  startAmbassador,
+  startService,
+} from './helpers.ts';
 
 const EXPECTED = 'Order received. Inventory says: {"item":"widget","stock":42}';
 
-describe.each(RUNTIMES)('the article\'s walkthrough (%s)', (runtime) => {
+describe.each(ARTIFACTS)("the article's walkthrough (%s)", (runtime) => {
   let inventoryPort: number;
   let inventory: ServiceProc | undefined;
   let amb: AmbassadorProc;
@@ -29,7 +36,10 @@ describe.each(RUNTIMES)('the article\'s walkthrough (%s)', (runtime) => {
 
   it('2. each layer answers on its own: the ambassador and the inventory directly', async () => {
     expect(await (await fetch(`${amb.url}/inventory`)).json()).toEqual({ item: 'widget', stock: 42 });
-    expect(await (await fetch(`http://127.0.0.1:${inventoryPort}/inventory`)).json()).toEqual({ item: 'widget', stock: 42 });
+    expect(await (await fetch(`http://127.0.0.1:${inventoryPort}/inventory`)).json()).toEqual({
+      item: 'widget',
+      stock: 42,
+    });
   });
 
   it('3. inventory scaled to 0: one log line per failed attempt, a prompt 502 that says why', async () => {
@@ -62,12 +72,14 @@ describe.each(RUNTIMES)('the article\'s walkthrough (%s)', (runtime) => {
       const res = await fetch(`${order.url}/order`);
       expect(await res.text()).toBe(EXPECTED);
     }
-    const retries = amb.logs().slice(before).filter((l) => /^attempt 1 failed: upstream answered 503; retrying/.test(String(l.msg)));
+    const retries = amb.logs().slice(before).filter((l) =>
+      /^attempt 1 failed: upstream answered 503; retrying/.test(String(l.msg))
+    );
     expect(retries.length).toBeGreaterThanOrEqual(4);
     expect(inventory.lines.filter((l) => l.includes('failing on purpose')).length).toBe(retries.length);
   });
 
-  it('6. the README\'s `?fail_every=2` line shows a retry the first time, whatever came before it', async () => {
+  it("6. the README's `?fail_every=2` line shows a retry the first time, whatever came before it", async () => {
     inventory!.kill('SIGTERM');
     await inventory!.exited;
     inventory = await startService(runtime, 'inventory-service', { PORT: String(inventoryPort) });
@@ -75,7 +87,9 @@ describe.each(RUNTIMES)('the article\'s walkthrough (%s)', (runtime) => {
     const before = amb.logs().length;
     const res = await fetch(`${amb.url}/inventory?fail_every=2`);
     expect(res.status).toBe(200);
-    const retries = amb.logs().slice(before).filter((l) => /^attempt 1 failed: upstream answered 503; retrying/.test(String(l.msg)));
+    const retries = amb.logs().slice(before).filter((l) =>
+      /^attempt 1 failed: upstream answered 503; retrying/.test(String(l.msg))
+    );
     expect(retries).toHaveLength(1);
   });
 });

@@ -10,15 +10,35 @@ import { kustomization, objects, readYaml } from '../manifests.ts';
 const all = objects();
 const deployments = all.filter((o) => o.object.kind === 'Deployment').map((o) => o.object);
 const order = deployments.find((d) => d.metadata.name === 'order-service')!;
-type Container = { name: string; image: string; restartPolicy?: string; env?: Array<{ name: string; value: string }>; securityContext?: any; resources?: any; startupProbe?: any; readinessProbe?: any; livenessProbe?: any; ports?: Array<{ name?: string; containerPort: number }> }; // eslint-disable-line @typescript-eslint/no-explicit-any
-const containersOf = (d: typeof order): Container[] => [...(d.spec.template.spec.initContainers ?? []), ...d.spec.template.spec.containers];
+type Container = {
+  name: string;
+  image: string;
+  restartPolicy?: string;
+  env?: Array<{ name: string; value: string }>;
+  securityContext?: any;
+  resources?: any;
+  startupProbe?: any;
+  readinessProbe?: any;
+  livenessProbe?: any;
+  ports?: Array<{ name?: string; containerPort: number }>;
+}; // eslint-disable-line @typescript-eslint/no-explicit-any
+const containersOf = (
+  d: typeof order,
+): Container[] => [...(d.spec.template.spec.initContainers ?? []), ...d.spec.template.spec.containers];
 
 describe('Kubernetes manifests', () => {
-  it.each(all.map((o) => [`${o.file}: ${o.object.kind} ${o.object.metadata.name}`, o.object] as const))('%s validates against the API schema', (_name, object) => {
-    const model = object.kind === 'Deployment' ? new Deployment(object as never) : object.kind === 'Service' ? new Service(object as never) : undefined;
-    expect(model, `no schema model for kind ${object.kind}`).toBeDefined();
-    expect(() => model!.validate()).not.toThrow();
-  });
+  it.each(all.map((o) => [`${o.file}: ${o.object.kind} ${o.object.metadata.name}`, o.object] as const))(
+    '%s validates against the API schema',
+    (_name, object) => {
+      const model = object.kind === 'Deployment'
+        ? new Deployment(object as never)
+        : object.kind === 'Service'
+        ? new Service(object as never)
+        : undefined;
+      expect(model, `no schema model for kind ${object.kind}`).toBeDefined();
+      expect(() => model!.validate()).not.toThrow();
+    },
+  );
 
   it('the schema check is real: a port that is not a number fails it', () => {
     const broken = structuredClone(order);
@@ -43,12 +63,16 @@ describe('Kubernetes manifests', () => {
       expect(pod, d.metadata.name).toMatchObject({ runAsNonRoot: true, seccompProfile: { type: 'RuntimeDefault' } });
       expect(pod.runAsUser).toBeGreaterThan(0);
       for (const c of containersOf(d)) {
-        expect(c.securityContext, `${d.metadata.name}/${c.name}`).toEqual({ allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: { drop: ['ALL'] } });
+        expect(c.securityContext, `${d.metadata.name}/${c.name}`).toEqual({
+          allowPrivilegeEscalation: false,
+          readOnlyRootFilesystem: true,
+          capabilities: { drop: ['ALL'] },
+        });
       }
     }
   });
 
-  it('keeps the ambassador within the article\'s budget: 100m CPU, 64Mi memory', () => {
+  it("keeps the ambassador within the article's budget: 100m CPU, 64Mi memory", () => {
     const sidecar = containersOf(order).find((c) => c.name === 'ambassador')!;
     expect(sidecar.resources.limits).toEqual({ cpu: '100m', memory: '64Mi' });
   });
@@ -61,7 +85,11 @@ describe('Kubernetes manifests', () => {
 
   it('sets every image in one place, the kustomization', () => {
     const names = new Set(kustomization().images.map((i) => i.name));
-    for (const d of deployments) for (const c of containersOf(d)) expect(names.has(c.image), `${c.image} is not in kustomization.yaml`).toBe(true);
+    for (const d of deployments) {
+      for (const c of containersOf(d)) {
+        expect(names.has(c.image), `${c.image} is not in kustomization.yaml`).toBe(true);
+      }
+    }
   });
 
   it('points the app at the ambassador and the ambassador at the inventory Service', () => {
@@ -69,7 +97,8 @@ describe('Kubernetes manifests', () => {
     expect(app.env).toContainEqual({ name: 'AMBASSADOR_URL', value: 'http://127.0.0.1:8080' });
     const sidecar = containersOf(order).find((c) => c.name === 'ambassador')!;
     const upstream = new URL(sidecar.env!.find((e) => e.name === 'UPSTREAM_URL')!.value);
-    const service = all.find((o) => o.object.kind === 'Service' && o.object.metadata.name === upstream.hostname)!.object;
+    const service =
+      all.find((o) => o.object.kind === 'Service' && o.object.metadata.name === upstream.hostname)!.object;
     expect(service.spec.ports[0].port).toBe(Number(upstream.port));
   });
 
@@ -82,7 +111,9 @@ describe('Kubernetes manifests', () => {
 
     it('holds a routes file the ambassador accepts, with the mTLS files where the Secret is mounted', () => {
       const read = (file: string) => {
-        if (file.startsWith('/etc/ambassador/payments-tls/')) return '-----BEGIN CERTIFICATE-----\n(mounted from the Secret)\n';
+        if (file.startsWith('/etc/ambassador/payments-tls/')) {
+          return '-----BEGIN CERTIFICATE-----\n(mounted from the Secret)\n';
+        }
         if (file === '/etc/ambassador/routes/routes.json') return configMap.data['routes.json'];
         throw new Error(`ENOENT: ${file}`);
       };
@@ -93,10 +124,16 @@ describe('Kubernetes manifests', () => {
       ]);
       const payments = config.routes.find((r) => r.name === 'payments')!;
       expect(payments.retryAttempts).toBe(1);
-      expect(payments.tls).toEqual({ caFile: '/etc/ambassador/payments-tls/ca.crt', certFile: '/etc/ambassador/payments-tls/tls.crt',
-        keyFile: '/etc/ambassador/payments-tls/tls.key', serverName: null, minVersion: 'TLSv1.2' });
+      expect(payments.tls).toEqual({
+        caFile: '/etc/ambassador/payments-tls/ca.crt',
+        certFile: '/etc/ambassador/payments-tls/tls.crt',
+        keyFile: '/etc/ambassador/payments-tls/tls.key',
+        serverName: null,
+        minVersion: 'TLSv1.2',
+      });
       // The inventory route points at the Service the kustomization deploys.
-      const service = all.find((o) => o.object.kind === 'Service' && o.object.metadata.name === 'inventory-service')!.object;
+      const service =
+        all.find((o) => o.object.kind === 'Service' && o.object.metadata.name === 'inventory-service')!.object;
       expect(service.spec.ports[0].port).toBe(Number(config.routes[0].upstreams[0].port));
     });
   });

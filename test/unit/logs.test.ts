@@ -6,7 +6,13 @@ describe('text log lines', () => {
   it('quote any value that could pass for more fields, so a field can never be forged', () => {
     const lines: string[] = [];
     const log = createLogger('text', 'info', (l) => lines.push(l));
-    log('info', 'request', { id: 'x route=admin method=DELETE status=200', path: '/a b"c', route: 'default', status: 200, ok: 'plain-value_1.2:/@+' });
+    log('info', 'request', {
+      id: 'x route=admin method=DELETE status=200',
+      path: '/a b"c',
+      route: 'default',
+      status: 200,
+      ok: 'plain-value_1.2:/@+',
+    });
     const line = lines[0];
     expect(line).toContain('id="x route=admin method=DELETE status=200"');
     expect(line).toContain('path="/a b\\"c"');

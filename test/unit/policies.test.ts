@@ -1,8 +1,19 @@
 /** The pure policies, with an injected clock and random source: nothing here sleeps or opens a socket. */
 import { describe, expect, it } from 'vitest';
 import {
-  backoffDelay, classifyFailure, decideRetry, forwardHeaders, headerValue, isRetryableOutcome, parseRetryAfter, responseHeaders,
-  RetryBudget, stripHopByHop, upstreamUrl, type HeaderList, type RetryInput,
+  backoffDelay,
+  classifyFailure,
+  decideRetry,
+  forwardHeaders,
+  type HeaderList,
+  headerValue,
+  isRetryableOutcome,
+  parseRetryAfter,
+  responseHeaders,
+  RetryBudget,
+  type RetryInput,
+  stripHopByHop,
+  upstreamUrl,
 } from '../../ambassador.ts';
 
 describe('backoffDelay', () => {
@@ -21,8 +32,10 @@ describe('backoffDelay', () => {
 describe('parseRetryAfter', () => {
   const now = Date.parse('2026-01-01T00:00:00Z');
   it('reads delta-seconds', () => expect(parseRetryAfter('3', now)).toBe(3000));
-  it('reads an HTTP-date relative to now', () => expect(parseRetryAfter('Thu, 01 Jan 2026 00:00:02 GMT', now)).toBe(2000));
-  it('treats a date in the past as no wait', () => expect(parseRetryAfter('Wed, 31 Dec 2025 23:00:00 GMT', now)).toBe(0));
+  it('reads an HTTP-date relative to now', () =>
+    expect(parseRetryAfter('Thu, 01 Jan 2026 00:00:02 GMT', now)).toBe(2000));
+  it('treats a date in the past as no wait', () =>
+    expect(parseRetryAfter('Wed, 31 Dec 2025 23:00:00 GMT', now)).toBe(0));
   it('ignores absent or unreadable values', () => {
     expect(parseRetryAfter(null, now)).toBeUndefined();
     expect(parseRetryAfter('soon', now)).toBeUndefined();
@@ -58,17 +71,30 @@ describe('isRetryableOutcome', () => {
 
 describe('decideRetry', () => {
   const base: RetryInput = {
-    outcome: { status: 503 }, method: 'GET', idempotencyKey: false, attempt: 1, maxAttempts: 3,
-    bodyReplayable: true, budgetAvailable: true, endpointAvailable: true, retryAfterMs: undefined, backoffMs: 40, remainingMs: Infinity,
+    outcome: { status: 503 },
+    method: 'GET',
+    idempotencyKey: false,
+    attempt: 1,
+    maxAttempts: 3,
+    bodyReplayable: true,
+    budgetAvailable: true,
+    endpointAvailable: true,
+    retryAfterMs: undefined,
+    backoffMs: 40,
+    remainingMs: Infinity,
   };
   it('retries after the backoff delay', () => expect(decideRetry(base)).toEqual({ retry: true, delayMs: 40 }));
   it('uses Retry-After instead of the backoff when it fits the deadline', () => {
     expect(decideRetry({ ...base, retryAfterMs: 1000, remainingMs: 5000 })).toEqual({ retry: true, delayMs: 1000 });
   });
   it('gives up when Retry-After does not fit the deadline', () => {
-    expect(decideRetry({ ...base, retryAfterMs: 10_000, remainingMs: 5000 })).toEqual({ retry: false, reason: 'deadline' });
+    expect(decideRetry({ ...base, retryAfterMs: 10_000, remainingMs: 5000 })).toEqual({
+      retry: false,
+      reason: 'deadline',
+    });
   });
-  it('stops after the last attempt', () => expect(decideRetry({ ...base, attempt: 3 })).toEqual({ retry: false, reason: 'attempts' }));
+  it('stops after the last attempt', () =>
+    expect(decideRetry({ ...base, attempt: 3 })).toEqual({ retry: false, reason: 'attempts' }));
   it('says a POST was not retried because of its method', () => {
     expect(decideRetry({ ...base, method: 'POST' })).toEqual({ retry: false, reason: 'method' });
   });
@@ -118,7 +144,8 @@ describe('RetryBudget', () => {
 });
 
 describe('classifyFailure', () => {
-  const nodeError = (code: string, message: string) => Object.assign(new TypeError('fetch failed'), { cause: Object.assign(new Error(message), { code }) });
+  const nodeError = (code: string, message: string) =>
+    Object.assign(new TypeError('fetch failed'), { cause: Object.assign(new Error(message), { code }) });
   it('reads Node fetch errors from their cause', () => {
     expect(classifyFailure(nodeError('ECONNREFUSED', 'connect ECONNREFUSED 127.0.0.1:1'))).toBe('refused');
     expect(classifyFailure(nodeError('ENOTFOUND', 'getaddrinfo ENOTFOUND x.invalid'))).toBe('dns');
@@ -127,28 +154,61 @@ describe('classifyFailure', () => {
     expect(classifyFailure(nodeError('DEPTH_ZERO_SELF_SIGNED_CERT', 'self-signed certificate'))).toBe('tls');
   });
   it('reads Deno fetch errors from their message', () => {
-    expect(classifyFailure(new TypeError('error sending request for url (http://127.0.0.1:9/): client error (Connect): tcp connect error: Connection refused (os error 111)'))).toBe('refused');
-    expect(classifyFailure(new TypeError('client error (Connect): dns error: failed to lookup address information: Name or service not known'))).toBe('dns');
-    expect(classifyFailure(new TypeError('client error (SendRequest): connection closed before message completed'))).toBe('reset');
+    expect(
+      classifyFailure(
+        new TypeError(
+          'error sending request for url (http://127.0.0.1:9/): client error (Connect): tcp connect error: Connection refused (os error 111)',
+        ),
+      ),
+    ).toBe('refused');
+    expect(
+      classifyFailure(
+        new TypeError(
+          'client error (Connect): dns error: failed to lookup address information: Name or service not known',
+        ),
+      ),
+    ).toBe('dns');
+    expect(classifyFailure(new TypeError('client error (SendRequest): connection closed before message completed')))
+      .toBe('reset');
   });
   it('recognises the per-try timer', () => {
-    expect(classifyFailure(Object.assign(new Error('no response headers within 100 ms'), { name: 'TimeoutError' }))).toBe('timeout');
+    expect(classifyFailure(Object.assign(new Error('no response headers within 100 ms'), { name: 'TimeoutError' })))
+      .toBe('timeout');
   });
 });
 
 describe('headers', () => {
   const get = (list: HeaderList, name: string) => headerValue(list, name);
   it('strips hop-by-hop headers and every header named in Connection', () => {
-    const list: HeaderList = [['connection', 'close, X-Secret-Hop'], ['x-secret-hop', '1'], ['keep-alive', 'timeout=5'], ['te', 'trailers'],
-      ['transfer-encoding', 'chunked'], ['upgrade', 'websocket'], ['proxy-authorization', 'Basic x'], ['x-kept', 'yes']];
+    const list: HeaderList = [
+      ['connection', 'close, X-Secret-Hop'],
+      ['x-secret-hop', '1'],
+      ['keep-alive', 'timeout=5'],
+      ['te', 'trailers'],
+      ['transfer-encoding', 'chunked'],
+      ['upgrade', 'websocket'],
+      ['proxy-authorization', 'Basic x'],
+      ['x-kept', 'yes'],
+    ];
     expect(stripHopByHop(list)).toEqual([['x-kept', 'yes']]);
   });
   it('honours every Connection header, not only the first', () => {
-    expect(stripHopByHop([['connection', 'x-a'], ['x-a', '1'], ['connection', 'X-B'], ['x-b', '2'], ['x-c', '3']])).toEqual([['x-c', '3']]);
+    expect(stripHopByHop([['connection', 'x-a'], ['x-a', '1'], ['connection', 'X-B'], ['x-b', '2'], ['x-c', '3']]))
+      .toEqual([['x-c', '3']]);
   });
   it('adds X-Forwarded-*, Via and a request id, and keeps traceparent', () => {
-    const h = forwardHeaders([['host', 'localhost:8080'], ['traceparent', '00-abc-def-01'], ['x-forwarded-for', '10.0.0.1'], ['expect', '100-continue'],
-      ['accept-encoding', 'gzip'], ['x-request-id', 'old']], 'rid', '127.0.0.1');
+    const h = forwardHeaders(
+      [
+        ['host', 'localhost:8080'],
+        ['traceparent', '00-abc-def-01'],
+        ['x-forwarded-for', '10.0.0.1'],
+        ['expect', '100-continue'],
+        ['accept-encoding', 'gzip'],
+        ['x-request-id', 'old'],
+      ],
+      'rid',
+      '127.0.0.1',
+    );
     expect(get(h, 'host')).toBeNull();
     expect(get(h, 'expect')).toBeNull();
     expect(get(h, 'accept-encoding')).toBe('identity');
@@ -160,14 +220,21 @@ describe('headers', () => {
     expect(get(h, 'traceparent')).toBe('00-abc-def-01');
     expect(h.filter(([n]) => n === 'x-request-id' || n === 'x-forwarded-for')).toHaveLength(2);
   });
-  it('keeps the app\'s own X-Forwarded-Proto and -Host, and appends to Via', () => {
-    const h = forwardHeaders([['host', 'a'], ['x-forwarded-proto', 'https'], ['x-forwarded-host', 'shop.example'], ['via', '1.1 edge']], 'rid', undefined);
+  it("keeps the app's own X-Forwarded-Proto and -Host, and appends to Via", () => {
+    const h = forwardHeaders(
+      [['host', 'a'], ['x-forwarded-proto', 'https'], ['x-forwarded-host', 'shop.example'], ['via', '1.1 edge']],
+      'rid',
+      undefined,
+    );
     expect(get(h, 'x-forwarded-proto')).toBe('https');
     expect(get(h, 'x-forwarded-host')).toBe('shop.example');
     expect(get(h, 'via')).toBe('1.1 edge, 1.1 ambassador');
   });
   it('passes content-encoding and content-length through untouched: bodies are never decoded', () => {
-    const h = responseHeaders([['content-encoding', 'gzip'], ['content-length', '30'], ['connection', 'close'], ['set-cookie', 'a=1'], ['set-cookie', 'b=2']], 'rid');
+    const h = responseHeaders([['content-encoding', 'gzip'], ['content-length', '30'], ['connection', 'close'], [
+      'set-cookie',
+      'a=1',
+    ], ['set-cookie', 'b=2']], 'rid');
     expect(get(h, 'content-encoding')).toBe('gzip');
     expect(get(h, 'content-length')).toBe('30');
     expect(get(h, 'connection')).toBeNull();

@@ -18,12 +18,16 @@ const routesFile = (doc: unknown) => {
 const read = (file: string) => readFileSync(file, 'utf8');
 
 describe('matchRoute', () => {
-  const routes = loadConfig({ ROUTES_FILE: routesFile({ routes: [
-    { name: 'all', prefix: '/', upstream: 'http://a' },
-    { name: 'inventory', prefix: '/inventory', upstream: 'http://b' },
-    { name: 'inventory-v2', prefix: '/inventory/v2/', upstream: 'http://c' },
-    { name: 'payments-host', host: 'payments.local', prefix: '/', upstream: 'http://d' },
-  ] }) }, read).routes;
+  const routes = loadConfig({
+    ROUTES_FILE: routesFile({
+      routes: [
+        { name: 'all', prefix: '/', upstream: 'http://a' },
+        { name: 'inventory', prefix: '/inventory', upstream: 'http://b' },
+        { name: 'inventory-v2', prefix: '/inventory/v2/', upstream: 'http://c' },
+        { name: 'payments-host', host: 'payments.local', prefix: '/', upstream: 'http://d' },
+      ],
+    }),
+  }, read).routes;
   const match = (host: string | null, p: string) => matchRoute(routes, host, p)?.name;
 
   it('takes the most specific route, whatever the order of the file', () => {
@@ -38,19 +42,21 @@ describe('matchRoute', () => {
     expect(match('localhost', '/inventory/v2')).toBe('inventory-v2');
   });
 
-  it('prefers a route for the request\'s Host, compared without port and case', () => {
+  it("prefers a route for the request's Host, compared without port and case", () => {
     expect(match('Payments.Local:8080', '/inventory')).toBe('payments-host');
     expect(match(null, '/inventory')).toBe('inventory');
   });
 
   it('matches nothing when no route covers the path', () => {
-    const only = loadConfig({ ROUTES_FILE: routesFile({ routes: [{ name: 'x', prefix: '/x', upstream: 'http://a' }] }) }, read).routes;
+    const only =
+      loadConfig({ ROUTES_FILE: routesFile({ routes: [{ name: 'x', prefix: '/x', upstream: 'http://a' }] }) }, read)
+        .routes;
     expect(matchRoute(only, 'h', '/y')).toBeUndefined();
   });
 });
 
 describe('stripPrefix', () => {
-  it('takes the route\'s prefix off the normalized path, keeping the encoding', () => {
+  it("takes the route's prefix off the normalized path, keeping the encoding", () => {
     expect(stripPrefix('/inventory/items/a%2Fb', '/inventory')).toBe('/items/a%2Fb');
     expect(stripPrefix('/inventory', '/inventory')).toBe('/');
     expect(stripPrefix('/inventory/', '/inventory')).toBe('/');
@@ -71,32 +77,71 @@ describe('normalizePath', () => {
   });
 
   it('keeps every other byte as sent: encoded slashes, empty segments, dots inside names', () => {
-    for (const p of ['/a%2Fb', '/group%2Fproject/files', '/a//b', '/v1.2/x..y/.z', '/%41b', '/']) expect(normalizePath(p)).toBe(p);
+    for (const p of ['/a%2Fb', '/group%2Fproject/files', '/a//b', '/v1.2/x..y/.z', '/%41b', '/']) {
+      expect(normalizePath(p)).toBe(p);
+    }
   });
 
   it('refuses dot segments behind encoded slashes or backslashes, and backslashes', () => {
-    for (const p of ['/..%2f..%2finternal', '/a/..%2F', '/x%2F..%2Fy', '/%2e%2e%5cadmin', '/a\\..\\b', '/a\\b']) expect(normalizePath(p), p).toBeNull();
+    for (const p of ['/..%2f..%2finternal', '/a/..%2F', '/x%2F..%2Fy', '/%2e%2e%5cadmin', '/a\\..\\b', '/a\\b']) {
+      expect(normalizePath(p), p).toBeNull();
+    }
   });
 });
 
 describe('routes from ROUTES_FILE', () => {
-  it('takes every setting per route, with the environment\'s values as the defaults', () => {
-    const c = loadConfig({ RETRY_ATTEMPTS: '4', TRY_TIMEOUT_MS: '700', ROUTES_FILE: routesFile({ routes: [
-      { name: 'inventory', prefix: '/inventory', upstream: ['http://i1:9000', 'http://i2:9000'], stripPrefix: true },
-      { name: 'payments', prefix: '/payments', upstream: 'https://payments:8443', retryAttempts: 1, maxInFlight: 10, rateLimitPerSec: 5 },
-    ] }) }, read);
+  it("takes every setting per route, with the environment's values as the defaults", () => {
+    const c = loadConfig({
+      RETRY_ATTEMPTS: '4',
+      TRY_TIMEOUT_MS: '700',
+      ROUTES_FILE: routesFile({
+        routes: [
+          {
+            name: 'inventory',
+            prefix: '/inventory',
+            upstream: ['http://i1:9000', 'http://i2:9000'],
+            stripPrefix: true,
+          },
+          {
+            name: 'payments',
+            prefix: '/payments',
+            upstream: 'https://payments:8443',
+            retryAttempts: 1,
+            maxInFlight: 10,
+            rateLimitPerSec: 5,
+          },
+        ],
+      }),
+    }, read);
     const [inventory, payments] = c.routes;
     expect(inventory).toMatchObject({ name: 'inventory', retryAttempts: 4, tryTimeoutMs: 700, stripPrefix: true });
     expect(inventory.upstreams.map((u) => u.host)).toEqual(['i1:9000', 'i2:9000']);
-    expect(payments).toMatchObject({ name: 'payments', retryAttempts: 1, tryTimeoutMs: 700, maxInFlight: 10, rateLimitPerSec: 5, rateLimitBurst: 5, tls: null });
+    expect(payments).toMatchObject({
+      name: 'payments',
+      retryAttempts: 1,
+      tryTimeoutMs: 700,
+      maxInFlight: 10,
+      rateLimitPerSec: 5,
+      rateLimitBurst: 5,
+      tls: null,
+    });
   });
 
   it('points every problem at its exact field, all in one error', () => {
-    const file = routesFile({ routes: [
-      { name: 'ok', prefix: '/ok', upstream: 'http://ok' },
-      { name: 'bad one', prefix: 'inventory', upstream: 'ftp://x', retryAttempts: 0, retryAtempts: 3, stripPrefix: 'yes' },
-      { name: 'dup', prefix: '/ok', upstream: 'http://y', tls: { caFile: '/nope.pem', pinned: true } },
-    ] });
+    const file = routesFile({
+      routes: [
+        { name: 'ok', prefix: '/ok', upstream: 'http://ok' },
+        {
+          name: 'bad one',
+          prefix: 'inventory',
+          upstream: 'ftp://x',
+          retryAttempts: 0,
+          retryAtempts: 3,
+          stripPrefix: 'yes',
+        },
+        { name: 'dup', prefix: '/ok', upstream: 'http://y', tls: { caFile: '/nope.pem', pinned: true } },
+      ],
+    });
     let error: ConfigError | undefined;
     try {
       loadConfig({ ROUTES_FILE: file, UPSTREAM_URL: 'http://z' }, read);
@@ -107,7 +152,9 @@ describe('routes from ROUTES_FILE', () => {
     const at = `ROUTES_FILE=${JSON.stringify(file)}: `;
     expect(error!.problems).toEqual(expect.arrayContaining([
       'UPSTREAM_URL="http://z": expected nothing when ROUTES_FILE is set: each route names its upstream and TLS files',
-      `${at}routes[1].retryAtempts: expected no such field: one of ${['name', 'host', 'prefix', 'stripPrefix', 'upstream', 'tls'].join(', ')}, retryAttempts, retryBackoffMs, retryBackoffMaxMs, retryBudgetPercent, retryBudgetMinPerSec, retryBodyMaxBytes, tryTimeoutMs, requestTimeoutMs, breakerFailures, breakerOpenMs, breakerOpenMaxMs, breakerProbes, maxInFlight, queueSize, queueTimeoutMs, rateLimitPerSec, rateLimitBurst, rateLimitWaitMs, dnsRefreshMs, got 3`,
+      `${at}routes[1].retryAtempts: expected no such field: one of ${
+        ['name', 'host', 'prefix', 'stripPrefix', 'upstream', 'tls'].join(', ')
+      }, retryAttempts, retryBackoffMs, retryBackoffMaxMs, retryBudgetPercent, retryBudgetMinPerSec, retryBodyMaxBytes, tryTimeoutMs, requestTimeoutMs, breakerFailures, breakerOpenMs, breakerOpenMaxMs, breakerProbes, maxInFlight, queueSize, queueTimeoutMs, rateLimitPerSec, rateLimitBurst, rateLimitWaitMs, dnsRefreshMs, got 3`,
       `${at}routes[1].name: expected a name of letters, digits, _ . -, got "bad one"`,
       `${at}routes[1].prefix: expected a path prefix starting with /, percent-encoded as a request would send it, without . or .. segments, got "inventory"`,
       `${at}routes[1].stripPrefix: expected true or false, got "yes"`,
@@ -116,13 +163,25 @@ describe('routes from ROUTES_FILE', () => {
       `${at}routes[2].tls.pinned: expected no such field: one of caFile, certFile, keyFile, serverName, minVersion, got true`,
       `${at}routes[2].prefix: expected a prefix and host no other route has (any host /ok), got "/ok"`,
     ]));
-    expect(error!.problems.some((p) => p.includes('routes[2].tls.caFile') && p.includes('/nope.pem') && p.includes('readable file'))).toBe(true);
-    expect(error!.problems.some((p) => p.includes('routes[2].tls.caFile') && p.includes('only with https://'))).toBe(true);
+    expect(
+      error!.problems.some((p) =>
+        p.includes('routes[2].tls.caFile') && p.includes('/nope.pem') && p.includes('readable file')
+      ),
+    ).toBe(true);
+    expect(error!.problems.some((p) => p.includes('routes[2].tls.caFile') && p.includes('only with https://'))).toBe(
+      true,
+    );
   });
 
   it('says when the file is missing, is not JSON, or has no routes', () => {
-    expect(() => loadConfig({ ROUTES_FILE: '/nonexistent/routes.json' }, read)).toThrow(/ROUTES_FILE="\/nonexistent\/routes.json": expected a readable JSON file \(.*ENOENT/);
-    expect(() => loadConfig({ ROUTES_FILE: routesFile('{"routes": [') }, read)).toThrow(/ROUTES_FILE=".*": expected a readable JSON file \(.*JSON/);
-    expect(() => loadConfig({ ROUTES_FILE: routesFile({ routes: [] }) }, read)).toThrow(/routes: expected a non-empty array of routes/);
+    expect(() => loadConfig({ ROUTES_FILE: '/nonexistent/routes.json' }, read)).toThrow(
+      /ROUTES_FILE="\/nonexistent\/routes.json": expected a readable JSON file \(.*ENOENT/,
+    );
+    expect(() => loadConfig({ ROUTES_FILE: routesFile('{"routes": [') }, read)).toThrow(
+      /ROUTES_FILE=".*": expected a readable JSON file \(.*JSON/,
+    );
+    expect(() => loadConfig({ ROUTES_FILE: routesFile({ routes: [] }) }, read)).toThrow(
+      /routes: expected a non-empty array of routes/,
+    );
   });
 });
