@@ -127,7 +127,9 @@ describe('loadConfig', () => {
     }
     // One problem each, said once however many routes share the default, each named where its user set it.
     expect(error?.problems).toEqual([
-      `ROUTES_FILE=${JSON.stringify(file)}: routes[0].retryBackoffMaxMs: expected a value at least RETRY_BACKOFF_MS (100), got 50`,
+      `ROUTES_FILE=${
+        JSON.stringify(file)
+      }: routes[0].retryBackoffMaxMs: expected a value at least RETRY_BACKOFF_MS (100), got 50`,
       'BREAKER_OPEN_MAX_MS="8000": expected a value at least BREAKER_OPEN_MS (9000)',
     ]);
   });
