@@ -509,7 +509,7 @@ async function handle(p: Proxy, req: AppRequest): Promise<Response> {
 }
 
 /** Whether the app's request says `Connection: close`. */
-function appCloses(headers: HeaderList): boolean {
+export function appCloses(headers: HeaderList): boolean {
   for (const [name, value] of headers) if (name === 'connection' && /(^|,)\s*close\s*(,|$)/i.test(value)) return true;
   return false;
 }
@@ -547,7 +547,7 @@ const VISIBLE_ASCII = /^[\x21-\x7e]*$/;
 /** Requests the ambassador answers itself rather than forward: it only ever talks to its upstreams, and
  * sends on only requests every runtime can carry exactly as they came. `path` is the normalized path, null
  * when it could not be. */
-function earlyAnswer(req: AppRequest, host: string | null, path: string | null): EarlyAnswer | undefined {
+export function earlyAnswer(req: AppRequest, host: string | null, path: string | null): EarlyAnswer | undefined {
   const { method, target, headers } = req;
   // Methods are case-sensitive (RFC 9110 §9.1); a fetch would send `get` as GET and `trace` as TRACE.
   if (/[a-z]/.test(method)) {
@@ -932,7 +932,7 @@ function attempt(
 
 /** The upstream's answer as the app gets it: its headers shaped (`responseHeaders`), and no body where
  * the method or the status allows none. */
-function appReply(res: Reply, method: string, id: string): Reply {
+export function appReply(res: Reply, method: string, id: string): Reply {
   const noBody = method === 'HEAD' || NULL_BODY_STATUS.has(res.status);
   if (noBody) discard(res);
   const headers = responseHeaders(res.headers, id);
@@ -2444,11 +2444,19 @@ export function createLogger(
   write: (line: string) => void = console.log,
 ): Logger {
   const min = LEVELS[minLevel];
+  // The time as ISO text, made once a millisecond rather than once a line.
+  let ms = 0;
+  let time = '';
   return (level, msg, fields = {}) => {
     if (LEVELS[level] < min) return;
-    const time = new Date().toISOString();
+    const now = Date.now();
+    if (now !== ms) (ms = now), (time = new Date(now).toISOString());
     if (format === 'json') {
-      write(JSON.stringify({ time, level, msg, ...fields }));
+      // `{"time":…,"level":…,"msg":…, …fields}` as JSON.stringify would write it, without a merged copy.
+      const rest = JSON.stringify(fields);
+      write(
+        `{"time":"${time}","level":"${level}","msg":${JSON.stringify(msg)}${rest === '{}' ? '}' : `,${rest.slice(1)}`}`,
+      );
     } else {
       // A value is written bare only when it cannot be mistaken for more fields; else it is quoted.
       const rest = Object.entries(fields).map(([k, v]) =>
@@ -2459,9 +2467,31 @@ export function createLogger(
   };
 }
 
+/** Log lines written together: those of one run of code (a request's attempts and its access line, say) in
+ * one write, made once that run is over (a microtask), so a line is out before the answer it tells of has
+ * gone far, and no write is made a line. `flush` writes what is waiting at once; main calls it before every
+ * exit. `writeOut` is the runtime's own write to stdout (`Runtime.writeOut`). */
+export function batchedLines(
+  writeOut: (text: string) => void = console.log,
+): { write(line: string): void; flush(): void } {
+  let pending: string[] = [];
+  const flush = () => {
+    if (pending.length === 0) return;
+    const text = pending.length === 1 ? pending[0] : pending.join('\n');
+    pending = [];
+    writeOut(text);
+  };
+  return {
+    write(line) {
+      if (pending.push(line) === 1) queueMicrotask(flush);
+    },
+    flush,
+  };
+}
+
 /** The log's view of the events. A record is built only when its level is written: at LOG_LEVEL=warn a
  * request that went well costs no log work at all. */
-function logEvents(log: Logger, minLevel: LogLevel): Events {
+export function logEvents(log: Logger, minLevel: LogLevel): Events {
   const min = LEVELS[minLevel];
   const debug = LEVELS.debug >= min;
   const info = LEVELS.info >= min;
@@ -3325,6 +3355,8 @@ interface Runtime {
   /** the process's resident memory and CPU time, for the metrics */
   usage(): { rssBytes: number; cpuSeconds: number };
   env(): Record<string, string | undefined>;
+  /** writes log lines (without their last line end) to stdout */
+  writeOut(text: string): void;
   /** serves the proxy app on host:port, each request handed over as an `AppRequest` */
   listen(handler: ProxyHandler, host: string, port: number, work: Work): Promise<Listener>;
   onSignal(signal: string, f: () => void): void;
@@ -3403,7 +3435,7 @@ function unsendable(err: unknown): ClientError {
 // --- Node: @hono/node-server and node:http for the app, node:http to the upstream, Node's resolver ---------
 
 /** The parts of Node's streams the Node path uses, so this file needs no Node types. */
-interface NodeReadable extends AsyncIterable<Uint8Array> {
+export interface NodeReadable extends AsyncIterable<Uint8Array> {
   pipe(to: NodeOutgoing): void;
   resume(): void;
   destroy(err?: Error): void;
@@ -3411,7 +3443,7 @@ interface NodeReadable extends AsyncIterable<Uint8Array> {
   on(event: 'error', f: (err: Error) => void): void;
   on(event: 'close', f: () => void): void;
 }
-interface NodeIncoming extends AsyncIterable<Uint8Array> {
+export interface NodeIncoming extends AsyncIterable<Uint8Array> {
   method?: string;
   url?: string;
   /** the target was `*` (see `listenNode`) */
@@ -3419,7 +3451,7 @@ interface NodeIncoming extends AsyncIterable<Uint8Array> {
   rawHeaders: string[];
   socket: { remoteAddress?: string };
 }
-interface NodeOutgoing {
+export interface NodeOutgoing {
   writeHead(status: number, statusText: string, headers: string[]): void;
   writeHead(status: number, headers: string[]): void;
   statusMessage: string;
@@ -3433,7 +3465,7 @@ interface NodeOutgoing {
 
 /** A request as Node's server read it: the target as sent, the raw header list (no `Headers` object is
  * built), and the app's connection, into which an upstream's Node body is piped straight (`pipeNode`). */
-class NodeAppRequest implements AppRequest {
+export class NodeAppRequest implements AppRequest {
   readonly method: string;
   readonly target: string;
   readonly seen: string;
@@ -3814,7 +3846,7 @@ function nodeCheckTls(
 
 /** What Node and Bun share: Node's file, TLS, DNS and process APIs (Bun has them too). */
 async function nodeBuiltins(): Promise<
-  Pick<Runtime, 'readFile' | 'checkTls' | 'resolve' | 'usage' | 'env' | 'onSignal' | 'exit'>
+  Pick<Runtime, 'readFile' | 'checkTls' | 'resolve' | 'usage' | 'env' | 'writeOut' | 'onSignal' | 'exit'>
 > {
   return {
     readFile: await nodeReadFile(),
@@ -3822,6 +3854,8 @@ async function nodeBuiltins(): Promise<
     resolve: nodeResolve(await import('node:dns')),
     usage: processUsage,
     env: () => process.env,
+    // A plain write to stdout, without console.log's formatting of what it is given.
+    writeOut: (text) => void process.stdout.write(`${text}\n`),
     onSignal: (signal, f) => void process.on(signal, f),
     exit: (code) => process.exit(code),
   };
@@ -3844,7 +3878,7 @@ export async function nodeRuntime(): Promise<Runtime> {
 
 /** A request as Deno's and Bun's servers hand it over: a `Request` whose URL they made of the target and
  * the Host header. `direct`: Bun, whose "direct" streams pass a body on without a stream queue. */
-class FetchAppRequest implements AppRequest {
+export class FetchAppRequest implements AppRequest {
   readonly method: string;
   readonly target: string;
   readonly seen: string;
@@ -3981,6 +4015,7 @@ function denoRuntime(d: DenoLike): Runtime {
     // Deno has Node's `process` as a global too.
     usage: processUsage,
     env: () => d.env.toObject(),
+    writeOut: (text) => console.log(text),
     listen: (handler, host, port, work) => Promise.resolve(listenDeno(d, handler, host, port, work)),
     onSignal: (signal, f) => d.addSignalListener(signal, f),
     exit: (code) => d.exit(code),
@@ -4326,7 +4361,12 @@ export async function main(): Promise<void> {
     console.error(`ambassador: ${err instanceof Error ? err.message : String(err)}`);
     return runtime.exit(2);
   }
-  const log = createLogger(config.logFormat, config.logLevel);
+  const lines = batchedLines(runtime.writeOut);
+  const log = createLogger(config.logFormat, config.logLevel, lines.write);
+  const exit = (code: number): never => {
+    lines.flush();
+    return runtime.exit(code);
+  };
   const amb = createAmbassador(config, runtime, { log });
 
   // Where the ambassador cannot listen is a configuration error too: it names the variables (exit 2).
@@ -4340,7 +4380,7 @@ export async function main(): Promise<void> {
         `an address of this machine and a port free on it (${describeFailure(err)})`,
       );
       console.error(`ambassador: ${new ConfigError(problems.list).message}`);
-      return runtime.exit(2);
+      return exit(2);
     }
   };
   const work: Work = { uploadsRead: amb.uploadsRead, inFlight: () => amb.inFlight.size };
@@ -4361,11 +4401,11 @@ export async function main(): Promise<void> {
     // Only a second signal forces the exit: a drain begun by POST /shutdown goes on when SIGTERM follows.
     if (signalled) {
       log('warn', `second ${signal}: exiting now`, { in_flight: amb.inFlight.size });
-      return runtime.exit(1);
+      return exit(1);
     }
     signalled = true;
     if (amb.draining) log('notice', `${signal}: a drain is already under way; a second signal exits at once`);
-    else void drain(signal, config, amb, proxy, admin, log, runtime.exit);
+    else void drain(signal, config, amb, proxy, admin, log, exit);
   };
   // SIGTERM and SIGINT drain. SIGHUP, which would end the process at once by default, is ignored with a
   // log line: there is nothing to reload, and a closing terminal must not cut requests off.
@@ -4379,9 +4419,7 @@ export async function main(): Promise<void> {
         'SIGHUP ignored: the configuration is read once at start, and TLS files are taken up when they change',
       ),
   );
-  amb.onShutdownRequest(() =>
-    amb.draining || void drain('POST /shutdown', config, amb, proxy, admin, log, runtime.exit)
-  );
+  amb.onShutdownRequest(() => amb.draining || void drain('POST /shutdown', config, amb, proxy, admin, log, exit));
   amb.metrics.gauges = { ...amb.metrics.gauges, connections: proxy.connections };
   sampleEventLoopLag(amb.metrics);
   amb.markReady();

@@ -1,6 +1,6 @@
 /** The text log format, for people: values that could pass for more fields are quoted. */
 import { describe, expect, it } from 'vitest';
-import { createLogger } from '../../ambassador.ts';
+import { batchedLines, createLogger } from '../../ambassador.ts';
 
 describe('text log lines', () => {
   it('quote any value that could pass for more fields, so a field can never be forged', () => {
@@ -21,5 +21,49 @@ describe('text log lines', () => {
     const bare = line.replace(/"(?:[^"\\]|\\.)*"/g, '""');
     expect(bare.match(/ route=/g)).toHaveLength(1);
     expect(bare.match(/ status=/g)).toHaveLength(1);
+  });
+});
+
+describe('JSON log lines', () => {
+  it('are what JSON.stringify makes of the time, the level, the message and the fields, in that order', () => {
+    const lines: string[] = [];
+    const log = createLogger('json', 'debug', (l) => lines.push(l));
+    const fields = {
+      id: 'a"b\\c',
+      route: 'r',
+      status: 200,
+      bytes: null,
+      gone: undefined,
+      list: ['x', 1],
+      nested: { ok: true },
+    };
+    log('info', 'request "quoted"\n', fields);
+    log('notice', 'listening');
+    const first = JSON.parse(lines[0]);
+    expect(lines[0]).toBe(JSON.stringify({ time: first.time, level: 'info', msg: 'request "quoted"\n', ...fields }));
+    expect(lines[1]).toBe(JSON.stringify({ time: JSON.parse(lines[1]).time, level: 'notice', msg: 'listening' }));
+    expect(Date.parse(first.time)).toBeGreaterThan(Date.now() - 5000);
+  });
+});
+
+describe('batched log lines', () => {
+  it('writes the lines of one run of code together, in order, once it is over; flush writes at once', async () => {
+    const writes: string[] = [];
+    const out = batchedLines((text) => writes.push(text));
+    out.write('one');
+    out.write('two');
+    expect(writes).toEqual([]);
+    await Promise.resolve();
+    expect(writes).toEqual(['one\ntwo']);
+    out.write('three');
+    out.flush();
+    expect(writes).toEqual(['one\ntwo', 'three']);
+    out.flush();
+    await Promise.resolve();
+    expect(writes).toHaveLength(2);
+    for (let i = 0; i < 1000; i++) out.write(String(i));
+    await new Promise((r) => setTimeout(r, 0));
+    expect(writes).toHaveLength(3);
+    expect(writes[2].split('\n')).toEqual(Array.from({ length: 1000 }, (_, i) => String(i)));
   });
 });
