@@ -37,6 +37,8 @@
  * | RETRY_BUDGET_MIN_PER_SEC * | 10         | retries per second always allowed, whatever the percentage says
  * | RETRY_BODY_MAX_BYTES *     | 65536      | largest request body kept for replay; 0 = never replay a body
  * | RETRY_BODIES_MAX_BYTES     | 8388608    | all bodies kept for replay at once; past it a body is sent once
+ * | MEMORY_SHED_PERCENT        | 90         | past this share of the memory limit, new requests get 503; 0 = never
+ * | MEMORY_LIMIT_BYTES         | 0          | that limit; 0 = the cgroup's, read at start (none: never shed)
  * | TRY_TIMEOUT_MS *           | 5000       | one attempt's limit until response headers; 0 = none
  * | REQUEST_TIMEOUT_MS *       | 15000      | the request's limit until response headers, retries included; 0 = none
  * | BREAKER_FAILURES *         | 5          | failures in a row (5xx, refused, reset, timeout) that eject; 0 = none
@@ -182,6 +184,10 @@ export interface Config {
   readonly bodyIdleTimeoutMs: number;
   /** RETRY_BODIES_MAX_BYTES: what every body kept for replay may hold at once, together */
   readonly replayMemoryBytes: number;
+  /** MEMORY_SHED_PERCENT: past this share of the memory limit the process runs under, new requests get 503 */
+  readonly memoryShedPercent: number;
+  /** MEMORY_LIMIT_BYTES: that limit, when it is not the cgroup's; 0: the cgroup's (`Runtime.memory`) */
+  readonly memoryLimitBytes: number;
   readonly logFormat: LogFormat;
   readonly logLevel: LogLevel;
   readonly routesFile: string | null;
@@ -199,7 +205,7 @@ export type AttemptOutcome = { status: number } | { failure: FailureKind };
 export type SkipReason = 'attempts' | 'method' | 'body' | 'deadline' | 'budget' | 'circuit';
 
 /** Why the ambassador answered a request itself, without asking the upstream. */
-export type Rejection = 'no_route' | 'rate_limit' | 'concurrency' | 'circuit_open';
+export type Rejection = 'no_route' | 'rate_limit' | 'concurrency' | 'circuit_open' | 'memory';
 
 export type RetryDecision =
   | { retry: true; delayMs: number }
@@ -242,6 +248,8 @@ export interface Events {
   endpointsChanged(e: { route: string; added: string[]; removed: string[]; endpoints: string[]; error?: string }): void;
   /** a route's TLS files changed and were taken up, or could not be (`error`; the old ones stay) */
   tlsReloaded(e: { route: string; error?: string }): void;
+  /** the process came near the memory limit it runs under and sheds new requests, or is back below it */
+  memoryPressure(e: { shedding: boolean; usedBytes: number; limitBytes: number; percent: number }): void;
 }
 
 export interface RequestRecord {
@@ -366,6 +374,8 @@ interface Proxy {
   /** requests not yet answered in full, by a number of their own (two may carry the same x-request-id) */
   readonly inFlight: Map<number, InFlight>;
   readonly uploads: Uploads;
+  /** whether the process is near the memory limit it runs under (`MemoryGuard`) */
+  readonly memory: MemoryGuard;
   draining: boolean;
   requests: number;
 }
@@ -626,6 +636,7 @@ function sameAuthority(urlHost: string, host: string | null): boolean {
  * (for a token, or in the queue). Throws only when the app went away. */
 function admit(p: Proxy, call: Call): true | Reply | Promise<true | Reply> {
   const { route, policies, gone, record } = call;
+  if (p.memory.shedding) return shed(p.memory, call);
   if (policies.bucket) {
     const token = policies.bucket.take(p.clock.now(), route.rateLimitWaitMs);
     if (!token.ok) {
@@ -642,6 +653,17 @@ function admit(p: Proxy, call: Call): true | Reply | Promise<true | Reply> {
   }
   if (gone.aborted) throw gone.reason;
   return takePlace(call);
+}
+
+/** Near the memory limit: no new stream is taken on, so the process never grows into the limit the kernel
+ * kills it at (Envoy's overload manager does the same). The app is told to come back in a second. */
+function shed(memory: MemoryGuard, call: Call): Reply {
+  const mib = (bytes: number) => Math.round(bytes / 1024 ** 2);
+  call.record.rejected = 'memory';
+  call.record.error = `memory: ${mib(memory.usedBytes)} MiB in use, past ${memory.percent}% of the ${
+    mib(memory.limitBytes ?? 0)
+  } MiB limit`;
+  return rejectionReply('memory', call.record.error, call.id, 1000);
 }
 
 function takePlace(call: Call): true | Reply | Promise<true | Reply> {
@@ -1049,7 +1071,14 @@ export interface AdminPeer {
 export function createAmbassador(
   config: Config,
   runtime: AmbassadorRuntime,
-  options: { log?: Logger; clock?: Clock; metrics?: Metrics } = {},
+  options: {
+    log?: Logger;
+    clock?: Clock;
+    metrics?: Metrics;
+    /** the memory the process runs under, and what counts against it (`Runtime.memory`): new requests get
+     * 503 near the limit */
+    memory?: { limitBytes: number | null; used(): number };
+  } = {},
 ): Ambassador {
   const log = options.log ?? createLogger(config.logFormat, config.logLevel);
   const clock = options.clock ?? systemClock;
@@ -1066,6 +1095,7 @@ export function createAmbassador(
     replayMemory: new ReplayMemory(config.replayMemoryBytes),
     inFlight: new Map(),
     uploads: new Uploads(),
+    memory: new MemoryGuard(options.memory?.limitBytes ?? null, config.memoryShedPercent),
     draining: false,
     requests: 0,
   };
@@ -1096,7 +1126,12 @@ export function createAmbassador(
     now: () => clock.now(),
     replayBytes: () => p.replayMemory.held,
     usage: runtime.usage,
+    memory: () => ({ limitBytes: p.memory.limitBytes, shedding: p.memory.shedding }),
   };
+  p.memory.watch(options.memory?.used ?? (() => runtime.usage().rssBytes), (shedding) => {
+    const { usedBytes, limitBytes, percent } = p.memory;
+    events.memoryPressure({ shedding, usedBytes, limitBytes: limitBytes!, percent });
+  });
   return {
     proxy,
     admin,
@@ -1205,6 +1240,46 @@ class Uploads {
   /** Settles once no request body is still arriving. */
   read(): Promise<void> {
     return this.open.size === 0 ? Promise.resolve() : new Promise<void>((r) => this.waiting.push(r));
+  }
+}
+
+/** How often the resident memory is looked at, while a memory limit is known. */
+const MEMORY_CHECK_MS = 100;
+
+/** Whether the process is near the memory limit it runs under: past `percent` of it, new requests get 503
+ * (`shed`) until it is back below. Looked at every MEMORY_CHECK_MS rather than per request; a limit of null
+ * (none found) or a percent of 0 never sheds. */
+export class MemoryGuard {
+  shedding = false;
+  usedBytes = 0;
+  readonly limitBytes: number | null;
+  readonly percent: number;
+  private readonly threshold: number;
+
+  constructor(limitBytes: number | null, percent: number) {
+    this.limitBytes = limitBytes;
+    this.percent = percent;
+    this.threshold = limitBytes === null || percent === 0 ? Infinity : (limitBytes * percent) / 100;
+  }
+
+  /** Takes a new reading; tells `changed` when that starts or ends the shedding. */
+  update(usedBytes: number, changed: (shedding: boolean) => void): void {
+    this.usedBytes = usedBytes;
+    const shedding = usedBytes >= this.threshold;
+    if (shedding !== this.shedding) (this.shedding = shedding), changed(shedding);
+  }
+
+  /** Reads `used` every MEMORY_CHECK_MS while there is a threshold to cross; a reading that fails (the group's
+   * files gone) keeps the last one. */
+  watch(used: () => number, changed: (shedding: boolean) => void): void {
+    if (this.threshold === Infinity) return;
+    const look = () => {
+      try {
+        this.update(used(), changed);
+      } catch { /* the last reading stands */ }
+    };
+    look();
+    setInterval(look, MEMORY_CHECK_MS);
   }
 }
 
@@ -1865,10 +1940,12 @@ const REJECTION_STATUS: Record<Rejection, number> = {
   rate_limit: 429,
   concurrency: 503,
   circuit_open: 503,
+  memory: 503,
 };
 
 /** What the app gets when the ambassador answers for the upstream: 429 over the rate limit, 503 while the
- * upstream is overloaded or its circuit is open — each with Retry-After, so a well-behaved client waits. */
+ * upstream is overloaded or its circuit is open, or the ambassador is near its memory limit — each with
+ * Retry-After, so a well-behaved client waits. */
 export function rejectionReply(reason: Rejection, detail: string, id: string, retryAfterMs?: number): Reply {
   const r = textReply(REJECTION_STATUS[reason], `ambassador: ${detail}\n`, id);
   if (retryAfterMs !== undefined) r.headers.push(['retry-after', String(Math.max(1, Math.ceil(retryAfterMs / 1000)))]);
@@ -2580,6 +2657,12 @@ export function logEvents(log: Logger, minLevel: LogLevel): Events {
         log('warn', `TLS files not taken up: ${e.error}; new connections keep the previous ones`, { route: e.route });
       } else log('notice', 'TLS files changed: new connections use them', { route: e.route });
     },
+    memoryPressure(e) {
+      const fields = { used_bytes: e.usedBytes, limit_bytes: e.limitBytes, shed_percent: e.percent };
+      if (e.shedding) {
+        log('warn', `memory near the limit: new requests get 503 until it is back below ${e.percent}%`, fields);
+      } else log('notice', "memory back below the limit's share: taking new requests again", fields);
+    },
   };
 }
 
@@ -2620,6 +2703,8 @@ export interface Gauges {
   replayBytes?(): number;
   /** the process's resident memory and CPU time (`Runtime.usage`) */
   usage?(): { rssBytes: number; cpuSeconds: number };
+  /** the memory limit the process runs under (null: none found), and whether it sheds new requests now */
+  memory?(): { limitBytes: number | null; shedding: boolean };
 }
 
 export class Metrics {
@@ -2658,6 +2743,7 @@ export class Metrics {
       endpointChanged: () => {}, // the breakers' states are read when scraped
       endpointsChanged: () => {},
       tlsReloaded: (e) => add(this.tlsReloads, `${e.route} ${e.error ? 'error' : 'ok'}`),
+      memoryPressure: () => {}, // read when scraped
     };
   }
 
@@ -2701,7 +2787,7 @@ export class Metrics {
       'ambassador_requests_rejected_total',
       'counter',
       'Requests the ambassador answered itself, by route and reason: ' +
-        'no_route (404), rate_limit (429), concurrency, circuit_open (503).',
+        'no_route (404), rate_limit (429), concurrency, circuit_open, memory (503).',
     );
     series('ambassador_requests_rejected_total', this.rejected, ['route', 'reason']);
     family(
@@ -2808,6 +2894,19 @@ export class Metrics {
       );
       out.push(`ambassador_retry_body_bytes ${this.gauges.replayBytes()}`);
     }
+    const memory = this.gauges.memory?.();
+    if (memory) {
+      if (memory.limitBytes !== null) {
+        family('ambassador_memory_limit_bytes', 'gauge', "The memory limit the process runs under (its cgroup's).");
+        out.push(`ambassador_memory_limit_bytes ${memory.limitBytes}`);
+      }
+      family(
+        'ambassador_memory_shedding',
+        'gauge',
+        '1 while new requests get 503 near the memory limit (MEMORY_SHED_PERCENT).',
+      );
+      out.push(`ambassador_memory_shedding ${memory.shedding ? 1 : 0}`);
+    }
     family('ambassador_requests_in_flight', 'gauge', 'Requests not yet answered in full.');
     out.push(`ambassador_requests_in_flight ${this.gauges.inFlight()}`);
     if (this.gauges.connections) {
@@ -2842,6 +2941,7 @@ function fanOut(...all: Events[]): Events {
     endpointChanged: (e) => all.forEach((x) => x.endpointChanged(e)),
     endpointsChanged: (e) => all.forEach((x) => x.endpointsChanged(e)),
     tlsReloaded: (e) => all.forEach((x) => x.tlsReloaded(e)),
+    memoryPressure: (e) => all.forEach((x) => x.memoryPressure(e)),
   };
 }
 
@@ -3038,6 +3138,8 @@ export function loadConfig(env: Record<string, string | undefined>, readFile?: R
     drainGraceMs: int('DRAIN_GRACE_MS', 0, 0, MAX_TIMER_MS),
     bodyIdleTimeoutMs: int('BODY_IDLE_TIMEOUT_MS', 300_000, 0, MAX_TIMER_MS),
     replayMemoryBytes: int('RETRY_BODIES_MAX_BYTES', 8 * 1024 * 1024, 0),
+    memoryShedPercent: int('MEMORY_SHED_PERCENT', 90, 0, 100),
+    memoryLimitBytes: int('MEMORY_LIMIT_BYTES', 0, 0),
     logFormat: oneOf<LogFormat>('LOG_FORMAT', 'json', ['json', 'text']),
     logLevel: oneOf<LogLevel>('LOG_LEVEL', 'info', ['debug', 'info', 'warn', 'error']),
     routesFile,
@@ -3357,6 +3459,8 @@ interface Runtime {
   env(): Record<string, string | undefined>;
   /** writes log lines (without their last line end) to stdout */
   writeOut(text: string): void;
+  /** the cgroup memory the process runs under (`cgroupMemory`), or null */
+  memory(): CgroupMemory | null;
   /** serves the proxy app on host:port, each request handed over as an `AppRequest` */
   listen(handler: ProxyHandler, host: string, port: number, work: Work): Promise<Listener>;
   onSignal(signal: string, f: () => void): void;
@@ -3424,6 +3528,70 @@ function runtimeOf(host: Host): Promise<Runtime> {
 function processUsage(): { rssBytes: number; cpuSeconds: number } {
   const cpu = process.cpuUsage();
   return { rssBytes: process.memoryUsage.rss(), cpuSeconds: (cpu.user + cpu.system) / 1e6 };
+}
+
+/** The memory of the cgroup the process runs in: its limit, and what it uses that cannot be given back (its
+ * working set: usage less inactive file pages, as the kubelet counts it). The kernel compares the group's
+ * usage with the limit, not the process's resident size: that also counts shared pages (Node's own binary)
+ * charged elsewhere, and overstates it by ten megabytes and more. */
+export interface CgroupMemory {
+  readonly limitBytes: number;
+  used(): number;
+}
+
+/** The cgroup memory the process runs under (v2: `memory.max`, `memory.current`; v1: `memory.limit_in_bytes`,
+ * `memory.usage_in_bytes`; `memory.stat` for both), found by the path `/proc/self/cgroup` gives under `root`,
+ * or else at `root` itself, where a container sees its own group (Deno may not read /proc/self without
+ * --allow-all, so there only a container's is found); null where no limit is set or none can be read. Every
+ * runtime reads it with its own `readFile`. */
+export function cgroupMemory(readFile: ReadFile, root = '/sys/fs/cgroup'): CgroupMemory | null {
+  const v2 = (dir: string) => ({ dir, limit: 'memory.max', usage: 'memory.current', inactive: 'inactive_file' });
+  const v1 = (dir: string) => ({
+    dir,
+    limit: 'memory.limit_in_bytes',
+    usage: 'memory.usage_in_bytes',
+    inactive: 'total_inactive_file',
+  });
+  const groups: Array<ReturnType<typeof v2>> = [];
+  let lines = '';
+  try {
+    lines = readFile('/proc/self/cgroup');
+  } catch { /* the container's view below */ }
+  for (const line of lines.split('\n')) {
+    // hierarchy-id:controllers:path; v2's one line has no controllers.
+    const first = line.indexOf(':');
+    const second = line.indexOf(':', first + 1);
+    if (first < 0 || second < 0) continue;
+    const controllers = line.slice(first + 1, second);
+    const path = line.slice(second + 1).replace(/\/$/, '');
+    if (controllers === '') groups.push(v2(`${root}${path}`));
+    else if (controllers.split(',').includes('memory')) groups.push(v1(`${root}/memory${path}`));
+  }
+  groups.push(v2(root), v1(`${root}/memory`));
+  for (const group of groups) {
+    let text: string;
+    try {
+      text = readFile(`${group.dir}/${group.limit}`).trim();
+    } catch {
+      continue;
+    }
+    // `max` (v2), or v1's "no limit", a number near 2^63.
+    const limitBytes = Number(text);
+    if (text === 'max' || !Number.isSafeInteger(limitBytes) || limitBytes <= 0) return null;
+    const inactive = new RegExp(`^${group.inactive} (\\d+)$`, 'm');
+    return {
+      limitBytes,
+      used: () => {
+        const usage = Number(readFile(`${group.dir}/${group.usage}`).trim());
+        let stat = '';
+        try {
+          stat = readFile(`${group.dir}/memory.stat`);
+        } catch { /* usage alone */ }
+        return Math.max(0, usage - Number(inactive.exec(stat)?.[1] ?? 0));
+      },
+    };
+  }
+  return null;
 }
 
 /** A request our own client will not make (a method or a header it refuses): the app's request is at
@@ -3846,16 +4014,21 @@ function nodeCheckTls(
 
 /** What Node and Bun share: Node's file, TLS, DNS and process APIs (Bun has them too). */
 async function nodeBuiltins(): Promise<
-  Pick<Runtime, 'readFile' | 'checkTls' | 'resolve' | 'usage' | 'env' | 'writeOut' | 'onSignal' | 'exit'>
+  Pick<
+    Runtime,
+    'readFile' | 'checkTls' | 'resolve' | 'usage' | 'env' | 'writeOut' | 'memory' | 'onSignal' | 'exit'
+  >
 > {
+  const readFile = await nodeReadFile();
   return {
-    readFile: await nodeReadFile(),
+    readFile,
     checkTls: nodeCheckTls(await import('node:tls'), await import('node:crypto')),
     resolve: nodeResolve(await import('node:dns')),
     usage: processUsage,
     env: () => process.env,
     // A plain write to stdout, without console.log's formatting of what it is given.
     writeOut: (text) => void process.stdout.write(`${text}\n`),
+    memory: () => cgroupMemory(readFile),
     onSignal: (signal, f) => void process.on(signal, f),
     exit: (code) => process.exit(code),
   };
@@ -4016,6 +4189,7 @@ function denoRuntime(d: DenoLike): Runtime {
     usage: processUsage,
     env: () => d.env.toObject(),
     writeOut: (text) => console.log(text),
+    memory: () => cgroupMemory((path) => d.readTextFileSync(path)),
     listen: (handler, host, port, work) => Promise.resolve(listenDeno(d, handler, host, port, work)),
     onSignal: (signal, f) => d.addSignalListener(signal, f),
     exit: (code) => d.exit(code),
@@ -4367,7 +4541,11 @@ export async function main(): Promise<void> {
     lines.flush();
     return runtime.exit(code);
   };
-  const amb = createAmbassador(config, runtime, { log });
+  // The group's working set counts against the limit; without a group, the process's resident size.
+  const group = runtime.memory();
+  const memoryLimit = config.memoryLimitBytes || group?.limitBytes || null;
+  const used = group ? () => group.used() : () => runtime.usage().rssBytes;
+  const amb = createAmbassador(config, runtime, { log, memory: { limitBytes: memoryLimit, used } });
 
   // Where the ambassador cannot listen is a configuration error too: it names the variables (exit 2).
   const listenOn = async (names: [string, string], host: string, port: number, listen: () => Promise<Listener>) => {
@@ -4428,6 +4606,7 @@ export async function main(): Promise<void> {
     runtime: runtime.name,
     port: proxy.port,
     admin_port: admin.port,
+    memory_limit_bytes: memoryLimit,
     routes: config.routes.map((r) => ({ ...r, upstreams: r.upstreams.map((u) => u.href) })),
     config: { ...config, routes: undefined },
   });

@@ -1,0 +1,79 @@
+/** Never OOM-killed by design: each artifact, inside a cgroup with a memory limit, reads that limit at start
+ * and, once its resident memory is past MEMORY_SHED_PERCENT of it, answers new requests 503 with Retry-After
+ * (nothing reaches the upstream), and says so in the log and in /metrics (the guard's way back below it:
+ * test/unit/overload.test.ts). The shedding is brought on by a share below what the process already holds;
+ * where no cgroup can be made (not root) it is skipped, with the reason. */
+import { describe, expect, it } from 'vitest';
+import { cannotMakeGroups, type Limits, makeGroup } from '../bench/cgroup.ts';
+import {
+  ARTIFACTS,
+  onStop,
+  runtimeOf,
+  scrape,
+  skippedBecause,
+  startAmbassador,
+  startUpstream,
+  stopAfterEach,
+} from './helpers.ts';
+
+const limits: Limits = { cpuMillis: 1000, memoryBytes: 512 * 1024 ** 2 };
+const unavailable = await cannotMakeGroups(limits);
+
+/** Starts the ambassador inside a cgroup of its own with `limits`. */
+async function inGroup(artifact: (typeof ARTIFACTS)[number], env: Record<string, string>) {
+  const group = makeGroup(`ambassador-overload-${process.pid}-${Math.round(Math.random() * 1e6)}`, limits);
+  onStop(() => group.remove());
+  const join = group.procs.map((f) => `echo $$ > ${f}`).join('; ');
+  return startAmbassador(artifact, env, ['sh', '-c', `${join}; exec "$@"`, 'sh']);
+}
+
+describe.skipIf(unavailable !== undefined).each(ARTIFACTS)(
+  skippedBecause('memory near the cgroup limit (%s)', unavailable && `no cgroup can be made here (${unavailable})`),
+  (artifact) => {
+    stopAfterEach();
+
+    it("reads the cgroup's limit at start and takes requests while below MEMORY_SHED_PERCENT of it", async () => {
+      const upstream = await startUpstream();
+      const amb = await inGroup(artifact, { UPSTREAM_URL: upstream.url });
+      expect((await fetch(`${amb.url}/ok`)).status).toBe(200);
+      const metrics = await scrape(amb);
+      // Deno may not read /proc/self without --allow-all: it finds a container's own group at the root of
+      // /sys/fs/cgroup, and outside a container (here) no limit; MEMORY_LIMIT_BYTES gives it one.
+      const found = runtimeOf(artifact) === 'deno' ? null : limits.memoryBytes;
+      expect(metrics.get('ambassador_memory_limit_bytes')).toBe(found ?? undefined);
+      expect(metrics.get('ambassador_memory_shedding')).toBe(0);
+      expect(amb.logs().find((l) => l.msg === 'listening')?.memory_limit_bytes).toBe(found);
+    });
+
+    it('past that share, answers new requests 503 with Retry-After, never reaching the upstream, and says so', async () => {
+      const upstream = await startUpstream();
+      // 1% of 512 MiB is about 5 MiB: less than any runtime holds once started.
+      const amb = await inGroup(artifact, {
+        UPSTREAM_URL: upstream.url,
+        MEMORY_SHED_PERCENT: '1',
+        ...(runtimeOf(artifact) === 'deno' ? { MEMORY_LIMIT_BYTES: String(limits.memoryBytes) } : {}),
+      });
+      await amb.waitForLine((l) => l.includes('memory near the limit'));
+      const res = await fetch(`${amb.url}/orders`);
+      expect(res.status).toBe(503);
+      expect(res.headers.get('retry-after')).toBe('1');
+      expect(res.headers.get('x-request-id')).toBeTruthy();
+      expect(await res.text()).toMatch(/^ambassador: memory: \d+ MiB in use, past 1% of the 512 MiB limit\n$/);
+      expect(upstream.seen).toHaveLength(0);
+      const metrics = await scrape(amb);
+      expect(metrics.get('ambassador_memory_shedding')).toBe(1);
+      expect(metrics.get('ambassador_requests_rejected_total{route="default",reason="memory"}')).toBe(1);
+      expect(amb.logs().some((l) => l.level === 'warn' && l.rejected === 'memory' && l.status === 503)).toBe(true);
+      // The admin port still answers: the kubelet's probes must see the process alive.
+      expect((await fetch(`${amb.adminUrl}/healthz`)).status).toBe(200);
+    });
+
+    it("takes MEMORY_LIMIT_BYTES over the cgroup's limit", async () => {
+      const upstream = await startUpstream();
+      const amb = await inGroup(artifact, { UPSTREAM_URL: upstream.url, MEMORY_LIMIT_BYTES: String(1024 ** 2) });
+      await amb.waitForLine((l) => l.includes('memory near the limit'));
+      expect((await fetch(`${amb.url}/x`)).status).toBe(503);
+      expect((await scrape(amb)).get('ambassador_memory_limit_bytes')).toBe(1024 ** 2);
+    });
+  },
+);
