@@ -3530,28 +3530,23 @@ function processUsage(): { rssBytes: number; cpuSeconds: number } {
   return { rssBytes: process.memoryUsage.rss(), cpuSeconds: (cpu.user + cpu.system) / 1e6 };
 }
 
-/** The memory of the cgroup the process runs in: its limit, and what it uses that cannot be given back (its
- * working set: usage less inactive file pages, as the kubelet counts it). The kernel compares the group's
- * usage with the limit, not the process's resident size: that also counts shared pages (Node's own binary)
- * charged elsewhere, and overstates it by ten megabytes and more. */
+/** The memory of the cgroup the process runs in: its limit, and what it uses that the kernel cannot take back
+ * under pressure, its anonymous memory (heaps, buffers). File pages (the runtime's own binary, mapped) are
+ * given back before anything is killed, so they are not counted: counted, they held Node's group at its limit
+ * in normal work. Nor is the process's resident size: it counts shared pages charged elsewhere. */
 export interface CgroupMemory {
   readonly limitBytes: number;
   used(): number;
 }
 
-/** The cgroup memory the process runs under (v2: `memory.max`, `memory.current`; v1: `memory.limit_in_bytes`,
- * `memory.usage_in_bytes`; `memory.stat` for both), found by the path `/proc/self/cgroup` gives under `root`,
+/** The cgroup memory the process runs under (v2: `memory.max` and `anon` in `memory.stat`; v1:
+ * `memory.limit_in_bytes` and `total_rss`), found by the path `/proc/self/cgroup` gives under `root`,
  * or else at `root` itself, where a container sees its own group (Deno may not read /proc/self without
  * --allow-all, so there only a container's is found); null where no limit is set or none can be read. Every
  * runtime reads it with its own `readFile`. */
 export function cgroupMemory(readFile: ReadFile, root = '/sys/fs/cgroup'): CgroupMemory | null {
-  const v2 = (dir: string) => ({ dir, limit: 'memory.max', usage: 'memory.current', inactive: 'inactive_file' });
-  const v1 = (dir: string) => ({
-    dir,
-    limit: 'memory.limit_in_bytes',
-    usage: 'memory.usage_in_bytes',
-    inactive: 'total_inactive_file',
-  });
+  const v2 = (dir: string) => ({ dir, limit: 'memory.max', anon: 'anon' });
+  const v1 = (dir: string) => ({ dir, limit: 'memory.limit_in_bytes', anon: 'total_rss' });
   const groups: Array<ReturnType<typeof v2>> = [];
   let lines = '';
   try {
@@ -3578,16 +3573,13 @@ export function cgroupMemory(readFile: ReadFile, root = '/sys/fs/cgroup'): Cgrou
     // `max` (v2), or v1's "no limit", a number near 2^63.
     const limitBytes = Number(text);
     if (text === 'max' || !Number.isSafeInteger(limitBytes) || limitBytes <= 0) return null;
-    const inactive = new RegExp(`^${group.inactive} (\\d+)$`, 'm');
+    const anon = new RegExp(`^${group.anon} (\\d+)$`, 'm');
     return {
       limitBytes,
       used: () => {
-        const usage = Number(readFile(`${group.dir}/${group.usage}`).trim());
-        let stat = '';
-        try {
-          stat = readFile(`${group.dir}/memory.stat`);
-        } catch { /* usage alone */ }
-        return Math.max(0, usage - Number(inactive.exec(stat)?.[1] ?? 0));
+        const found = anon.exec(readFile(`${group.dir}/memory.stat`));
+        if (!found) throw new Error(`no ${group.anon} in ${group.dir}/memory.stat`);
+        return Number(found[1]);
       },
     };
   }
@@ -4541,7 +4533,7 @@ export async function main(): Promise<void> {
     lines.flush();
     return runtime.exit(code);
   };
-  // The group's working set counts against the limit; without a group, the process's resident size.
+  // The group's anonymous memory counts against the limit; without a group, the process's resident size.
   const group = runtime.memory();
   const memoryLimit = config.memoryLimitBytes || group?.limitBytes || null;
   const used = group ? () => group.used() : () => runtime.usage().rssBytes;

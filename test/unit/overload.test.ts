@@ -48,24 +48,22 @@ describe('cgroupMemory', () => {
     );
   });
 
-  it("counts what the group uses less its inactive file pages (the kubelet's working set), v2 and v1 alike", () => {
+  it("counts the group's anonymous memory, what the kernel cannot take back (v2 anon, v1 total_rss)", () => {
     const v2 = cgroupMemory(files({
       '/proc/self/cgroup': '0::/\n',
       '/sys/fs/cgroup/memory.max': '67108864',
-      '/sys/fs/cgroup/memory.current': '50000000',
       '/sys/fs/cgroup/memory.stat': 'anon 30000000\nfile 20000000\nactive_file 8000000\ninactive_file 12000000\n',
     }));
-    expect(v2?.used()).toBe(38_000_000);
+    expect(v2?.used()).toBe(30_000_000);
     const v1 = cgroupMemory(files({
       '/proc/self/cgroup': '4:memory:/g\n',
       '/sys/fs/cgroup/memory/g/memory.limit_in_bytes': '67108864',
-      '/sys/fs/cgroup/memory/g/memory.usage_in_bytes': '50000000',
-      '/sys/fs/cgroup/memory/g/memory.stat': 'cache 20000000\ninactive_file 1\ntotal_inactive_file 15000000\n',
+      '/sys/fs/cgroup/memory/g/memory.stat':
+        'cache 20000000\nrss 1\nrss_huge 0\ntotal_cache 20000000\ntotal_rss 35000000\n',
     }));
     expect(v1?.used()).toBe(35_000_000);
-    // No memory.stat: the usage itself.
-    const bare = cgroupMemory(files({ '/sys/fs/cgroup/memory.max': '100', '/sys/fs/cgroup/memory.current': '42' }));
-    expect(bare?.used()).toBe(42);
+    // Nothing to read: the reading fails, and the guard keeps its last one.
+    expect(() => cgroupMemory(files({ '/sys/fs/cgroup/memory.max': '100' }))?.used()).toThrow();
   });
 
   it('is null where nothing can be read: no /proc, no memory controller, no limit file', () => {
