@@ -21,6 +21,7 @@ import {
   built,
   cpuSeconds,
   freePort,
+  goReference,
   has,
   IMAGE_NODE_FLAGS,
   type Load,
@@ -162,6 +163,7 @@ const BARE_DENO = 'bare Deno.serve + fetch';
 const BARE_BUN = 'naive Hono + fetch (bun)';
 const bunRuntime = path.join(root, 'node_modules', '.bin', 'bun');
 
+const go = goReference();
 const rows: Row[] = [
   {
     name: 'direct',
@@ -190,6 +192,7 @@ const rows: Row[] = [
       );
     },
   },
+  bareRow("the article's Go ambassador, idle pool raised (reference)", [go.binary], go.why),
   bareRow(
     BARE_NODE,
     [NODE, path.join(root, 'dist/bench/bare-node.mjs')],

@@ -21,6 +21,18 @@ export const arg = (name: string, fallback: number) => {
 /** undefined when `file` (from the repository root) exists, else how to make it: a row's `available`. */
 export const built = (file: string, how: string) => (existsSync(path.join(root, file)) ? undefined : how);
 
+/** The reference row: the article's Go ambassador (bench/go-reference/main.go), built into dist/ with Go
+ * from Debian when `go` is there; the binary, or why there is none. */
+export function goReference(): { binary: string; why: string | undefined } {
+  const binary = path.join(root, 'dist', 'go-reference');
+  if (!has('go')) return { binary, why: 'go not installed (Debian package golang-go)' };
+  const build = spawnSync('go', ['build', '-o', binary, path.join(root, 'bench', 'go-reference', 'main.go')], {
+    encoding: 'utf8',
+    env: { ...process.env, GOFLAGS: '-mod=mod', GOTOOLCHAIN: 'local', CGO_ENABLED: '0' },
+  });
+  return { binary, why: build.status === 0 ? undefined : `go build failed: ${build.stderr.trim().split('\n')[0]}` };
+}
+
 /** The Node the images ship (Node 24, scripts/node.ts): every Node row runs on it. */
 export const NODE = shippedNode(root);
 

@@ -25,6 +25,7 @@ import {
   arg,
   built,
   freePort,
+  goReference,
   has,
   IMAGE_NODE_FLAGS,
   IMAGE_SEA_OPTIONS,
@@ -76,7 +77,17 @@ const ambassador =
     env: { ...ambassadorEnv(upstream, port, admin), ...extraEnv },
   });
 
+const go = goReference();
 const rows: Row[] = [
+  {
+    name: "the article's Go ambassador, idle pool raised (reference)",
+    available: go.why,
+    command: (upstream, port) => ({
+      argv: [go.binary],
+      env: { UPSTREAM_URL: upstream, PORT: String(port) },
+      ready: `http://127.0.0.1:${port}/small`,
+    }),
+  },
   {
     name: 'nginx (1 worker)',
     available: has('nginx') ? undefined : 'not installed',
@@ -210,7 +221,7 @@ async function main(): Promise<void> {
   );
   const results: Array<[Row, Result | undefined]> = [];
   for (const row of rows) {
-    if (ONLY !== undefined && !row.name.includes(ONLY)) continue;
+    if (ONLY !== undefined && !ONLY.split(',').some((part) => row.name.includes(part))) continue;
     if (row.available) {
       results.push([row, undefined]);
       continue;
