@@ -1128,10 +1128,13 @@ export function createAmbassador(
     usage: runtime.usage,
     memory: () => ({ limitBytes: p.memory.limitBytes, shedding: p.memory.shedding }),
   };
-  p.memory.watch(options.memory?.used ?? (() => runtime.usage().rssBytes), (shedding) => {
-    const { usedBytes, limitBytes, percent } = p.memory;
-    events.memoryPressure({ shedding, usedBytes, limitBytes: limitBytes!, percent });
-  });
+  // What counts against the limit is main's to say: the group's anonymous memory, or the resident size.
+  if (options.memory) {
+    p.memory.watch(options.memory.used, (shedding) => {
+      const { usedBytes, limitBytes, percent } = p.memory;
+      events.memoryPressure({ shedding, usedBytes, limitBytes: limitBytes!, percent });
+    });
+  }
   return {
     proxy,
     admin,
