@@ -205,7 +205,7 @@ export type AttemptOutcome = { status: number } | { failure: FailureKind };
 export type SkipReason = 'attempts' | 'method' | 'body' | 'deadline' | 'budget' | 'circuit';
 
 /** Why the ambassador answered a request itself, without asking the upstream. */
-export type Rejection = 'no_route' | 'rate_limit' | 'concurrency' | 'circuit_open' | 'memory';
+export type Rejection = 'no_route' | 'rate_limit' | 'concurrency' | 'circuit_open' | 'memory' | 'draining';
 
 export type RetryDecision =
   | { retry: true; delayMs: number }
@@ -250,6 +250,8 @@ export interface Events {
   tlsReloaded(e: { route: string; error?: string }): void;
   /** the process came near the memory limit it runs under and sheds new requests, or is back below it */
   memoryPressure(e: { shedding: boolean; usedBytes: number; limitBytes: number; percent: number }): void;
+  /** an upstream accepted a WebSocket handshake: the tunnel is open (`requestDone` tells how it closed) */
+  tunnelOpened(e: { id: string; route: string; endpoint: string }): void;
 }
 
 export interface RequestRecord {
@@ -266,6 +268,10 @@ export interface RequestRecord {
   bytesIn: number;
   bytesOut: number;
   error?: string;
+  /** a WebSocket handshake (101: its tunnel, whose bytes the upstream took and sent are bytesIn and bytesOut) */
+  websocket?: boolean;
+  /** how its tunnel ended */
+  closedBy?: TunnelEnd;
 }
 
 /** A limit of ours ran out (per try, per request, body idle); `classifyFailure` calls it `timeout`. */
@@ -304,6 +310,9 @@ export interface AppRequest {
   readonly headers: HeaderList;
   /** the app's address */
   readonly peer: string | undefined;
+  /** how this server carries a WebSocket: its connection as bytes (Node), or messages its own WebSocket
+   * reads and writes (Deno, Bun); null: it cannot, and the request goes on as a plain one */
+  readonly upgrades: 'bytes' | 'messages' | null;
   /** the request body at its source (asked for once, and only when the head announces one) */
   body(): BodySource | null;
   /** runs `f` when the app goes away before its answer is written whole; the function returned takes it back */
@@ -336,6 +345,10 @@ export interface Reply {
   node?: NodeReadable;
   /** an answer of the ambassador's own: its whole body (`textReply`) */
   whole?: Uint8Array<ArrayBuffer>;
+  /** the upstream switched to WebSocket (a 101 to the app's `Upgrade: websocket`): its connection */
+  upgraded?: UpstreamTunnel;
+  /** what the app's server is to run in place of a response body: the tunnel to that connection */
+  tunnel?: Tunnel;
 }
 
 /** How one attempt reaches the upstream: `fetch` on Deno and Bun, `node:http` on Node (see `nodeSend`): the
@@ -366,6 +379,8 @@ interface Proxy {
   readonly config: Config;
   readonly routes: ReadonlyMap<string, RoutePolicies>;
   readonly send: Send;
+  /** how a WebSocket handshake reaches the upstream (node:http's client, on every runtime) */
+  readonly upgrade: Send;
   readonly clock: Clock;
   readonly events: Events;
   readonly log: Logger;
@@ -376,6 +391,8 @@ interface Proxy {
   readonly uploads: Uploads;
   /** whether the process is near the memory limit it runs under (`MemoryGuard`) */
   readonly memory: MemoryGuard;
+  /** the WebSocket tunnels open now */
+  readonly tunnels: Set<Tunnel>;
   draining: boolean;
   requests: number;
 }
@@ -404,6 +421,8 @@ interface Call {
   readonly gone: Cancel;
   /** what the log and the metrics are told once it is done */
   readonly record: RequestRecord;
+  /** a WebSocket handshake, and how the app's server carries its tunnel; null: a plain request */
+  readonly upgrade: 'bytes' | 'messages' | null;
 }
 
 // --- Intake -----------------------------------------------------------------------------------------------
@@ -453,6 +472,18 @@ async function handle(p: Proxy, req: AppRequest): Promise<Response> {
     return req.respond(reply);
   }
   record.route = route.name;
+  const upgrade = req.upgrades !== null && isWebSocketUpgrade(method, headers) ? req.upgrades : null;
+  if (upgrade !== null) {
+    record.websocket = true;
+    if (p.draining) { // a tunnel would outlive the drain: the app is sent to another replica
+      record.rejected = 'draining';
+      record.status = REJECTION_STATUS.draining;
+      record.error = 'draining: no new WebSocket tunnel is opened';
+      record.durationMs = p.clock.now() - started;
+      p.events.requestDone(record);
+      return req.respond(closing(rejectionReply('draining', record.error, id, 1000)));
+    }
+  }
   const policies = p.routes.get(route.name)!;
   const pathAndQuery = (route.stripPrefix ? stripPrefix(path!, route.prefix) : path!) + (q < 0 ? '' : target.slice(q));
 
@@ -483,6 +514,7 @@ async function handle(p: Proxy, req: AppRequest): Promise<Response> {
     started,
     gone,
     record,
+    upgrade,
   };
 
   const body = requestBody(req, p.config.bodyIdleTimeoutMs, () => p.uploads.end(key), gone);
@@ -492,10 +524,12 @@ async function handle(p: Proxy, req: AppRequest): Promise<Response> {
     if (admission instanceof Promise) admission = await admission; // only a rate limit's wait or a queue
     holding = admission === true;
     const reply = admission === true ? await forward(p, call, body) : admission;
+    record.status = reply.status;
+    if (reply.upgraded) return req.respond(openTunnel(p, call, reply, finish), finish);
     // Draining, the app opens a fresh connection for its next call; and an answer that came before the
     // app's body was all read leaves the rest of that body on the connection (RFC 9112 §9.6: close it).
-    if (closes || p.draining || p.uploads.has(key)) reply.headers.push(['connection', 'close']);
-    record.status = reply.status;
+    // A handshake Node's server handed over as a connection has no HTTP after it.
+    if (closes || p.draining || p.uploads.has(key) || upgrade === 'bytes') reply.headers.push(['connection', 'close']);
     return req.respond(reply, finish, p.config.bodyIdleTimeoutMs);
   } catch (err) {
     if (err instanceof ClientError) {
@@ -516,6 +550,20 @@ async function handle(p: Proxy, req: AppRequest): Promise<Response> {
     finish(0, `the upstream's answer could not be passed on: ${describeFailure(err)}`);
     return req.respond(closing(textReply(502, `ambassador: the upstream's answer could not be passed on\n`, id)));
   }
+}
+
+/** The upstream's 101 as the app's tunnel, which holds the request's place, and its entry in flight, until
+ * it closes; `finish` is then told the bytes the upstream sent, and the record the rest. */
+function openTunnel(p: Proxy, call: Call, reply: Reply, finish: BodyDone): Reply {
+  const tunnel = new Tunnel(reply.upgraded!, p.config.bodyIdleTimeoutMs, (by, error) => {
+    p.tunnels.delete(tunnel);
+    call.record.bytesIn = tunnel.up;
+    call.record.closedBy = by;
+    finish(tunnel.down, error);
+  });
+  p.tunnels.add(tunnel);
+  p.events.tunnelOpened({ id: call.id, route: call.route.name, endpoint: call.record.endpoint ?? '' });
+  return { ...reply, tunnel };
 }
 
 /** Whether the app's request says `Connection: close`. */
@@ -733,6 +781,16 @@ async function attempts(p: Proxy, call: Call, body: ForwardBody, readFrom: numbe
   const clock = p.clock;
   const idempotencyKey = headerValue(call.appHeaders, 'idempotency-key') !== null;
   const headers = forwardHeaders(call.appHeaders, id, call.peer);
+  if (call.upgrade !== null) {
+    // The handshake goes on with the app's Sec-WebSocket-* headers and its Upgrade; where the ambassador
+    // reads the messages (Deno, Bun) no extension is offered, since it could not read frames one changed.
+    if (call.upgrade === 'messages') {
+      for (let i = headers.length - 1; i >= 0; i--) {
+        if (headers[i][0] === 'sec-websocket-extensions') headers.splice(i, 1);
+      }
+    }
+    headers.push(['connection', 'upgrade'], ['upgrade', 'websocket']);
+  }
   const deadlineAfter = (
     bodyRead: number,
   ) => (route.requestTimeoutMs > 0 ? call.started + route.requestTimeoutMs + (bodyRead - readFrom) : Infinity);
@@ -838,7 +896,7 @@ async function tryEndpoint(
   try {
     const tls = policies.tls?.current((problem) => p.events.tlsReloaded({ route: route.name, error: problem })) ?? null;
     const res = await attempt(
-      p.send,
+      call.upgrade === null ? p.send : p.upgrade,
       endpoint.destination,
       call.pathAndQuery,
       { ...request, body: request.body.take(), tls },
@@ -846,7 +904,13 @@ async function tryEndpoint(
       gone,
       request.body,
     );
-    if (res.status < 200 || res.status > 599) {
+    if (res.upgraded) {
+      const problem = await upgradeProblem(call.appHeaders, res.headers);
+      if (problem) {
+        drop(res);
+        throw Object.assign(new Error(problem), { code: 'HPE_BAD_UPGRADE' });
+      }
+    } else if (res.status < 200 || res.status > 599) {
       // A 101 nobody asked for (the app's Upgrade is never sent on), another 1xx a client let through,
       // or no status at all (RFC 9110 §15: three digits, 1xx to 5xx): the connection is closed.
       drop(res);
@@ -955,6 +1019,15 @@ function attempt(
 /** The upstream's answer as the app gets it: its headers shaped (`responseHeaders`), and no body where
  * the method or the status allows none. */
 export function appReply(res: Reply, method: string, id: string): Reply {
+  if (res.upgraded) {
+    return {
+      status: 101,
+      statusText: '',
+      headers: responseHeaders(res.headers, id),
+      body: null,
+      upgraded: res.upgraded,
+    };
+  }
   const noBody = method === 'HEAD' || NULL_BODY_STATUS.has(res.status);
   if (noBody) discard(res);
   const headers = responseHeaders(res.headers, id);
@@ -1043,7 +1116,7 @@ const systemClock: Clock = { now: () => performance.timeOrigin + performance.now
  * stack, and its process figures for the metrics. */
 export type AmbassadorRuntime = Pick<
   Runtime,
-  'name' | 'send' | 'resolve' | 'readFile' | 'checkTls' | 'tlsByAddress' | 'usage'
+  'name' | 'send' | 'upgrade' | 'resolve' | 'readFile' | 'checkTls' | 'tlsByAddress' | 'usage'
 >;
 
 export interface Ambassador {
@@ -1056,6 +1129,8 @@ export interface Ambassador {
   metrics: Metrics;
   markReady(): void;
   startDrain(): void;
+  /** the drain's grace is over: every open WebSocket tunnel is closed with 1001 Going Away */
+  closeTunnels(): void;
   /** settles once no request body is still arriving */
   uploadsRead(): Promise<void>;
   /** what `POST /shutdown` on the admin port does (main: start the drain) */
@@ -1089,6 +1164,7 @@ export function createAmbassador(
     config,
     routes: routePolicies(config, clock, events, runtime),
     send: runtime.send,
+    upgrade: runtime.upgrade,
     clock,
     events,
     log,
@@ -1096,6 +1172,7 @@ export function createAmbassador(
     inFlight: new Map(),
     uploads: new Uploads(),
     memory: new MemoryGuard(options.memory?.limitBytes ?? null, config.memoryShedPercent),
+    tunnels: new Set(),
     draining: false,
     requests: 0,
   };
@@ -1142,6 +1219,7 @@ export function createAmbassador(
     metrics,
     markReady: () => void (ready = true),
     startDrain: () => void (p.draining = true),
+    closeTunnels: () => [...p.tunnels].forEach((t) => t.goAway('drain')),
     uploadsRead: () => p.uploads.read(),
     onShutdownRequest: (f) => void (shutdownRequested = f),
     get draining() {
@@ -1944,6 +2022,7 @@ const REJECTION_STATUS: Record<Rejection, number> = {
   concurrency: 503,
   circuit_open: 503,
   memory: 503,
+  draining: 503,
 };
 
 /** What the app gets when the ambassador answers for the upstream: 429 over the rate limit, 503 while the
@@ -2247,14 +2326,505 @@ function bodyOf(reply: Reply): ReadableStream<Uint8Array> | null {
 
 /** Lets go of a reply not passed on: its body is read to the end (Node) or cancelled (fetch). */
 function discard(reply: Reply): void {
-  if (reply.node) reply.node.resume();
+  if (reply.upgraded) reply.upgraded.socket.destroy();
+  else if (reply.node) reply.node.resume();
   else reply.body?.cancel().catch(noop);
 }
 
 /** Lets go of a reply that broke the protocol: its connection is closed, never read on or pooled. */
 function drop(reply: Reply): void {
-  if (reply.node) reply.node.destroy();
+  if (reply.upgraded) reply.upgraded.socket.destroy();
+  else if (reply.node) reply.node.destroy();
   else reply.body?.cancel().catch(noop);
+}
+
+// =========================================================================================================
+// WebSockets: a handshake the upstream accepts (its 101) becomes a tunnel between the app and that
+// upstream, held like a request until it closes. Only `Upgrade: websocket` (RFC 6455); any other upgrade,
+// h2c above all, is forwarded as a plain request without it, never tunnelled.
+// =========================================================================================================
+
+/** The largest message passed on where the ambassador reads messages (Deno, Bun): Bun's own default. */
+const WS_MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
+/** What may wait unsent towards one end before reading from the other stops (Deno, Bun). */
+const WS_BUFFER_BYTES = 1024 * 1024;
+/** How long an end is given to close after its close frame, before its connection is cut. */
+const WS_CLOSE_WAIT_MS = 1000;
+const WS_GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
+const OP_TEXT = 1;
+const OP_BINARY = 2;
+const OP_CLOSE = 8;
+const OP_PING = 9;
+const OP_PONG = 10;
+
+/** The upstream's end of a tunnel: the connection its 101 came on (node:http's, on every runtime), and the
+ * bytes that came after the 101's head. */
+export interface UpstreamTunnel {
+  socket: TunnelSocket;
+  head: Uint8Array;
+}
+
+/** The parts of a Node socket a tunnel uses. */
+export interface TunnelSocket {
+  write(chunk: Uint8Array | string): boolean;
+  end(): void;
+  destroy(): void;
+  pause(): void;
+  resume(): void;
+  on(event: 'data', f: (chunk: Uint8Array) => void): void;
+  on(event: 'drain' | 'end' | 'close', f: () => void): void;
+  on(event: 'error', f: (err: Error) => void): void;
+}
+
+/** Who ended a tunnel: an end closing, the idle cut, the drain, or a broken connection or frame. */
+export type TunnelEnd = 'app' | 'upstream' | 'idle' | 'drain' | 'error';
+
+/** The app's end where its server speaks WebSocket itself (Deno, Bun): whole messages. */
+export interface MessageSocket {
+  send(data: string | Uint8Array): void;
+  close(code: number, reason: string): void;
+  /** bytes given to `send` and not yet written */
+  buffered(): number;
+}
+
+/** What the app's server tells a message tunnel (Deno, Bun). */
+export interface MessageRelay {
+  message(data: string | Uint8Array): void;
+  closed(code: number, reason: string): void;
+}
+
+/** Whether a request asks for a WebSocket (RFC 6455 §4.1): a GET whose Upgrade names websocket and whose
+ * Connection names upgrade. */
+export function isWebSocketUpgrade(method: string, headers: HeaderList): boolean {
+  if (method !== 'GET') return false;
+  let upgrade = false;
+  let connection = false;
+  for (const [name, value] of headers) {
+    if (name === 'upgrade') upgrade ||= hasToken(value, 'websocket');
+    else if (name === 'connection') connection ||= hasToken(value, 'upgrade');
+  }
+  return upgrade && connection;
+}
+
+function hasToken(value: string, token: string): boolean {
+  return value.split(',').some((t) => t.trim().toLowerCase() === token);
+}
+
+/** What the upstream's 101 must carry for the app's key (RFC 6455 §4.2.2). */
+export async function acceptFor(key: string): Promise<string> {
+  const digest = new Uint8Array(await crypto.subtle.digest('SHA-1', new TextEncoder().encode(key + WS_GUID)));
+  return btoa(String.fromCharCode(...digest));
+}
+
+/** Why an upstream's 101 cannot become the app's tunnel, if it cannot. */
+export async function upgradeProblem(appHeaders: HeaderList, reply: HeaderList): Promise<string | undefined> {
+  if (!isWebSocketUpgrade('GET', [...reply, ['connection', 'upgrade']])) {
+    return 'the upstream switched to a protocol other than websocket';
+  }
+  const key = headerValue(appHeaders, 'sec-websocket-key') ?? '';
+  if (headerValue(reply, 'sec-websocket-accept') !== await acceptFor(key)) {
+    return "the upstream's Sec-WebSocket-Accept does not match the app's key";
+  }
+  return undefined;
+}
+
+/** One open tunnel: the bytes each way (as the upstream took and sent them), the idle cut, the drain's going
+ * away, and the one report of how it ended. The app's end is its connection (`bytes`, Node: frames pass
+ * untouched, extensions included) or a WebSocket its server runs (`messages`, Deno and Bun). */
+export class Tunnel {
+  /** bytes the upstream took, and sent */
+  up = 0;
+  down = 0;
+  /** closes both ends with 1001 Going Away (`by`: the drain, or the idle cut) */
+  goAway: (by: TunnelEnd) => void = noop;
+  private readonly upstream: UpstreamTunnel;
+  private readonly idleMs: number;
+  private readonly done: (by: TunnelEnd, error?: string) => void;
+  private idle: ReturnType<typeof setTimeout> | undefined;
+  private by: TunnelEnd | undefined;
+  private error: string | undefined;
+  private ended = false;
+
+  constructor(upstream: UpstreamTunnel, idleMs: number, done: (by: TunnelEnd, error?: string) => void) {
+    this.upstream = upstream;
+    this.idleMs = idleMs;
+    this.done = done;
+  }
+
+  /** Node: the app's connection and what it sent after its handshake; bytes pass as they come. */
+  bytes(app: TunnelSocket, appHead: Uint8Array): void {
+    const upstream = this.upstream.socket;
+    // Each way, where its frames begin and end: the drain's close frame goes in between two frames.
+    const closing = (who: TunnelEnd) => () => void (this.by ??= who);
+    const down = {
+      from: upstream,
+      into: app,
+      masked: false,
+      frames: new FrameBoundaries(closing('upstream')),
+      stopped: false,
+    };
+    const up = { from: app, into: upstream, masked: true, frames: new FrameBoundaries(closing('app')), stopped: false };
+    let going = false;
+    const stop = (way: typeof up) => {
+      way.stopped = true;
+      way.into.write(encodeFrame(OP_CLOSE, closePayload(1001, 'going away'), way.masked));
+      if (up.stopped && down.stopped) app.end(), upstream.end();
+    };
+    const pass = (way: typeof up, count: (n: number) => void) => (chunk: Uint8Array) => {
+      if (way.stopped) return;
+      const part = going ? chunk.subarray(0, way.frames.advance(chunk, true)) : chunk;
+      if (!going) way.frames.advance(chunk, false);
+      count(part.byteLength);
+      this.touch();
+      if (part.byteLength > 0 && !way.into.write(part)) way.from.pause();
+      if (going && way.frames.atBoundary) stop(way);
+    };
+    upstream.on('drain', () => app.resume());
+    app.on('drain', () => upstream.resume());
+    upstream.on('data', pass(down, (n) => (this.down += n)));
+    app.on('data', pass(up, (n) => (this.up += n)));
+    let open = 2;
+    const closed = () => --open === 0 && this.finish();
+    this.ends(app, upstream, 'app', closed);
+    this.ends(upstream, app, 'upstream', closed);
+    this.goAway = (by) => {
+      if (going) return;
+      going = true;
+      this.by ??= by;
+      for (const way of [up, down]) if (way.frames.atBoundary) stop(way);
+      this.cutLater(app, upstream);
+    };
+    this.startIdle();
+    if (this.upstream.head.byteLength > 0) pass(down, (n) => (this.down += n))(this.upstream.head);
+    if (appHead.byteLength > 0) pass(up, (n) => (this.up += n))(appHead);
+    upstream.resume();
+    app.resume();
+  }
+
+  /** Deno, Bun: the app's WebSocket, once open. Messages are read whole from the upstream's frames and written
+   * as frames of the app's messages; pings are answered here. */
+  messages(app: MessageSocket): MessageRelay {
+    const upstream = this.upstream.socket;
+    let appClosed = false;
+    let closeSent = false;
+    const closeApp = (code: number, reason: string) => {
+      if (appClosed) return;
+      appClosed = true;
+      app.close(code, reason);
+    };
+    const closeUpstream = (code: number | null, reason = '') => {
+      if (closeSent) return;
+      closeSent = true;
+      const frame = encodeFrame(OP_CLOSE, code === null ? new Uint8Array(0) : closePayload(code, reason), true);
+      this.up += frame.byteLength;
+      upstream.write(frame);
+      upstream.end();
+      this.cutLater(upstream);
+    };
+    const text = new TextDecoder('utf-8', { fatal: true });
+    const reader = new FrameReader(WS_MAX_MESSAGE_BYTES, {
+      message: (isText, data) => {
+        let value: string | Uint8Array = data;
+        if (isText) {
+          try {
+            value = text.decode(data);
+          } catch {
+            return reader.fail(1007, 'a text message that is not UTF-8');
+          }
+        }
+        app.send(value);
+        if (app.buffered() > WS_BUFFER_BYTES) this.waitForSent(app, upstream);
+      },
+      ping: (payload) => void upstream.write(encodeFrame(OP_PONG, payload, true)),
+      close: (code, reason) => {
+        this.by ??= 'upstream';
+        closeApp(code === null || !sendableCode(code) ? 1000 : code, reason);
+        closeUpstream(code, reason);
+      },
+      fail: (code, why) => {
+        this.by ??= 'error';
+        this.error ??= `the upstream broke the WebSocket protocol: ${why}`;
+        closeApp(code, why);
+        closeUpstream(code, why);
+      },
+    });
+    upstream.on('data', (chunk) => {
+      this.down += chunk.byteLength;
+      this.touch();
+      reader.push(chunk);
+    });
+    upstream.on('error', (err) => (this.error ??= describeFailure(err)));
+    upstream.on('close', () => {
+      this.by ??= 'upstream';
+      closeApp(1011, 'the upstream closed its connection');
+      this.finish();
+    });
+    let queued = 0;
+    upstream.on('drain', () => (queued = 0));
+    this.goAway = (by) => {
+      this.by ??= by;
+      closeApp(1001, 'going away');
+      closeUpstream(1001, 'going away');
+    };
+    this.startIdle();
+    if (this.upstream.head.byteLength > 0) {
+      this.down += this.upstream.head.byteLength;
+      reader.push(this.upstream.head);
+    }
+    upstream.resume();
+    return {
+      message: (data) => {
+        if (closeSent) return;
+        this.touch();
+        const isText = typeof data === 'string';
+        const frame = encodeFrame(isText ? OP_TEXT : OP_BINARY, isText ? new TextEncoder().encode(data) : data, true);
+        this.up += frame.byteLength;
+        // The app's server cannot be told to stop reading: an upstream that takes nothing ends the tunnel.
+        if (!upstream.write(frame) && (queued += frame.byteLength) > WS_MAX_MESSAGE_BYTES) {
+          this.by ??= 'error';
+          this.error ??= 'the upstream took none of the messages sent to it';
+          closeApp(1013, 'the upstream is not reading');
+          upstream.destroy();
+        }
+      },
+      closed: (code, reason) => {
+        appClosed = true;
+        this.by ??= 'app';
+        closeUpstream(sendableCode(code) ? code : null, reason);
+      },
+    };
+  }
+
+  private touch(): void {
+    this.idle?.refresh();
+  }
+
+  private startIdle(): void {
+    if (this.idleMs > 0) this.idle = setTimeout(() => this.goAway('idle'), this.idleMs);
+  }
+
+  /** `socket`'s end: the first end to close closes the other; `closed` is told when it has. */
+  private ends(socket: TunnelSocket, other: TunnelSocket, who: TunnelEnd, closed: () => void): void {
+    socket.on('error', (err) => (this.error ??= `${who}: ${describeFailure(err)}`));
+    socket.on('end', () => {
+      this.by ??= who;
+      other.end();
+    });
+    socket.on('close', () => {
+      this.by ??= who;
+      other.end();
+      this.cutLater(other);
+      closed();
+    });
+  }
+
+  /** Connections still open WS_CLOSE_WAIT_MS after their end was asked for are cut. */
+  private cutLater(...sockets: TunnelSocket[]): void {
+    setTimeout(() => sockets.forEach((s) => s.destroy()), WS_CLOSE_WAIT_MS);
+  }
+
+  /** Holds reading from the upstream until the app's WebSocket has written what it was given. */
+  private waitForSent(app: MessageSocket, upstream: TunnelSocket): void {
+    upstream.pause();
+    const check = setInterval(() => {
+      if (app.buffered() > WS_BUFFER_BYTES / 4 && !this.ended) return;
+      clearInterval(check);
+      upstream.resume();
+    }, 20);
+  }
+
+  private finish(): void {
+    if (this.ended) return;
+    this.ended = true;
+    clearTimeout(this.idle);
+    this.done(this.by ?? 'error', this.error);
+  }
+}
+
+/** Codes an endpoint may put in a close frame (RFC 6455 §7.4): 1005, 1006 and 1015 only ever describe one. */
+function sendableCode(code: number): boolean {
+  return (code >= 1000 && code <= 1014 && code !== 1004 && code !== 1005 && code !== 1006) ||
+    (code >= 3000 && code <= 4999);
+}
+
+function closePayload(code: number, reason: string): Uint8Array {
+  const text = new TextEncoder().encode(reason).subarray(0, 123);
+  const out = new Uint8Array(2 + text.byteLength);
+  out[0] = code >> 8;
+  out[1] = code & 255;
+  out.set(text, 2);
+  return out;
+}
+
+/** One frame, FIN set (RFC 6455 §5.2); a client's (to the upstream) masked. */
+export function encodeFrame(opcode: number, payload: Uint8Array, masked: boolean): Uint8Array {
+  const n = payload.byteLength;
+  const extra = n < 126 ? 0 : n < 65536 ? 2 : 8;
+  const head = 2 + extra + (masked ? 4 : 0);
+  const out = new Uint8Array(head + n);
+  out[0] = 0x80 | opcode;
+  out[1] = (masked ? 0x80 : 0) | (n < 126 ? n : n < 65536 ? 126 : 127);
+  if (extra === 2) (out[2] = n >> 8), (out[3] = n & 255);
+  else if (extra === 8) new DataView(out.buffer).setBigUint64(2, BigInt(n));
+  if (!masked) {
+    out.set(payload, head);
+    return out;
+  }
+  const key = crypto.getRandomValues(new Uint8Array(4));
+  out.set(key, head - 4);
+  for (let i = 0; i < n; i++) out[head + i] = payload[i] ^ key[i & 3];
+  return out;
+}
+
+/** A frame head's length once its first two bytes are in (null before). */
+function frameHeadLength(head: readonly number[]): number | null {
+  if (head.length < 2) return null;
+  const len = head[1] & 0x7f;
+  return 2 + (len === 126 ? 2 : len === 127 ? 8 : 0) + (head[1] & 0x80 ? 4 : 0);
+}
+
+function framePayloadLength(head: readonly number[]): number {
+  const len = head[1] & 0x7f;
+  if (len < 126) return len;
+  if (len === 126) return (head[2] << 8) | head[3];
+  let n = 0;
+  for (let i = 2; i < 10; i++) n = n * 256 + head[i];
+  return n;
+}
+
+/** Where a stream of frames stands: inside a frame, or between two. Only heads are read: their lengths,
+ * and whether a close frame passed (`onClose`: the end it came from is the one closing the tunnel). */
+export class FrameBoundaries {
+  private head: number[] = [];
+  private left = 0;
+  private readonly onClose: () => void;
+
+  constructor(onClose: () => void = noop) {
+    this.onClose = onClose;
+  }
+
+  get atBoundary(): boolean {
+    return this.left === 0 && this.head.length === 0;
+  }
+
+  /** Reads `chunk` on (with `stop`, only up to the first point between two frames): the bytes read. */
+  advance(chunk: Uint8Array, stop: boolean): number {
+    let at = 0;
+    while (at < chunk.byteLength) {
+      if (stop && this.atBoundary) return at;
+      if (this.left > 0) {
+        const n = Math.min(this.left, chunk.byteLength - at);
+        this.left -= n;
+        at += n;
+        continue;
+      }
+      this.head.push(chunk[at++]);
+      const length = frameHeadLength(this.head);
+      if (length !== null && this.head.length === length) {
+        if ((this.head[0] & 0x0f) === OP_CLOSE) this.onClose();
+        this.left = framePayloadLength(this.head);
+        this.head = [];
+      }
+    }
+    return at;
+  }
+}
+
+/** Reads a server's frames (unmasked) into whole messages, control frames apart; a broken frame or a
+ * message past `maxBytes` fails it with the close code to send. */
+export class FrameReader {
+  private head: number[] = [];
+  private left = 0;
+  private frame: { fin: boolean; opcode: number; parts: Uint8Array[]; size: number } | null = null;
+  private message: { text: boolean; parts: Uint8Array[]; size: number } | null = null;
+  private failed = false;
+  private readonly maxBytes: number;
+  private readonly on: {
+    message(text: boolean, data: Uint8Array): void;
+    ping(payload: Uint8Array): void;
+    close(code: number | null, reason: string): void;
+    fail(code: number, why: string): void;
+  };
+
+  constructor(maxBytes: number, on: FrameReader['on']) {
+    this.maxBytes = maxBytes;
+    this.on = on;
+  }
+
+  fail(code: number, why: string): void {
+    if (this.failed) return;
+    this.failed = true;
+    this.on.fail(code, why);
+  }
+
+  push(chunk: Uint8Array): void {
+    let at = 0;
+    while (!this.failed && (at < chunk.byteLength || (this.frame !== null && this.left === 0))) {
+      if (this.frame === null) {
+        this.head.push(chunk[at++]);
+        const length = frameHeadLength(this.head);
+        if (length === null || this.head.length < length) continue;
+        this.begin(this.head);
+        this.head = [];
+        continue;
+      }
+      if (this.left > 0) {
+        const n = Math.min(this.left, chunk.byteLength - at);
+        this.frame.parts.push(chunk.subarray(at, at + n));
+        this.frame.size += n;
+        this.left -= n;
+        at += n;
+        if (this.left > 0) continue;
+      }
+      const frame = this.frame;
+      this.frame = null;
+      this.complete(frame);
+    }
+  }
+
+  private begin(head: number[]): void {
+    const fin = (head[0] & 0x80) !== 0;
+    const opcode = head[0] & 0x0f;
+    const length = framePayloadLength(head);
+    if (head[0] & 0x70) return this.fail(1002, 'reserved bits set, and no extension was agreed');
+    if (head[1] & 0x80) return this.fail(1002, 'a masked frame from the server');
+    if (opcode >= 8) {
+      if (opcode > OP_PONG) return this.fail(1002, `unknown opcode ${opcode}`);
+      if (!fin || length > 125) return this.fail(1002, 'a control frame fragmented or longer than 125 bytes');
+    } else if (opcode > OP_BINARY) return this.fail(1002, `unknown opcode ${opcode}`);
+    else if ((opcode === 0) !== (this.message !== null)) return this.fail(1002, 'a message fragment out of order');
+    else if ((this.message?.size ?? 0) + length > this.maxBytes) {
+      return this.fail(1009, `a message larger than ${this.maxBytes} bytes`);
+    }
+    this.frame = { fin, opcode, parts: [], size: 0 };
+    this.left = length;
+  }
+
+  private complete(frame: { fin: boolean; opcode: number; parts: Uint8Array[]; size: number }): void {
+    const payload = frame.parts.length === 1 ? frame.parts[0] : concat(frame.parts, frame.size);
+    if (frame.opcode === OP_PING) return this.on.ping(payload);
+    if (frame.opcode === OP_PONG) return;
+    if (frame.opcode === OP_CLOSE) {
+      const code = payload.byteLength >= 2 ? (payload[0] << 8) | payload[1] : null;
+      let reason = '';
+      try {
+        reason = new TextDecoder('utf-8', { fatal: true }).decode(payload.subarray(2));
+      } catch {
+        return this.fail(1007, 'a close reason that is not UTF-8');
+      }
+      return this.on.close(code, reason);
+    }
+    const message = this.message ?? { text: frame.opcode === OP_TEXT, parts: [], size: 0 };
+    message.parts.push(payload);
+    message.size += payload.byteLength;
+    this.message = frame.fin ? null : message;
+    if (frame.fin) {
+      this.on.message(
+        message.text,
+        message.parts.length === 1 ? message.parts[0] : concat(message.parts, message.size),
+      );
+    }
+  }
 }
 
 // =========================================================================================================
@@ -2617,6 +3187,7 @@ export function logEvents(log: Logger, minLevel: LogLevel): Events {
         bytes_out: r.bytesOut,
         ...(r.rejected ? { rejected: r.rejected } : {}),
         ...(r.error ? { error: r.error } : {}),
+        ...(r.closedBy ? { closed_by: r.closedBy } : {}),
       });
     },
     endpointChanged(e) {
@@ -2665,6 +3236,9 @@ export function logEvents(log: Logger, minLevel: LogLevel): Events {
       if (e.shedding) {
         log('warn', `memory near the limit: new requests get 503 until it is back below ${e.percent}%`, fields);
       } else log('notice', "memory back below the limit's share: taking new requests again", fields);
+    },
+    tunnelOpened(e) {
+      if (debug) log('debug', 'websocket tunnel open', { id: e.id, route: e.route, endpoint: e.endpoint });
     },
   };
 }
@@ -2720,6 +3294,9 @@ export class Metrics {
   readonly retries = new Map<string, number>(); // route
   readonly rejected = new Map<string, number>(); // route reason
   readonly tlsReloads = new Map<string, number>(); // route result
+  readonly tunnels = new Map<string, number>(); // route outcome
+  readonly tunnelBytes = new Map<string, number>(); // route direction
+  tunnelsOpen = 0;
   eventLoopLagSeconds = 0;
   gauges: Gauges = { inFlight: () => 0, draining: () => false };
 
@@ -2742,6 +3319,20 @@ export class Metrics {
         add(this.requests, `${r.route} ${METHOD_LABELS.has(r.method) ? r.method : 'other'} ${r.status}`);
         if (r.rejected) add(this.rejected, `${r.route} ${r.rejected}`);
         this.duration.observe(r.durationMs / 1000);
+        if (r.closedBy) {
+          this.tunnelsOpen--;
+          this.tunnelBytes.set(
+            `${r.route} to_upstream`,
+            (this.tunnelBytes.get(`${r.route} to_upstream`) ?? 0) + r.bytesIn,
+          );
+          this.tunnelBytes.set(`${r.route} to_app`, (this.tunnelBytes.get(`${r.route} to_app`) ?? 0) + r.bytesOut);
+        } else if (r.websocket) {
+          add(this.tunnels, `${r.route} ${r.rejected ?? (r.upstreamMs === null ? 'failed' : 'refused')}`);
+        }
+      },
+      tunnelOpened: (e) => {
+        this.tunnelsOpen++;
+        add(this.tunnels, `${e.route} opened`);
       },
       endpointChanged: () => {}, // the breakers' states are read when scraped
       endpointsChanged: () => {},
@@ -2790,7 +3381,8 @@ export class Metrics {
       'ambassador_requests_rejected_total',
       'counter',
       'Requests the ambassador answered itself, by route and reason: ' +
-        'no_route (404), rate_limit (429), concurrency, circuit_open, memory (503).',
+        'no_route (404), rate_limit (429), concurrency, circuit_open, memory, draining (503; ' +
+        'draining: a WebSocket handshake during a drain).',
     );
     series('ambassador_requests_rejected_total', this.rejected, ['route', 'reason']);
     family(
@@ -2910,6 +3502,22 @@ export class Metrics {
       );
       out.push(`ambassador_memory_shedding ${memory.shedding ? 1 : 0}`);
     }
+    family('ambassador_websocket_tunnels_open', 'gauge', 'WebSocket tunnels open now.');
+    out.push(`ambassador_websocket_tunnels_open ${this.tunnelsOpen}`);
+    family(
+      'ambassador_websocket_tunnels_total',
+      'counter',
+      'WebSocket handshakes by route and outcome: opened (the upstream answered 101), refused (it answered ' +
+        'another status, passed on to the app), failed (no answer: 502 or 504), or the reason the ambassador ' +
+        'turned it away itself (circuit_open, concurrency, memory, draining, rate_limit).',
+    );
+    series('ambassador_websocket_tunnels_total', this.tunnels, ['route', 'outcome']);
+    family(
+      'ambassador_websocket_bytes_total',
+      'counter',
+      'Bytes through closed WebSocket tunnels, frames included, by route and direction (to_upstream, to_app).',
+    );
+    series('ambassador_websocket_bytes_total', this.tunnelBytes, ['route', 'direction']);
     family('ambassador_requests_in_flight', 'gauge', 'Requests not yet answered in full.');
     out.push(`ambassador_requests_in_flight ${this.gauges.inFlight()}`);
     if (this.gauges.connections) {
@@ -2945,6 +3553,7 @@ function fanOut(...all: Events[]): Events {
     endpointsChanged: (e) => all.forEach((x) => x.endpointsChanged(e)),
     tlsReloaded: (e) => all.forEach((x) => x.tlsReloaded(e)),
     memoryPressure: (e) => all.forEach((x) => x.memoryPressure(e)),
+    tunnelOpened: (e) => all.forEach((x) => x.tunnelOpened(e)),
   };
 }
 
@@ -3448,6 +4057,8 @@ interface Runtime {
   readonly name: RuntimeName;
   /** the upstream client */
   readonly send: Send;
+  /** the client for WebSocket handshakes: node:http's, whose 101 hands over the connection (`nodeSend`) */
+  readonly upgrade: Send;
   readonly resolve: Resolve;
   readonly readFile: ReadFile;
   /** tries TLS material on the runtime's own TLS stack */
@@ -3613,6 +4224,9 @@ export interface NodeIncoming extends AsyncIterable<Uint8Array> {
   asterisk?: boolean;
   rawHeaders: string[];
   socket: { remoteAddress?: string };
+  /** a WebSocket handshake Node's server handed over as an upgrade (see `listenNode`): its connection, and
+   * what the app sent after its head */
+  upgrade?: { socket: TunnelSocket; head: Uint8Array };
 }
 export interface NodeOutgoing {
   writeHead(status: number, statusText: string, headers: string[]): void;
@@ -3635,6 +4249,7 @@ export class NodeAppRequest implements AppRequest {
   readonly urlHost = undefined;
   readonly headers: HeaderList;
   readonly peer: string | undefined;
+  readonly upgrades: 'bytes' | null;
   private readonly incoming: NodeIncoming;
   private readonly outgoing: NodeOutgoing;
   /** @hono/node-server's "the handler wrote the response itself" (RESPONSE_ALREADY_SENT) */
@@ -3646,11 +4261,9 @@ export class NodeAppRequest implements AppRequest {
     this.written = written;
     this.method = incoming.method ?? '';
     this.target = this.seen = incoming.asterisk ? '*' : incoming.url ?? '/';
-    const raw = incoming.rawHeaders;
-    const headers: HeaderList = [];
-    for (let i = 0; i < raw.length; i += 2) headers.push([raw[i].toLowerCase(), raw[i + 1]]);
-    this.headers = headers;
+    this.headers = nodeHeaders(incoming.rawHeaders);
     this.peer = incoming.socket.remoteAddress;
+    this.upgrades = incoming.upgrade ? 'bytes' : null;
   }
 
   body(): BodySource {
@@ -3667,11 +4280,27 @@ export class NodeAppRequest implements AppRequest {
   }
 
   respond(reply: Reply, done?: BodyDone, idleMs = 0): Response {
+    if (reply.tunnel) {
+      // The upstream's 101, as the app's, and the connection handed to the tunnel.
+      const { socket, head } = this.incoming.upgrade!;
+      let text = 'HTTP/1.1 101 Switching Protocols\r\n';
+      for (const [name, value] of reply.headers) text += `${name}: ${value}\r\n`;
+      socket.write(`${text}connection: Upgrade\r\nupgrade: websocket\r\n\r\n`);
+      reply.tunnel.bytes(socket, head);
+      return this.written;
+    }
     if (!reply.node || !done) return webResponse(reply, done, idleMs, false);
     // The upstream's body goes straight into the app's connection, no web streams between.
     pipeNode(reply.node, this.outgoing, reply, idleMs, done);
     return this.written;
   }
+}
+
+/** Node's raw header list ([name, value, name, value, ...]) as a `HeaderList`. */
+function nodeHeaders(raw: string[]): HeaderList {
+  const headers: HeaderList = [];
+  for (let i = 0; i < raw.length; i += 2) headers.push([raw[i].toLowerCase(), raw[i + 1]]);
+  return headers;
 }
 
 /** Node: writes the response head, then pipes the upstream body into the app's connection with Node's own
@@ -3787,13 +4416,24 @@ export function nodeSend(
       } catch (err) { // a method or header the client will not write: nothing was sent
         return reject(unsendable(err));
       }
-      // The attempt's end, before the response or during its body, closes the upstream's connection.
-      init.cancel.on((reason) => req.destroy(reason instanceof Error ? reason : new Error(String(reason))));
+      // The attempt's end, before the response or during its body, closes the upstream's connection; a
+      // tunnel's connection is the tunnel's to close.
+      let switched = false;
+      init.cancel.on((reason) => switched || req.destroy(reason instanceof Error ? reason : new Error(String(reason))));
       req.on('error', reject);
-      // A 101 comes here, not as a response; the connection is then no longer HTTP, so it is closed.
-      req.on('upgrade', (_res, socket: { destroy(): void }) => {
-        socket.destroy();
-        reject(unaskedUpgrade());
+      // A 101 comes here, not as a response. To a WebSocket handshake (the only request sent with an Upgrade)
+      // it hands over the connection, held still until its tunnel reads it; to anything else it is a
+      // connection no longer HTTP, and closed.
+      req.on('upgrade', (res, socket: TunnelSocket, head: Uint8Array) => {
+        const headers = nodeHeaders(res.rawHeaders);
+        const problem = headerValue(init.headers, 'upgrade') === null ? unaskedUpgrade() : responseHeadProblem(headers);
+        if (problem) {
+          socket.destroy();
+          return reject(problem);
+        }
+        switched = true;
+        socket.pause();
+        resolve({ status: 101, statusText: res.statusMessage ?? '', headers, body: null, upgraded: { socket, head } });
       });
       req.on('response', (res) => {
         const status = res.statusCode ?? 502;
@@ -3904,14 +4544,18 @@ export function nodeResolve(dns: Pick<typeof import('node:dns'), 'promises'>): R
 async function listenNode(handler: ProxyHandler, host: string, port: number): Promise<Listener> {
   const { createAdaptorServer } = await import('@hono/node-server');
   const { RESPONSE_ALREADY_SENT } = await import('@hono/node-server/utils/response');
-  const { createServer } = await import('node:http');
+  const { createServer, ServerResponse } = await import('node:http');
   const server = createAdaptorServer({
     fetch: ((req: Request, env: { incoming: NodeIncoming; outgoing: NodeOutgoing }) =>
       handler(req, new NodeAppRequest(env.incoming, env.outgoing, RESPONSE_ALREADY_SENT))) as never,
     hostname: host,
     // The adapter cannot make a URL of the target `*` (OPTIONS *): it reaches the handler as `/`, marked.
     createServer: ((options: object, listener: (req: { url?: string; asterisk?: boolean }, res: unknown) => void) =>
-      createServer(options, (req, res) => {
+      createServer({
+        ...options,
+        shouldUpgradeCallback: (req) =>
+          isWebSocketUpgrade(req.method ?? '', nodeHeaders(req.rawHeaders)),
+      }, (req, res) => {
         if (req.url === '*') {
           Object.assign(req, { url: '/', asterisk: true });
         }
@@ -3923,6 +4567,21 @@ async function listenNode(handler: ProxyHandler, host: string, port: number): Pr
   server.keepAliveTimeout = 65_000;
   server.headersTimeout = 66_000;
   server.requestTimeout = 0; // a large upload may take longer than Node's default 5 minutes
+  // A WebSocket handshake comes as an upgrade, with the app's connection; it goes to the handler like any
+  // request, with a response of its own on that connection for an answer other than a 101 (the last one
+  // on it: Node reads no more requests there). Only WebSocket handshakes come here (shouldUpgradeCallback,
+  // Node 24.9): before it, every Upgrade would, h2c too, so there none is taken and a handshake is a
+  // plain request.
+  if (typeof (server as { shouldUpgradeCallback?: unknown }).shouldUpgradeCallback === 'function') {
+    server.on('upgrade', (req: NodeIncoming, socket: TunnelSocket, head: Uint8Array) => {
+      socket.pause();
+      const res = new ServerResponse(req as never);
+      res.assignSocket(socket as never);
+      res.on('finish', () => socket.end());
+      req.upgrade = { socket, head };
+      server.emit('request', req, res);
+    });
+  }
   // Node does not route CONNECT to the request handler; answer it rather than drop the socket.
   server.on('connect', (_req: unknown, socket: { end(data: string): void }) => {
     socket.end('HTTP/1.1 405 Method Not Allowed\r\nconnection: close\r\ncontent-length: 0\r\n\r\n');
@@ -4030,14 +4689,16 @@ async function nodeBuiltins(): Promise<
 }
 
 export async function nodeRuntime(): Promise<Runtime> {
+  const send = nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp, {
+    checkServerIdentity: subjectAltNameOnly(await import('node:tls')),
+  });
   return {
     ...await nodeBuiltins(),
     name: 'node',
     tlsByAddress: true,
     tlsLimits: null,
-    send: nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp, {
-      checkServerIdentity: subjectAltNameOnly(await import('node:tls')),
-    }),
+    send,
+    upgrade: send, // its agents let go of a connection a 101 took over
     listen: (handler, host, port) => listenNode(handler, host, port),
   };
 }
@@ -4053,12 +4714,15 @@ export class FetchAppRequest implements AppRequest {
   readonly urlHost: string;
   readonly headers: HeaderList;
   readonly peer: string | undefined;
+  readonly upgrades = 'messages' as const;
   private readonly request: Request;
   private readonly direct: boolean;
+  private readonly upgrade: Upgrader;
 
-  constructor(request: Request, peer: string | undefined, direct: boolean) {
+  constructor(request: Request, peer: string | undefined, direct: boolean, upgrade: Upgrader) {
     this.request = request;
     this.direct = direct;
+    this.upgrade = upgrade;
     const url = parseUrl(request.url);
     this.method = request.method;
     this.target = url.pathname + url.search;
@@ -4086,9 +4750,19 @@ export class FetchAppRequest implements AppRequest {
   }
 
   respond(reply: Reply, done?: BodyDone, idleMs = 0): Response {
+    if (reply.tunnel) {
+      return this.upgrade(this.request, reply.tunnel, headerValue(reply.headers, 'sec-websocket-protocol'));
+    }
     return webResponse(reply, done, idleMs, this.direct);
   }
 }
+
+/** Deno's and Bun's WebSocket upgrade: the app's handshake answered by the server's own WebSocket, which is the
+ * app's end of `tunnel`; `protocol`: the one the upstream chose. */
+type Upgrader = (request: Request, tunnel: Tunnel, protocol: string | null) => Response;
+
+/** An app's WebSocket that closed before it opened: nothing is sent to it. */
+const CLOSED_SOCKET: MessageSocket = { send: noop, close: noop, buffered: () => 0 };
 
 /** The request's URL. Deno makes it from the Host header, so a Host that is no host (`a b`, `one, two`)
  * gives a URL that does not parse: it stands as one that `earlyAnswer` turns away (400). */
@@ -4161,6 +4835,10 @@ interface DenoLike {
   ): DenoHttpClient;
   readTextFileSync(path: string): string;
   resolveDns(query: string, type: 'A' | 'AAAA'): Promise<string[]>;
+  upgradeWebSocket(req: Request, options: { protocol?: string; idleTimeout?: number }): {
+    socket: WebSocket;
+    response: Response;
+  };
 }
 
 interface DenoHttpClient {
@@ -4168,13 +4846,15 @@ interface DenoHttpClient {
 }
 
 function denoRuntime(d: DenoLike): Runtime {
-  // Deno imports node:http only when a streamed upload with a length first needs it (see `fetchSend`).
+  // Deno imports node:http only when a streamed upload with a length (see `fetchSend`) or a WebSocket
+  // handshake first needs it.
   const withLength = lazySend(async () =>
     nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp, { pooled: false })
   );
   return {
     name: 'deno',
     send: fetchSend(d, withLength),
+    upgrade: withLength,
     resolve: denoResolve(d),
     readFile: (path) => d.readTextFileSync(path),
     checkTls: denoCheckTls(d),
@@ -4196,12 +4876,47 @@ function denoRuntime(d: DenoLike): Runtime {
  * connections at once: the drain lets it go on accepting for DRAIN_IDLE_MS first (`settleMs`). */
 function listenDeno(d: DenoLike, handler: ProxyHandler, host: string, port: number, work: Work): Listener {
   const abort = new AbortController();
+  const upgrade: Upgrader = (request, tunnel, protocol) => {
+    // Deno's own pings are off (idleTimeout 0): BODY_IDLE_TIMEOUT_MS is the tunnel's idle rule. The chosen
+    // protocol is set on the 101 itself: Deno's check of it splits the app's list only at ", ", and
+    // `chat,superchat` (as the ws package writes it) would refuse `chat`.
+    let upgraded: ReturnType<DenoLike['upgradeWebSocket']>;
+    try {
+      upgraded = d.upgradeWebSocket(request, { idleTimeout: 0 });
+    } catch (err) {
+      tunnel.messages(CLOSED_SOCKET).closed(1006, '');
+      return new Response(`ambassador: the WebSocket handshake could not be completed: ${describeFailure(err)}\n`, {
+        status: 400,
+      });
+    }
+    const { socket, response } = upgraded;
+    if (protocol) response.headers.set('sec-websocket-protocol', protocol);
+    socket.binaryType = 'arraybuffer';
+    let relay: MessageRelay | undefined;
+    socket.onopen = () =>
+      relay = tunnel.messages({
+        send: (data) => socket.send(data as string | Uint8Array<ArrayBuffer>),
+        // A code Deno's WebSocket will not send goes as 1000.
+        close: (code, reason) => {
+          try {
+            socket.close(code, reason);
+          } catch {
+            socket.close(1000, reason);
+          }
+        },
+        buffered: () => socket.bufferedAmount,
+      });
+    socket.onmessage = (e) =>
+      relay?.message(typeof e.data === 'string' ? e.data : new Uint8Array(e.data as ArrayBuffer));
+    socket.onclose = (e) => (relay ??= tunnel.messages(CLOSED_SOCKET)).closed(e.code, e.reason);
+    return response;
+  };
   const server = d.serve({
     hostname: host,
     port,
     signal: abort.signal,
     onListen: () => {},
-    handler: (req, info) => handler(req, new FetchAppRequest(req, info.remoteAddr.hostname, false)),
+    handler: (req, info) => handler(req, new FetchAppRequest(req, info.remoteAddr.hostname, false, upgrade)),
   });
   let closing = false;
   return {
@@ -4299,10 +5014,30 @@ interface BunLike {
     port: number;
     idleTimeout: number;
     maxRequestBodySize: number;
-    fetch(req: Request, server: BunServer): Response | Promise<Response>;
+    fetch(req: Request, server: BunServer): Response | undefined | Promise<Response | undefined>;
+    websocket: {
+      open(ws: BunWebSocket): void;
+      message(ws: BunWebSocket, message: string | Uint8Array): void;
+      close(ws: BunWebSocket, code: number, reason: string): void;
+      perMessageDeflate: boolean;
+      maxPayloadLength: number;
+      idleTimeout: number;
+    };
   }): BunServer;
 }
+/** An app's WebSocket on Bun's server; `data`: what the tunnel gave it at the upgrade. */
+interface BunWebSocket {
+  data: {
+    open(ws: BunWebSocket): void;
+    message(m: string | Uint8Array): void;
+    close(code: number, reason: string): void;
+  };
+  send(data: string | Uint8Array): number;
+  close(code?: number, reason?: string): void;
+  getBufferedAmount(): number;
+}
 interface BunServer {
+  upgrade(req: Request, options: { data: BunWebSocket['data']; headers?: Record<string, string> }): boolean;
   port: number;
   /** stops accepting; idle keep-alive connections close at once, busy ones after their response; true: all now */
   stop(closeActiveConnections?: boolean): Promise<void>;
@@ -4310,10 +5045,15 @@ interface BunServer {
 }
 
 async function bunRuntime(b: BunLike): Promise<Runtime> {
+  const checkServerIdentity = subjectAltNameOnly(await import('node:tls'));
   return {
     ...await nodeBuiltins(),
     name: 'bun',
-    send: bunSend(subjectAltNameOnly(await import('node:tls'))),
+    send: bunSend(checkServerIdentity),
+    upgrade: nodeSend(await import('node:http'), await import('node:https') as unknown as NodeHttp, {
+      pooled: false,
+      checkServerIdentity,
+    }),
     tlsByAddress: true,
     tlsLimits: { runtime: 'Bun', client: 'fetch', serverName: true },
     listen: (handler, host, port, work) => Promise.resolve(listenBun(b, handler, host, port, work)),
@@ -4332,7 +5072,20 @@ function listenBun(b: BunLike, handler: ProxyHandler, host: string, port: number
     port,
     idleTimeout: 0,
     maxRequestBodySize: Number.MAX_SAFE_INTEGER,
-    fetch: (req, srv) => handler(req, new FetchAppRequest(req, srv.requestIP(req)?.address, true)),
+    fetch: async (req, srv) => {
+      const res = await handler(req, new FetchAppRequest(req, srv.requestIP(req)?.address, true, upgradeOn(srv)));
+      return res === BUN_UPGRADED ? undefined : res; // Bun answers an upgrade itself
+    },
+    // What the app's WebSocket says goes to its tunnel. No compression (the upstream is offered none);
+    // Bun's own idle cut is off: BODY_IDLE_TIMEOUT_MS is the tunnel's idle rule.
+    websocket: {
+      open: (ws) => ws.data.open(ws),
+      message: (ws, m) => ws.data.message(m),
+      close: (ws, code, reason) => ws.data.close(code, reason),
+      perMessageDeflate: false,
+      maxPayloadLength: WS_MAX_MESSAGE_BYTES,
+      idleTimeout: 0,
+    },
   });
   return {
     port: server.port,
@@ -4351,6 +5104,31 @@ function listenBun(b: BunLike, handler: ProxyHandler, host: string, port: number
         });
       }),
     cutOff: () => void server.stop(true),
+  };
+}
+
+/** What the handler answers once Bun's server has taken the app's handshake (`upgradeOn`). */
+const BUN_UPGRADED = new Response(null, { status: 204 });
+
+/** Bun's WebSocket upgrade, on the server the request came to. */
+function upgradeOn(server: BunServer): Upgrader {
+  return (request, tunnel, protocol) => {
+    let relay: MessageRelay | undefined;
+    const data: BunWebSocket['data'] = {
+      open: (ws) =>
+        relay = tunnel.messages({
+          send: (m) => void ws.send(m),
+          close: (code, reason) => ws.close(code, reason),
+          buffered: () => ws.getBufferedAmount(),
+        }),
+      message: (m) => relay?.message(m),
+      close: (code, reason) => (relay ??= tunnel.messages(CLOSED_SOCKET)).closed(code, reason),
+    };
+    if (server.upgrade(request, { data, headers: protocol ? { 'sec-websocket-protocol': protocol } : undefined })) {
+      return BUN_UPGRADED;
+    }
+    data.close(1006, '');
+    return new Response('ambassador: the WebSocket handshake could not be completed\n', { status: 400 });
   };
 }
 
@@ -4642,6 +5420,7 @@ async function drain(
   const accepting = Math.min(config.drainGraceMs + proxy.settleMs, config.drainTimeoutMs);
   if (accepting > 0) await new Promise((r) => setTimeout(r, accepting));
   log('notice', 'drain: no longer accepting connections', { in_flight: amb.inFlight.size });
+  amb.closeTunnels();
   const timedOut = await raceTimer(proxy.close().then(() => false), left(), () => true);
   if (timedOut) {
     const cut = [...amb.inFlight.values()].map((r) => ({ id: r.id, method: r.method, path: r.path }));

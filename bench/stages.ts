@@ -87,7 +87,7 @@ const written = new Response(null);
 const request = new Request('http://127.0.0.1:8080/small?id=42', { headers: APP_HEADERS });
 const appRequest = () =>
   process.versions.bun
-    ? new FetchAppRequest(request, '127.0.0.1', true)
+    ? new FetchAppRequest(request, '127.0.0.1', true, () => written)
     : new NodeAppRequest(incoming, outgoing, written);
 const req = appRequest();
 
