@@ -6,7 +6,7 @@
  * from a file), discovery of the addresses behind a name, least-loaded balancing (power of two choices),
  * a circuit breaker per endpoint, concurrency and rate limits, retries with backoff and a retry budget,
  * per-try and per-request timeouts, TLS (mTLS too) to the upstream, hop-by-hop hygiene, request ids,
- * structured logs, and a graceful drain on SIGTERM/SIGINT. A separate admin port serves GET /healthz,
+ * WebSocket pass-through, structured logs, and a graceful drain on SIGTERM/SIGINT. A separate admin port serves GET /healthz,
  * GET /readyz, GET /metrics (Prometheus or OpenMetrics) and POST /shutdown (loopback clients only).
  *
  * Run it:
@@ -70,6 +70,7 @@
  *   The ambassador put together — `createAmbassador`, the admin app, each route's policies
  *   Policies — retry, breaker and balancing, limits, routing and paths, headers and replies
  *   Bodies — replay, streaming, passing a response body on
+ *   WebSockets — the tunnel a 101 opens: bytes (Node) or messages (Deno, Bun), frames read and written
  *   Endpoints and TLS files — discovery, certificates read again when they change
  *   Logs, Metrics — what the events become
  *   Configuration — `loadConfig`, the routes file, what a runtime must be able to do
