@@ -48,6 +48,10 @@ export const IMAGE_NODE_FLAGS =
 export const IMAGE_SEA_OPTIONS =
   /NODE_OPTIONS='([^']*)'/.exec(readFileSync(path.join(root, 'Containerfile'), 'utf8'))?.[1] ?? '';
 
+/** The V8 flags the Deno image's binary is compiled with (deno.json's compile task), as `--v8-flags` takes them. */
+export const IMAGE_DENO_V8_FLAGS = /--v8-flags=(\S+)/.exec(readFileSync(path.join(root, 'deno.json'), 'utf8'))?.[1] ??
+  '';
+
 export const has = (tool: string) => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0;
 /** argv run on one CPU (the load generator and upstream on 0, the proxy on 1), where taskset exists. */
 export const pinned = (
