@@ -1875,8 +1875,12 @@ function hopByHop(headers: HeaderList): ReadonlySet<string> {
   let drop = HOP_BY_HOP_SET;
   for (const [name, value] of headers) {
     if (name !== 'connection') continue;
-    if (drop === HOP_BY_HOP_SET) drop = new Set(HOP_BY_HOP);
-    for (const named of value.split(',')) drop.add(named.trim().toLowerCase());
+    for (const named of value.split(',')) {
+      const token = named.trim().toLowerCase();
+      if (drop.has(token)) continue; // keep-alive, close: already dropped
+      if (drop === HOP_BY_HOP_SET) drop = new Set(HOP_BY_HOP);
+      drop.add(token);
+    }
   }
   return drop;
 }
