@@ -4215,6 +4215,8 @@ function unsendable(err: unknown): ClientError {
 
 /** The parts of Node's streams the Node path uses, so this file needs no Node types. */
 export interface NodeReadable extends AsyncIterable<Uint8Array> {
+  /** the whole body has been read from the connection (Node's IncomingMessage) */
+  readonly complete?: boolean;
   pipe(to: NodeOutgoing): void;
   resume(): void;
   destroy(err?: Error): void;
@@ -4337,7 +4339,8 @@ function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, reply: Reply, idle
     if (outgoing.writableNeedDrain) idle!.refresh();
     else body.destroy(new TimeoutError(`no body bytes for ${idleMs} ms`));
   };
-  if (idleMs > 0) idle = setTimeout(stalled, idleMs);
+  // A body that came whole with its head (a small one, most often) has nothing left to wait for: no timer.
+  if (idleMs > 0 && !body.complete) idle = setTimeout(stalled, idleMs);
   body.on('data', (chunk) => {
     bytes += chunk.byteLength;
     idle?.refresh();
