@@ -15,6 +15,7 @@ import {
   onStop,
   rawRequest,
   routesFile,
+  runtimeOf,
   scrape,
   skippedBecause,
   sleep,
@@ -42,14 +43,18 @@ interface WsUpstream {
 
 /** A WebSocket upstream that echoes every message (`echo: <message>`) and picks `chat` when offered. A
  * handshake to `/deny` gets 401 with a body; one to `/slow` waits `slowMs` first. Over TLS with `tls`. */
-async function wsUpstream(options: { tls?: boolean } = {}): Promise<WsUpstream> {
+async function wsUpstream(options: { tls?: boolean; deflate?: boolean } = {}): Promise<WsUpstream> {
   const server = options.tls
     ? https.createServer({ key: pki!.read('server.key'), cert: pki!.read('server.pem') })
     : http.createServer();
   server.on('request', (_req, res) => res.end('plain'));
   const handshakes: WsUpstream['handshakes'] = [];
   const sockets = new Set<WebSocket>();
-  const wss = new WebSocketServer({ noServer: true, handleProtocols: (p) => (p.has('chat') ? 'chat' : false) });
+  const wss = new WebSocketServer({
+    noServer: true,
+    perMessageDeflate: options.deflate ?? false,
+    handleProtocols: (p) => (p.has('chat') ? 'chat' : false),
+  });
   server.on('upgrade', (req, socket, head) => {
     handshakes.push({ path: req.url ?? '', headers: req.headers });
     if (req.url === '/deny') {
@@ -78,8 +83,9 @@ async function wsUpstream(options: { tls?: boolean } = {}): Promise<WsUpstream> 
 async function connect(
   url: string,
   protocols: string[] = [],
+  options: WebSocket.ClientOptions = {},
 ): Promise<{ ws: WebSocket; next(): Promise<string>; closed: Promise<{ code: number; reason: string }> }> {
-  const ws = new WebSocket(url, protocols);
+  const ws = new WebSocket(url, protocols, options);
   const inbox: string[] = [];
   const waiting: Array<(m: string) => void> = [];
   ws.on('message', (data) => {
@@ -303,6 +309,37 @@ describe.each(ARTIFACTS)('WebSocket pass-through (%s)', (artifact) => {
     const exit = await amb.exited;
     expect(exit.code).toBe(0);
     expect(Date.now() - signalled).toBeLessThan(8000);
+  });
+
+  it('passes an agreed extension end to end on Node, and offers none upstream where it reads messages', async () => {
+    const upstream = await wsUpstream({ deflate: true });
+    const amb = await startAmbassador(artifact, { UPSTREAM_URL: upstream.url });
+    const client = await connect(ws(amb), [], { perMessageDeflate: true });
+    const text = 'compressible '.repeat(2000);
+    client.ws.send(text);
+    expect(await client.next()).toBe(`echo: ${text}`);
+    const offered = upstream.handshakes[0].headers['sec-websocket-extensions'];
+    if (runtimeOf(artifact) === 'node') {
+      // Bytes pass untouched: the app and the upstream compress to each other.
+      expect(offered).toContain('permessage-deflate');
+      expect(client.ws.extensions).toContain('permessage-deflate');
+    } else {
+      // Deno, Bun: the ambassador reads each message, so no extension is offered upstream.
+      expect(offered).toBeUndefined();
+    }
+  });
+
+  it("refuses an upstream's 101 whose Sec-WebSocket-Accept does not match the app's key (502)", async () => {
+    const raw = await startRawUpstream((_r, s) =>
+      void s.write(
+        'HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n' +
+          'Sec-WebSocket-Accept: c2VjcmV0IHRoYXQgaXMgbm90IHRoZSBrZXk=\r\n\r\n',
+      )
+    );
+    const amb = await startAmbassador(artifact, { UPSTREAM_URL: raw.url, RETRY_ATTEMPTS: '1' });
+    const answer = await refusedHandshake(ws(amb));
+    expect(answer.status).toBe(502);
+    expect(answer.body).toContain('Sec-WebSocket-Accept does not match');
   });
 
   it('never tunnels an h2c upgrade: it goes on as a plain request without Upgrade', async () => {
