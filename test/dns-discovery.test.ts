@@ -4,7 +4,7 @@
  * 127.0.0.2–4 sharing one port, like the pods behind a headless Service. Needs root and iproute2; where
  * network namespaces cannot be made, the test says so and skips. */
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
-import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -32,7 +32,7 @@ s.on('message', (q, from) => {
   while (q[at] !== 0) { labels.push(q.subarray(at + 1, at + 1 + q[at]).toString()); at += q[at] + 1; }
   const name = labels.join('.').toLowerCase(); const type = q.readUInt16BE(at + 1); const question = q.subarray(12, at + 5);
   const known = name === process.env.NAME;
-  const addresses = known && type === 1 ? JSON.parse(fs.readFileSync(process.env.ANSWERS, 'utf8')) : [];
+  const addresses = known && type === 1 ? JSON.parse(fs.readFileSync(process.env.ANSWERS, 'utf8') || '[]') : [];
   console.log(JSON.stringify({ name, type, answered: addresses }));
   const head = Buffer.alloc(12); q.copy(head, 0, 0, 2);
   head.writeUInt16BE(0x8580 | (known ? 0 : 3), 2); head.writeUInt16BE(1, 4); head.writeUInt16BE(addresses.length, 6);
@@ -92,7 +92,12 @@ describe.skipIf(why !== undefined)(
   () => {
     const tmp = path.join(os.tmpdir(), `${NS}-answers`);
     const answers = path.join(tmp, 'answers.json');
-    const answer = (addresses: string[]) => writeFileSync(answers, JSON.stringify(addresses));
+    // Written whole, then renamed into place: a query never reads a half-written file (it once read an empty
+    // one, between the truncation and the write, and the server died on it).
+    const answer = (addresses: string[]) => {
+      writeFileSync(`${answers}.new`, JSON.stringify(addresses));
+      renameSync(`${answers}.new`, answers);
+    };
     let dns: ReturnType<typeof inNamespace>;
     let pods: ReturnType<typeof inNamespace>;
     beforeAll(async () => {
