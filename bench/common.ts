@@ -1,6 +1,6 @@
 /** What the two benchmarks share: tools on the machine, ports, readiness, process trees and their memory
  * and CPU from /proc, wrk's figures, and nginx configurations. */
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -202,6 +202,21 @@ export function upstreamConfig(dir: string, port: number, oneMiBFile: string): s
     port,
     `  server { listen 127.0.0.1:${port}; location = /small { default_type application/json; return 200 '${SMALL}'; } location = /1mib { alias ${oneMiBFile}; } }`,
   );
+}
+
+/** That upstream running on CPU 0 (nginx, one worker; the 1 MiB file in `dir`), stopped when the process exits: its
+ * URL once it answers, and how to stop it. bench:pod and bench:profile start it so. */
+export async function startNginxUpstream(dir: string): Promise<{ url: string; stop(): void }> {
+  const oneMiB = path.join(dir, '1mib.bin');
+  writeFileSync(oneMiB, Buffer.alloc(1024 * 1024, 'a'));
+  const port = await freePort();
+  const argv = pinned(0, ['nginx', '-c', upstreamConfig(dir, port, oneMiB)]);
+  const proc = spawn(argv[0], argv.slice(1), { stdio: ['ignore', 'ignore', 'inherit'] });
+  const stop = () => void proc.kill('SIGTERM');
+  process.once('exit', stop);
+  const url = `http://127.0.0.1:${port}`;
+  await waitFor(`${url}/small`);
+  return { url, stop };
 }
 
 /** nginx as a reverse proxy to `upstreamHost`, with a keep-alive pool and no buffering: the reference. */

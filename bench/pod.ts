@@ -16,7 +16,7 @@
  * run outside the group on CPU 0; all traffic stays on 127.0.0.1, every load bounded in time.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { cannotMakeGroups, type Limits, makeGroup, podLimits } from './cgroup.ts';
@@ -36,7 +36,7 @@ import {
   proxyConfig,
   root,
   runBenchmark,
-  upstreamConfig,
+  startNginxUpstream,
   waitFor,
   writeFigures,
   wrk,
@@ -209,17 +209,7 @@ async function main(): Promise<void> {
     console.error('\n*** bench:pod needs wrk and nginx (Debian packages wrk, nginx): nothing measured. ***\n');
     process.exit(1);
   }
-  const oneMiB = path.join(tmp, '1mib.bin');
-  writeFileSync(oneMiB, Buffer.alloc(1024 * 1024, 'a'));
-  const upPort = await freePort();
-  const upstreamProc = spawn(pinned(0, ['nginx'])[0], [
-    ...pinned(0, ['nginx']).slice(1),
-    '-c',
-    upstreamConfig(tmp, upPort, oneMiB),
-  ], { stdio: ['ignore', 'ignore', 'inherit'] });
-  process.once('exit', () => upstreamProc.kill('SIGTERM'));
-  const upstream = `http://127.0.0.1:${upPort}`;
-  await waitFor(`${upstream}/small`);
+  const { url: upstream, stop: stopUpstream } = await startNginxUpstream(tmp);
   console.log(
     `bench:pod: limits from k8s/order-service.yaml${
       MEMORY_MIB ? ` (memory: --memory-mib)` : ''
@@ -245,7 +235,7 @@ async function main(): Promise<void> {
       } MiB${r.note ? ` (${r.note})` : ''}`,
     );
   }
-  upstreamProc.kill('SIGTERM');
+  stopUpstream();
   const us = (x?: number) => (x === undefined || !Number.isFinite(x) ? '—' : (x / 1000).toFixed(1));
   console.log(
     '\n| row | small: req/s | p50 / p99 (ms) | errors | 1 MiB: req/s | p50 / p99 (ms) | errors | OOM-killed | peak memory (MiB) |',

@@ -29,7 +29,7 @@ import {
   pinned,
   root,
   runBenchmark,
-  upstreamConfig,
+  startNginxUpstream,
   waitFor,
   writeFigures,
   wrk,
@@ -136,14 +136,7 @@ async function main(): Promise<void> {
   const bundle = path.join(root, 'dist/ambassador.mjs');
   const bare = path.join(root, 'dist/bench/bare-node.mjs');
   const modules = bundleModules(bundle);
-  const oneMiB = path.join(tmp, '1mib.bin');
-  writeFileSync(oneMiB, Buffer.alloc(1024 * 1024, 'a'));
-  const upPort = await freePort();
-  const nginx = pinned(0, ['nginx', '-c', upstreamConfig(tmp, upPort, oneMiB)]);
-  const upstreamProc = spawn(nginx[0], nginx.slice(1), { stdio: 'ignore' });
-  process.once('exit', () => upstreamProc.kill('SIGTERM'));
-  const upstream = `http://127.0.0.1:${upPort}`;
-  await waitFor(`${upstream}/small`);
+  const { url: upstream, stop: stopUpstream } = await startNginxUpstream(tmp);
   console.log(
     `bench:profile: Node ${NODE}, ${ROUNDS} round(s) of ${SECONDS} s, 64 connections, the small body, LOG_LEVEL=warn`,
   );
@@ -165,7 +158,7 @@ async function main(): Promise<void> {
       );
     }
   }
-  upstreamProc.kill('SIGTERM');
+  stopUpstream();
 
   const names = [...new Set([...sum.amb.keys(), ...sum.bare.keys()])]
     .sort((a, b) => (sum.amb.get(b) ?? 0) - (sum.bare.get(b) ?? 0) - ((sum.amb.get(a) ?? 0) - (sum.bare.get(a) ?? 0)));
