@@ -2,11 +2,12 @@
  * The pod-budget benchmark: each artifact alone inside a cgroup with the CPU and memory limits of the
  * ambassador container in k8s/ (100m, 64Mi), as the kubelet would run it, with the flags its image uses.
  * Per artifact, started fresh in its group: a warm-up, then 64 keep-alive connections with the small body,
- * then 64 with 1 MiB bodies; it prints req/s, p50/p99, errors (non-2xx, and answers later than 2 s),
- * whether the kernel OOM-killed it, and the group's peak memory. nginx, in the same limits, is the
- * reference row.
+ * then 64 with 1 MiB bodies; it prints req/s, p50/p99, errors (non-2xx, and answers later than 2 s), the
+ * CPU it spent a request (each phase also in windows of 10 s), whether the kernel OOM-killed it, and the
+ * group's peak memory. nginx and the article's Go ambassador, in the same limits, are the reference rows,
+ * and a bare node:http proxy with the Node image's flags the baseline of the Node rows.
  *
- *   npm run bench:pod                          30 s per phase (about 7 minutes)
+ *   npm run bench:pod                          30 s per phase (about 9 minutes)
  *   npm run bench:pod -- --seconds 10          a quicker look
  *   npm run bench:pod -- --only Deno           the rows whose name holds that text
  *   npm run bench:pod -- --memory-mib 128      another memory limit than the manifest's
@@ -24,6 +25,7 @@ import {
   ambassadorEnv,
   arg,
   built,
+  cpuSeconds,
   freePort,
   goReference,
   has,
@@ -101,6 +103,15 @@ const rows: Row[] = [
     }),
   },
   {
+    name: `bare node:http proxy, ${NODE_FLAGS === IMAGE_NODE_FLAGS ? 'image flags' : NODE_FLAGS.join(' ')} (baseline)`,
+    available: built('dist/bench/bare-node.mjs', 'run npm run build'),
+    command: (upstream, port) => ({
+      argv: [NODE, ...NODE_FLAGS, path.join(root, 'dist/bench/bare-node.mjs')],
+      env: { UPSTREAM_URL: upstream, PORT: String(port) },
+      ready: `http://127.0.0.1:${port}/small`,
+    }),
+  },
+  {
     name: `ambassador, Node bundle, ${
       NODE_FLAGS === IMAGE_NODE_FLAGS ? 'image flags (ambassador:node)' : NODE_FLAGS.join(' ')
     }`,
@@ -160,12 +171,45 @@ const rows: Row[] = [
   },
 ];
 
+/** One phase's load, and how it went in windows of 10 s: req/s and the CPU the artifact spent a request. */
+interface Phase extends Load {
+  cpuUsPerRequest: number;
+  windows: Array<{ rps: number; errors: number; cpuUsPerRequest: number }>;
+}
+
 interface Result {
-  small?: Load;
-  big?: Load;
+  small?: Phase;
+  big?: Phase;
   oomKilled: boolean;
   peakMiB: number;
   note?: string;
+}
+
+/** 64 connections for SECONDS, in windows of 10 s, each with the CPU the artifact spent (kernel's count): at a
+ * tenth of a core a JIT runtime is still compiling its hot path well into the phase, and the windows show it. */
+function phase(url: string, pid: number): Phase {
+  const windows: Phase['windows'] = [];
+  const loads: Load[] = [];
+  let cpu = 0;
+  for (let left = SECONDS; left > 0; left -= 10) {
+    const before = cpuSeconds(pid);
+    const load = wrk(url, 64, Math.min(10, left), 2);
+    const spent = cpuSeconds(pid) - before;
+    cpu += spent;
+    loads.push(load);
+    windows.push({ rps: load.rps, errors: load.errors, cpuUsPerRequest: (spent * 1e6) / load.total });
+  }
+  const total = loads.reduce((sum, l) => sum + l.total, 0);
+  const p50s = loads.map((l) => l.p50us).sort((a, b) => a - b);
+  return {
+    rps: total / SECONDS,
+    total,
+    errors: loads.reduce((sum, l) => sum + l.errors, 0),
+    p50us: p50s[Math.floor(p50s.length / 2)], // the middle window's
+    p99us: Math.max(...loads.map((l) => l.p99us)), // the worst window's
+    cpuUsPerRequest: (cpu * 1e6) / total,
+    windows,
+  };
 }
 
 /** Runs one row alone in a fresh group: warm-up, the small body, then 1 MiB bodies. */
@@ -186,8 +230,8 @@ async function runRow(row: Row, upstream: string, limits: Limits): Promise<Resul
   try {
     await waitFor(ready, 30_000);
     wrk(`${url}/small`, 64, WARMUP, 2);
-    result.small = wrk(`${url}/small`, 64, SECONDS, 2);
-    if (!exited) result.big = wrk(`${url}/1mib`, 64, SECONDS, 2);
+    result.small = phase(`${url}/small`, child.pid!);
+    if (!exited) result.big = phase(`${url}/1mib`, child.pid!);
   } catch (err) {
     result.note = (err as Error).message.split('\n')[0];
   } finally {
@@ -228,7 +272,12 @@ async function main(): Promise<void> {
     }
     const r = await runRow(row, upstream, limits);
     results.push([row, r]);
-    const line = (l?: Load) => (l ? `${l.rps.toFixed(0)} req/s, ${l.errors} errors` : '—');
+    const line = (l?: Phase) =>
+      l
+        ? `${l.rps.toFixed(0)} req/s, ${l.errors} errors (by 10 s: ${
+          l.windows.map((w) => `${w.rps.toFixed(0)} at ${w.cpuUsPerRequest.toFixed(0)} µs`).join(', ')
+        })`
+        : '—';
     console.log(
       `  ${row.name}: small ${line(r.small)}; 1 MiB ${line(r.big)}; ${r.oomKilled ? 'OOM-KILLED' : 'alive'}; peak ${
         r.peakMiB.toFixed(0)
@@ -238,24 +287,34 @@ async function main(): Promise<void> {
   stopUpstream();
   const us = (x?: number) => (x === undefined || !Number.isFinite(x) ? '—' : (x / 1000).toFixed(1));
   console.log(
-    '\n| row | small: req/s | p50 / p99 (ms) | errors | 1 MiB: req/s | p50 / p99 (ms) | errors | OOM-killed | peak memory (MiB) |',
+    '\n| row | small: req/s | p50 / p99 (ms) | errors | CPU µs / req | 1 MiB: req/s | p50 / p99 (ms) | errors | CPU µs / req | OOM-killed | peak memory (MiB) |',
   );
-  console.log('|---|---|---|---|---|---|---|---|---|');
+  console.log('|---|---|---|---|---|---|---|---|---|---|---|');
   const json: Record<string, unknown> = { limits, seconds: SECONDS, warmup: WARMUP, rows: {} };
   for (const [row, r] of results) {
     if (!r) {
-      console.log(`| ${row.name} | ${row.available} | | | | | | | |`);
+      console.log(`| ${row.name} | ${row.available} | | | | | | | | | |`);
       continue;
     }
     (json.rows as Record<string, unknown>)[row.name] = r;
-    const cells = (
-      l?: Load,
-    ) => (l ? [l.rps.toFixed(0), `${us(l.p50us)} / ${us(l.p99us)}`, String(l.errors)] : ['—', '—', '—']);
+    const cells = (l?: Phase) =>
+      l
+        ? [l.rps.toFixed(0), `${us(l.p50us)} / ${us(l.p99us)}`, String(l.errors), l.cpuUsPerRequest.toFixed(0)]
+        : ['—', '—', '—', '—'];
     console.log(
       `| ${row.name} | ${[...cells(r.small), ...cells(r.big)].join(' | ')} | ${r.oomKilled ? '**yes**' : 'no'} | ${
         r.peakMiB.toFixed(0)
       } |`,
     );
+  }
+  // The small phase window by window: a JIT runtime at a tenth of a core is still compiling for most of it.
+  const measured = results.filter((e): e is [Row, Result & { small: Phase }] => e[1]?.small !== undefined);
+  const spans = measured[0]?.[1].small.windows.map((_, i) => `${i * 10}–${Math.min(SECONDS, i * 10 + 10)} s`) ?? [];
+  console.log(`\nThe small phase by window: req/s (CPU µs a request)\n\n| row | ${spans.join(' | ')} |`);
+  console.log(`|---|${spans.map(() => '---|').join('')}`);
+  for (const [row, r] of measured) {
+    const ws = r.small.windows.map((w) => `${w.rps.toFixed(0)} (${w.cpuUsPerRequest.toFixed(0)})`);
+    console.log(`| ${row.name} | ${ws.join(' | ')} |`);
   }
   json.chosen = chooseImage(results, limits);
   writeFigures('bench:pod', 'bench-pod.json', json);
