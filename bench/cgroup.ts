@@ -3,7 +3,8 @@
  * pod-budget benchmark and the memory test: cgroup v2 where the machine has it, else v1's memory and cpu
  * hierarchies. Root is needed to make one.
  */
-import { existsSync, mkdirSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { chmodSync, existsSync, mkdirSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseAllDocuments } from 'yaml';
 import { root, sleep } from './common.ts';
@@ -44,7 +45,10 @@ export function podLimits(): Limits {
 export interface Group {
   /** the cgroup.procs files a process is written into before it execs the artifact */
   procs: string[];
+  /** the group's peak charge, the page cache its processes read included (it fills up to the limit) */
   peakBytes(): number;
+  /** the sum of its live processes' own peaks (VmHWM: what each had resident at most, its mapped code with it) */
+  peakRssBytes(): number;
   oomKills(): number;
   /** ends every process left in the group (nginx's workers outlive their master), then removes it */
   remove(): Promise<void>;
@@ -67,6 +71,18 @@ async function emptyAndRemove(procs: string, dirs: string[]): Promise<void> {
 
 const read = (file: string) => readFileSync(file, 'utf8').trim();
 
+/** The peak resident size of the processes listed in a cgroup.procs file, summed; NaN when none is left. */
+function peakRss(procs: string): number {
+  const kib = read(procs).split('\n').filter(Boolean).map((pid) => {
+    try {
+      return Number(/^VmHWM:\s+(\d+) kB/m.exec(read(`/proc/${pid}/status`))?.[1] ?? 0);
+    } catch {
+      return 0; // gone since the list was read
+    }
+  });
+  return kib.length === 0 ? NaN : kib.reduce((a, b) => a + b, 0) * 1024;
+}
+
 export function makeGroup(name: string, limits: Limits): Group {
   const periodUs = 100_000;
   const quotaUs = Math.round((periodUs * limits.cpuMillis) / 1000);
@@ -79,6 +95,7 @@ export function makeGroup(name: string, limits: Limits): Group {
     return {
       procs: [`${dir}/cgroup.procs`],
       peakBytes: () => (existsSync(`${dir}/memory.peak`) ? Number(read(`${dir}/memory.peak`)) : NaN),
+      peakRssBytes: () => peakRss(`${dir}/cgroup.procs`),
       oomKills: () => Number(/oom_kill (\d+)/.exec(read(`${dir}/memory.events`))?.[1] ?? 0),
       remove: () => emptyAndRemove(`${dir}/cgroup.procs`, [dir]),
     };
@@ -97,6 +114,7 @@ export function makeGroup(name: string, limits: Limits): Group {
   return {
     procs: [`${mem}/cgroup.procs`, `${cpu}/cgroup.procs`],
     peakBytes: () => Number(read(`${mem}/memory.max_usage_in_bytes`)),
+    peakRssBytes: () => peakRss(`${mem}/cgroup.procs`),
     oomKills: () => Number(/oom_kill (\d+)/.exec(read(`${mem}/memory.oom_control`))?.[1] ?? 0),
     remove: () => emptyAndRemove(`${mem}/cgroup.procs`, [mem, cpu]),
   };
@@ -111,4 +129,33 @@ export async function cannotMakeGroups(limits: Limits): Promise<string | undefin
   } catch (err) {
     return (err as Error).message;
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// A cold start: the artifact's own pages charged to its group, as in a pod.
+// ---------------------------------------------------------------------------------------------------------
+
+/** Drops a file's pages from the page cache (GNU dd: iflag=nocache with count=0 asks it for the whole file).
+ * The kernel keeps the pages another process has mapped. */
+export function evict(file: string): void {
+  spawnSync('dd', [`if=${file}`, 'iflag=nocache', 'count=0', 'status=none']);
+}
+
+/**
+ * A copy of an executable, under `dir` with its own name, that no other process maps and none of whose pages
+ * are in the page cache. Started from it inside a group, a process reads the code it runs into that group, as
+ * a container does on its first start from its image. Evicting the original is not enough while other
+ * processes run it (a test beside this one, a shell): the pages they map stay cached and are charged to
+ * them, and a runtime of 100 MB and more then looks able to start in less memory than it needs.
+ */
+export function coldCopy(file: string, dir: string): string {
+  const copy = path.join(dir, 'cold', path.basename(file));
+  mkdirSync(path.dirname(copy), { recursive: true });
+  const dd = spawnSync('dd', [`if=${file}`, `of=${copy}`, 'bs=4M', 'conv=fsync', 'status=none'], {
+    encoding: 'utf8',
+  });
+  if (dd.status !== 0) throw new Error(`cannot copy ${file} to ${copy}: ${dd.stderr || dd.error}`);
+  chmodSync(copy, 0o755);
+  evict(copy); // written and flushed, so clean: every page goes
+  return copy;
 }
