@@ -121,7 +121,7 @@ const targets: Array<{ target: string; tag: string }> = [
 for (const { target, tag } of targets) {
   podman('build', '--quiet', '--target', target, ...buildArgs, '-t', tag, '-f', 'Containerfile', '.');
 }
-// :latest is the image k8s/ runs: the one that does best inside the pod's 100m CPU and 64Mi (README).
+// :latest is the image k8s/ runs: the one that does best inside the pod's 100m CPU and 128Mi (README).
 podman('tag', `${registry}/ambassador:node`, `${registry}/ambassador:latest`);
 
 for (const tag of [...targets.map((t) => t.tag), `${registry}/ambassador:latest`]) {
