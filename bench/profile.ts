@@ -9,6 +9,8 @@
  *
  *   npm run bench:profile                      3 rounds of 5 s each (about a minute)
  *   npm run bench:profile -- --rounds 1 --seconds 3
+ *   npm run bench:profile -- --top 40         the 40 functions grown most (25 unless told)
+ *   npm run bench:profile -- --log-level info  the ambassador at another LOG_LEVEL than npm run bench's warn
  *
  * The profiler slows both a little (the figures are higher than npm run bench's); the rows are for seeing
  * what to cut, the ratio for judging a cut. wrk and nginx from Debian, pinned as in npm run bench (load and
@@ -37,6 +39,8 @@ import {
 
 const ROUNDS = arg('--rounds', 3);
 const SECONDS = arg('--seconds', 5);
+const TOP = arg('--top', 25);
+const LOG_LEVEL = process.argv.includes('--log-level') ? process.argv[process.argv.indexOf('--log-level') + 1] : 'warn';
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'ambassador-profile-'));
 process.on('exit', () => rmSync(tmp, { recursive: true, force: true }));
 
@@ -90,18 +94,29 @@ function rowOf(
   return "Node's other JavaScript";
 }
 
-/** µs per request in each row, from the profiles written under `dir`. */
-function rows(dir: string, requests: number, modules: Array<{ from: number; module: string }>): Map<string, number> {
+/** µs per request in each row, and in each function (its own samples, by name, file and line), from the
+ * profiles written under `dir`. */
+function rows(
+  dir: string,
+  requests: number,
+  modules: Array<{ from: number; module: string }>,
+): { rows: Map<string, number>; functions: Map<string, number> } {
   const out = new Map<string, number>();
+  const functions = new Map<string, number>();
   for (const file of readdirSync(dir).filter((f) => f.endsWith('.cpuprofile'))) {
     const p = JSON.parse(readFileSync(path.join(dir, file), 'utf8')) as CpuProfile;
     const byId = new Map(p.nodes.map((n) => [n.id, n]));
     p.samples.forEach((id, i) => {
-      const row = rowOf(byId.get(id)!.callFrame, modules);
-      out.set(row, (out.get(row) ?? 0) + (p.timeDeltas[i] ?? 0) / requests);
+      const frame = byId.get(id)!.callFrame;
+      const us = (p.timeDeltas[i] ?? 0) / requests;
+      const row = rowOf(frame, modules);
+      out.set(row, (out.get(row) ?? 0) + us);
+      const where = frame.url ? ` ${path.basename(frame.url)}:${frame.lineNumber + 1}` : '';
+      const name = `${frame.functionName || '(anonymous)'}${where}`;
+      functions.set(name, (functions.get(name) ?? 0) + us);
     });
   }
-  return out;
+  return { rows: out, functions };
 }
 
 /** One profiled run of `script` on CPU 1: the rows, and the CPU time per request the kernel counted. */
@@ -114,7 +129,7 @@ async function profiled(script: string, upstream: string, label: string) {
   const child: ChildProcess = spawn(
     pinned(1, [NODE])[0],
     [...pinned(1, [NODE]).slice(1), '--import', onTerm, '--cpu-prof', `--cpu-prof-dir=${dir}`, script],
-    { env: { PATH: process.env.PATH ?? '', ...ambassadorEnv(upstream, port, admin) }, stdio: 'ignore' },
+    { env: { PATH: process.env.PATH ?? '', ...ambassadorEnv(upstream, port, admin), LOG_LEVEL }, stdio: 'ignore' },
   );
   const url = `http://127.0.0.1:${port}/small`;
   await waitFor(url);
@@ -138,16 +153,19 @@ async function main(): Promise<void> {
   const modules = bundleModules(bundle);
   const { url: upstream, stop: stopUpstream } = await startNginxUpstream(tmp);
   console.log(
-    `bench:profile: Node ${NODE}, ${ROUNDS} round(s) of ${SECONDS} s, 64 connections, the small body, LOG_LEVEL=warn`,
+    `bench:profile: Node ${NODE}, ${ROUNDS} round(s) of ${SECONDS} s, 64 connections, the small body, LOG_LEVEL=${LOG_LEVEL}`,
   );
 
   const sum = { bare: new Map<string, number>(), amb: new Map<string, number>() };
+  const functions = { bare: new Map<string, number>(), amb: new Map<string, number>() };
   const totals = { bare: { rps: 0, cpuUs: 0 }, amb: { rps: 0, cpuUs: 0 } };
   for (let round = 0; round < ROUNDS; round++) {
     for (const [key, script] of [['bare', bare], ['amb', bundle]] as const) {
       const run = await profiled(script, upstream, key);
-      for (const [row, us] of rows(run.dir, run.load.total, modules)) {
-        sum[key].set(row, (sum[key].get(row) ?? 0) + us / ROUNDS);
+      const found = rows(run.dir, run.load.total, modules);
+      for (const [row, us] of found.rows) sum[key].set(row, (sum[key].get(row) ?? 0) + us / ROUNDS);
+      for (const [name, us] of found.functions) {
+        functions[key].set(name, (functions[key].get(name) ?? 0) + us / ROUNDS);
       }
       totals[key].rps += run.load.rps / ROUNDS;
       totals[key].cpuUs += run.cpuUs / ROUNDS;
@@ -177,6 +195,15 @@ async function main(): Promise<void> {
       f(totals.amb.cpuUs)
     } | ${f(totals.amb.cpuUs - totals.bare.cpuUs)} |`,
   );
+  // The functions whose own samples grew the most from the bare proxy to the ambassador: where to look next.
+  const grown = [...new Set([...functions.amb.keys(), ...functions.bare.keys()])]
+    .map((name) => ({ name, bare: functions.bare.get(name) ?? 0, amb: functions.amb.get(name) ?? 0 }))
+    .filter((x) => x.name !== '(idle)')
+    .sort((a, b) => b.amb - b.bare - (a.amb - a.bare))
+    .slice(0, TOP);
+  console.log(`\n| the ${TOP} functions grown most (own samples) | bare proxy µs/req | ambassador µs/req |`);
+  console.log('|---|---|---|');
+  for (const x of grown) console.log(`| ${x.name} | ${f(x.bare)} | ${f(x.amb)} |`);
   console.log(
     `\nthroughput under the profiler: bare ${totals.bare.rps.toFixed(0)} req/s, ambassador ${
       totals.amb.rps.toFixed(0)
