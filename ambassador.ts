@@ -3122,10 +3122,11 @@ export function createLogger(
   };
 }
 
-/** Log lines written together: those of one run of code (a request's attempts and its access line, say) in
- * one write, made once that run is over (a microtask), so a line is out before the answer it tells of has
- * gone far, and no write is made a line. `flush` writes what is waiting at once; main calls it before every
- * exit. `writeOut` is the runtime's own write to stdout (`Runtime.writeOut`). */
+/** Log lines written together: those of one turn of the event loop (the access lines of every request
+ * finished in it, with their attempts' lines) in one write, made as that turn ends (`setImmediate`), so a
+ * line is out within a turn of the answer it tells of, and a busy proxy makes one write for many lines
+ * rather than one a request. `flush` writes what is waiting at once; main calls it before every exit.
+ * `writeOut` is the runtime's own write to stdout (`Runtime.writeOut`). */
 export function batchedLines(
   writeOut: (text: string) => void = console.log,
 ): { write(line: string): void; flush(): void } {
@@ -3136,9 +3137,10 @@ export function batchedLines(
     pending = [];
     writeOut(text);
   };
+  const later: (f: () => void) => unknown = typeof setImmediate === 'function' ? setImmediate : (f) => setTimeout(f, 0);
   return {
     write(line) {
-      if (pending.push(line) === 1) queueMicrotask(flush);
+      if (pending.push(line) === 1) later(flush);
     },
     flush,
   };

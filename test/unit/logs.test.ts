@@ -47,19 +47,21 @@ describe('JSON log lines', () => {
 });
 
 describe('batched log lines', () => {
-  it('writes the lines of one run of code together, in order, once it is over; flush writes at once', async () => {
+  it('writes the lines of one turn of the event loop together, in order, as it ends; flush writes at once', async () => {
     const writes: string[] = [];
     const out = batchedLines((text) => writes.push(text));
+    const turn = () => new Promise((r) => setImmediate(r));
     out.write('one');
-    out.write('two');
-    expect(writes).toEqual([]);
     await Promise.resolve();
+    out.write('two'); // a later microtask of the same turn: the same write
+    expect(writes).toEqual([]);
+    await turn();
     expect(writes).toEqual(['one\ntwo']);
     out.write('three');
     out.flush();
     expect(writes).toEqual(['one\ntwo', 'three']);
     out.flush();
-    await Promise.resolve();
+    await turn();
     expect(writes).toHaveLength(2);
     for (let i = 0; i < 1000; i++) out.write(String(i));
     await new Promise((r) => setTimeout(r, 0));
