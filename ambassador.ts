@@ -569,7 +569,9 @@ function openTunnel(p: Proxy, call: Call, reply: Reply, finish: BodyDone): Reply
 
 /** Whether the app's request says `Connection: close`. */
 export function appCloses(headers: HeaderList): boolean {
-  for (const [name, value] of headers) if (name === 'connection' && /(^|,)\s*close\s*(,|$)/i.test(value)) return true;
+  for (let i = 0; i < headers.length; i++) {
+    if (headers[i][0] === 'connection' && /(^|,)\s*close\s*(,|$)/i.test(headers[i][1])) return true;
+  }
   return false;
 }
 
@@ -623,7 +625,8 @@ export function earlyAnswer(req: AppRequest, host: string | null, path: string |
   let bytes = method.length + target.length + 12; // the request line
   let body = false;
   let codings = false;
-  for (const [name, value] of headers) {
+  for (let i = 0; i < headers.length; i++) {
+    const name = headers[i][0], value = headers[i][1];
     bytes += name.length + value.length + 4;
     if (name === 'host') hosts++;
     else if (name === 'transfer-encoding') {
@@ -755,11 +758,21 @@ function overloaded(call: Call): Reply {
 
 // --- Forward ----------------------------------------------------------------------------------------------
 
-/** The request's body made ready (kept for replay when small), then its attempts. */
-async function forward(p: Proxy, call: Call, appBody: ReadableStream<Uint8Array> | null): Promise<Reply> {
-  const declared = headerValue(call.appHeaders, 'content-length');
+/** The request's body made ready (kept for replay when small), then its attempts; a request without a
+ * body goes straight to them. */
+function forward(p: Proxy, call: Call, appBody: ReadableStream<Uint8Array> | null): Promise<Reply> {
   const readFrom = p.clock.now();
-  const body = appBody === null ? NO_BODY : await prepareBody(
+  return appBody === null ? attempts(p, call, NO_BODY, readFrom) : forwardWithBody(p, call, appBody, readFrom);
+}
+
+async function forwardWithBody(
+  p: Proxy,
+  call: Call,
+  appBody: ReadableStream<Uint8Array>,
+  readFrom: number,
+): Promise<Reply> {
+  const declared = headerValue(call.appHeaders, 'content-length');
+  const body = await prepareBody(
     appBody,
     declared === null ? undefined : Number(declared),
     call.route.retryBodyMaxBytes,
@@ -900,7 +913,7 @@ async function tryEndpoint(
       call.upgrade === null ? p.send : p.upgrade,
       endpoint.destination,
       call.pathAndQuery,
-      { ...request, body: request.body.take(), tls },
+      { method: request.method, headers: request.headers, body: request.body.take(), tls },
       limitMs,
       gone,
       request.body,
@@ -999,19 +1012,22 @@ function attempt(
     };
     if (body.sent === null) startTimer();
     else void body.sent.then(startTimer);
-    send(to, pathAndQuery, { ...init, cancel }).then((reply) => {
-      if (settled) return discard(reply);
-      settled = true;
-      clearTimeout(timer);
-      offSelf(); // the app's going away still reaches the upstream while the body flows
-      resolve(reply);
-    }, (err) => {
-      if (settled) return;
-      settled = true;
-      clearTimeout(timer);
-      offGone();
-      reject(err);
-    });
+    send(to, pathAndQuery, { method: init.method, headers: init.headers, body: init.body, tls: init.tls, cancel }).then(
+      (reply) => {
+        if (settled) return discard(reply);
+        settled = true;
+        clearTimeout(timer);
+        offSelf(); // the app's going away still reaches the upstream while the body flows
+        resolve(reply);
+      },
+      (err) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        offGone();
+        reject(err);
+      },
+    );
   });
 }
 
@@ -1859,7 +1875,7 @@ const HOP_BY_HOP = [
 const HOP_BY_HOP_SET = new Set(HOP_BY_HOP);
 
 export function headerValue(headers: HeaderList, name: string): string | null {
-  for (const [k, v] of headers) if (k === name) return v;
+  for (let i = 0; i < headers.length; i++) if (headers[i][0] === name) return headers[i][1];
   return null;
 }
 
@@ -1873,9 +1889,9 @@ export function stripHopByHop(headers: HeaderList): HeaderList {
  * header counts, not only the first). The shared set unless a Connection header names more. */
 function hopByHop(headers: HeaderList): ReadonlySet<string> {
   let drop = HOP_BY_HOP_SET;
-  for (const [name, value] of headers) {
-    if (name !== 'connection') continue;
-    for (const named of value.split(',')) {
+  for (let i = 0; i < headers.length; i++) {
+    if (headers[i][0] !== 'connection') continue;
+    for (const named of headers[i][1].split(',')) {
       const token = named.trim().toLowerCase();
       if (drop.has(token)) continue; // keep-alive, close: already dropped
       if (drop === HOP_BY_HOP_SET) drop = new Set(HOP_BY_HOP);
@@ -1894,7 +1910,8 @@ export function forwardHeaders(appHeaders: HeaderList, id: string, peer: string 
   let forwardedHost = false;
   const out: HeaderList = [];
   const drop = hopByHop(appHeaders);
-  for (const [name, value] of appHeaders) {
+  for (let i = 0; i < appHeaders.length; i++) {
+    const name = appHeaders[i][0], value = appHeaders[i][1];
     if (drop.has(name)) continue;
     switch (name) {
       // The client sets Host from the upstream URL, so the upstream sees its own authority.
@@ -1942,7 +1959,8 @@ export function responseHeaders(upstream: HeaderList, id: string): HeaderList {
   let via: string | null = null;
   const out: HeaderList = [];
   const drop = hopByHop(upstream);
-  for (const [name, value] of upstream) {
+  for (let i = 0; i < upstream.length; i++) {
+    const name = upstream[i][0], value = upstream[i][1];
     if (drop.has(name)) continue;
     if (name === 'via') via = via ? `${via}, ${value}` : value;
     else if (name !== 'x-request-id') out.push([name, value]);
@@ -1960,7 +1978,8 @@ function responseHeadProblem(headers: HeaderList): Error | undefined {
   let bytes = 0;
   let framing = 0;
   let codings = false;
-  for (const [name, value] of headers) {
+  for (let i = 0; i < headers.length; i++) {
+    const name = headers[i][0], value = headers[i][1];
     bytes += name.length + value.length + 4;
     if (name === 'transfer-encoding') {
       codings ||= (framing & 1) !== 0 || !isChunked(value);
@@ -4321,7 +4340,7 @@ function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, reply: Reply, idle
     return done(0, 'client went away before the response');
   }
   const flat: string[] = [];
-  for (const [name, value] of reply.headers) flat.push(name, value);
+  for (let i = 0; i < reply.headers.length; i++) flat.push(reply.headers[i][0], reply.headers[i][1]);
   try {
     if (reply.statusText === '') outgoing.writeHead(reply.status, flat);
     else outgoing.writeHead(reply.status, reply.statusText, flat);
@@ -4405,7 +4424,10 @@ export function nodeSend(
       const whole = init.body instanceof Uint8Array;
       const streamed = init.body !== null && !whole;
       const headers = ['host', to.authority];
-      for (const [name, value] of init.headers) if (!whole || name !== 'content-length') headers.push(name, value);
+      for (let i = 0; i < init.headers.length; i++) {
+        const name = init.headers[i][0];
+        if (!whole || name !== 'content-length') headers.push(name, init.headers[i][1]);
+      }
       if (whole) headers.push('content-length', String((init.body as Uint8Array).byteLength));
       // A streamed body waits for the upstream's 100 Continue (RFC 9110 §10.1.1), as curl's large uploads do:
       // an upstream that turns it down on its head alone (413, 401) is heard before a byte of it is sent. One
