@@ -2272,17 +2272,38 @@ function trackBody(
 ): ReadableStream<Uint8Array> {
   const reader = body.getReader();
   let bytes = 0;
-  const end = callOnce((error?: string) => done(bytes, error));
+  // One timer for the whole body, not one raced against every read: it looks at the read waiting now, and
+  // sets itself again for what is left of that read's `idleMs`. Time no read waits (the app reading slowly)
+  // does not count. A stall cancels the reader, which settles the waiting read (as done, by the streams
+  // standard), and that read then fails with the stall rather than end the body as if it were whole.
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  let waitingSince = 0; // 0: no read is waiting
+  let stalled: TimeoutError | null = null;
+  const end = callOnce((error?: string) => {
+    clearTimeout(timer);
+    done(bytes, error);
+  });
+  const watch = () => {
+    timer = undefined;
+    if (waitingSince === 0) return; // the next read sets it again
+    const waited = performance.now() - waitingSince;
+    if (waited < idleMs) {
+      timer = setTimeout(watch, idleMs - waited);
+      return;
+    }
+    stalled = new TimeoutError(`no body bytes for ${idleMs} ms`);
+    void reader.cancel(stalled).catch(noop);
+  };
   /** The next chunk, null at the end, or a rejection once the upstream has sent nothing for `idleMs`. */
   const next = async (): Promise<Uint8Array | null> => {
     try {
-      const chunk = idleMs <= 0 ? await reader.read() : await raceTimer(reader.read(), idleMs, () => {
-        // The rejection first: a runtime that settles the pending read at once on cancel (Bun's does, as
-        // done) would otherwise win the race and end a stalled body as if it were whole.
-        const err = new TimeoutError(`no body bytes for ${idleMs} ms`);
-        queueMicrotask(() => void reader.cancel(err).catch(noop));
-        throw err;
-      });
+      if (idleMs > 0) {
+        waitingSince = performance.now();
+        timer ??= setTimeout(watch, idleMs);
+      }
+      const chunk = await reader.read();
+      waitingSince = 0;
+      if (stalled) throw stalled;
       if (chunk.done) return end(), null;
       bytes += chunk.value.byteLength;
       return chunk.value;
