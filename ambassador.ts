@@ -3136,7 +3136,7 @@ const BARE = /^[A-Za-z0-9_.:/@+-]+$/;
 export function createLogger(
   format: LogFormat,
   minLevel: LogLevel,
-  write: (line: string) => void = console.log,
+  write: (line: string, urgent: boolean) => void = (line) => console.log(line),
 ): Logger {
   const min = LEVELS[minLevel];
   // The time as ISO text, made once a millisecond rather than once a line.
@@ -3151,27 +3151,35 @@ export function createLogger(
       const rest = JSON.stringify(fields);
       write(
         `{"time":"${time}","level":"${level}","msg":${JSON.stringify(msg)}${rest === '{}' ? '}' : `,${rest.slice(1)}`}`,
+        LEVELS[level] >= LEVELS.warn,
       );
     } else {
       // A value is written bare only when it cannot be mistaken for more fields; else it is quoted.
       const rest = Object.entries(fields).map(([k, v]) =>
         `${k}=${typeof v === 'string' && BARE.test(v) ? v : JSON.stringify(v)}`
       );
-      write(`${time} ${level.toUpperCase().padEnd(6)} ${msg}${rest.length ? ' ' + rest.join(' ') : ''}`);
+      write(
+        `${time} ${level.toUpperCase().padEnd(6)} ${msg}${rest.length ? ' ' + rest.join(' ') : ''}`,
+        LEVELS[level] >= LEVELS.warn,
+      );
     }
   };
 }
 
-/** Log lines written together: those of one turn of the event loop (the access lines of every request
- * finished in it, with their attempts' lines) in one write, made as that turn ends (`setImmediate`), so a
- * line is out within a turn of the answer it tells of, and a busy proxy makes one write for many lines
- * rather than one a request. `flush` writes what is waiting at once; main calls it before every exit.
- * `writeOut` is the runtime's own write to stdout (`Runtime.writeOut`). */
+/** Log lines written together, in order. A routine line (info, debug: the access line of a request that went
+ * well) waits for the end of the turn of the event loop (`setImmediate`), so a busy proxy writes the access
+ * lines of every request finished in a turn at once, not one write a request. An urgent one (warn and
+ * above: a failed attempt, a rejection) goes out once the run of code that wrote it is over (a microtask),
+ * with whatever waits before it: the lines that tell of a failure are out before its answer has gone far.
+ * `flush` writes what is waiting at once; main calls it before every exit. `writeOut` is the runtime's own
+ * write to stdout (`Runtime.writeOut`). */
 export function batchedLines(
   writeOut: (text: string) => void = console.log,
-): { write(line: string): void; flush(): void } {
+): { write(line: string, urgent?: boolean): void; flush(): void } {
   let pending: string[] = [];
+  let soon = false; // a flush at the end of this run of code is on its way
   const flush = () => {
+    soon = false;
     if (pending.length === 0) return;
     const text = pending.length === 1 ? pending[0] : pending.join('\n');
     pending = [];
@@ -3179,8 +3187,10 @@ export function batchedLines(
   };
   const later: (f: () => void) => unknown = typeof setImmediate === 'function' ? setImmediate : (f) => setTimeout(f, 0);
   return {
-    write(line) {
-      if (pending.push(line) === 1) later(flush);
+    write(line, urgent = false) {
+      const first = pending.push(line) === 1;
+      if (urgent && !soon) (soon = true), queueMicrotask(flush);
+      else if (first) later(flush);
     },
     flush,
   };

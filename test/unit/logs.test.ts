@@ -47,7 +47,18 @@ describe('JSON log lines', () => {
 });
 
 describe('batched log lines', () => {
-  it('writes the lines of one turn of the event loop together, in order, as it ends; flush writes at once', async () => {
+  it('marks warnings and errors urgent, routine lines not', () => {
+    const urgent: boolean[] = [];
+    const log = createLogger('json', 'debug', (_line, u) => urgent.push(u));
+    log('debug', 'a');
+    log('info', 'b');
+    log('warn', 'c');
+    log('error', 'd');
+    log('notice', 'e');
+    expect(urgent).toEqual([false, false, true, true, true]);
+  });
+
+  it('writes routine lines of one turn of the event loop together as it ends, a warning as its run of code ends; flush writes at once', async () => {
     const writes: string[] = [];
     const out = batchedLines((text) => writes.push(text));
     const turn = () => new Promise((r) => setImmediate(r));
@@ -63,9 +74,18 @@ describe('batched log lines', () => {
     out.flush();
     await turn();
     expect(writes).toHaveLength(2);
+    // A warning, urgent, goes out as the run of code that wrote it ends, with the routine lines before it.
+    out.write('routine');
+    out.write('warning', true);
+    out.write('after');
+    expect(writes).toHaveLength(2);
+    await Promise.resolve();
+    expect(writes.slice(2)).toEqual(['routine\nwarning\nafter']);
+    await turn();
+    expect(writes).toHaveLength(3);
     for (let i = 0; i < 1000; i++) out.write(String(i));
     await new Promise((r) => setTimeout(r, 0));
-    expect(writes).toHaveLength(3);
-    expect(writes[2].split('\n')).toEqual(Array.from({ length: 1000 }, (_, i) => String(i)));
+    expect(writes).toHaveLength(4);
+    expect(writes[3].split('\n')).toEqual(Array.from({ length: 1000 }, (_, i) => String(i)));
   });
 });
