@@ -320,7 +320,7 @@ export interface AppRequest {
   onGone(f: (reason: unknown) => void): () => void;
   /** What the server is to write: `reply`, its body passed on chunk by chunk and `done` told how that ended
    * (without `done`: an answer of the ambassador's own, written as it is). */
-  respond(reply: Reply, done?: BodyDone, idleMs?: number): Response;
+  respond(reply: Reply, done?: BodyDone, idleMs?: number): Response | Promise<Response>;
 }
 
 /** A request body where the runtime keeps it: the next chunk when asked (nothing is read ahead), and
@@ -2256,20 +2256,10 @@ function concat(chunks: Uint8Array[], size: number): Uint8Array {
   return out;
 }
 
-/** Passes a response body through chunk by chunk, counting bytes and telling `done` once how it ended; an
- * upstream that sends nothing for `idleMs` (if > 0) is cut off. An upstream error mid-body errors this
- * stream, so the app sees a broken response, never a short one that looks whole. Nothing is read ahead
- * (highWaterMark 0), so server-sent events reach the app as the upstream sends them.
- *
- * `direct` (Bun): one of Bun's "direct" streams, whose chunks go straight to the app's connection instead
- * of through a stream queue (the queue cost Bun half its throughput). Each chunk is flushed as it comes, and
- * the write is awaited, so a slow app slows the reading. */
-function trackBody(
-  body: ReadableStream<Uint8Array>,
-  idleMs: number,
-  done: BodyDone,
-  direct = false,
-): ReadableStream<Uint8Array> {
+/** Reads a response body chunk by chunk, counting bytes and telling `done` once how it ended; an upstream
+ * that sends nothing for `idleMs` (if > 0) is cut off. `next` gives the next chunk, null at the end, or
+ * rejects: the upstream failed, or stalled. `cancel`: the app went away. */
+function bodyReader(body: ReadableStream<Uint8Array>, idleMs: number, done: BodyDone) {
   const reader = body.getReader();
   let bytes = 0;
   // One timer for the whole body, not one raced against every read: it looks at the read waiting now, and
@@ -2294,28 +2284,45 @@ function trackBody(
     stalled = new TimeoutError(`no body bytes for ${idleMs} ms`);
     void reader.cancel(stalled).catch(noop);
   };
-  /** The next chunk, null at the end, or a rejection once the upstream has sent nothing for `idleMs`. */
-  const next = async (): Promise<Uint8Array | null> => {
-    try {
-      if (idleMs > 0) {
-        waitingSince = performance.now();
-        timer ??= setTimeout(watch, idleMs);
+  return {
+    async next(): Promise<Uint8Array | null> {
+      try {
+        if (idleMs > 0) {
+          waitingSince = performance.now();
+          timer ??= setTimeout(watch, idleMs);
+        }
+        const chunk = await reader.read();
+        waitingSince = 0;
+        if (stalled) throw stalled;
+        if (chunk.done) return end(), null;
+        bytes += chunk.value.byteLength;
+        return chunk.value;
+      } catch (err) {
+        end(`upstream body failed: ${describeFailure(err)}`);
+        throw err;
       }
-      const chunk = await reader.read();
-      waitingSince = 0;
-      if (stalled) throw stalled;
-      if (chunk.done) return end(), null;
-      bytes += chunk.value.byteLength;
-      return chunk.value;
-    } catch (err) {
-      end(`upstream body failed: ${describeFailure(err)}`);
-      throw err;
-    }
+    },
+    cancel(reason: unknown): Promise<void> {
+      end('client went away during the response body');
+      return reader.cancel(reason);
+    },
   };
-  const cancel = (reason: unknown) => {
-    end('client went away during the response body');
-    return reader.cancel(reason);
-  };
+}
+
+/** Passes a response body through chunk by chunk, read by `bodyReader`. An upstream error mid-body errors
+ * this stream, so the app sees a broken response, never a short one that looks whole. Nothing is read ahead
+ * (highWaterMark 0), so server-sent events reach the app as the upstream sends them.
+ *
+ * `direct` (Bun): one of Bun's "direct" streams, whose chunks go straight to the app's connection instead
+ * of through a stream queue (the queue cost Bun half its throughput). Each chunk is flushed as it comes, and
+ * the write is awaited, so a slow app slows the reading. */
+function trackBody(
+  body: ReadableStream<Uint8Array>,
+  idleMs: number,
+  done: BodyDone,
+  direct = false,
+): ReadableStream<Uint8Array> {
+  const { next, cancel } = bodyReader(body, idleMs, done);
   if (direct) {
     type Direct = {
       write(chunk: Uint8Array): number | Promise<number>;
@@ -2348,20 +2355,74 @@ function trackBody(
   }, { highWaterMark: 0 });
 }
 
+/** The longest response body, by its Content-Length, that Deno and Bun read whole before they answer. */
+const WHOLE_BODY_MAX = 64 * 1024;
+
 /** A reply as the web Response a server writes: its body passed on by `trackBody` when `done` is given,
- * else as it is (an answer of the ambassador's own). */
-function webResponse(reply: Reply, done: BodyDone | undefined, idleMs: number, direct: boolean): Response {
+ * else as it is (an answer of the ambassador's own). A fetch body that says it is at most `WHOLE_BODY_MAX`
+ * bytes long is read whole first (`wholeResponse`); `appGone` tells whether the app has gone meanwhile. */
+function webResponse(
+  reply: Reply,
+  done: BodyDone | undefined,
+  idleMs: number,
+  direct: boolean,
+  appGone: () => boolean = () => false,
+): Response | Promise<Response> {
   if (reply.whole) {
     done?.(reply.whole.byteLength);
     return new Response(reply.whole, { status: reply.status, headers: reply.headers });
   }
   const body = bodyOf(reply);
   if (done && body === null) done(0);
+  if (
+    done && body && reply.body && Number(headerValue(reply.headers, 'content-length') ?? Infinity) <= WHOLE_BODY_MAX
+  ) {
+    return wholeResponse(reply, body, done, idleMs, direct, appGone);
+  }
   return new Response(body && done ? trackBody(body, idleMs, done, direct) : body, {
     status: reply.status,
     statusText: reply.statusText,
     headers: reply.headers,
   });
+}
+
+/** A short body read whole, by the same rules as one passed on, and answered as one piece: Bun writes a
+ * stream's body chunked, without the Content-Length the upstream gave, and a write a chunk, where a whole
+ * body goes out with its head in one write (`bench:stages`). The reading holds at most `WHOLE_BODY_MAX`
+ * bytes, within the bound a stream holds anyway. If the upstream fails or stalls partway, the app gets the
+ * head, the bytes that came, and then a broken body, as it would have had them streamed. An app that goes
+ * away meanwhile cancels the fetch, and the read that fails of it is told as the app gone. */
+async function wholeResponse(
+  reply: Reply,
+  body: ReadableStream<Uint8Array>,
+  done: BodyDone,
+  idleMs: number,
+  direct: boolean,
+  appGone: () => boolean,
+): Promise<Response> {
+  const { next } = bodyReader(body, idleMs, (bytes, error) => {
+    done(bytes, error !== undefined && appGone() ? 'client went away during the response body' : error);
+  });
+  const init = { status: reply.status, statusText: reply.statusText, headers: reply.headers };
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  try {
+    for (let chunk = await next(); chunk !== null; chunk = await next()) chunks.push(chunk), size += chunk.byteLength;
+  } catch (err) {
+    // Passed on as a streamed body that breaks, on each server. The break waits a turn of the event loop,
+    // so the bytes before it are out (Bun's server holds writes until the turn ends, and drops them if the
+    // response fails first).
+    let sent = 0;
+    const broken = new ReadableStream<Uint8Array>({
+      pull: async (c) => {
+        if (sent < chunks.length) return c.enqueue(chunks[sent++]);
+        await new Promise((r) => setTimeout(r, 0));
+        c.error(err);
+      },
+    }, { highWaterMark: 0 });
+    return new Response(trackBody(broken, 0, noop, direct), init);
+  }
+  return new Response((chunks.length === 1 ? chunks[0] : concat(chunks, size)) as Uint8Array<ArrayBuffer>, init);
 }
 
 /** A reply's body as a web stream, made from the Node stream only where one is needed. */
@@ -4338,7 +4399,7 @@ export class NodeAppRequest implements AppRequest {
     return noop;
   }
 
-  respond(reply: Reply, done?: BodyDone, idleMs = 0): Response {
+  respond(reply: Reply, done?: BodyDone, idleMs = 0): Response | Promise<Response> {
     if (reply.tunnel) {
       // The upstream's 101, as the app's, and the connection handed to the tunnel.
       const { socket, head } = this.incoming.upgrade!;
@@ -4812,11 +4873,11 @@ export class FetchAppRequest implements AppRequest {
     return () => signal.removeEventListener('abort', onAbort);
   }
 
-  respond(reply: Reply, done?: BodyDone, idleMs = 0): Response {
+  respond(reply: Reply, done?: BodyDone, idleMs = 0): Response | Promise<Response> {
     if (reply.tunnel) {
       return this.upgrade(this.request, reply.tunnel, headerValue(reply.headers, 'sec-websocket-protocol'));
     }
-    return webResponse(reply, done, idleMs, this.direct);
+    return webResponse(reply, done, idleMs, this.direct, () => this.request.signal.aborted);
   }
 }
 

@@ -216,21 +216,31 @@ function dechunk(buf: Buffer): Buffer {
 describe.each(ARTIFACTS)('headers as the wire carries them (%s)', (runtime) => {
   stopAfterEach();
 
-  it("keeps the upstream's Content-Length on Node and Deno; Bun's server sends the body chunked instead", async () => {
-    const up = await startRawUpstream((_req, socket) =>
-      void socket.write('HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\nhello there')
-    );
+  it("keeps the upstream's Content-Length on every runtime up to 64 KiB; past that Bun's server sends a body chunked", async () => {
+    const big = 'b'.repeat(64 * 1024 + 1);
+    const up = await startRawUpstream((req, socket) => {
+      const body = req.target === '/big' ? big : 'hello there';
+      socket.write(`HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: ${body.length}\r\n\r\n${body}`);
+    });
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
-    const raw = await rawRequest(amb.port, 'GET /len HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n', 3000);
+    const ask = (path: string) =>
+      rawRequest(amb.port, `GET ${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`, 3000);
+    const raw = await ask('/len');
     const head = raw.slice(0, raw.indexOf('\r\n\r\n')).toLowerCase();
+    expect(head).toContain('\r\ncontent-length: 11');
+    expect(head).not.toContain('transfer-encoding');
+    expect(raw.endsWith('\r\n\r\nhello there')).toBe(true);
+
+    // A longer body is passed on as a stream, and Bun 1.4's server drops the length of a streamed body.
+    const rawBig = await ask('/big');
+    const headBig = rawBig.slice(0, rawBig.indexOf('\r\n\r\n')).toLowerCase();
     if (runtimeOf(runtime) === 'bun') {
-      expect(head).toContain('\r\ntransfer-encoding: chunked');
-      expect(head).not.toContain('content-length');
-      expect(raw.endsWith('\r\n\r\nb\r\nhello there\r\n0\r\n\r\n')).toBe(true);
+      expect(headBig).toContain('\r\ntransfer-encoding: chunked');
+      expect(headBig).not.toContain('content-length');
     } else {
-      expect(head).toContain('\r\ncontent-length: 11');
-      expect(head).not.toContain('transfer-encoding');
-      expect(raw.endsWith('\r\n\r\nhello there')).toBe(true);
+      expect(headBig).toContain(`\r\ncontent-length: ${big.length}`);
+      expect(headBig).not.toContain('transfer-encoding');
+      expect(rawBig.endsWith(`\r\n\r\n${big}`)).toBe(true);
     }
   });
 
