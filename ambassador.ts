@@ -4330,6 +4330,9 @@ function unsendable(err: unknown): ClientError {
 export interface NodeReadable extends AsyncIterable<Uint8Array> {
   /** the whole body has been read from the connection (Node's IncomingMessage) */
   readonly complete?: boolean;
+  readonly readableFlowing?: boolean | null;
+  /** what has been read from the connection and not yet taken, as one piece; null: nothing */
+  read(): Uint8Array | null;
   pipe(to: NodeOutgoing): void;
   resume(): void;
   destroy(err?: Error): void;
@@ -4352,6 +4355,7 @@ export interface NodeOutgoing {
   writeHead(status: number, statusText: string, headers: string[]): void;
   writeHead(status: number, headers: string[]): void;
   statusMessage: string;
+  end(chunk?: Uint8Array): void;
   destroy(): void;
   readonly writableFinished: boolean;
   readonly writableNeedDrain: boolean;
@@ -4445,6 +4449,21 @@ function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, reply: Reply, idle
   }
   let bytes = 0;
   const end = callOnce((error?: string) => done(bytes, error));
+  outgoing.on('finish', () => end());
+  outgoing.on('close', () => {
+    if (outgoing.writableFinished) return;
+    end('client went away during the response body');
+    body.destroy();
+  });
+  // A body that came whole with its head (a small one, most often) goes out in one piece with the head:
+  // nothing is left to wait for, so no timer, and no pipe. Its end frees the upstream connection.
+  if (body.complete && !body.readableFlowing) {
+    const whole = body.read();
+    bytes = whole?.byteLength ?? 0;
+    body.resume();
+    outgoing.end(whole ?? undefined);
+    return;
+  }
   // A body that stops arriving is cut off like a broken one. An app that reads slowly is not a stall: while
   // its connection is full (backpressure pauses the upstream's body) the time does not count.
   let idle: ReturnType<typeof setTimeout> | undefined;
@@ -4452,8 +4471,7 @@ function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, reply: Reply, idle
     if (outgoing.writableNeedDrain) idle!.refresh();
     else body.destroy(new TimeoutError(`no body bytes for ${idleMs} ms`));
   };
-  // A body that came whole with its head (a small one, most often) has nothing left to wait for: no timer.
-  if (idleMs > 0 && !body.complete) idle = setTimeout(stalled, idleMs);
+  if (idleMs > 0) idle = setTimeout(stalled, idleMs);
   body.on('data', (chunk) => {
     bytes += chunk.byteLength;
     idle?.refresh();
@@ -4462,12 +4480,6 @@ function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, reply: Reply, idle
   body.on('error', (err) => {
     end(`upstream body failed: ${describeFailure(err)}`);
     outgoing.destroy();
-  });
-  outgoing.on('finish', () => end());
-  outgoing.on('close', () => {
-    if (outgoing.writableFinished) return;
-    end('client went away during the response body');
-    body.destroy();
   });
   body.pipe(outgoing);
 }

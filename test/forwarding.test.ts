@@ -244,6 +244,21 @@ describe.each(ARTIFACTS)('headers as the wire carries them (%s)', (runtime) => {
     }
   });
 
+  it('passes requests one after another over one upstream connection, short bodies and long', async () => {
+    const long = 'l'.repeat(256 * 1024);
+    const up = await startRawUpstream((req, socket) => {
+      const body = req.target === '/long' ? long : 'short';
+      socket.write(`HTTP/1.1 200 OK\r\nContent-Length: ${body.length}\r\n\r\n${body}`);
+    });
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
+    for (let i = 0; i < 10; i++) {
+      const path = i % 3 === 2 ? '/long' : '/short';
+      expect(await (await fetch(`${amb.url}${path}`)).text()).toBe(path === '/long' ? long : 'short');
+    }
+    expect(up.requests.length).toBe(10);
+    expect(up.received.length).toBe(1); // every answer was read to its end, and its connection used again
+  });
+
   it("sends the app's header lines on in order with their repeats, adding only the forwarding headers (Deno: exactly what its server and fetch change)", async () => {
     const up = await startRawUpstream((_req, socket) =>
       void socket.write(
