@@ -2374,10 +2374,8 @@ function webResponse(
   }
   const body = bodyOf(reply);
   if (done && body === null) done(0);
-  if (
-    done && body && reply.body && Number(headerValue(reply.headers, 'content-length') ?? Infinity) <= WHOLE_BODY_MAX
-  ) {
-    return wholeResponse(reply, body, done, idleMs, direct, appGone);
+  if (done && reply.body && Number(headerValue(reply.headers, 'content-length') ?? Infinity) <= WHOLE_BODY_MAX) {
+    return wholeResponse(reply, reply.body, done, idleMs, direct, appGone);
   }
   return new Response(body && done ? trackBody(body, idleMs, done, direct) : body, {
     status: reply.status,
@@ -2388,8 +2386,8 @@ function webResponse(
 
 /** A short body read whole, by the same rules as one passed on, and answered as one piece: Bun writes a
  * stream's body chunked, without the Content-Length the upstream gave, and a write a chunk, where a whole
- * body goes out with its head in one write (a sixth of Bun's CPU a request, measured A/B). The reading holds at most `WHOLE_BODY_MAX`
- * bytes, within the bound a stream holds anyway. If the upstream fails or stalls partway, the app gets the
+ * body goes out with its head in one write (a sixth of Bun's CPU a request, measured A/B). The reading
+ * holds at most `WHOLE_BODY_MAX` bytes, within the bound a stream holds anyway. If the upstream fails or stalls partway, the app gets the
  * head, the bytes that came, and then a broken body, as it would have had them streamed. An app that goes
  * away meanwhile cancels the fetch, and the read that fails of it is told as the app gone. */
 async function wholeResponse(
