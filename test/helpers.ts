@@ -122,13 +122,38 @@ export function get(
   });
 }
 
-/** A port on which nothing listens: bound, then closed (connections to it are refused). */
+/** The lowest port the kernel hands out for `listen(0)` and outgoing connections. */
+const EPHEMERAL_LOW = (() => {
+  try {
+    return Number(readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]) || 32768;
+  } catch {
+    return 32768;
+  }
+})();
+/** Each vitest worker (VITEST_POOL_ID, 1 to maxWorkers) takes its ports from a band of its own. */
+const BAND = 1500;
+const band = EPHEMERAL_LOW - BAND * (1 + ((Number(process.env.VITEST_POOL_ID ?? 1) - 1) % 4));
+let nextInBand = Math.floor(Math.random() * BAND);
+
+/** A port on which nothing listens, and on which nothing else in the run will listen unless a test asks it
+ * to. It comes from below the kernel's ephemeral range, in this worker's band: every other server in the run
+ * listens on port 0 and every outgoing connection takes an ephemeral port, so none can land on it. One taken
+ * from `listen(0)` and closed again was handed to another test's server now and then, and a request meant to
+ * be refused got that server's answer. Checked free by binding it once. */
 export async function deadPort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
+  for (let tries = 0; tries < BAND; tries++) {
+    const port = band + (nextInBand++ % BAND);
+    const s = net.createServer();
+    const free = await new Promise<boolean>((r) => {
+      s.once('error', () => r(false));
+      s.listen(port, '127.0.0.1', () => r(true));
+    });
+    if (free) {
+      await new Promise<void>((r) => s.close(() => r()));
+      return port;
+    }
+  }
+  throw new Error(`no free port in ${band}-${band + BAND - 1}`);
 }
 
 /** Every artifact the behavioural suite runs against: the esbuild bundle under `node`, `ambassador.ts`
