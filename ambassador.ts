@@ -5071,7 +5071,9 @@ function listenDeno(d: DenoLike, handler: ProxyHandler, host: string, port: numb
  * carry. A streamed body whose Content-Length the app gave goes by `withLength` instead (`nodeSend`, one
  * connection per request): Deno's fetch sends every streamed body chunked, which S3-style upstreams
  * refuse, and Deno's node:http, which keeps the length, resends a request — a POST too — on a reused
- * keep-alive connection that fails under it, so it never gets one to reuse. */
+ * keep-alive connection that fails under it, so it never gets one to reuse. An upstream on one of the
+ * fetch standard's "bad ports" (`FETCH_BAD_PORTS`) goes by `withLength` too: Deno's fetch refuses to
+ * connect to one, and every request would fail as if the app's were at fault. */
 function fetchSend(d: DenoLike, withLength: Send): Send {
   // Deno's client sends a request again, on a new connection, when a reused one closes under it — even a
   // POST the upstream has already read. A request that must not be repeated therefore never goes on a
@@ -5093,9 +5095,10 @@ function fetchSend(d: DenoLike, withLength: Send): Send {
     }, unrepeatable);
   };
   return async (to, pathAndQuery, init) => {
-    if (init.body instanceof ReadableStream && headerValue(init.headers, 'content-length') !== null) {
-      return withLength(to, pathAndQuery, init);
-    }
+    if (
+      FETCH_BAD_PORTS.has(to.port) ||
+      (init.body instanceof ReadableStream && headerValue(init.headers, 'content-length') !== null)
+    ) return withLength(to, pathAndQuery, init);
     const unrepeatable = !IDEMPOTENT.has(init.method) && headerValue(init.headers, 'idempotency-key') === null;
     const { url, headers } = fetchTarget(to, pathAndQuery, init.headers);
     let client: DenoHttpClient | undefined;
@@ -5116,6 +5119,15 @@ function fetchSend(d: DenoLike, withLength: Send): Send {
     return replyOf(res);
   };
 }
+
+/** The ports the fetch standard blocks (https://fetch.spec.whatwg.org/#bad-port), which Deno's fetch will
+ * not connect to: X11's 6000 and IRC's 6665–6669 among them. */
+const FETCH_BAD_PORTS = new Set(
+  ('1 7 9 11 13 15 17 19 20 21 22 23 25 37 42 43 53 69 77 79 87 95 101 102 103 104 109 110 111 113 115 117 119 ' +
+    '123 135 137 139 143 161 179 389 427 465 512 513 514 515 526 530 531 532 540 548 554 556 563 587 601 636 989 ' +
+    '990 993 995 1719 1720 1723 2049 3659 4045 4190 5060 5061 6000 6566 6665 6666 6667 6668 6669 6679 6697 10080')
+    .split(' ').map(Number),
+);
 
 /** A Send made the first time it is needed. */
 function lazySend(make: () => Promise<Send>): Send {

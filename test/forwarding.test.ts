@@ -8,6 +8,7 @@ import {
   ARTIFACTS,
   rawRequest,
   runtimeOf,
+  skippedBecause,
   startAmbassador,
   startRawUpstream,
   startUpstream,
@@ -355,3 +356,33 @@ describe.each(ARTIFACTS)('headers as the wire carries them (%s)', (runtime) => {
     expect(names).not.toContain('transfer-encoding');
   });
 });
+
+/** The fetch standard's "bad ports" (X11's 6000, IRC's 6665–6669, 10080…) are ports Deno's fetch will not
+ * connect to. An upstream may well listen on one; the ambassador reaches it on every runtime. */
+const BLOCKED = [6666, 6667, 6668, 6669, 6665, 10080];
+const blockedPort = await (async () => {
+  for (const port of BLOCKED) {
+    const up = await startUpstream(undefined, { port }).catch(() => undefined);
+    if (up) return await up.close(), port;
+  }
+})();
+
+describe.skipIf(blockedPort === undefined).each(ARTIFACTS)(
+  skippedBecause(
+    'an upstream on a port the fetch standard blocks (%s)',
+    blockedPort === undefined ? `none of the ports ${BLOCKED.join(', ')} is free here` : undefined,
+  ),
+  (runtime) => {
+    stopAfterEach();
+    it('forwards a GET and a POST to it', async () => {
+      const upstream = await startUpstream((_q, res, seen) => res.end(`${seen.method} ${seen.body}`), {
+        port: blockedPort,
+      });
+      const amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
+      const got = await fetch(`${amb.url}/x`);
+      expect([got.status, await got.text()]).toEqual([200, 'GET ']);
+      const posted = await fetch(`${amb.url}/x`, { method: 'POST', body: 'order' });
+      expect([posted.status, await posted.text()]).toEqual([200, 'POST order']);
+    });
+  },
+);
