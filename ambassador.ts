@@ -48,6 +48,10 @@
  * | MAX_IN_FLIGHT *            | 1024       | requests in flight to a route's upstream at most; 0 = no limit
  * | QUEUE_SIZE *               | 128        | requests that may wait for a place; the rest get 503 at once
  * | QUEUE_TIMEOUT_MS *         | 1000       | the longest a request waits in that queue before its 503
+ * | PROCESS_MAX_IN_FLIGHT      | (derived)  | requests in flight in all routes together (to the answer's head, and to
+ * |                            |            | the end of a body over 64 KiB); more wait, up to REQUEST_TIMEOUT_MS, then
+ * |                            |            | 503. Unset: one per 4 MiB of the memory limit (32 at 128 MiB), none
+ * |                            |            | without a limit; 0 = no limit
  * | RATE_LIMIT_PER_SEC *       | 0          | requests per second to a route's upstream (token bucket); 0 = none
  * | RATE_LIMIT_BURST *         | 0          | tokens saved up for a burst; 0 = one second's worth
  * | RATE_LIMIT_WAIT_MS *       | 0          | wait up to this long for a token instead of answering 429 at once
@@ -189,6 +193,9 @@ export interface Config {
   readonly memoryShedPercent: number;
   /** MEMORY_LIMIT_BYTES: that limit, when it is not the cgroup's; 0: the cgroup's (`Runtime.memory`) */
   readonly memoryLimitBytes: number;
+  /** PROCESS_MAX_IN_FLIGHT: requests in flight in all (0: no limit); null: from the memory limit
+   * (`processPlaces`) */
+  readonly processMaxInFlight: number | null;
   readonly logFormat: LogFormat;
   readonly logLevel: LogLevel;
   readonly routesFile: string | null;
@@ -392,6 +399,8 @@ interface Proxy {
   readonly uploads: Uploads;
   /** whether the process is near the memory limit it runs under (`MemoryGuard`) */
   readonly memory: MemoryGuard;
+  /** places for requests in flight, every route together (PROCESS_MAX_IN_FLIGHT, `processPlaces`) */
+  readonly places: ConcurrencyLimit;
   /** the WebSocket tunnels open now */
   readonly tunnels: Set<Tunnel>;
   draining: boolean;
@@ -493,11 +502,13 @@ async function handle(p: Proxy, req: AppRequest): Promise<Response> {
   const gone = new Cancel();
   const offGone = req.onGone((reason) => gone.abort(reason));
   let holding = false; // a place under the route's concurrency limit, given back when the response is done
+  let holdingProcess = false; // and one of the process's (`processPlaces`)
   const finish = (bytesOut: number, error?: string) => {
     p.uploads.end(key);
     offGone();
     if (holding) policies.concurrency.release();
-    holding = false;
+    if (holdingProcess) p.places.release();
+    holding = holdingProcess = false;
     p.inFlight.delete(key);
     record.durationMs = p.clock.now() - started;
     record.bytesOut = bytesOut;
@@ -523,9 +534,13 @@ async function handle(p: Proxy, req: AppRequest): Promise<Response> {
   try {
     let admission = admit(p, call);
     if (admission instanceof Promise) admission = await admission; // only a rate limit's wait or a queue
-    holding = admission === true;
+    holding = holdingProcess = admission === true;
     const reply = admission === true ? await forward(p, call, body) : admission;
     record.status = reply.status;
+    // The process's place is kept to the end of a body whose length says it is long: that is where the
+    // memory goes. A short body, one of unknown length (server-sent events, a stream that may last hours)
+    // and a tunnel give it back with the head, so they never hold the place of a request still to come.
+    if (holdingProcess && !longBody(reply)) (holdingProcess = false), p.places.release();
     if (reply.upgraded) return req.respond(openTunnel(p, call, reply, finish), finish);
     // Draining, the app opens a fresh connection for its next call; and an answer that came before the
     // app's body was all read leaves the rest of that body on the connection (RFC 9112 §9.6: close it).
@@ -565,6 +580,13 @@ function openTunnel(p: Proxy, call: Call, reply: Reply, finish: BodyDone): Reply
   p.tunnels.add(tunnel);
   p.events.tunnelOpened({ id: call.id, route: call.route.name, endpoint: call.record.endpoint ?? '' });
   return { ...reply, tunnel };
+}
+
+/** Whether a reply has a body whose Content-Length says it is longer than what is read whole. */
+function longBody(reply: Reply): boolean {
+  if (!reply.body && !reply.node) return false;
+  const length = headerValue(reply.headers, 'content-length');
+  return length !== null && Number(length) > WHOLE_BODY_MAX;
 }
 
 /** Whether the app's request says `Connection: close`. */
@@ -699,12 +721,12 @@ function admit(p: Proxy, call: Call): true | Reply | Promise<true | Reply> {
     if (token.waitMs > 0) {
       return sleep(token.waitMs, gone).then(() => {
         if (gone.aborted) throw gone.reason;
-        return takePlace(call);
+        return takePlace(p, call);
       });
     }
   }
   if (gone.aborted) throw gone.reason;
-  return takePlace(call);
+  return takePlace(p, call);
 }
 
 /** Near the memory limit: no new stream is taken on, so the process never grows into the limit the kernel
@@ -718,34 +740,59 @@ function shed(memory: MemoryGuard, call: Call): Reply {
   return rejectionReply('memory', call.record.error, call.id, 1000);
 }
 
-function takePlace(call: Call): true | Reply | Promise<true | Reply> {
-  const place = call.policies.concurrency.acquire();
-  if (place === true) return true;
+function takePlace(p: Proxy, call: Call): true | Reply | Promise<true | Reply> {
+  const { concurrency } = call.policies;
+  const place = concurrency.acquire();
   if (place === false) return overloaded(call);
-  return waitForPlace(call, place);
+  if (place === true) return takeProcessPlace(p, call);
+  return waitForPlace(call, concurrency, place, call.route.queueTimeoutMs, () => overloaded(call)).then((r) =>
+    r === true ? takeProcessPlace(p, call) : r
+  );
 }
 
+/** With the route's place held, one of the process's (PROCESS_MAX_IN_FLIGHT): waited for, in order, for what
+ * is left of the request's REQUEST_TIMEOUT_MS (which would end it anyway). Without one, the route's place is
+ * given back. */
+function takeProcessPlace(p: Proxy, call: Call): true | Reply | Promise<true | Reply> {
+  const place = p.places.acquire();
+  if (place === true) return true;
+  const giveBack = () => call.policies.concurrency.release();
+  if (place === false) return giveBack(), overloadedProcess(p, call); // the queue has no size: never so
+  const { requestTimeoutMs } = call.route;
+  const left = requestTimeoutMs > 0 ? Math.max(0, call.started + requestTimeoutMs - p.clock.now()) : null;
+  return waitForPlace(call, p.places, place, left, () => overloadedProcess(p, call)).then(
+    (r) => (r === true ? true : (giveBack(), r)),
+    (err) => {
+      giveBack();
+      throw err;
+    },
+  );
+}
+
+/** Waits in `limit`'s queue for a place, up to `timeoutMs` (null: no limit), or until the app goes away
+ * (which throws). True when the place is had; else `refused()`. */
 async function waitForPlace(
   call: Call,
+  limit: ConcurrencyLimit,
   place: Exclude<ReturnType<ConcurrencyLimit['acquire']>, boolean>,
+  timeoutMs: number | null,
+  refused: () => Reply,
 ): Promise<true | Reply> {
-  const { policies, gone } = call;
+  const { gone } = call;
   let offGone = noop;
-  const waited = await raceTimer(
-    Promise.race([
-      place.granted.then(() => 'granted' as const),
-      new Promise<'gone'>((r) => (offGone = gone.on(() => r('gone')))),
-    ]),
-    call.route.queueTimeoutMs,
-    () => 'timeout' as const,
-  );
+  const grantedOrGone = Promise.race([
+    place.granted.then(() => 'granted' as const),
+    new Promise<'gone'>((r) => (offGone = gone.on(() => r('gone')))),
+  ]);
+  const waited =
+    await (timeoutMs === null ? grantedOrGone : raceTimer(grantedOrGone, timeoutMs, () => 'timeout' as const));
   offGone();
   const granted = waited === 'granted' || !place.leave(); // leaving fails once the place was handed over
   if (waited === 'gone') {
-    if (granted) policies.concurrency.release();
+    if (granted) limit.release();
     throw gone.reason;
   }
-  return granted ? true : overloaded(call);
+  return granted ? true : refused();
 }
 
 function overloaded(call: Call): Reply {
@@ -754,6 +801,25 @@ function overloaded(call: Call): Reply {
   record.error =
     `overloaded: ${route.maxInFlight} requests in flight to ${route.name} and ${policies.concurrency.queued} waiting`;
   return rejectionReply('concurrency', record.error, call.id, 1000);
+}
+
+function overloadedProcess(p: Proxy, call: Call): Reply {
+  const { route, record } = call;
+  record.rejected = 'concurrency';
+  record.error =
+    `overloaded: ${p.places.active} requests in flight in all (PROCESS_MAX_IN_FLIGHT) and ${p.places.queued} waiting, and none came within REQUEST_TIMEOUT_MS (${route.requestTimeoutMs} ms)`;
+  return rejectionReply('concurrency', record.error, call.id, 1000);
+}
+
+/** The most requests in flight in all (PROCESS_MAX_IN_FLIGHT) — from admission to the answer's head, and on to
+ * the end of a body longer than 64 KiB by its Content-Length: as set, or, unset, one per 4 MiB of the memory
+ * limit the process runs under — what a stream may hold at its peak on Bun, whose fetch reads a response
+ * ahead of its reader (on Node and Deno about half that) — and at least 4; no limit without a memory limit.
+ * Past it, more requests in flight only add memory: inside 100m CPU and 128 MiB, 64 connections of 1 MiB
+ * bodies held Bun's group at its limit until it stalled on its own code's pages, and 32 at a time did not. */
+export function processPlaces(configured: number | null, limitBytes: number | null): number {
+  if (configured !== null) return configured;
+  return limitBytes === null ? 0 : Math.max(4, Math.floor(limitBytes / (4 * 1024 * 1024)));
 }
 
 // --- Forward ----------------------------------------------------------------------------------------------
@@ -1189,6 +1255,10 @@ export function createAmbassador(
     inFlight: new Map(),
     uploads: new Uploads(),
     memory: new MemoryGuard(options.memory?.limitBytes ?? null, config.memoryShedPercent),
+    places: new ConcurrencyLimit(
+      processPlaces(config.processMaxInFlight, options.memory?.limitBytes ?? null),
+      Infinity,
+    ),
     tunnels: new Set(),
     draining: false,
     requests: 0,
@@ -1221,6 +1291,7 @@ export function createAmbassador(
     replayBytes: () => p.replayMemory.held,
     usage: runtime.usage,
     memory: () => ({ limitBytes: p.memory.limitBytes, shedding: p.memory.shedding }),
+    places: () => ({ max: p.places.max, active: p.places.active, queued: p.places.queued }),
   };
   // What counts against the limit is main's to say: the group's anonymous memory, or the resident size.
   if (options.memory) {
@@ -1734,7 +1805,7 @@ export class ConcurrencyLimit {
   active = 0;
   private readonly waiting: Array<() => void> = [];
 
-  private readonly max: number;
+  readonly max: number;
   private readonly queueSize: number;
 
   constructor(max: number, queueSize: number) {
@@ -3398,6 +3469,8 @@ export interface Gauges {
   usage?(): { rssBytes: number; cpuSeconds: number };
   /** the memory limit the process runs under (null: none found), and whether it sheds new requests now */
   memory?(): { limitBytes: number | null; shedding: boolean };
+  /** PROCESS_MAX_IN_FLIGHT (0: none), and the places held and waited for now */
+  places?(): { max: number; active: number; queued: number };
 }
 
 export class Metrics {
@@ -3617,6 +3690,23 @@ export class Metrics {
         '1 while new requests get 503 near the memory limit (MEMORY_SHED_PERCENT).',
       );
       out.push(`ambassador_memory_shedding ${memory.shedding ? 1 : 0}`);
+    }
+    const places = this.gauges.places?.();
+    if (places && places.max > 0) {
+      family(
+        'ambassador_process_max_in_flight',
+        'gauge',
+        'Requests in flight in all at most (PROCESS_MAX_IN_FLIGHT, or one per 4 MiB of the memory limit).',
+      );
+      out.push(`ambassador_process_max_in_flight ${places.max}`);
+      family(
+        'ambassador_process_in_flight_requests',
+        'gauge',
+        'Requests holding one of those places now: waiting for their answer, or passing on a long body.',
+      );
+      out.push(`ambassador_process_in_flight_requests ${places.active}`);
+      family('ambassador_process_queued_requests', 'gauge', 'Requests waiting for one of those places now.');
+      out.push(`ambassador_process_queued_requests ${places.queued}`);
     }
     family('ambassador_websocket_tunnels_open', 'gauge', 'WebSocket tunnels open now.');
     out.push(`ambassador_websocket_tunnels_open ${this.tunnelsOpen}`);
@@ -3868,6 +3958,7 @@ export function loadConfig(env: Record<string, string | undefined>, readFile?: R
     replayMemoryBytes: int('RETRY_BODIES_MAX_BYTES', 8 * 1024 * 1024, 0),
     memoryShedPercent: int('MEMORY_SHED_PERCENT', 90, 0, 100),
     memoryLimitBytes: int('MEMORY_LIMIT_BYTES', 0, 0),
+    processMaxInFlight: read('PROCESS_MAX_IN_FLIGHT') === undefined ? null : int('PROCESS_MAX_IN_FLIGHT', 0, 0),
     logFormat: oneOf<LogFormat>('LOG_FORMAT', 'json', ['json', 'text']),
     logLevel: oneOf<LogLevel>('LOG_LEVEL', 'info', ['debug', 'info', 'warn', 'error']),
     routesFile,
@@ -5526,6 +5617,7 @@ export async function main(): Promise<void> {
     port: proxy.port,
     admin_port: admin.port,
     memory_limit_bytes: memoryLimit,
+    process_max_in_flight: processPlaces(config.processMaxInFlight, memoryLimit),
     routes: config.routes.map((r) => ({ ...r, upstreams: r.upstreams.map((u) => u.href) })),
     config: { ...config, routes: undefined },
   });

@@ -2,7 +2,16 @@
  * requests through the ambassador, counted at a real upstream. */
 import http from 'node:http';
 import { describe, expect, it } from 'vitest';
-import { ARTIFACTS, scrape, sleep, startAmbassador, startUpstream, stopAfterEach, waitFor } from './helpers.ts';
+import {
+  ARTIFACTS,
+  routesFile,
+  scrape,
+  sleep,
+  startAmbassador,
+  startUpstream,
+  stopAfterEach,
+  waitFor,
+} from './helpers.ts';
 
 describe.each(ARTIFACTS)('limits under a burst of real requests (%s)', (runtime) => {
   stopAfterEach();
@@ -175,6 +184,100 @@ describe.each(ARTIFACTS)('limits under a burst of real requests (%s)', (runtime)
       3000,
     );
     expect((await fetch(`${amb.url}/third`)).status).toBe(200);
+  });
+
+  it('holds PROCESS_MAX_IN_FLIGHT over every route together: the next wait their turn, none refused', async () => {
+    const held: Array<() => void> = [];
+    const up = await startUpstream((req, res) => void held.push(() => res.end(req.url)));
+    const amb = await startAmbassador(runtime, {
+      ROUTES_FILE: routesFile([
+        { name: 'a', prefix: '/a', upstream: up.url },
+        { name: 'b', prefix: '/b', upstream: up.url },
+      ]),
+      PROCESS_MAX_IN_FLIGHT: '2',
+    });
+    expect((await scrape(amb)).get('ambassador_process_max_in_flight')).toBe(2);
+    const answers = ['/a/1', '/b/2', '/a/3', '/b/4'].map((path) => fetch(`${amb.url}${path}`));
+    await waitFor(
+      'two at the upstream and two waiting',
+      async () => up.seen.length === 2 && (await scrape(amb)).get('ambassador_process_queued_requests') === 2,
+    );
+    await sleep(100);
+    expect(up.seen.length).toBe(2); // nothing more gets through while both places are held
+    expect((await scrape(amb)).get('ambassador_process_in_flight_requests')).toBe(2);
+    held[0]();
+    await waitFor('the third at the upstream', () => up.seen.length === 3);
+    held[1]();
+    await waitFor('the fourth at the upstream', () => up.seen.length === 4);
+    held[2]();
+    held[3]();
+    const all = await Promise.all(answers.map(async (a) => [(await a).status, await (await a).text()]));
+    expect(all.map(([status]) => status)).toEqual([200, 200, 200, 200]);
+    expect(all.map(([, text]) => text).sort()).toEqual(['/a/1', '/a/3', '/b/2', '/b/4']);
+    const m = await scrape(amb);
+    expect(m.get('ambassador_process_in_flight_requests')).toBe(0);
+    expect(m.get('ambassador_process_queued_requests')).toBe(0);
+  });
+
+  it('keeps a process place to the end of a long body only; a short or unsized one gives it back at the head', async () => {
+    const ends: Array<() => void> = [];
+    const long = Buffer.alloc(100 * 1024, 'l');
+    const up = await startUpstream((req, res) => {
+      if (req.url === '/long') res.writeHead(200, { 'content-length': String(long.length) });
+      else res.writeHead(200, req.url === '/sized' ? { 'content-length': '5' } : {});
+      const body = req.url === '/long' ? long : Buffer.from('short');
+      res.write(body.subarray(0, 1));
+      ends.push(() => res.end(body.subarray(1)));
+    });
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, PROCESS_MAX_IN_FLIGHT: '1' });
+    const places = async () => (await scrape(amb)).get('ambassador_process_in_flight_requests');
+    // A body of unknown length (a stream that may never end) gives its place back with the head.
+    const unsized = await fetch(`${amb.url}/unsized`);
+    const reader = unsized.body!.getReader();
+    await reader.read();
+    expect(await places()).toBe(0);
+    // A long body keeps it until its last byte: the next request waits, and is not refused.
+    const longRes = await fetch(`${amb.url}/long`);
+    expect(await places()).toBe(1);
+    const next = fetch(`${amb.url}/sized`);
+    await waitFor(
+      'the next one waiting',
+      async () => (await scrape(amb)).get('ambassador_process_queued_requests') === 1,
+    );
+    expect(up.seen.length).toBe(2);
+    ends[1]();
+    expect((await longRes.arrayBuffer()).byteLength).toBe(long.length);
+    await waitFor('the next one at the upstream', () => up.seen.length === 3);
+    ends[2]();
+    expect(await (await next).text()).toBe('short');
+    ends[0]();
+    while (!(await reader.read()).done);
+    await waitFor('every place given back', async () => (await places()) === 0);
+  });
+
+  it('answers 503 to a request that found no place within its REQUEST_TIMEOUT_MS, and never sends it', async () => {
+    const held: http.ServerResponse[] = [];
+    const up = await startUpstream((_q, res) => void held.push(res));
+    // The holder's route has no timeout of its own; the waiting request's has 300 ms.
+    const amb = await startAmbassador(runtime, {
+      ROUTES_FILE: routesFile([
+        { name: 'holder', prefix: '/holder', upstream: up.url, requestTimeoutMs: 0, tryTimeoutMs: 0 },
+        { name: 'default', prefix: '/', upstream: up.url, requestTimeoutMs: 300, tryTimeoutMs: 0 },
+      ]),
+      PROCESS_MAX_IN_FLIGHT: '1',
+    });
+    const first = fetch(`${amb.url}/holder`);
+    await waitFor('the holder at the upstream', () => held.length === 1);
+    const t0 = performance.now();
+    const second = await fetch(`${amb.url}/second`);
+    expect(second.status).toBe(503);
+    expect(second.headers.get('retry-after')).toBe('1');
+    expect(await second.text()).toMatch(/in flight in all \(PROCESS_MAX_IN_FLIGHT\).*REQUEST_TIMEOUT_MS \(300 ms\)/);
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(250);
+    expect(up.seen.map((s) => s.url)).toEqual(['/holder']);
+    expect((await scrape(amb)).get('ambassador_requests_rejected_total{route="default",reason="concurrency"}')).toBe(1);
+    held[0].end('ok');
+    expect((await first).status).toBe(200);
   });
 
   it('holds the rate limit at its rate over seconds, not only over a burst', async () => {

@@ -43,6 +43,10 @@ describe.skipIf(unavailable !== undefined).each(ARTIFACTS)(
       expect(metrics.get('ambassador_memory_limit_bytes')).toBe(found ?? undefined);
       expect(metrics.get('ambassador_memory_shedding')).toBe(0);
       expect(amb.logs().find((l) => l.msg === 'listening')?.memory_limit_bytes).toBe(found);
+      // And holds the requests in flight to one per 4 MiB of it (PROCESS_MAX_IN_FLIGHT unset).
+      const places = found === null ? 0 : found / (4 * 1024 ** 2);
+      expect(amb.logs().find((l) => l.msg === 'listening')?.process_max_in_flight).toBe(places);
+      expect(metrics.get('ambassador_process_max_in_flight')).toBe(places || undefined);
     });
 
     it('past that share, answers new requests 503 with Retry-After, never reaching the upstream, and says so', async () => {

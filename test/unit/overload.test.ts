@@ -1,7 +1,7 @@
 /** The memory limit the process runs under, read from its cgroup as each runtime's readFile sees it (a
  * table of files stands in for /proc and /sys), and the guard that sheds new requests near it. */
 import { describe, expect, it } from 'vitest';
-import { cgroupMemory, MemoryGuard } from '../../ambassador.ts';
+import { cgroupMemory, MemoryGuard, processPlaces } from '../../ambassador.ts';
 
 /** The limit, as `cgroupMemory` finds it. */
 const cgroupMemoryLimit = (readFile: (path: string) => string) => cgroupMemory(readFile)?.limitBytes ?? null;
@@ -92,5 +92,21 @@ describe('MemoryGuard', () => {
       });
       expect(guard.shedding).toBe(false);
     }
+  });
+});
+
+describe('processPlaces (PROCESS_MAX_IN_FLIGHT)', () => {
+  it('is one per 4 MiB of the memory limit when unset, at least 4, and none without a limit', () => {
+    expect(processPlaces(null, 128 * 1024 ** 2)).toBe(32);
+    expect(processPlaces(null, 64 * 1024 ** 2)).toBe(16);
+    expect(processPlaces(null, 1024 ** 3 + 3 * 1024 ** 2)).toBe(256);
+    expect(processPlaces(null, 8 * 1024 ** 2)).toBe(4);
+    expect(processPlaces(null, null)).toBe(0);
+  });
+
+  it('is what it is set to, 0 (no limit) included, whatever the memory limit', () => {
+    expect(processPlaces(5, 128 * 1024 ** 2)).toBe(5);
+    expect(processPlaces(0, 128 * 1024 ** 2)).toBe(0);
+    expect(processPlaces(100, null)).toBe(100);
   });
 });
