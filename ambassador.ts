@@ -6,8 +6,9 @@
  * from a file), discovery of the addresses behind a name, least-loaded balancing (power of two choices),
  * a circuit breaker per endpoint, concurrency and rate limits, retries with backoff and a retry budget,
  * per-try and per-request timeouts, TLS (mTLS too) to the upstream, hop-by-hop hygiene, request ids,
- * WebSocket pass-through, structured logs, and a graceful drain on SIGTERM/SIGINT. A separate admin port serves GET /healthz,
- * GET /readyz, GET /metrics (Prometheus or OpenMetrics) and POST /shutdown (loopback clients only).
+ * WebSocket pass-through, structured logs, and a graceful drain on SIGTERM/SIGINT. A separate admin port
+ * serves GET /healthz, GET /readyz, GET /metrics (Prometheus or OpenMetrics) and POST /shutdown (loopback
+ * clients only).
  *
  * Run it:
  *   Node:   npm run build && UPSTREAM_URL=http://127.0.0.1:9000 node dist/ambassador.mjs
@@ -806,8 +807,8 @@ function overloaded(call: Call): Reply {
 function overloadedProcess(p: Proxy, call: Call): Reply {
   const { route, record } = call;
   record.rejected = 'concurrency';
-  record.error =
-    `overloaded: ${p.places.active} requests in flight in all (PROCESS_MAX_IN_FLIGHT) and ${p.places.queued} waiting, and none came within REQUEST_TIMEOUT_MS (${route.requestTimeoutMs} ms)`;
+  record.error = `overloaded: ${p.places.active} requests in flight in all (PROCESS_MAX_IN_FLIGHT) and ` +
+    `${p.places.queued} waiting, and none came within REQUEST_TIMEOUT_MS (${route.requestTimeoutMs} ms)`;
   return rejectionReply('concurrency', record.error, call.id, 1000);
 }
 
@@ -2458,9 +2459,10 @@ function webResponse(
 /** A short body read whole, by the same rules as one passed on, and answered as one piece: Bun writes a
  * stream's body chunked, without the Content-Length the upstream gave, and a write a chunk, where a whole
  * body goes out with its head in one write (a sixth of Bun's CPU a request, measured A/B). The reading
- * holds at most `WHOLE_BODY_MAX` bytes, within the bound a stream holds anyway. If the upstream fails or stalls partway, the app gets the
- * head, the bytes that came, and then a broken body, as it would have had them streamed. An app that goes
- * away meanwhile cancels the fetch, and the read that fails of it is told as the app gone. */
+ * holds at most `WHOLE_BODY_MAX` bytes, within the bound a stream holds anyway. If the upstream fails or
+ * stalls partway, the app gets the head, the bytes that came, and then a broken body, as it would have had
+ * them streamed. An app that goes away meanwhile cancels the fetch, and the read that fails of it is told
+ * as the app gone. */
 async function wholeResponse(
   reply: Reply,
   body: ReadableStream<Uint8Array>,
