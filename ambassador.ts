@@ -4748,13 +4748,20 @@ function subjectAltNameOnly(
     );
 }
 
+const DNS_LOOKUP_TIMEOUT_MS = 1000;
+
 /** Node's resolver: A and AAAA records with their TTL; a name only the hosts file knows (localhost, a
- * pod's hostAliases) through getaddrinfo, which tells no TTL. */
+ * pod's hostAliases) through getaddrinfo, which tells no TTL. A new resolver for each lookup (it reads the
+ * system's servers as it starts): Bun's keeps an answer for its whole TTL, and podman's DNS gives a container's
+ * address a TTL of a day, so Bun went on sending to a restarted inventory's old address. Each lookup gets
+ * DNS_LOOKUP_TIMEOUT_MS, twice (the second wait twice as long): a server that does not answer costs a refresh
+ * about 3 s, and the endpoints known stay in use meanwhile. */
 export function nodeResolve(dns: Pick<typeof import('node:dns'), 'promises'>): Resolve {
   return async (hostname) => {
+    const resolver = new dns.promises.Resolver({ timeout: DNS_LOOKUP_TIMEOUT_MS, tries: 2 });
     const answers = await Promise.allSettled([
-      dns.promises.resolve4(hostname, { ttl: true }),
-      dns.promises.resolve6(hostname, { ttl: true }),
+      resolver.resolve4(hostname, { ttl: true }),
+      resolver.resolve6(hostname, { ttl: true }),
     ]);
     const records = answers.flatMap((a) => (a.status === 'fulfilled' ? a.value : []));
     if (records.length > 0) {

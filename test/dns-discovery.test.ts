@@ -23,7 +23,9 @@ const NAME = 'inventory.test';
 const PORT = 18080;
 
 /** A DNS server over node:dgram, in a few dozen lines: A records for NAME from the JSON file ANSWERS
- * (read at each query, TTL 1 s), no AAAA records, NXDOMAIN for any other name; a line per query. */
+ * (read at each query), no AAAA records, NXDOMAIN for any other name; a line per query. The records say they
+ * hold for a day, as podman's DNS says of a container's: a resolver that keeps an answer for its TTL (Bun's
+ * did) never sees a pod replaced, and the ambassador must look again every DNS_REFRESH_MS all the same. */
 const DNS_SERVER = `
 const dgram = require('node:dgram'); const fs = require('node:fs');
 const s = dgram.createSocket('udp4');
@@ -37,7 +39,7 @@ s.on('message', (q, from) => {
   const head = Buffer.alloc(12); q.copy(head, 0, 0, 2);
   head.writeUInt16BE(0x8580 | (known ? 0 : 3), 2); head.writeUInt16BE(1, 4); head.writeUInt16BE(addresses.length, 6);
   const answers = addresses.map((a) => { const r = Buffer.alloc(16); r.writeUInt16BE(0xc00c, 0); r.writeUInt16BE(1, 2); r.writeUInt16BE(1, 4);
-    r.writeUInt32BE(1, 6); r.writeUInt16BE(4, 10); a.split('.').forEach((o, i) => (r[12 + i] = Number(o))); return r; });
+    r.writeUInt32BE(86400, 6); r.writeUInt16BE(4, 10); a.split('.').forEach((o, i) => (r[12 + i] = Number(o))); return r; });
   s.send(Buffer.concat([head, question, ...answers]), from.port, from.address);
 });
 s.bind(53, '127.0.0.1', () => console.log('ready'));
