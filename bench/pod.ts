@@ -355,8 +355,9 @@ function chooseImage(results: Array<[Row, Result | undefined]>, limits: Limits):
   const ranked = results
     .filter((e): e is [Row, Result] => e[0].image !== undefined && e[1] !== undefined && !e[1].oomKilled)
     .sort((a, b) => score(b[1]) - score(a[1]) || good(b[1].small) - good(a[1].small));
-  const latest = /ambassador:(\w+)`, `\$\{registry\}\/ambassador:latest/.exec(
-    readFileSync(path.join(root, 'scripts/images.ts'), 'utf8'),
+  // What k8s/ runs: the ambassador image's tag in its kustomization (scripts/images.ts tags the same one latest).
+  const latest = /- name: ambassador\n\s+newName: [^\n]+\n\s+newTag: (\w+)/.exec(
+    readFileSync(path.join(root, 'k8s/kustomization.yaml'), 'utf8'),
   )?.[1];
   const chosen = ranked[0]?.[0].image ?? null;
   // Two images within TIE of each other are not told apart by one run: at a tenth of a core the same image moved
@@ -368,7 +369,7 @@ function chooseImage(results: Array<[Row, Result | undefined]>, limits: Limits):
       chosen ?? 'none (every image row was OOM-killed, failed or was not run)'
     }${
       ranked.map(([row, r]) => `\n  ${row.image}: ${(100 * score(r)).toFixed(0)}% of the weaker target`).join('')
-    }\nk8s/ runs ambassador:${latest} (scripts/images.ts tags it latest)${
+    }\nk8s/ runs ambassador:${latest} (k8s/kustomization.yaml)${
       chosen && chosen !== `ambassador:${latest}`
         ? ` — NOT the one this run chose${
           tie ? `, but within ${100 * TIE}% of it: a tie one run cannot settle (run the image rows again)` : ''

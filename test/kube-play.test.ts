@@ -3,7 +3,7 @@
  * Everything it creates (storage, network, pods, images) lives under one temporary folder and is removed
  * at the end, even on failure. Where podman cannot run containers, the test says so and skips.
  *
- *   AMBASSADOR_IMAGE=localhost/ambassador:bun npx vitest run test/kube-play.test.ts
+ *   AMBASSADOR_IMAGE=localhost/ambassador:node npx vitest run test/kube-play.test.ts
  *
  * plays another of the images `npm run images` builds as the sidecar (by default the kustomization's). */
 import { execFileSync, spawnSync } from 'node:child_process';

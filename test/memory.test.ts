@@ -1,9 +1,11 @@
 /** Memory is not timing, so it is tested: each image's runtime, with the flags its image runs with, starts
  * cold (its executable a fresh copy out of the page cache, so the code it reads counts against the group, as
  * in a pod), gets ready, and streams 64 keep-alive connections of 1 MiB bodies for 10 s inside a cgroup with
- * the CPU and memory limits the ambassador is shipped with, and must not be OOM-killed: the Node images at the
- * manifest's limit (k8s/order-service.yaml), Bun at the limit the README gives it. Where no cgroup can be made
- * (not root, no cgroup hierarchy) it says so loudly and skips. */
+ * the CPU and memory limits the ambassador is shipped with (k8s/order-service.yaml), and must not be
+ * OOM-killed, nor stall (more bodies whole than late or refused). Bun's stall at its limit with 64 bodies in
+ * flight, which PROCESS_MAX_IN_FLIGHT prevents, shows under `npm run bench:pod`'s load (wrk and nginx, after a
+ * phase of small requests), not under this client's; limits.test.ts holds the limit itself. Where no cgroup
+ * can be made (not root, no cgroup hierarchy) it says so loudly and skips. */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
@@ -14,16 +16,18 @@ import { cannotMakeGroups, coldCopy, type Limits, makeGroup, podLimits } from '.
 import { IMAGE_NODE_FLAGS, IMAGE_SEA_OPTIONS } from '../bench/common.ts';
 import { BUN_BIN, deadPort, NODE, SEA, skippedBecause, startUpstream, stopAfterEach, waitFor } from './helpers.ts';
 
-/** The memory the README asks for the Bun image (measured with `npm run bench:pod -- --memory-mib`): Bun's fetch
- * reads bodies ahead of the app and takes about 125 MiB with 64 connections of 1 MiB bodies here. The Node images
- * run at the manifest's limit. */
-const BUN_MEMORY_MIB = 160;
 const SECONDS = 10;
 
 const limits = podLimits();
 const unavailable = await cannotMakeGroups(limits);
 
 const images: Array<{ name: string; argv: string[]; env: Record<string, string>; limits: Limits }> = [
+  {
+    name: 'ambassador:bun (the Bun binary, the image k8s/ runs)',
+    argv: [BUN_BIN],
+    env: {},
+    limits,
+  },
   {
     name: "ambassador:node (the bundle with the image's V8 flags)",
     argv: [NODE, ...IMAGE_NODE_FLAGS, 'dist/ambassador.mjs'],
@@ -36,12 +40,6 @@ const images: Array<{ name: string; argv: string[]; env: Record<string, string>;
     env: { NODE_OPTIONS: IMAGE_SEA_OPTIONS },
     limits,
   },
-  {
-    name: `ambassador:bun (at ${BUN_MEMORY_MIB}Mi)`,
-    argv: [BUN_BIN],
-    env: {},
-    limits: { ...limits, memoryBytes: BUN_MEMORY_MIB * 1024 ** 2 },
-  },
 ];
 
 describe.skipIf(unavailable !== undefined)(
@@ -53,7 +51,7 @@ describe.skipIf(unavailable !== undefined)(
     stopAfterEach();
 
     it.each(images)(
-      '$name streams 64 connections of 1 MiB bodies for 10 s without an OOM kill',
+      '$name streams 64 connections of 1 MiB bodies for 10 s without an OOM kill or a stall',
       async ({ argv, env, limits: l }) => {
         const body = Buffer.alloc(1024 * 1024, 'a');
         const upstream = await startUpstream((_req, res) => res.end(body));

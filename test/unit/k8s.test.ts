@@ -1,5 +1,6 @@
 /** The Kubernetes manifests: valid against the Kubernetes API schema (kubernetes-models, generated from
  * the API's OpenAPI definitions), and holding the rules a sidecar needs. */
+import { readFileSync } from 'node:fs';
 import { ConfigMap } from 'kubernetes-models/v1/ConfigMap';
 import { Service } from 'kubernetes-models/v1/Service';
 import { loadConfig } from '../../ambassador.ts';
@@ -72,7 +73,7 @@ describe('Kubernetes manifests', () => {
     }
   });
 
-  it("keeps the ambassador within the article's CPU (100m) and the memory a Node 24 image starts in (128Mi)", () => {
+  it("keeps the ambassador within the article's CPU (100m) and the memory its image starts in (128Mi)", () => {
     const sidecar = containersOf(order).find((c) => c.name === 'ambassador')!;
     expect(sidecar.resources.limits).toEqual({ cpu: '100m', memory: '128Mi' });
   });
@@ -90,6 +91,15 @@ describe('Kubernetes manifests', () => {
         expect(names.has(c.image), `${c.image} is not in kustomization.yaml`).toBe(true);
       }
     }
+  });
+
+  it('runs the ambassador image that scripts/images.ts tags latest', () => {
+    const tag = kustomization().images.find((i) => i.name === 'ambassador')?.newTag;
+    const latest = /podman\('tag', `\$\{registry\}\/ambassador:(\w+)`, `\$\{registry\}\/ambassador:latest`\)/.exec(
+      readFileSync(new URL('../../scripts/images.ts', import.meta.url), 'utf8'),
+    )?.[1];
+    expect(latest).toBeDefined();
+    expect(tag).toBe(latest);
   });
 
   it('points the app at the ambassador and the ambassador at the inventory Service', () => {
