@@ -5626,7 +5626,7 @@ export async function main(): Promise<void> {
     port: proxy.port,
     admin_port: admin.port,
     memory_limit_bytes: memoryLimit,
-    process_max_in_flight: processPlaces(config.processMaxInFlight, memoryLimit),
+    process_max_in_flight: amb.metrics.gauges.places?.().max,
     routes: config.routes.map((r) => ({ ...r, upstreams: r.upstreams.map((u) => u.href) })),
     config: { ...config, routes: undefined },
   });
