@@ -585,9 +585,12 @@ function openTunnel(p: Proxy, call: Call, reply: Reply, finish: BodyDone): Reply
 
 /** Whether a reply has a body whose Content-Length says it is longer than what is read whole. */
 function longBody(reply: Reply): boolean {
-  if (!reply.body && !reply.node) return false;
-  const length = headerValue(reply.headers, 'content-length');
-  return length !== null && Number(length) > WHOLE_BODY_MAX;
+  return (reply.body !== null || reply.node !== undefined) && declaredLength(reply) > WHOLE_BODY_MAX;
+}
+
+/** The body length a reply's Content-Length gives; NaN without one (or with one that is not a number). */
+function declaredLength(reply: Reply): number {
+  return Number(headerValue(reply.headers, 'content-length') ?? NaN);
 }
 
 /** Whether the app's request says `Connection: close`. */
@@ -2446,7 +2449,7 @@ function webResponse(
   }
   const body = bodyOf(reply);
   if (done && body === null) done(0);
-  if (done && reply.body && Number(headerValue(reply.headers, 'content-length') ?? Infinity) <= WHOLE_BODY_MAX) {
+  if (done && reply.body && declaredLength(reply) <= WHOLE_BODY_MAX) {
     return wholeResponse(reply, reply.body, done, idleMs, direct, appGone);
   }
   return new Response(body && done ? trackBody(body, idleMs, done, direct) : body, {
