@@ -55,6 +55,15 @@ const ONLY = process.argv.includes('--only') ? process.argv[process.argv.indexOf
 const NODE_FLAGS = process.argv.includes('--node-flags')
   ? process.argv[process.argv.indexOf('--node-flags') + 1].split(/\s+/).filter(Boolean)
   : IMAGE_NODE_FLAGS;
+/** Environment for the Bun ambassador rows, to try the JavaScriptCore options an image could set:
+ * `--bun-env "BUN_JSC_useFTLJIT=0"`. */
+const BUN_ENV: Record<string, string> = Object.fromEntries(
+  (process.argv.includes('--bun-env') ? process.argv[process.argv.indexOf('--bun-env') + 1].split(/\s+/) : [])
+    .filter(Boolean).map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]),
+);
+const BUN_NOTE = Object.keys(BUN_ENV).length > 0
+  ? `, ${Object.entries(BUN_ENV).map(([k, v]) => `${k}=${v}`).join(' ')}`
+  : '';
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'ambassador-pod-'));
 process.on('exit', () => rmSync(tmp, { recursive: true, force: true })); // its configs, logs and copies go with it
 for (const signal of ['SIGINT', 'SIGTERM'] as const) process.on(signal, () => process.exit(1)); // and when stopped
@@ -148,15 +157,15 @@ const rows: Row[] = [
     }),
   },
   {
-    name: 'ambassador, Bun compiled binary (ambassador:bun)',
-    image: 'ambassador:bun',
+    name: `ambassador, Bun compiled binary${BUN_NOTE || ' (ambassador:bun)'}`,
+    image: BUN_NOTE ? undefined : 'ambassador:bun',
     available: built('bin/ambassador-bun', 'run npm run compile:bun'),
-    command: ambassador([path.join(root, 'bin/ambassador-bun')]),
+    command: ambassador([path.join(root, 'bin/ambassador-bun')], BUN_ENV),
   },
   {
-    name: 'ambassador, Bun',
+    name: `ambassador, Bun${BUN_NOTE}`,
     available: built('node_modules/.bin/bun', 'npm package bun missing'),
-    command: ambassador([bunRuntime, path.join(root, 'ambassador.ts')]),
+    command: ambassador([bunRuntime, path.join(root, 'ambassador.ts')], BUN_ENV),
   },
   {
     name: `ambassador, Deno, the image's V8 flags (ambassador:deno)`,
