@@ -154,6 +154,26 @@ describe.each(ARTIFACTS)('streaming (%s)', (runtime) => {
     expect(upstream.seen.length).toBe(1);
   });
 
+  it('cancels the upstream request when the app goes away the moment the upstream has it', async () => {
+    // Bun's request signal is looked at only once a request has lasted a while: an app that leaves before
+    // then must still reach the upstream, and well inside TRY_TIMEOUT_MS, which would end the attempt anyway.
+    let upstreamClosed!: () => void;
+    const closed = new Promise<void>((r) => (upstreamClosed = r));
+    let app!: net.Socket;
+    upstream = await startUpstream((_q, res) => {
+      res.on('close', () => upstreamClosed());
+      app.destroy();
+    });
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, TRY_TIMEOUT_MS: '10000' });
+    app = net.connect(amb.port, '127.0.0.1');
+    app.on('error', () => {});
+    app.write('GET /hang HTTP/1.1\r\nhost: app\r\n\r\n');
+    const left = Date.now();
+    await closed; // the upstream saw its request end: hangs here (and times out) if it did not
+    expect(Date.now() - left).toBeLessThan(2000);
+    expect(upstream.seen.length).toBe(1);
+  });
+
   it('cancels the upstream response when the app goes away mid-body', async () => {
     let upstreamClosed!: () => void;
     const closed = new Promise<void>((r) => (upstreamClosed = r));
