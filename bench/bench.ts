@@ -23,6 +23,7 @@ import {
   freePort,
   goReference,
   has,
+  IMAGE_BUN_ENV,
   IMAGE_NODE_FLAGS,
   type Load,
   memory,
@@ -128,7 +129,13 @@ interface Row {
 }
 
 const deno = path.join(root, 'node_modules', '.bin', 'deno');
-const ambassadorRow = (name: string, argv: string[], available: string | undefined, baseline: string): Row => ({
+const ambassadorRow = (
+  name: string,
+  argv: string[],
+  available: string | undefined,
+  baseline: string,
+  env: Record<string, string> = {},
+): Row => ({
   name,
   available,
   baseline,
@@ -137,7 +144,7 @@ const ambassadorRow = (name: string, argv: string[], available: string | undefin
     return start(
       name,
       pinned(1, argv),
-      ambassadorEnv(upstream, port, admin),
+      { ...ambassadorEnv(upstream, port, admin), ...env },
       `http://127.0.0.1:${admin}/readyz`,
       `http://127.0.0.1:${port}`,
     );
@@ -253,6 +260,14 @@ const rows: Row[] = [
     [path.join(root, 'bin/ambassador-bun')],
     built('bin/ambassador-bun', 'run npm run compile:bun'),
     BARE_BUN,
+  ),
+  // The JavaScriptCore options the ambassador-bun image sets (Containerfile).
+  ambassadorRow(
+    'ambassador (bun compiled, image env)',
+    [path.join(root, 'bin/ambassador-bun')],
+    built('bin/ambassador-bun', 'run npm run compile:bun'),
+    BARE_BUN,
+    IMAGE_BUN_ENV,
   ),
   ambassadorRow(
     'ambassador (deno compiled)',

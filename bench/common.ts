@@ -48,6 +48,14 @@ export const IMAGE_NODE_FLAGS =
 export const IMAGE_SEA_OPTIONS =
   /NODE_OPTIONS='([^']*)'/.exec(readFileSync(path.join(root, 'Containerfile'), 'utf8'))?.[1] ?? '';
 
+/** The JavaScriptCore options the ambassador-bun image sets (its `BUN_JSC_…` environment, Containerfile), so the
+ * benchmarks measure what the image runs. */
+export const IMAGE_BUN_ENV: Record<string, string> = Object.fromEntries(
+  [...readFileSync(path.join(root, 'Containerfile'), 'utf8').matchAll(/\b(BUN_JSC_\w+)=(\S+)/g)].map((
+    m,
+  ) => [m[1], m[2]]),
+);
+
 /** The V8 flags the Deno image's binary is compiled with (deno.json's compile task), as `--v8-flags` takes them. */
 export const IMAGE_DENO_V8_FLAGS = /--v8-flags=(\S+)/.exec(readFileSync(path.join(root, 'deno.json'), 'utf8'))?.[1] ??
   '';

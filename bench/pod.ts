@@ -31,6 +31,7 @@ import {
   freePort,
   goReference,
   has,
+  IMAGE_BUN_ENV,
   IMAGE_DENO_V8_FLAGS,
   IMAGE_NODE_FLAGS,
   IMAGE_SEA_OPTIONS,
@@ -61,9 +62,8 @@ const BUN_ENV: Record<string, string> = Object.fromEntries(
   (process.argv.includes('--bun-env') ? process.argv[process.argv.indexOf('--bun-env') + 1].split(/\s+/) : [])
     .filter(Boolean).map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]),
 );
-const BUN_NOTE = Object.keys(BUN_ENV).length > 0
-  ? `, ${Object.entries(BUN_ENV).map(([k, v]) => `${k}=${v}`).join(' ')}`
-  : '';
+const envText = (env: Record<string, string>) => Object.entries(env).map(([k, v]) => `${k}=${v}`).join(' ');
+const BUN_NOTE = Object.keys(BUN_ENV).length > 0 ? `, ${envText(BUN_ENV)}` : '';
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'ambassador-pod-'));
 process.on('exit', () => rmSync(tmp, { recursive: true, force: true })); // its configs, logs and copies go with it
 for (const signal of ['SIGINT', 'SIGTERM'] as const) process.on(signal, () => process.exit(1)); // and when stopped
@@ -157,10 +157,15 @@ const rows: Row[] = [
     }),
   },
   {
-    name: `ambassador, Bun compiled binary${BUN_NOTE || ' (ambassador:bun)'}`,
+    name: `ambassador, Bun compiled binary${BUN_NOTE || `, the image's ${envText(IMAGE_BUN_ENV)} (ambassador:bun)`}`,
     image: BUN_NOTE ? undefined : 'ambassador:bun',
     available: built('bin/ambassador-bun', 'run npm run compile:bun'),
-    command: ambassador([path.join(root, 'bin/ambassador-bun')], BUN_ENV),
+    command: ambassador([path.join(root, 'bin/ambassador-bun')], BUN_NOTE ? BUN_ENV : IMAGE_BUN_ENV),
+  },
+  {
+    name: 'ambassador, Bun compiled binary, no JavaScriptCore options',
+    available: built('bin/ambassador-bun', 'run npm run compile:bun'),
+    command: ambassador([path.join(root, 'bin/ambassador-bun')]),
   },
   {
     name: `ambassador, Bun${BUN_NOTE}`,

@@ -12,6 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { stringify } from 'yaml';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { IMAGE_BUN_ENV } from '../bench/common.ts';
 import { privatePodmanEnv, removePodmanFolder } from '../scripts/podman.ts';
 import { ROOT, skippedBecause, sleep } from './helpers.ts';
 import { type K8sObject, kustomization, objects, resolveImage } from './manifests.ts';
@@ -138,6 +139,19 @@ describe.skipIf(why !== undefined)(skippedBecause("podman kube play: the article
         '65532:65532 true',
       );
     }
+  });
+
+  it('the Bun sidecar runs with the JavaScriptCore options its image sets', (ctx) => {
+    const image = podman('inspect', '--format', '{{.ImageName}}', 'order-service-pod-0-ambassador');
+    if (!image.endsWith('ambassador:bun')) ctx.skip(`the sidecar is ${image}, not the Bun image`);
+    const envOf = podman(
+      'inspect',
+      '--format',
+      '{{range .Config.Env}}{{println .}}{{end}}',
+      'order-service-pod-0-ambassador',
+    );
+    expect(Object.keys(IMAGE_BUN_ENV).length).toBeGreaterThan(0);
+    for (const [k, v] of Object.entries(IMAGE_BUN_ENV)) expect(envOf.split('\n')).toContain(`${k}=${v}`);
   });
 
   it('inventory taken down: the order fails fast with the reason, the ambassador logs each retry', async () => {

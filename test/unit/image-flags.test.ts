@@ -2,7 +2,7 @@
  * ENTRYPOINT, the single executable's NODE_OPTIONS (both in the Containerfile), and the Deno binary's
  * `--v8-flags` (deno.json's compile task). The pod benchmark chose one set; these hold the three to it. */
 import { describe, expect, it } from 'vitest';
-import { IMAGE_DENO_V8_FLAGS, IMAGE_NODE_FLAGS, IMAGE_SEA_OPTIONS } from '../../bench/common.ts';
+import { IMAGE_BUN_ENV, IMAGE_DENO_V8_FLAGS, IMAGE_NODE_FLAGS, IMAGE_SEA_OPTIONS } from '../../bench/common.ts';
 
 /** Flags Node refuses in NODE_OPTIONS ("--single-threaded-gc is not allowed in NODE_OPTIONS"). */
 const NOT_IN_NODE_OPTIONS = new Set(['--single-threaded-gc']);
@@ -21,5 +21,9 @@ describe('the images’ V8 flags', () => {
 
   it('are the same in the Deno binary', () => {
     expect(IMAGE_DENO_V8_FLAGS.split(',')).toEqual(IMAGE_NODE_FLAGS);
+  });
+
+  it('the Bun image’s JavaScriptCore options are read from its Containerfile stage', () => {
+    expect(IMAGE_BUN_ENV).toEqual({ BUN_JSC_useFTLJIT: '0' });
   });
 });
