@@ -51,9 +51,10 @@ export const IMAGE_SEA_OPTIONS =
 /** The JavaScriptCore options the ambassador-bun image sets (its `BUN_JSC_…` environment, Containerfile), so the
  * benchmarks measure what the image runs. */
 export const IMAGE_BUN_ENV: Record<string, string> = Object.fromEntries(
-  [...readFileSync(path.join(root, 'Containerfile'), 'utf8').matchAll(/\b(BUN_JSC_\w+)=(\S+)/g)].map((
-    m,
-  ) => [m[1], m[2]]),
+  Array.from(
+    readFileSync(path.join(root, 'Containerfile'), 'utf8').matchAll(/\b(BUN_JSC_\w+)=(\S+)/g),
+    (m) => [m[1], m[2]],
+  ),
 );
 
 /** The V8 flags the Deno image's binary is compiled with (deno.json's compile task), as `--v8-flags` takes them. */
