@@ -122,6 +122,33 @@ export function memory(pid: number): { rss: number; peak: number } {
   return { rss, peak };
 }
 
+/** User and system CPU seconds of a process tree, by thread: each process's main thread as `main`, every other
+ * thread by its name (`/proc/PID/task/TID/comm`: Bun's `HTTP_Client`, JavaScriptCore's `JITWorker`, mimalloc's
+ * `mi-scavenger`, Node's `V8Worker`…), threads of one name summed. A runtime whose fetch runs on a thread of its
+ * own spends CPU there that its main thread's profile never shows. */
+export function threadSeconds(pid: number): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const p of tree(pid)) {
+    let tasks: string[];
+    try {
+      tasks = readdirSync(`/proc/${p}/task`);
+    } catch {
+      continue; // gone
+    }
+    for (const t of tasks) {
+      try {
+        const stat = readFileSync(`/proc/${p}/task/${t}/stat`, 'utf8');
+        const fields = stat.slice(stat.lastIndexOf(') ') + 2).split(' ');
+        const name = t === String(p) ? 'main' : readFileSync(`/proc/${p}/task/${t}/comm`, 'utf8').trim();
+        out.set(name, (out.get(name) ?? 0) + (Number(fields[11]) + Number(fields[12])) / 100);
+      } catch {
+        // the thread ended meanwhile
+      }
+    }
+  }
+  return out;
+}
+
 /** User and system CPU seconds of a process tree. */
 export function cpuSeconds(pid: number): number {
   return tree(pid).reduce((sum, p) => {

@@ -4,8 +4,8 @@
  * Per artifact, started cold in a fresh group (its executable a copy out of the page cache, so the code it
  * reads counts against the group, as on a container's first start): a warm-up, then 64 keep-alive
  * connections with the small body, then 64 with 1 MiB bodies; it prints req/s, p50/p99, errors (non-2xx,
- * and answers later than 2 s), the CPU it spent a request (each phase also in windows of 10 s), whether the
- * kernel OOM-killed it, its own peak resident size and the group's peak (the page cache it read included).
+ * and answers later than 2 s), the CPU it spent a request (each phase also in windows of 10 s, and the small
+ * phase thread by thread), whether the kernel OOM-killed it, its own peak resident size and the group's peak (the page cache it read included).
  * nginx and the article's Go ambassador, in the same limits, are the reference rows, and a bare node:http
  * proxy with the Node image's flags the baseline of the Node rows.
  *
@@ -13,6 +13,8 @@
  *   npm run bench:pod -- --seconds 10          a quicker look
  *   npm run bench:pod -- --only Deno           the rows whose name holds that text
  *   npm run bench:pod -- --memory-mib 128      another memory limit than the manifest's
+ *   npm run bench:pod -- --only PROCESS --bun-env "BUN_JSC_useFTLJIT=0 PROCESS_MAX_IN_FLIGHT=64"
+ *                                              the Bun rows with another environment (here: more places)
  *
  * cgroup v2 where the machine has it, else v1 (memory and cpu hierarchies); root is needed to make the
  * groups. Where none can be made it says so and exits 1. The load generator (wrk) and the upstream (nginx)
@@ -42,6 +44,7 @@ import {
   root,
   runBenchmark,
   startNginxUpstream,
+  threadSeconds,
   waitFor,
   writeFigures,
   wrk,
@@ -195,6 +198,8 @@ const rows: Row[] = [
 interface Phase extends Load {
   cpuUsPerRequest: number;
   windows: Array<{ rps: number; errors: number; cpuUsPerRequest: number }>;
+  /** CPU µs a request by thread (`threadSeconds`), over the whole phase */
+  threads: Record<string, number>;
 }
 
 interface Result {
@@ -218,6 +223,7 @@ function phase(url: string, pid: number): Phase {
   const windows: Phase['windows'] = [];
   const loads: Load[] = [];
   let cpu = 0;
+  const threadsBefore = threadSeconds(pid);
   for (let left = SECONDS; left > 0; left -= 10) {
     const before = cpuSeconds(pid);
     const load = wrk(url, 64, Math.min(10, left), 2);
@@ -227,6 +233,12 @@ function phase(url: string, pid: number): Phase {
     windows.push({ rps: load.rps, errors: load.errors, cpuUsPerRequest: perRequest(spent, load.total) });
   }
   const total = loads.reduce((sum, l) => sum + l.total, 0);
+  // A thread that ended during the phase takes its CPU with it: what is left of it counts as none.
+  const threads = Object.fromEntries(
+    [...threadSeconds(pid)].map((
+      [name, s],
+    ) => [name, Math.max(0, perRequest(s - (threadsBefore.get(name) ?? 0), total))]),
+  );
   const p50s = loads.map((l) => l.p50us).sort((a, b) => a - b);
   return {
     rps: total / SECONDS,
@@ -236,6 +248,7 @@ function phase(url: string, pid: number): Phase {
     p99us: Math.max(...loads.map((l) => l.p99us)), // the worst window's
     cpuUsPerRequest: perRequest(cpu, total),
     windows,
+    threads,
   };
 }
 
@@ -349,6 +362,16 @@ async function main(): Promise<void> {
   for (const [row, r] of measured) {
     const ws = r.small.windows.map((w) => `${w.rps.toFixed(0)} (${figure(w.cpuUsPerRequest)})`);
     console.log(`| ${row.name} | ${ws.join(' | ')} |`);
+  }
+  // Where the small phase's CPU went, thread by thread: Bun's fetch runs on a client thread of its own, and a
+  // collector or an allocator may work beside the main thread. Threads under 1 µs a request are summed as other.
+  console.log(`\nThe small phase's CPU by thread: µs a request\n\n| row | threads |\n|---|---|`);
+  for (const [row, r] of measured) {
+    const sorted = Object.entries(r.small.threads).filter(([, us]) => Number.isFinite(us)).sort((a, b) => b[1] - a[1]);
+    const shown = sorted.filter(([name, us]) => name === 'main' || us >= 1);
+    const other = sorted.filter((e) => !shown.includes(e)).reduce((sum, [, us]) => sum + us, 0);
+    const cells = [...shown, ...(other > 0 ? [['other', other] as [string, number]] : [])];
+    console.log(`| ${row.name} | ${cells.map(([name, us]) => `${name} ${us.toFixed(1)}`).join(', ')} |`);
   }
   json.chosen = chooseImage(results, limits);
   writeFigures('bench:pod', 'bench-pod.json', json);
