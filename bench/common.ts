@@ -123,7 +123,7 @@ export function memory(pid: number): { rss: number; peak: number } {
 }
 
 /** User and system CPU seconds of a process tree, by thread: each process's main thread as `main`, every other
- * thread by its name (`/proc/PID/task/TID/comm`: Bun's `HTTP_Client`, JavaScriptCore's `JITWorker`, mimalloc's
+ * thread by its name (`/proc/PID/task/TID/comm`: Bun's `HTTP Client`, JavaScriptCore's `JITWorker`, mimalloc's
  * `mi-scavenger`, Node's `V8Worker`…), threads of one name summed. A runtime whose fetch runs on a thread of its
  * own spends CPU there that its main thread's profile never shows. */
 export function threadSeconds(pid: number): Map<string, number> {

@@ -5,7 +5,8 @@
  * reads counts against the group, as on a container's first start): a warm-up, then 64 keep-alive
  * connections with the small body, then 64 with 1 MiB bodies; it prints req/s, p50/p99, errors (non-2xx,
  * and answers later than 2 s), the CPU it spent a request (each phase also in windows of 10 s, and the small
- * phase thread by thread), whether the kernel OOM-killed it, its own peak resident size and the group's peak (the page cache it read included).
+ * phase thread by thread), whether the kernel OOM-killed it, its own peak resident size and the group's peak
+ * (the page cache it read included).
  * nginx and the article's Go ambassador, in the same limits, are the reference rows, and a bare node:http
  * proxy with the Node image's flags the baseline of the Node rows.
  *
@@ -371,7 +372,7 @@ async function main(): Promise<void> {
     const shown = sorted.filter(([name, us]) => name === 'main' || us >= 1);
     const other = sorted.filter((e) => !shown.includes(e)).reduce((sum, [, us]) => sum + us, 0);
     const cells = [...shown, ...(other > 0 ? [['other', other] as [string, number]] : [])];
-    console.log(`| ${row.name} | ${cells.map(([name, us]) => `${name} ${us.toFixed(1)}`).join(', ')} |`);
+    console.log(`| ${row.name} | ${cells.map(([name, us]) => `${name} ${us.toFixed(1)}`).join(', ') || '—'} |`);
   }
   json.chosen = chooseImage(results, limits);
   writeFigures('bench:pod', 'bench-pod.json', json);
