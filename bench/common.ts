@@ -122,6 +122,12 @@ export function memory(pid: number): { rss: number; peak: number } {
   return { rss, peak };
 }
 
+/** utime + stime from a `/proc/.../stat` line, in seconds (ticks of 1/100 s); the name in brackets may hold `) `. */
+function statCpuSeconds(stat: string): number {
+  const fields = stat.slice(stat.lastIndexOf(') ') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100;
+}
+
 /** User and system CPU seconds of a process tree, by thread: each process's main thread as `main`, every other
  * thread by its name (`/proc/PID/task/TID/comm`: Bun's `HTTP Client`, JavaScriptCore's `JITWorker`, mimalloc's
  * `mi-scavenger`, Node's `V8Worker`…), threads of one name summed. A runtime whose fetch runs on a thread of its
@@ -137,10 +143,9 @@ export function threadSeconds(pid: number): Map<string, number> {
     }
     for (const t of tasks) {
       try {
-        const stat = readFileSync(`/proc/${p}/task/${t}/stat`, 'utf8');
-        const fields = stat.slice(stat.lastIndexOf(') ') + 2).split(' ');
+        const seconds = statCpuSeconds(readFileSync(`/proc/${p}/task/${t}/stat`, 'utf8'));
         const name = t === String(p) ? 'main' : readFileSync(`/proc/${p}/task/${t}/comm`, 'utf8').trim();
-        out.set(name, (out.get(name) ?? 0) + (Number(fields[11]) + Number(fields[12])) / 100);
+        out.set(name, (out.get(name) ?? 0) + seconds);
       } catch {
         // the thread ended meanwhile
       }
@@ -153,8 +158,7 @@ export function threadSeconds(pid: number): Map<string, number> {
 export function cpuSeconds(pid: number): number {
   return tree(pid).reduce((sum, p) => {
     try {
-      const fields = readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1].split(' ');
-      return sum + (Number(fields[11]) + Number(fields[12])) / 100; // utime + stime, in ticks of 1/100 s
+      return sum + statCpuSeconds(readFileSync(`/proc/${p}/stat`, 'utf8'));
     } catch {
       return sum;
     }
