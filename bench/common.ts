@@ -36,23 +36,24 @@ export function goReference(): { binary: string; why: string | undefined } {
 /** The Node the images ship (Node 24, scripts/node.ts): every Node row runs on it. */
 export const NODE = shippedNode(root);
 
+/** The Containerfile, read once: the images' flags below come from it. */
+const CONTAINERFILE = readFileSync(path.join(root, 'Containerfile'), 'utf8');
+
 /** The V8 flags the ambassador-node image runs with, read from the Containerfile's ENTRYPOINT, so the
  * benchmarks measure what the image runs. */
 export const IMAGE_NODE_FLAGS =
-  (/ENTRYPOINT \["\/nodejs\/bin\/node", ((?:"--[^"]+", )*)"\/app\/ambassador\.mjs"\]/.exec(
-    readFileSync(path.join(root, 'Containerfile'), 'utf8'),
-  )?.[1] ?? '')
+  (/ENTRYPOINT \["\/nodejs\/bin\/node", ((?:"--[^"]+", )*)"\/app\/ambassador\.mjs"\]/.exec(CONTAINERFILE)?.[1] ?? '')
     .split(', ').filter(Boolean).map((f) => f.replace(/"/g, ''));
 
 /** The NODE_OPTIONS the ambassador-sea image sets (the same flags, less those NODE_OPTIONS does not take). */
-export const IMAGE_SEA_OPTIONS =
-  /NODE_OPTIONS='([^']*)'/.exec(readFileSync(path.join(root, 'Containerfile'), 'utf8'))?.[1] ?? '';
+export const IMAGE_SEA_OPTIONS = /NODE_OPTIONS='([^']*)'/.exec(CONTAINERFILE)?.[1] ?? '';
 
 /** The JavaScriptCore options the ambassador-bun image sets (its `BUN_JSC_…` environment, Containerfile), so the
- * benchmarks measure what the image runs. */
+ * benchmarks measure what the image runs: read from that stage only, its comments left out. */
 export const IMAGE_BUN_ENV: Record<string, string> = Object.fromEntries(
   Array.from(
-    readFileSync(path.join(root, 'Containerfile'), 'utf8').matchAll(/\b(BUN_JSC_\w+)=(\S+)/g),
+    (/AS ambassador-bun\n([\s\S]*?)(?=\nFROM |$)/.exec(CONTAINERFILE)?.[1] ?? '').replace(/^\s*#.*$/gm, '')
+      .matchAll(/\b(BUN_JSC_\w+)=(\S+)/g),
     (m) => [m[1], m[2]],
   ),
 );
