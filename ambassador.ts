@@ -326,6 +326,12 @@ export interface AppRequest {
   body(): BodySource | null;
   /** runs `f` when the app goes away before its answer is written whole; the function returned takes it back */
   onGone(f: (reason: unknown) => void): () => void;
+  /** whether its connection is closed now: a runtime's server may hand a request over before it has read the
+   * close behind it. Looked at after a turn of the event loop (`ioTurn`), taken always (Deno, Bun, where it
+   * costs nothing measurable) or only while the loop is behind (Node, where it costs 10–20 µs a request). */
+  closed?(): boolean;
+  /** when `closed` is looked at: after a turn of the event loop always, or only while the loop is behind */
+  readonly turn?: 'always' | 'behind';
   /** What the server is to write: `reply`, its body passed on chunk by chunk and `done` told how that ended
    * (without `done`: an answer of the ambassador's own, written as it is). */
   respond(reply: Reply, done?: BodyDone, idleMs?: number): Response | Promise<Response>;
@@ -406,6 +412,9 @@ interface Proxy {
   readonly tunnels: Set<Tunnel>;
   draining: boolean;
   requests: number;
+  /** until when (clock time) the event loop counts as behind (`Ambassador.loopLate`): until then a request
+   * waits a turn of it before it is taken on (`ioTurn`) */
+  behindUntil: number;
 }
 
 interface InFlight {
@@ -533,6 +542,13 @@ async function handle(p: Proxy, req: AppRequest): Promise<Response> {
   const body = requestBody(req, p.config.bodyIdleTimeoutMs, () => p.uploads.end(key), gone);
   if (body) p.uploads.add(key);
   try {
+    // Behind (a process at its CPU limit, one stopped for a while), what waits to be read is mostly requests
+    // their apps have left: read together with its connection's close, a request is known gone one turn of
+    // the event loop later, and it gets no place and never reaches the upstream.
+    if (req.turn === 'always' || (req.turn === 'behind' && p.behindUntil > started)) {
+      await ioTurn();
+      if (!gone.aborted && req.closed!()) gone.abort(new Error('the app closed its connection'));
+    }
     let admission = admit(p, call);
     if (admission instanceof Promise) admission = await admission; // only a rate limit's wait or a queue
     holding = holdingProcess = admission === true;
@@ -694,6 +710,25 @@ export function earlyAnswer(req: AppRequest, host: string | null, path: string |
   return undefined;
 }
 
+/** The event loop is behind once a timer comes this late (a process at a 100m CPU limit is stopped for up to
+ * 90 ms in every 100; one that keeps up on a core is late by a few ms), and counts as behind for a second
+ * after. */
+const LOOP_BEHIND_MS = 20;
+const LOOP_BEHIND_HOLD_MS = 1000;
+
+/** Settles once the runtime has read its sockets again since the first call of this turn: a connection whose
+ * request was read with its close behind it has said so by then. One promise serves every request read in
+ * the same turn. */
+function ioTurn(): Promise<void> {
+  return turn ??= new Promise((resolve) =>
+    setImmediate(() => {
+      turn = null; // a request read in the next turn waits for the one after
+      setImmediate(resolve);
+    })
+  );
+}
+let turn: Promise<void> | null = null;
+
 /** Whether a request URL's authority is the one its Host header names, as a URL would write it: the name
  * in lower case, the default port left out (RFC 9110 §4.2.3). Deno and Bun build the URL from the Host
  * header unless the target was absolute-form, which this tells apart. */
@@ -714,6 +749,7 @@ function sameAuthority(urlHost: string, host: string | null): boolean {
  * (for a token, or in the queue). Throws only when the app went away. */
 function admit(p: Proxy, call: Call): true | Reply | Promise<true | Reply> {
   const { route, policies, gone, record } = call;
+  if (gone.aborted) throw gone.reason;
   if (p.memory.shedding) return shed(p.memory, call);
   if (policies.bucket) {
     const token = policies.bucket.take(p.clock.now(), route.rateLimitWaitMs);
@@ -729,7 +765,6 @@ function admit(p: Proxy, call: Call): true | Reply | Promise<true | Reply> {
       });
     }
   }
-  if (gone.aborted) throw gone.reason;
   return takePlace(p, call);
 }
 
@@ -1225,6 +1260,8 @@ export interface Ambassador {
   uploadsRead(): Promise<void>;
   /** what `POST /shutdown` on the admin port does (main: start the drain) */
   onShutdownRequest(f: () => void): void;
+  /** main's timer came `lateMs` late: the event loop's lag, for the metrics, and whether it is behind */
+  loopLate(lateMs: number): void;
   readonly draining: boolean;
 }
 
@@ -1269,6 +1306,7 @@ export function createAmbassador(
     tunnels: new Set(),
     draining: false,
     requests: 0,
+    behindUntil: 0,
   };
   let ready = false;
   let shutdownRequested = noop;
@@ -1317,6 +1355,10 @@ export function createAmbassador(
     closeTunnels: () => [...p.tunnels].forEach((t) => t.goAway('drain')),
     uploadsRead: () => p.uploads.read(),
     onShutdownRequest: (f) => void (shutdownRequested = f),
+    loopLate: (lateMs) => {
+      metrics.eventLoopLagSeconds = lateMs / 1000;
+      if (lateMs > LOOP_BEHIND_MS) p.behindUntil = clock.now() + LOOP_BEHIND_HOLD_MS;
+    },
     get draining() {
       return p.draining;
     },
@@ -4443,7 +4485,7 @@ export interface NodeIncoming extends AsyncIterable<Uint8Array> {
   /** the target was `*` (see `listenNode`) */
   asterisk?: boolean;
   rawHeaders: string[];
-  socket: { remoteAddress?: string };
+  socket: { remoteAddress?: string; destroyed: boolean; readableEnded: boolean };
   /** a WebSocket handshake Node's server handed over as an upgrade (see `listenNode`): its connection, and
    * what the app sent after its head */
   upgrade?: { socket: TunnelSocket; head: Uint8Array };
@@ -4490,6 +4532,14 @@ export class NodeAppRequest implements AppRequest {
   body(): BodySource {
     const it = this.incoming[Symbol.asyncIterator]();
     return { next: () => it.next(), cancel: async (reason) => void (await it.return?.(reason)), giveUp: noop };
+  }
+
+  readonly turn = 'behind' as const;
+
+  /** Its connection read to its end (Node's server closes one whose app closed its half) or gone. */
+  closed(): boolean {
+    const socket = this.incoming.socket;
+    return socket.destroyed || socket.readableEnded;
   }
 
   /** Its connection closing before the response is done (the request's `signal` would cost an
@@ -4959,11 +5009,14 @@ export class FetchAppRequest implements AppRequest {
   private readonly request: Request;
   private readonly direct: boolean;
   private readonly upgrade: Upgrader;
+  readonly closed: () => boolean;
+  readonly turn = 'always' as const;
 
-  constructor(request: Request, peer: string | undefined, direct: boolean, upgrade: Upgrader) {
+  constructor(request: Request, peer: string | undefined, direct: boolean, upgrade: Upgrader, closed?: () => boolean) {
     this.request = request;
     this.direct = direct;
     this.upgrade = upgrade;
+    this.closed = closed ?? (() => request.signal.aborted);
     const url = parseUrl(request.url);
     this.method = request.method;
     this.target = url.pathname + url.search;
@@ -5365,7 +5418,13 @@ function listenBun(b: BunLike, handler: ProxyHandler, host: string, port: number
     idleTimeout: 0,
     maxRequestBodySize: Number.MAX_SAFE_INTEGER,
     fetch: async (req, srv) => {
-      const res = await handler(req, new FetchAppRequest(req, srv.requestIP(req)?.address, true, upgradeOn(srv)));
+      // Bun has no address for a connection that is closed, and asking costs far less than the request's
+      // signal (`watchGoneLater`).
+      const closed = () => srv.requestIP(req) === null;
+      const res = await handler(
+        req,
+        new FetchAppRequest(req, srv.requestIP(req)?.address, true, upgradeOn(srv), closed),
+      );
       return res === BUN_UPGRADED ? undefined : res; // Bun answers an upgrade itself
     },
     // What the app's WebSocket says goes to its tunnel. No compression (the upstream is offered none);
@@ -5664,7 +5723,7 @@ export async function main(): Promise<void> {
   );
   amb.onShutdownRequest(() => amb.draining || void drain('POST /shutdown', config, amb, proxy, admin, log, exit));
   amb.metrics.gauges = { ...amb.metrics.gauges, connections: proxy.connections };
-  sampleEventLoopLag(amb.metrics);
+  sampleEventLoopLag(amb);
   amb.markReady();
   log('notice', 'listening', {
     version: VERSION,
@@ -5678,15 +5737,15 @@ export async function main(): Promise<void> {
   });
 }
 
-/** How late a 500 ms timer fires tells how busy the event loop is; a proxy that lags adds that to
- * every request. */
-function sampleEventLoopLag(metrics: Metrics): void {
-  let expected = performance.now() + 500;
+/** How late a 100 ms timer fires tells how busy the event loop is: a proxy that lags adds that to every
+ * request, and one that lags by more than LOOP_BEHIND_MS is behind (`ioTurn`). */
+function sampleEventLoopLag(amb: Ambassador): void {
+  let expected = performance.now() + 100;
   setInterval(() => {
     const now = performance.now();
-    metrics.eventLoopLagSeconds = Math.max(0, now - expected) / 1000;
-    expected = now + 500;
-  }, 500);
+    amb.loopLate(Math.max(0, now - expected));
+    expected = now + 100;
+  }, 100);
 }
 
 /** The drain, as Kubernetes needs it: not ready at once; still serving for DRAIN_GRACE_MS (an app that

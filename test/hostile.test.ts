@@ -409,6 +409,49 @@ describe.each(ARTIFACTS)('hostile requests, as the upstream receives them (%s)',
     expect((await scrape(amb)).get('ambassador_requests_in_flight')).toBe(0);
   });
 
+  it('never forwards a request whose app closed or reset its connection before the ambassador read it, and still forwards the ones still waiting', async () => {
+    const up = await startRawUpstream();
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, LOG_LEVEL: 'info' });
+    expect((await exchange(amb.port, 'GET /warm HTTP/1.1\r\nHost: x\r\n\r\n')).status).toBe(200);
+    // Stopped, as a process at its CPU limit is for most of each period: what comes meanwhile waits unread.
+    process.kill(amb.pid, 'SIGSTOP');
+    let waiting: Array<Promise<{ status: number }>> = [];
+    try {
+      const leave = (how: 'end' | 'reset', i: number) =>
+        new Promise<void>((resolve) => {
+          const s = net.connect(amb.port, '127.0.0.1', () => {
+            s.write(`POST /left-${how}-${i} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi`);
+            if (how === 'end') s.end(); // its half of the connection closed, as a client that gives up
+            else s.resetAndDestroy();
+            resolve();
+          });
+          s.on('error', () => resolve());
+          s.resume();
+        });
+      waiting = Array.from(
+        { length: 10 },
+        (_, i) => exchange(amb.port, `GET /stayed-${i} HTTP/1.1\r\nHost: x\r\n\r\n`, 20_000),
+      );
+      await Promise.all(Array.from({ length: 30 }, (_, i) => [leave('end', i), leave('reset', i)]).flat());
+      await sleep(1000);
+    } finally {
+      process.kill(amb.pid, 'SIGCONT');
+    }
+    // The ones that stayed are answered; not a byte of those that left reaches the upstream.
+    expect((await Promise.all(waiting)).map((r) => r.status)).toEqual(Array(10).fill(200));
+    expect((await exchange(amb.port, 'GET /after HTTP/1.1\r\nHost: x\r\n\r\n')).status).toBe(200);
+    await sleep(200);
+    expect(up.requests.map((q) => q.target).filter((t) => t.startsWith('/left'))).toEqual([]);
+    expect(up.received.join('')).not.toContain('/left');
+    expect(up.requests.map((q) => q.target).sort()).toEqual(
+      ['/after', '/warm', ...Array.from({ length: 10 }, (_, i) => `/stayed-${i}`)].sort(),
+    );
+    // Each is in the log as the app having gone (499), none as an answer or a failure of the upstream.
+    const left = () => amb.logs().filter((l) => String(l.path).startsWith('/left'));
+    await waitFor('the 60 that left, logged', () => left().length === 60, 5000);
+    expect(left().filter((l) => l.status !== 499 || l.attempts !== 0)).toEqual([]);
+  });
+
   it('answers 400 to a request with two Host headers, and sends nothing upstream', async () => {
     const up = await startRawUpstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
