@@ -2,10 +2,13 @@
  * cold (its executable a fresh copy out of the page cache, so the code it reads counts against the group, as
  * in a pod), gets ready, and streams 64 keep-alive connections of 1 MiB bodies for 10 s inside a cgroup with
  * the CPU and memory limits the ambassador is shipped with (k8s/order-service.yaml), and must not be
- * OOM-killed, nor stall (more bodies whole than late or refused). Bun's stall at its limit with 64 bodies in
- * flight, which PROCESS_MAX_IN_FLIGHT prevents, shows under `npm run bench:pod`'s load (wrk and nginx, after a
- * phase of small requests), not under this client's; limits.test.ts holds the limit itself. Where no cgroup
- * can be made (not root, no cgroup hierarchy) it says so loudly and skips. */
+ * OOM-killed, nor stall (no byte to any client for as long as a client waits), and must serve a body whole
+ * once the load is gone. How many bodies it gets through in those 10 s is the machine's speed as much as
+ * the ambassador's, so it is printed, not held: `npm run bench:pod` measures it against a bare runtime and
+ * nginx in the same run. Bun's stall at its limit with 64 bodies in flight, which PROCESS_MAX_IN_FLIGHT
+ * prevents, shows under `npm run bench:pod`'s load (wrk and nginx, after a phase of small requests), not under
+ * this client's; limits.test.ts holds the limit itself. Where no cgroup can be made (not root, no cgroup
+ * hierarchy) it says so loudly and skips. */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
@@ -83,7 +86,19 @@ describe.skipIf(unavailable !== undefined)(
           );
 
           const agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
-          const until = performance.now() + SECONDS * 1000;
+          const start = performance.now();
+          const until = start + SECONDS * 1000;
+          // A stall is the ambassador moving no byte to any client: the longest such quiet, from the first
+          // request to the last answer. Queueing is not a stall: inside 100m, with 32 places for 64
+          // connections, a body can wait its turn longer than a client waits, and how many do depends on the
+          // machine's speed as much as on the ambassador.
+          let lastByte = start;
+          let quietest = 0;
+          const progress = () => {
+            const now = performance.now();
+            quietest = Math.max(quietest, now - lastByte);
+            lastByte = now;
+          };
           let done = 0;
           let short = 0; // ended as if whole, with fewer bytes: never allowed
           let late = 0; // no progress for 5 s under the CPU limit: the client gave up
@@ -95,7 +110,7 @@ describe.skipIf(unavailable !== undefined)(
             new Promise<void>((resolve) => {
               const req = http.get({ host: '127.0.0.1', port, path: '/big', agent, timeout: 5000 }, (res) => {
                 let bytes = 0;
-                res.on('data', (c: Buffer) => (bytes += c.length));
+                res.on('data', (c: Buffer) => ((bytes += c.length), progress()));
                 res.on(
                   'end',
                   () => (res.statusCode !== 200 ? answered++ : bytes === body.length ? done++ : short++, resolve()),
@@ -109,7 +124,13 @@ describe.skipIf(unavailable !== undefined)(
           await Promise.all(Array.from({ length: 64 }, async () => {
             while (performance.now() < until && exit === undefined) await one();
           }));
+          quietest = Math.max(quietest, performance.now() - lastByte);
           agent.destroy();
+          // And once the load is gone, the places its abandoned requests held are free again: one more body
+          // comes back whole.
+          const after = await fetch(`http://127.0.0.1:${port}/big`, { signal: AbortSignal.timeout(10_000) })
+            .then(async (res) => `${res.status} ${(await res.arrayBuffer()).byteLength} bytes`)
+            .catch((err: Error) => err.name);
           const oomKills = group.oomKills();
           const peakMiB = group.peakBytes() / 1024 ** 2;
           console.log(
@@ -117,12 +138,14 @@ describe.skipIf(unavailable !== undefined)(
               argv[argv.length - 1]
             }: ${done} bodies of 1 MiB in ${SECONDS} s (${late} later than 5 s, ${answered} answered by the ambassador itself, ${broken} broken, ${short} short), peak ${
               peakMiB.toFixed(0)
-            } of ${l.memoryBytes / 1024 ** 2} MiB, OOM kills ${oomKills}`,
+            } of ${l.memoryBytes / 1024 ** 2} MiB, OOM kills ${oomKills}, no byte to any client for ${
+              (quietest / 1000).toFixed(2)
+            } s at most, then ${after}`,
           );
-          // What holds inside 100m CPU today (the pod issue's work is the rest): never OOM-killed, never a
-          // body that ends short as if whole, none broken; some answers take longer than the client's 5 s.
+          // Never OOM-killed, never a body that ends short as if whole, none broken; never 5 s without a byte
+          // to any client, and whole again once the load is gone.
           expect({ oomKills, exit, short, broken }).toEqual({ oomKills: 0, exit: undefined, short: 0, broken: 0 });
-          expect(done).toBeGreaterThan(late + answered);
+          expect({ quiet: quietest < 5000, after }).toEqual({ quiet: true, after: `200 ${body.length} bytes` });
           child.kill('SIGKILL');
         } finally {
           await group.remove();
