@@ -1,6 +1,7 @@
 /**
  * The pod-budget benchmark: each artifact alone inside a cgroup with the CPU and memory limits of the
- * ambassador container in k8s/ (100m, 128Mi), as the kubelet would run it, with the flags its image uses.
+ * ambassador container in k8s/ (100m, 128Mi), as the kubelet would run it, with the flags its image uses and
+ * the log level the manifests set (none: the default, `info`, an access line a request, read from a pipe).
  * Per artifact, started cold in a fresh group (its executable a copy out of the page cache, so the code it
  * reads counts against the group, as on a container's first start): a warm-up, then 64 keep-alive
  * connections with the small body, then 64 with 1 MiB bodies; it prints req/s, p50/p99, errors (non-2xx,
@@ -25,7 +26,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, realpathSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { cannotMakeGroups, coldCopy, evict, type Limits, makeGroup, podLimits } from './cgroup.ts';
+import { cannotMakeGroups, coldCopy, evict, type Limits, makeGroup, podLimits, podLogLevel } from './cgroup.ts';
 import {
   ambassadorEnv,
   arg,
@@ -93,11 +94,15 @@ interface Row {
 
 const deno = path.join(root, 'node_modules', '.bin', 'deno');
 const bunRuntime = path.join(root, 'node_modules', '.bin', 'bun');
+/** The log level the pod runs the ambassador at (k8s/: the default, `info`, an access line a request), so each
+ * row pays for the lines the pod writes; its standard output goes to a pipe this process drains, as a
+ * container runtime reads a container's. */
+const LOG_LEVEL = podLogLevel();
 const ambassador =
   (argv: string[], extraEnv: Record<string, string> = {}) => (upstream: string, port: number, admin: number) => ({
     argv,
     ready: `http://127.0.0.1:${admin}/readyz`,
-    env: { ...ambassadorEnv(upstream, port, admin), ...extraEnv },
+    env: { ...ambassadorEnv(upstream, port, admin), LOG_LEVEL, ...extraEnv },
   });
 
 const go = goReference();
@@ -268,8 +273,9 @@ async function runRow(row: Row, upstream: string, limits: Limits): Promise<Resul
   const join = group.procs.map((f) => `echo $$ > ${f}`).join('; ');
   const child: ChildProcess = spawn('sh', ['-c', `${join}; exec "$@"`, 'sh', ...pinned(1, argv)], {
     env: { PATH: process.env.PATH ?? '', ...env },
-    stdio: ['ignore', 'ignore', row.quiet ? 'ignore' : 'inherit'],
+    stdio: ['ignore', 'pipe', row.quiet ? 'ignore' : 'inherit'],
   });
+  child.stdout!.resume(); // read and dropped, as a container runtime would keep it
   let exited = false;
   child.once('exit', () => (exited = true));
   const url = `http://127.0.0.1:${port}`;
@@ -307,7 +313,7 @@ async function main(): Promise<void> {
       MEMORY_MIB ? ` (memory: --memory-mib)` : ''
     }: ${limits.cpuMillis}m CPU, ${
       limits.memoryBytes / 1024 ** 2
-    } MiB; ${WARMUP} s warm-up, ${SECONDS} s per phase, 64 connections; ${os.cpus().length} CPUs (${
+    } MiB; ${WARMUP} s warm-up, ${SECONDS} s per phase, 64 connections; the ambassador at LOG_LEVEL=${LOG_LEVEL}; ${os.cpus().length} CPUs (${
       os.cpus()[0]?.model
     })`,
   );

@@ -1,11 +1,11 @@
 /** Memory is not timing, so it is tested: each image's runtime, with the flags its image runs with, starts
  * cold (its executable a fresh copy out of the page cache, so the code it reads counts against the group, as
  * in a pod), gets ready, and streams 64 keep-alive connections of 1 MiB bodies for 10 s inside a cgroup with
- * the CPU and memory limits the ambassador is shipped with (k8s/order-service.yaml), and must not be
- * OOM-killed, nor stall (no byte to any client for as long as a client waits), and must serve a body whole
- * once the load is gone. How many bodies it gets through in those 10 s is the machine's speed as much as
- * the ambassador's, so it is printed, not held: `npm run bench:pod` measures it against a bare runtime and
- * nginx in the same run. Bun's stall at its limit with 64 bodies in flight, which PROCESS_MAX_IN_FLIGHT
+ * the CPU and memory limits and the log level the ambassador is shipped with (k8s/order-service.yaml), and
+ * must not be OOM-killed, nor stall (no byte to any client for as long as a client waits), and must serve a
+ * body whole once the load is gone. How many bodies it gets through in those 10 s is the machine's speed as
+ * much as the ambassador's, so it is printed, not held: `npm run bench:pod` measures it against a bare
+ * runtime and nginx in the same run. Bun's stall at its limit with 64 bodies in flight, which PROCESS_MAX_IN_FLIGHT
  * prevents, shows under `npm run bench:pod`'s load (wrk and nginx, after a phase of small requests), not under
  * this client's; limits.test.ts holds the limit itself. Where no cgroup can be made (not root, no cgroup
  * hierarchy) it says so loudly and skips. */
@@ -15,7 +15,7 @@ import os from 'node:os';
 import path from 'node:path';
 import http from 'node:http';
 import { describe, expect, it } from 'vitest';
-import { cannotMakeGroups, coldCopy, type Limits, makeGroup, podLimits } from '../bench/cgroup.ts';
+import { cannotMakeGroups, coldCopy, type Limits, makeGroup, podLimits, podLogLevel } from '../bench/cgroup.ts';
 import { IMAGE_NODE_FLAGS, IMAGE_SEA_OPTIONS } from '../bench/common.ts';
 import { BUN_BIN, deadPort, NODE, SEA, skippedBecause, startUpstream, stopAfterEach, waitFor } from './helpers.ts';
 
@@ -73,10 +73,11 @@ describe.skipIf(unavailable !== undefined)(
               PORT: String(port),
               ADMIN_PORT: String(admin),
               ADMIN_HOST: '127.0.0.1',
-              LOG_LEVEL: 'warn',
+              LOG_LEVEL: podLogLevel(), // as the pod runs it: an access line a request, read from a pipe
             },
-            stdio: ['ignore', 'ignore', 'inherit'],
+            stdio: ['ignore', 'pipe', 'inherit'],
           });
+          child.stdout!.resume();
           let exit: { code: number | null; signal: string | null } | undefined;
           child.once('exit', (code, signal) => (exit = { code, signal }));
           await waitFor(
