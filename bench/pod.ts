@@ -1,7 +1,8 @@
 /**
  * The pod-budget benchmark: each artifact alone inside a cgroup with the CPU and memory limits of the
  * ambassador container in k8s/ (100m, 128Mi), as the kubelet would run it, with the flags its image uses and
- * the log level the manifests set (none: the default, `info`, an access line a request, read from a pipe).
+ * the log level the manifests set (none: the default, `info`, an access line a request, to a pipe that a
+ * process outside the group reads, as a container runtime does).
  * Per artifact, started cold in a fresh group (its executable a copy out of the page cache, so the code it
  * reads counts against the group, as on a container's first start): a warm-up, then 64 keep-alive
  * connections with the small body, then 64 with 1 MiB bodies; it prints req/s, p50/p99, errors (non-2xx,
@@ -95,8 +96,7 @@ interface Row {
 const deno = path.join(root, 'node_modules', '.bin', 'deno');
 const bunRuntime = path.join(root, 'node_modules', '.bin', 'bun');
 /** The log level the pod runs the ambassador at (k8s/: the default, `info`, an access line a request), so each
- * row pays for the lines the pod writes; its standard output goes to a pipe this process drains, as a
- * container runtime reads a container's. */
+ * row pays for the lines the pod writes (`runRow` drains them). */
 const LOG_LEVEL = podLogLevel();
 const ambassador =
   (argv: string[], extraEnv: Record<string, string> = {}) => (upstream: string, port: number, admin: number) => ({
@@ -271,11 +271,16 @@ async function runRow(row: Row, upstream: string, limits: Limits): Promise<Resul
   for (const file of argv.slice(1).filter((a) => a.startsWith('/') && existsSync(a))) evict(realpathSync(file));
   // The shell joins the group, then becomes the artifact: everything it starts stays in the group.
   const join = group.procs.map((f) => `echo $$ > ${f}`).join('; ');
+  // Its standard output is a pipe read by a process outside the group (with the load generator), as a
+  // container's is read by the container runtime: this process waits on wrk and could not read it meanwhile,
+  // and an artifact whose pipe is full holds its log lines in memory.
+  const drainArgv = pinned(0, ['cat']);
+  const drain = spawn(drainArgv[0], drainArgv.slice(1), { stdio: ['pipe', 'ignore', 'ignore'] });
   const child: ChildProcess = spawn('sh', ['-c', `${join}; exec "$@"`, 'sh', ...pinned(1, argv)], {
     env: { PATH: process.env.PATH ?? '', ...env },
-    stdio: ['ignore', 'pipe', row.quiet ? 'ignore' : 'inherit'],
+    stdio: ['ignore', drain.stdin!, row.quiet ? 'ignore' : 'inherit'],
   });
-  child.stdout!.resume(); // read and dropped, as a container runtime would keep it
+  drain.stdin!.destroy(); // the artifact holds the pipe's write end now: its exit ends the drain
   let exited = false;
   child.once('exit', () => (exited = true));
   const url = `http://127.0.0.1:${port}`;
@@ -292,6 +297,7 @@ async function runRow(row: Row, upstream: string, limits: Limits): Promise<Resul
     result.peakMiB = group.peakBytes() / 1024 ** 2;
     result.peakRssMiB = group.peakRssBytes() / 1024 ** 2;
     await group.remove();
+    drain.kill();
   }
   return result;
 }
