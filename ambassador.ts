@@ -3349,33 +3349,70 @@ export function createLogger(
   };
 }
 
+/** The most log text waiting for stdout, written or not yet: past it, a line is dropped and counted. */
+const LOG_BACKLOG_BYTES = 1024 * 1024;
+
 /** Log lines written together, in order. A routine line (info, debug: the access line of a request that went
  * well) waits for the end of the turn of the event loop (`setImmediate`), so a busy proxy writes the access
  * lines of every request finished in a turn at once, not one write a request. An urgent one (warn and
  * above: a failed attempt, a rejection) goes out once the run of code that wrote it is over (a microtask),
  * with whatever waits before it: the lines that tell of a failure are out before its answer has gone far.
- * `flush` writes what is waiting at once; main calls it before every exit. `writeOut` is the runtime's own
- * write to stdout (`Runtime.writeOut`). */
+ *
+ * One write is out at a time: `writeOut` (the runtime's write to stdout, `Runtime.writeOut`) calls back once
+ * the system has taken its text, and the lines that came meanwhile go in the next. Whatever reads stdout (the
+ * container runtime, a pipe) may fall behind or stop: the text waiting is held to LOG_BACKLOG_BYTES, and a
+ * line past it is dropped, counted in `dropped` (`ambassador_log_lines_dropped_total`) and told of by
+ * `onDropped` once stdout takes lines again — never held without bound, which would grow the process to its
+ * memory limit, nor waited for, which would stop the proxy. `flush` writes what is waiting at once, whatever
+ * is out (with `writeOutAtExit` where the runtime's exit would drop a write still out); main calls it before
+ * every exit. */
 export function batchedLines(
-  writeOut: (text: string) => void = console.log,
-): { write(line: string, urgent?: boolean): void; flush(): void } {
+  writeOut: (text: string, written: () => void) => void,
+  onDropped: (lines: number) => void = noop,
+  writeOutAtExit?: (text: string) => void,
+): { write(line: string, urgent?: boolean): void; flush(): void; readonly dropped: number } {
   let pending: string[] = [];
+  let waiting = 0; // bytes of text pending or out
+  let out = 0; // bytes of the write out now (0: none)
   let soon = false; // a flush at the end of this run of code is on its way
-  const flush = () => {
+  let dropped = 0;
+  let untold = 0; // dropped since the last time it was told
+  const send = (force: boolean) => {
     soon = false;
-    if (pending.length === 0) return;
+    if (pending.length === 0 || (out > 0 && !force)) return;
     const text = pending.length === 1 ? pending[0] : pending.join('\n');
     pending = [];
-    writeOut(text);
+    const bytes = text.length + 1;
+    out += bytes;
+    writeOut(text, () => {
+      out -= bytes;
+      waiting -= bytes;
+      if (untold > 0 && waiting + 256 <= LOG_BACKLOG_BYTES) {
+        const n = untold;
+        untold = 0;
+        onDropped(n);
+      }
+      if (out === 0) send(false);
+    });
   };
   const later: (f: () => void) => unknown = typeof setImmediate === 'function' ? setImmediate : (f) => setTimeout(f, 0);
+  const flushSoon = () => send(false);
   return {
     write(line, urgent = false) {
+      if (waiting + line.length + 1 > LOG_BACKLOG_BYTES) return void (dropped++, untold++);
+      waiting += line.length + 1;
       const first = pending.push(line) === 1;
-      if (urgent && !soon) (soon = true), queueMicrotask(flush);
-      else if (first) later(flush);
+      if (urgent && !soon) (soon = true), queueMicrotask(flushSoon);
+      else if (first) later(flushSoon);
     },
-    flush,
+    flush: () => {
+      if (!writeOutAtExit) return send(true);
+      if (pending.length > 0) writeOutAtExit(pending.join('\n'));
+      pending = [];
+    },
+    get dropped() {
+      return dropped;
+    },
   };
 }
 
@@ -3524,6 +3561,8 @@ export interface Gauges {
   memory?(): { limitBytes: number | null; shedding: boolean };
   /** PROCESS_MAX_IN_FLIGHT (0: none), and the places held and waited for now */
   places?(): { max: number; active: number; queued: number };
+  /** log lines dropped since start, stdout not taking them (`batchedLines`) */
+  logLinesDropped?(): number;
 }
 
 export class Metrics {
@@ -3787,6 +3826,14 @@ export class Metrics {
     out.push(`ambassador_draining ${this.gauges.draining() ? 1 : 0}`);
     family('ambassador_event_loop_lag_seconds', 'gauge', 'How late the last event-loop timer fired.');
     out.push(`ambassador_event_loop_lag_seconds ${this.eventLoopLagSeconds}`);
+    if (this.gauges.logLinesDropped) {
+      family(
+        'ambassador_log_lines_dropped_total',
+        'counter',
+        'Log lines not written: stdout was not taking them, and the text waiting was at its bound (1 MiB).',
+      );
+      out.push(`ambassador_log_lines_dropped_total ${this.gauges.logLinesDropped()}`);
+    }
     family('ambassador_build_info', 'gauge', 'Always 1; the labels say which build and runtime this is.');
     out.push(`ambassador_build_info${labels({ version: this.info.version, runtime: this.info.runtime })} 1`);
     const usage = this.gauges.usage?.();
@@ -4331,8 +4378,11 @@ interface Runtime {
   /** the process's resident memory and CPU time, for the metrics */
   usage(): { rssBytes: number; cpuSeconds: number };
   env(): Record<string, string | undefined>;
-  /** writes log lines (without their last line end) to stdout */
-  writeOut(text: string): void;
+  /** writes log lines (without their last line end) to stdout, never waiting for it; `written` once the
+   * system has taken them */
+  writeOut(text: string, written: () => void): void;
+  /** the same at exit, where the runtime would not finish a write still out (Deno); absent: `writeOut` */
+  writeOutAtExit?(text: string): void;
   /** the cgroup memory the process runs under (`cgroupMemory`), or null */
   memory(): CgroupMemory | null;
   /** serves the proxy app on host:port, each request handed over as an `AppRequest` */
@@ -4974,7 +5024,7 @@ async function nodeBuiltins(): Promise<
     usage: processUsage,
     env: () => process.env,
     // A plain write to stdout, without console.log's formatting of what it is given.
-    writeOut: (text) => void process.stdout.write(`${text}\n`),
+    writeOut: (text, written) => void process.stdout.write(`${text}\n`, () => written()),
     memory: () => cgroupMemory(readFile),
     onSignal: (signal, f) => void process.on(signal, f),
     exit: (code) => process.exit(code),
@@ -5170,6 +5220,7 @@ interface DenoLike {
     options: { caCerts?: string[]; cert?: string; key?: string; allowHost?: boolean; poolMaxIdlePerHost?: number },
   ): DenoHttpClient;
   readTextFileSync(path: string): string;
+  stdout: { write(p: Uint8Array): Promise<number>; writeSync(p: Uint8Array): number };
   resolveDns(query: string, type: 'A' | 'AAAA'): Promise<string[]>;
   upgradeWebSocket(req: Request, options: { protocol?: string; idleTimeout?: number }): {
     socket: WebSocket;
@@ -5179,6 +5230,21 @@ interface DenoLike {
 
 interface DenoHttpClient {
   close(): void;
+}
+
+/** Deno's `console.log` waits while whatever reads stdout falls behind, which would stop the proxy: the log's
+ * text goes out through `Deno.stdout.write`, which does not wait, a piece at a time until all is taken. */
+function denoWriteOut(d: DenoLike): Runtime['writeOut'] {
+  const encoder = new TextEncoder();
+  return (text, written) => {
+    const bytes = encoder.encode(`${text}\n`);
+    const rest = (from: number): void =>
+      void d.stdout.write(bytes.subarray(from)).then(
+        (n) => (from + n < bytes.length ? rest(from + n) : written()),
+        () => written(), // stdout closed: nothing more will go out of it
+      );
+    rest(0);
+  };
 }
 
 function denoRuntime(d: DenoLike): Runtime {
@@ -5199,7 +5265,11 @@ function denoRuntime(d: DenoLike): Runtime {
     // Deno has Node's `process` as a global too.
     usage: processUsage,
     env: () => d.env.toObject(),
-    writeOut: (text) => console.log(text),
+    writeOut: denoWriteOut(d),
+    writeOutAtExit: (text) => {
+      const bytes = new TextEncoder().encode(`${text}\n`);
+      for (let from = 0; from < bytes.length;) from += d.stdout.writeSync(bytes.subarray(from));
+    },
     memory: () => cgroupMemory((path) => d.readTextFileSync(path)),
     listen: (handler, host, port, work) => Promise.resolve(listenDeno(d, handler, host, port, work)),
     onSignal: (signal, f) => d.addSignalListener(signal, f),
@@ -5662,7 +5732,11 @@ export async function main(): Promise<void> {
     console.error(`ambassador: ${err instanceof Error ? err.message : String(err)}`);
     return runtime.exit(2);
   }
-  const lines = batchedLines(runtime.writeOut);
+  const lines = batchedLines(
+    runtime.writeOut,
+    (n) => log('warn', `${n} log lines dropped: stdout was not taking them`, { dropped: n }),
+    runtime.writeOutAtExit,
+  );
   const log = createLogger(config.logFormat, config.logLevel, lines.write);
   const exit = (code: number): never => {
     lines.flush();
@@ -5725,7 +5799,7 @@ export async function main(): Promise<void> {
       ),
   );
   amb.onShutdownRequest(() => amb.draining || void drain('POST /shutdown', config, amb, proxy, admin, log, exit));
-  amb.metrics.gauges = { ...amb.metrics.gauges, connections: proxy.connections };
+  amb.metrics.gauges = { ...amb.metrics.gauges, connections: proxy.connections, logLinesDropped: () => lines.dropped };
   sampleEventLoopLag(amb);
   amb.markReady();
   log('notice', 'listening', {

@@ -4,6 +4,7 @@ import { describe, expect, it } from 'vitest';
 import {
   type AmbassadorProc,
   ARTIFACTS,
+  memoryOf,
   startAmbassador,
   startUpstream,
   stopAfterEach,
@@ -103,4 +104,46 @@ describe.each(ARTIFACTS)('logs (%s)', (runtime) => {
     await amb.waitForLine((l) => l.includes('"path":"/x2"'));
     expect(amb.stderr.join('\n')).toBe('');
   });
+  it(
+    'holds its log text to 1 MiB while nothing reads its stdout: answers on, drops and counts the lines past it, and says so once stdout is read again',
+    async () => {
+      upstream = await startUpstream();
+      amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, LOG_LEVEL: 'info' });
+      amb.child.stdout!.pause(); // the pipe fills and stays full, as when a log collector stops reading
+      const before = (await memoryOf(amb.pid)).rssMiB;
+      // 6,000 requests with a 4,000-byte path: 24 MiB of access lines, none of which can go out.
+      const path = `/${'a'.repeat(4000)}`;
+      const statuses = new Map<number, number>();
+      let next = 0;
+      await Promise.all(Array.from({ length: 32 }, async () => {
+        while (next++ < 6000) {
+          const res = await fetch(`${amb!.url}${path}`, { signal: AbortSignal.timeout(10_000) });
+          await res.arrayBuffer();
+          statuses.set(res.status, (statuses.get(res.status) ?? 0) + 1);
+        }
+      }));
+      const grown = (await memoryOf(amb.pid)).rssMiB - before;
+      const metrics = await (await fetch(`${amb.adminUrl}/metrics`)).text();
+      const dropped = Number(/^ambassador_log_lines_dropped_total (\d+)$/m.exec(metrics)?.[1]);
+      expect(Object.fromEntries(statuses)).toEqual({ 200: 6000 });
+      // Read again, stdout gets the text that waited — at most 1 MiB (about 250 of these lines) besides what the
+      // pipe held, not the 24 MiB — then one line that says how many were lost, then new lines.
+      const seen = amb.lines.length;
+      amb.child.stdout!.resume();
+      const told = JSON.parse(await amb.waitForLine((l) => l.includes('log lines dropped')));
+      const waited = amb.lines.slice(seen).reduce((sum, l) => sum + l.length + 1, 0);
+      console.log(
+        `log backlog (${runtime}): ${dropped} lines dropped, ${
+          (waited / 1024).toFixed(0)
+        } KiB written once read again, ` +
+          `resident memory ${grown.toFixed(1)} MiB above what it was before the load`,
+      );
+      expect(dropped).toBeGreaterThan(5000);
+      expect(waited).toBeLessThan(1.5 * 1024 * 1024);
+      expect(told).toMatchObject({ level: 'warn', dropped });
+      await (await fetch(`${amb.url}/after`)).text();
+      await amb.waitForLine((l) => l.includes('"path":"/after"'));
+    },
+    60_000,
+  );
 });

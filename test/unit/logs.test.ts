@@ -60,7 +60,7 @@ describe('batched log lines', () => {
 
   it('writes routine lines of one turn of the event loop together as it ends, a warning as its run of code ends; flush writes at once', async () => {
     const writes: string[] = [];
-    const out = batchedLines((text) => writes.push(text));
+    const out = batchedLines((text, written) => (writes.push(text), written()));
     const turn = () => new Promise((r) => setImmediate(r));
     out.write('one');
     await Promise.resolve();
@@ -87,5 +87,63 @@ describe('batched log lines', () => {
     await new Promise((r) => setTimeout(r, 0));
     expect(writes).toHaveLength(4);
     expect(writes[3].split('\n')).toEqual(Array.from({ length: 1000 }, (_, i) => String(i)));
+  });
+  it('has one write out at a time: the lines that come meanwhile go in the next, in order', async () => {
+    const writes: string[] = [];
+    const acks: Array<() => void> = [];
+    const out = batchedLines((text, written) => (writes.push(text), acks.push(written)));
+    const turn = () => new Promise((r) => setImmediate(r));
+    out.write('a');
+    await turn();
+    out.write('b');
+    out.write('c', true);
+    await turn();
+    expect(writes).toEqual(['a']); // stdout has not taken 'a' yet
+    acks.shift()!();
+    expect(writes).toEqual(['a', 'b\nc']);
+    acks.shift()!();
+    out.write('d');
+    await turn();
+    expect(writes).toEqual(['a', 'b\nc', 'd']);
+  });
+
+  it('holds the text waiting for stdout to 1 MiB: past it a line is dropped and counted, and told once stdout takes lines again', async () => {
+    const writes: string[] = [];
+    const acks: Array<() => void> = [];
+    const told: number[] = [];
+    const out = batchedLines((text, written) => (writes.push(text), acks.push(written)), (n) => told.push(n));
+    const turn = () => new Promise((r) => setImmediate(r));
+    const line = 'x'.repeat(1023); // a KiB with its line end
+    for (let i = 0; i < 1500; i++) out.write(line);
+    await turn();
+    // Stdout takes nothing: the first write is out with 1,024 lines (1 MiB), the rest dropped.
+    expect(writes).toHaveLength(1);
+    expect(writes[0].split('\n')).toHaveLength(1024);
+    expect(out.dropped).toBe(1500 - 1024);
+    expect(told).toEqual([]);
+    for (let i = 0; i < 10; i++) out.write(line);
+    expect(out.dropped).toBe(1500 - 1024 + 10);
+    // Stdout takes the write: the drops are told, once, and lines go out again.
+    acks.shift()!();
+    expect(told).toEqual([1500 - 1024 + 10]);
+    out.write('after');
+    await turn();
+    expect(writes.slice(1)).toEqual(['after']);
+    acks.shift()!();
+    expect(out.dropped).toBe(486);
+    expect(told).toHaveLength(1);
+  });
+
+  it('writes what waits at exit through the exit writer, even with a write out', async () => {
+    const writes: string[] = [];
+    const atExit: string[] = [];
+    const out = batchedLines((text) => writes.push(text), undefined, (text) => atExit.push(text));
+    const turn = () => new Promise((r) => setImmediate(r));
+    out.write('one');
+    await turn();
+    out.write('two');
+    out.write('three');
+    out.flush();
+    expect({ writes, atExit }).toEqual({ writes: ['one'], atExit: ['two\nthree'] });
   });
 });
