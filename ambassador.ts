@@ -3349,7 +3349,8 @@ export function createLogger(
   };
 }
 
-/** The most log text waiting for stdout, written or not yet: past it, a line is dropped and counted. */
+/** The most log text waiting for stdout, written or not yet, in characters (bytes, for the ASCII of the lines
+ * it writes; a path is logged as it came, percent-encoded): past it, a line is dropped and counted. */
 const LOG_BACKLOG_BYTES = 1024 * 1024;
 
 /** Log lines written together, in order. A routine line (info, debug: the access line of a request that went
@@ -3372,8 +3373,8 @@ export function batchedLines(
   writeOutAtExit?: (text: string) => void,
 ): { write(line: string, urgent?: boolean): void; flush(): void; readonly dropped: number } {
   let pending: string[] = [];
-  let waiting = 0; // bytes of text pending or out
-  let out = 0; // bytes of the write out now (0: none)
+  let waiting = 0; // text pending or out
+  let out = 0; // text of the writes out now (0: none)
   let soon = false; // a flush at the end of this run of code is on its way
   let dropped = 0;
   let untold = 0; // dropped since the last time it was told
@@ -3387,7 +3388,7 @@ export function batchedLines(
     writeOut(text, () => {
       out -= bytes;
       waiting -= bytes;
-      if (untold > 0 && waiting + 256 <= LOG_BACKLOG_BYTES) {
+      if (untold > 0 && waiting + 256 <= LOG_BACKLOG_BYTES) { // room for the line that tells of them
         const n = untold;
         untold = 0;
         onDropped(n);
