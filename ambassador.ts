@@ -3364,11 +3364,12 @@ const LOG_BACKLOG_BYTES = 1024 * 1024;
  * container runtime, a pipe) may fall behind or stop: the text waiting is held to LOG_BACKLOG_BYTES, and a
  * line past it is dropped, counted in `dropped` (`ambassador_log_lines_dropped_total`) and told of by
  * `onDropped` once stdout takes lines again — never held without bound, which would grow the process to its
- * memory limit, nor waited for, which would stop the proxy. `flush` writes what is waiting at once, whatever
+ * memory limit, nor waited for, which would stop the proxy. Lines a write failed to deliver (stdout closed by its
+ * reader) count as dropped too. `flush` writes what is waiting at once, whatever
  * is out (with `writeOutAtExit` where the runtime's exit would drop a write still out); main calls it before
  * every exit. */
 export function batchedLines(
-  writeOut: (text: string, written: () => void) => void,
+  writeOut: (text: string, written: (failed?: boolean) => void) => void,
   onDropped: (lines: number) => void = noop,
   writeOutAtExit?: (text: string) => void,
 ): { write(line: string, urgent?: boolean): void; flush(): void; readonly dropped: number } {
@@ -3382,10 +3383,12 @@ export function batchedLines(
     soon = false;
     if (pending.length === 0 || (out > 0 && !force)) return;
     const text = pending.length === 1 ? pending[0] : pending.join('\n');
+    const lines = pending.length;
     pending = [];
     const bytes = text.length + 1;
     out += bytes;
-    writeOut(text, () => {
+    writeOut(text, (failed) => {
+      if (failed) dropped += lines; // stdout is gone (its reader closed it): nowhere to tell of them but the metric
       out -= bytes;
       waiting -= bytes;
       if (untold > 0 && waiting + 256 <= LOG_BACKLOG_BYTES) { // room for the line that tells of them
@@ -4380,8 +4383,8 @@ interface Runtime {
   usage(): { rssBytes: number; cpuSeconds: number };
   env(): Record<string, string | undefined>;
   /** writes log lines (without their last line end) to stdout, never waiting for it; `written` once the
-   * system has taken them */
-  writeOut(text: string, written: () => void): void;
+   * system has taken them, or with `failed` once they cannot be (stdout closed): never an error thrown or emitted */
+  writeOut(text: string, written: (failed?: boolean) => void): void;
   /** the same at exit, where the runtime would not finish a write still out (Deno); absent: `writeOut` */
   writeOutAtExit?(text: string): void;
   /** the cgroup memory the process runs under (`cgroupMemory`), or null */
@@ -5011,6 +5014,22 @@ function nodeCheckTls(
 }
 
 /** What Node and Bun share: Node's file, TLS, DNS and process APIs (Bun has them too). */
+/** Node's and Bun's write to stdout. A reader that goes away (a log collector restarting, `| head`) makes the
+ * next write fail with EPIPE, which `process.stdout` emits as an error (Node) or throws (Bun) that would end the
+ * process: it is caught here, and every write after it reports its lines as not delivered. */
+function nodeWriteOut(text: string, written: (failed?: boolean) => void): void {
+  if (stdoutGone) return written(true);
+  if (!stdoutWatched) (stdoutWatched = true), process.stdout.on('error', () => (stdoutGone = true));
+  try {
+    process.stdout.write(`${text}\n`, (err) => written(!!err));
+  } catch { // Bun throws it from the write itself
+    stdoutGone = true;
+    written(true);
+  }
+}
+let stdoutWatched = false;
+let stdoutGone = false;
+
 async function nodeBuiltins(): Promise<
   Pick<
     Runtime,
@@ -5025,7 +5044,7 @@ async function nodeBuiltins(): Promise<
     usage: processUsage,
     env: () => process.env,
     // A plain write to stdout, without console.log's formatting of what it is given.
-    writeOut: (text, written) => void process.stdout.write(`${text}\n`, () => written()),
+    writeOut: nodeWriteOut,
     memory: () => cgroupMemory(readFile),
     onSignal: (signal, f) => void process.on(signal, f),
     exit: (code) => process.exit(code),
@@ -5242,7 +5261,7 @@ function denoWriteOut(d: DenoLike): Runtime['writeOut'] {
     const rest = (from: number): void =>
       void d.stdout.write(bytes.subarray(from)).then(
         (n) => (from + n < bytes.length ? rest(from + n) : written()),
-        () => written(), // stdout closed: nothing more will go out of it
+        () => written(true), // stdout closed: nothing more will go out of it
       );
     rest(0);
   };

@@ -146,4 +146,19 @@ describe.each(ARTIFACTS)('logs (%s)', (runtime) => {
     },
     60_000,
   );
+  it('lives on when whatever reads its stdout goes away: every request answered, the lines that could not go out counted', async () => {
+    upstream = await startUpstream();
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, LOG_LEVEL: 'info' });
+    amb.child.stdout!.destroy(); // the reader closes its end, as a log collector that exits or `| head` does
+    const statuses: number[] = [];
+    for (let i = 0; i < 50; i++) {
+      const res = await fetch(`${amb.url}/x${i}`, { signal: AbortSignal.timeout(5_000) }).catch(() => undefined);
+      statuses.push(res?.status ?? 0);
+      await res?.arrayBuffer();
+    }
+    expect(statuses).toEqual(Array(50).fill(200));
+    expect(amb.child.exitCode).toBe(null);
+    const metrics = await (await fetch(`${amb.adminUrl}/metrics`)).text();
+    expect(Number(/^ambassador_log_lines_dropped_total (\d+)$/m.exec(metrics)?.[1])).toBeGreaterThan(0);
+  });
 });
