@@ -3364,10 +3364,9 @@ const LOG_BACKLOG_BYTES = 1024 * 1024;
  * container runtime, a pipe) may fall behind or stop: the text waiting is held to LOG_BACKLOG_BYTES, and a
  * line past it is dropped, counted in `dropped` (`ambassador_log_lines_dropped_total`) and told of by
  * `onDropped` once stdout takes lines again — never held without bound, which would grow the process to its
- * memory limit, nor waited for, which would stop the proxy. Lines a write failed to deliver (stdout closed by its
- * reader) count as dropped too. `flush` writes what is waiting at once, whatever
- * is out (with `writeOutAtExit` where the runtime's exit would drop a write still out); main calls it before
- * every exit. */
+ * memory limit, nor waited for, which would stop the proxy. Lines a write failed to deliver (stdout closed by
+ * its reader) count as dropped too. `flush` writes what is waiting at once, whatever is out (with
+ * `writeOutAtExit` where the runtime's exit would drop a write still out); main calls it before every exit. */
 export function batchedLines(
   writeOut: (text: string, written: (failed?: boolean) => void) => void,
   onDropped: (lines: number) => void = noop,
@@ -5013,7 +5012,6 @@ function nodeCheckTls(
   };
 }
 
-/** What Node and Bun share: Node's file, TLS, DNS and process APIs (Bun has them too). */
 /** Node's and Bun's write to stdout. A reader that goes away (a log collector restarting, `| head`) makes the
  * next write fail with EPIPE, which `process.stdout` emits as an error (Node) or throws (Bun) that would end the
  * process: it is caught here, and every write after it reports its lines as not delivered. */
@@ -5030,6 +5028,7 @@ function nodeWriteOut(text: string, written: (failed?: boolean) => void): void {
 let stdoutWatched = false;
 let stdoutGone = false;
 
+/** What Node and Bun share: Node's file, TLS, DNS and process APIs (Bun has them too). */
 async function nodeBuiltins(): Promise<
   Pick<
     Runtime,
