@@ -76,6 +76,7 @@ describe.each(ARTIFACTS)('circuit breaking on real upstreams (%s)', (runtime) =>
     }, 10_000);
     await load(`${amb.url}/x`, 60);
     expect(state(await scrape(amb), key(c), 'closed')).toBe(1);
+    await amb.settled();
     const lines = amb.logs().filter((l) => l.endpoint === key(c) && !l.id).map((l) => l.state);
     expect(lines).toEqual(['open', 'half-open', 'closed']);
   });

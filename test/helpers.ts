@@ -197,6 +197,9 @@ export interface Proc {
   /** Parsed JSON log lines. */
   logs(): Array<Record<string, unknown>>;
   waitForLine(pred: (line: string) => boolean, timeoutMs?: number): Promise<string>;
+  /** Resolves once no line has come for `quietMs`: the lines a request caused are in, whatever order the
+   * answer and the log writes took (Deno writes its log asynchronously, after the answer may have left). */
+  settled(quietMs?: number): Promise<void>;
   exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   kill(signal?: NodeJS.Signals): void;
 }
@@ -210,9 +213,11 @@ export function startProcess(argv: string[], env: Record<string, string>, option
   const lines: string[] = [];
   const stderr: string[] = [];
   const waiters: Array<{ pred: (l: string) => boolean; resolve: (l: string) => void }> = [];
+  let lastChunkAt = performance.now();
   const feed = (into: string[]) => {
     let buf = '';
     return (chunk: Buffer) => {
+      lastChunkAt = performance.now();
       buf += chunk.toString();
       let i: number;
       while ((i = buf.indexOf('\n')) >= 0) {
@@ -273,6 +278,9 @@ export function startProcess(argv: string[], env: Record<string, string>, option
           }, 50)
         );
       });
+    },
+    async settled(quietMs = 150) {
+      for (let quiet = 0; quiet < quietMs; quiet = performance.now() - lastChunkAt) await sleep(quietMs - quiet);
     },
     exited,
     kill: (signal = 'SIGTERM') => {

@@ -67,6 +67,7 @@ describe.skipIf(unavailable !== undefined).each(ARTIFACTS)(
       const metrics = await scrape(amb);
       expect(metrics.get('ambassador_memory_shedding')).toBe(1);
       expect(metrics.get('ambassador_requests_rejected_total{route="default",reason="memory"}')).toBe(1);
+      await amb.settled();
       expect(amb.logs().some((l) => l.level === 'warn' && l.rejected === 'memory' && l.status === 503)).toBe(true);
       // The admin port still answers: the kubelet's probes must see the process alive.
       expect((await fetch(`${amb.adminUrl}/healthz`)).status).toBe(200);

@@ -17,8 +17,10 @@ describe.each(ARTIFACTS)('retries (%s)', (runtime) => {
   let upstream: Upstream | undefined;
   let amb: AmbassadorProc | undefined;
   stopAfterEach();
-  const attemptLines = (a: AmbassadorProc) =>
-    a.logs().filter((l) => typeof l.msg === 'string' && /^attempt \d+ failed/.test(l.msg));
+  const attemptLines = async (a: AmbassadorProc) => {
+    await a.settled();
+    return a.logs().filter((l) => typeof l.msg === 'string' && /^attempt \d+ failed/.test(l.msg));
+  };
 
   it('retries a GET after 503 and honours Retry-After', async () => {
     upstream = await startUpstream((_q, res, _s, n) => {
@@ -34,7 +36,7 @@ describe.each(ARTIFACTS)('retries (%s)', (runtime) => {
     expect(await res.text()).toBe('fine');
     expect(performance.now() - t0).toBeGreaterThanOrEqual(950);
     expect(upstream.seen.length).toBe(2);
-    const [line] = attemptLines(amb);
+    const [line] = await attemptLines(amb);
     expect(line).toMatchObject({ level: 'warn', attempt: 1, kind: 'status', status: 503, retry_in_ms: 1000 });
   });
 
@@ -43,7 +45,7 @@ describe.each(ARTIFACTS)('retries (%s)', (runtime) => {
     const res = await fetch(`${amb.url}/inventory`);
     expect(res.status).toBe(502);
     expect(await res.text()).toMatch(/^ambassador: upstream failed: .*(refused|ECONNREFUSED).*\(3 attempts\)/i);
-    const lines = attemptLines(amb);
+    const lines = await attemptLines(amb);
     expect(lines.map((l) => l.attempt)).toEqual([1, 2, 3]);
     expect(lines.every((l) => l.kind === 'refused')).toBe(true);
     expect(String(lines[0].msg)).toMatch(/^attempt 1 failed: .*refused/i);
@@ -59,7 +61,7 @@ describe.each(ARTIFACTS)('retries (%s)', (runtime) => {
     const res = await fetch(`${amb.url}/slow`);
     expect(await res.text()).toBe('second');
     expect(upstream.seen.length).toBe(2);
-    expect(attemptLines(amb)[0]).toMatchObject({ kind: 'timeout' });
+    expect((await attemptLines(amb))[0]).toMatchObject({ kind: 'timeout' });
   });
 
   it('never repeats a POST after a 503: the upstream sees it once and the app gets its answer', async () => {
@@ -72,7 +74,7 @@ describe.each(ARTIFACTS)('retries (%s)', (runtime) => {
     expect(res.status).toBe(503);
     expect(await res.text()).toBe('upstream says no');
     expect(upstream.seen.length).toBe(1);
-    expect(attemptLines(amb)[0]).toMatchObject({ skip: 'method' });
+    expect((await attemptLines(amb))[0]).toMatchObject({ skip: 'method' });
   });
 
   it('never repeats a POST after a timeout, and answers 504', async () => {
@@ -103,7 +105,7 @@ describe.each(ARTIFACTS)('retries (%s)', (runtime) => {
     amb = await startAmbassador(runtime, { UPSTREAM_URL: `http://127.0.0.1:${await deadPort()}` });
     const res = await fetch(`${amb.url}/orders`, { method: 'POST', body: 'x' });
     expect(res.status).toBe(502);
-    expect(attemptLines(amb).map((l) => l.attempt)).toEqual([1, 2, 3]);
+    expect((await attemptLines(amb)).map((l) => l.attempt)).toEqual([1, 2, 3]);
   });
 
   it('streams a body larger than RETRY_BODY_MAX_BYTES once, and logs that the retry was skipped', async () => {
@@ -117,8 +119,8 @@ describe.each(ARTIFACTS)('retries (%s)', (runtime) => {
     expect(res.status).toBe(503);
     expect(upstream.seen.length).toBe(1);
     expect(upstream.seen[0].body.toString()).toBe(body);
-    expect(attemptLines(amb)[0]).toMatchObject({ skip: 'body' });
-    expect(String(attemptLines(amb)[0].msg)).toContain('giving up (body)');
+    expect((await attemptLines(amb))[0]).toMatchObject({ skip: 'body' });
+    expect(String((await attemptLines(amb))[0].msg)).toContain('giving up (body)');
   });
 
   it('replays a small body on every attempt', async () => {
@@ -177,7 +179,7 @@ describe.each(ARTIFACTS)('retries (%s)', (runtime) => {
     expect(res.status).toBe(503);
     expect(performance.now() - t0).toBeLessThan(1000);
     expect(upstream.seen.length).toBe(1);
-    expect(attemptLines(amb)[0]).toMatchObject({ skip: 'deadline' });
+    expect((await attemptLines(amb))[0]).toMatchObject({ skip: 'deadline' });
   });
 
   it('keeps retries to RETRY_BUDGET_PERCENT of requests under steady load: a failing upstream gets about 1.2× its traffic, not 3×', async () => {
@@ -227,7 +229,7 @@ describe.each(ARTIFACTS)('retries (%s)', (runtime) => {
     });
     for (let i = 0; i < 20; i++) await (await fetch(`${amb.url}/x`)).text();
     expect(upstream.seen.length).toBe(20 + 10);
-    expect(attemptLines(amb).some((l) => l.skip === 'budget')).toBe(true);
+    expect((await attemptLines(amb)).some((l) => l.skip === 'budget')).toBe(true);
   });
 
   it('does not count the time the app takes to send a small body against REQUEST_TIMEOUT_MS', async () => {
@@ -273,7 +275,7 @@ describe.each(ARTIFACTS)('retries (%s)', (runtime) => {
     expect(res.headers.get('retry-after')).toBe('99999999');
     expect(performance.now() - t0).toBeLessThan(1000);
     expect(upstream.seen.length).toBe(1);
-    expect(attemptLines(amb)[0]).toMatchObject({ skip: 'deadline' });
+    expect((await attemptLines(amb))[0]).toMatchObject({ skip: 'deadline' });
     await sleep(200); // a timer that overflowed would have fired at once: a second attempt would be here by now
     expect(upstream.seen.length).toBe(1);
     expect(amb.stderr.join('\n')).not.toContain('TimeoutOverflowWarning');

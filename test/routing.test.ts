@@ -66,6 +66,7 @@ describe.each(ARTIFACTS)('routing through one ambassador (%s)', (runtime) => {
     expect(m.get('ambassador_requests_total{route="",method="GET",code="404"}')).toBe(1);
     expect(m.get('ambassador_requests_rejected_total{route="",reason="no_route"}')).toBe(1);
     expect(m.get('ambassador_upstream_retries_total{route="inventory"}')).toBe(1);
+    await amb.settled();
     const line = amb.logs().find((l) => l.status === 404);
     expect(line).toMatchObject({
       route: '',

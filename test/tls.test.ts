@@ -98,6 +98,7 @@ describe.skipIf(!hasOpenssl).each(ARTIFACTS)(
       expect(res.status).toBe(502);
       expect(await res.text()).toMatch(/certificate|issuer|UnknownIssuer/i);
       expect(up.seen).toHaveLength(0);
+      await amb.settled();
       const attempt = amb.logs().find((l) => l.kind === 'tls');
       expect(attempt).toMatchObject({ level: 'warn', attempt: 1, skip: 'final' });
     });
@@ -165,6 +166,7 @@ describe.skipIf(!hasOpenssl).each(ARTIFACTS)(
       expect((await fetch(`${amb.url}/x`)).status).toBe(200);
       expect(up.seen[0]).toBe('client-one');
       expect(up.seen.at(-1)).toBe('client-two');
+      await amb.settled();
       expect(amb.logs().some((l) => l.msg === 'TLS files changed: new connections use them' && l.route === 'default'))
         .toBe(true);
     });
@@ -191,6 +193,7 @@ describe.skipIf(!hasOpenssl).each(ARTIFACTS)(
       await sleep(1200);
       for (let i = 0; i < 3; i++) expect((await fetch(`${amb.url}/x`)).status).toBe(200);
       expect(up.seen.every((cn) => cn === 'client-one')).toBe(true);
+      await amb.settled();
       const warning = amb.logs().find((l) => String(l.msg).startsWith('TLS files not taken up'));
       expect(warning).toMatchObject({ level: 'warn', route: 'default' });
       install('client-two', 'client-two'); // and now the key

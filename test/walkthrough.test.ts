@@ -46,6 +46,7 @@ describe.each(ARTIFACTS)("the article's walkthrough (%s)", (runtime) => {
     inventory!.kill('SIGTERM');
     await inventory!.exited;
     inventory = undefined;
+    await amb.settled();
     const before = amb.logs().length;
     const t0 = performance.now();
     const res = await fetch(`${order.url}/order`);
@@ -69,11 +70,13 @@ describe.each(ARTIFACTS)("the article's walkthrough (%s)", (runtime) => {
     inventory!.kill('SIGTERM');
     await inventory!.exited;
     inventory = await startService(runtime, 'inventory-service', { PORT: String(inventoryPort), FAIL_EVERY: '2' });
+    await amb.settled();
     const before = amb.logs().length;
     for (let i = 0; i < 10; i++) {
       const res = await fetch(`${order.url}/order`);
       expect(await res.text()).toBe(EXPECTED);
     }
+    await amb.settled();
     const retries = amb.logs().slice(before).filter((l) =>
       /^attempt 1 failed: upstream answered 503; retrying/.test(String(l.msg))
     );
@@ -86,9 +89,11 @@ describe.each(ARTIFACTS)("the article's walkthrough (%s)", (runtime) => {
     await inventory!.exited;
     inventory = await startService(runtime, 'inventory-service', { PORT: String(inventoryPort) });
     for (let i = 0; i < 3; i++) expect((await fetch(`${amb.url}/inventory`)).status).toBe(200); // the walk-through's earlier calls
+    await amb.settled();
     const before = amb.logs().length;
     const res = await fetch(`${amb.url}/inventory?fail_every=2`);
     expect(res.status).toBe(200);
+    await amb.settled();
     const retries = amb.logs().slice(before).filter((l) =>
       /^attempt 1 failed: upstream answered 503; retrying/.test(String(l.msg))
     );
