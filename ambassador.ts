@@ -5015,18 +5015,19 @@ function nodeCheckTls(
 /** Node's and Bun's write to stdout. A reader that goes away (a log collector restarting, `| head`) makes the
  * next write fail with EPIPE, which `process.stdout` emits as an error (Node) or throws (Bun) that would end the
  * process: it is caught here, and every write after it reports its lines as not delivered. */
-function nodeWriteOut(text: string, written: (failed?: boolean) => void): void {
-  if (stdoutGone) return written(true);
-  if (!stdoutWatched) (stdoutWatched = true), process.stdout.on('error', () => (stdoutGone = true));
-  try {
-    process.stdout.write(`${text}\n`, (err) => written(!!err));
-  } catch { // Bun throws it from the write itself
-    stdoutGone = true;
-    written(true);
-  }
+function nodeWriteOut(): Runtime['writeOut'] {
+  let gone = false;
+  process.stdout.on('error', () => (gone = true));
+  return (text, written) => {
+    if (gone) return written(true);
+    try {
+      process.stdout.write(`${text}\n`, (err) => written(!!err));
+    } catch { // Bun throws it from the write itself
+      gone = true;
+      written(true);
+    }
+  };
 }
-let stdoutWatched = false;
-let stdoutGone = false;
 
 /** What Node and Bun share: Node's file, TLS, DNS and process APIs (Bun has them too). */
 async function nodeBuiltins(): Promise<
@@ -5043,7 +5044,7 @@ async function nodeBuiltins(): Promise<
     usage: processUsage,
     env: () => process.env,
     // A plain write to stdout, without console.log's formatting of what it is given.
-    writeOut: nodeWriteOut,
+    writeOut: nodeWriteOut(),
     memory: () => cgroupMemory(readFile),
     onSignal: (signal, f) => void process.on(signal, f),
     exit: (code) => process.exit(code),
