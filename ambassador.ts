@@ -3633,6 +3633,11 @@ export class Metrics {
       const base = openMetrics && type === 'counter' ? name.replace(/_total$/, '') : name;
       out.push(`# HELP ${base} ${help}`, `# TYPE ${base} ${type}`);
     };
+    /** A family of one unlabelled value. */
+    const single = (name: string, type: 'counter' | 'gauge', help: string, value: number) => {
+      family(name, type, help);
+      out.push(`${name} ${value}`);
+    };
     const labels = (pairs: Record<string, string>) => {
       const inner = Object.entries(pairs).map(([k, v]) =>
         `${k}="${v.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\n')}"`
@@ -3766,45 +3771,52 @@ export class Metrics {
     );
     series('ambassador_tls_reloads_total', this.tlsReloads, ['route', 'result']);
     if (this.gauges.replayBytes) {
-      family(
+      single(
         'ambassador_retry_body_bytes',
         'gauge',
         'Bytes of request bodies kept in memory for replay now (at most RETRY_BODIES_MAX_BYTES).',
+        this.gauges.replayBytes(),
       );
-      out.push(`ambassador_retry_body_bytes ${this.gauges.replayBytes()}`);
     }
     const memory = this.gauges.memory?.();
     if (memory) {
       if (memory.limitBytes !== null) {
-        family('ambassador_memory_limit_bytes', 'gauge', "The memory limit the process runs under (its cgroup's).");
-        out.push(`ambassador_memory_limit_bytes ${memory.limitBytes}`);
+        single(
+          'ambassador_memory_limit_bytes',
+          'gauge',
+          "The memory limit the process runs under (its cgroup's).",
+          memory.limitBytes,
+        );
       }
-      family(
+      single(
         'ambassador_memory_shedding',
         'gauge',
         '1 while new requests get 503 near the memory limit (MEMORY_SHED_PERCENT).',
+        memory.shedding ? 1 : 0,
       );
-      out.push(`ambassador_memory_shedding ${memory.shedding ? 1 : 0}`);
     }
     const places = this.gauges.places?.();
     if (places && places.max > 0) {
-      family(
+      single(
         'ambassador_process_max_in_flight',
         'gauge',
         'Requests in flight in all at most (PROCESS_MAX_IN_FLIGHT, or one per 4 MiB of the memory limit).',
+        places.max,
       );
-      out.push(`ambassador_process_max_in_flight ${places.max}`);
-      family(
+      single(
         'ambassador_process_in_flight_requests',
         'gauge',
         'Requests holding one of those places now: waiting for their answer, or passing on a long body.',
+        places.active,
       );
-      out.push(`ambassador_process_in_flight_requests ${places.active}`);
-      family('ambassador_process_queued_requests', 'gauge', 'Requests waiting for one of those places now.');
-      out.push(`ambassador_process_queued_requests ${places.queued}`);
+      single(
+        'ambassador_process_queued_requests',
+        'gauge',
+        'Requests waiting for one of those places now.',
+        places.queued,
+      );
     }
-    family('ambassador_websocket_tunnels_open', 'gauge', 'WebSocket tunnels open now.');
-    out.push(`ambassador_websocket_tunnels_open ${this.tunnelsOpen}`);
+    single('ambassador_websocket_tunnels_open', 'gauge', 'WebSocket tunnels open now.', this.tunnelsOpen);
     family(
       'ambassador_websocket_tunnels_total',
       'counter',
@@ -3819,35 +3831,38 @@ export class Metrics {
       'Bytes through closed WebSocket tunnels, frames included, by route and direction (to_upstream, to_app).',
     );
     series('ambassador_websocket_bytes_total', this.tunnelBytes, ['route', 'direction']);
-    family('ambassador_requests_in_flight', 'gauge', 'Requests not yet answered in full.');
-    out.push(`ambassador_requests_in_flight ${this.gauges.inFlight()}`);
+    single('ambassador_requests_in_flight', 'gauge', 'Requests not yet answered in full.', this.gauges.inFlight());
     if (this.gauges.connections) {
-      family('ambassador_downstream_connections', 'gauge', 'Open connections from the app.');
-      out.push(`ambassador_downstream_connections ${this.gauges.connections()}`);
+      single('ambassador_downstream_connections', 'gauge', 'Open connections from the app.', this.gauges.connections());
     }
-    family('ambassador_draining', 'gauge', '1 from the moment a drain starts.');
-    out.push(`ambassador_draining ${this.gauges.draining() ? 1 : 0}`);
-    family('ambassador_event_loop_lag_seconds', 'gauge', 'How late the last event-loop timer fired.');
-    out.push(`ambassador_event_loop_lag_seconds ${this.eventLoopLagSeconds}`);
+    single('ambassador_draining', 'gauge', '1 from the moment a drain starts.', this.gauges.draining() ? 1 : 0);
+    single(
+      'ambassador_event_loop_lag_seconds',
+      'gauge',
+      'How late the last event-loop timer fired.',
+      this.eventLoopLagSeconds,
+    );
     if (this.gauges.logLinesDropped) {
-      family(
+      single(
         'ambassador_log_lines_dropped_total',
         'counter',
         'Log lines not written: stdout was not taking them, and the text waiting was at its bound (1 MiB).',
+        this.gauges.logLinesDropped(),
       );
-      out.push(`ambassador_log_lines_dropped_total ${this.gauges.logLinesDropped()}`);
     }
     family('ambassador_build_info', 'gauge', 'Always 1; the labels say which build and runtime this is.');
     out.push(`ambassador_build_info${labels({ version: this.info.version, runtime: this.info.runtime })} 1`);
     const usage = this.gauges.usage?.();
     if (usage) {
-      family('process_resident_memory_bytes', 'gauge', 'Resident memory size in bytes.');
-      out.push(`process_resident_memory_bytes ${usage.rssBytes}`);
-      family('process_cpu_seconds_total', 'counter', 'User and system CPU time spent, in seconds.');
-      out.push(`process_cpu_seconds_total ${usage.cpuSeconds}`);
+      single('process_resident_memory_bytes', 'gauge', 'Resident memory size in bytes.', usage.rssBytes);
+      single('process_cpu_seconds_total', 'counter', 'User and system CPU time spent, in seconds.', usage.cpuSeconds);
     }
-    family('process_start_time_seconds', 'gauge', 'Start time of the process since the Unix epoch, in seconds.');
-    out.push(`process_start_time_seconds ${this.info.startTimeSeconds}`);
+    single(
+      'process_start_time_seconds',
+      'gauge',
+      'Start time of the process since the Unix epoch, in seconds.',
+      this.info.startTimeSeconds,
+    );
     if (openMetrics) out.push('# EOF');
     return out.join('\n') + '\n';
   }
