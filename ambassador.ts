@@ -532,7 +532,9 @@ async function handle(p: Proxy, req: AppRequest): Promise<Response> {
     pathAndQuery,
     route,
     policies,
-    peer: req.peer,
+    get peer() {
+      return req.peer; // asked of the runtime when the headers are made (Bun: with the close check)
+    },
     started,
     gone,
     record,
@@ -916,11 +918,12 @@ async function attempts(p: Proxy, call: Call, body: ForwardBody, readFrom: numbe
   const deadlineAfter = (
     bodyRead: number,
   ) => (route.requestTimeoutMs > 0 ? call.started + route.requestTimeoutMs + (bodyRead - readFrom) : Infinity);
-  let deadline = body.sent === null ? deadlineAfter(clock.now()) : Infinity;
+  const begun = clock.now();
+  let deadline = body.sent === null ? deadlineAfter(begun) : Infinity;
   if (body.sent !== null) void body.sent.then(() => (deadline = deadlineAfter(clock.now())));
   // Worked out when an attempt's timer starts: once the body has gone, when the deadline is known too.
   const limit = () => Math.min(route.tryTimeoutMs > 0 ? route.tryTimeoutMs : Infinity, deadline - clock.now());
-  policies.budget.recordRequest(clock.now());
+  policies.budget.recordRequest(begun);
   let endpoints = policies.pool.current();
   if (endpoints instanceof Promise) endpoints = await endpoints; // only while a lookup must be waited for
   const all = endpoints;
@@ -944,7 +947,15 @@ async function attempts(p: Proxy, call: Call, body: ForwardBody, readFrom: numbe
     tried.add(endpoint);
     record.attempts = n;
     record.endpoint = endpoint.key;
-    const { res, failure, error, appFault } = await tryEndpoint(p, call, endpoint, n, { method, headers, body }, limit);
+    const { res, failure, error, appFault } = await tryEndpoint(
+      p,
+      call,
+      endpoint,
+      n,
+      { method, headers, body },
+      limit,
+      tryStarted,
+    );
     if (gone.aborted) {
       if (res) discard(res);
       throw gone.reason;
@@ -1007,9 +1018,9 @@ async function tryEndpoint(
   n: number,
   request: { method: string; headers: HeaderList; body: ForwardBody },
   limitMs: () => number,
+  tryStarted: number,
 ): Promise<Tried> {
   const { route, policies, gone, record, id } = call;
-  const tryStarted = p.clock.now();
   const probe = endpoint.breaker.admit(tryStarted);
   if (probe) p.events.endpointChanged({ route: route.name, endpoint: endpoint.key, change: 'probing' });
   const tried: Tried = { error: '' };
@@ -5085,33 +5096,57 @@ export async function nodeRuntime(): Promise<Runtime> {
 
 /** A request as Deno's and Bun's servers hand it over: a `Request` whose URL they made of the target and
  * the Host header. `direct`: Bun, whose "direct" streams pass a body on without a stream queue, and whose
- * request signal is looked at only once the request has lasted a while (`watchGoneLater`). */
+ * request signal is looked at only once the request has lasted a while (`watchGoneLater`). `peer`: the
+ * app's address (Deno), or how to ask for it (Bun, where each question is a system call and the answer is
+ * null once the connection is closed): asked once, by `closed` or when the address is first wanted. */
 export class FetchAppRequest implements AppRequest {
   readonly method: string;
   readonly target: string;
   readonly seen: string;
   readonly urlHost: string;
   readonly headers: HeaderList;
-  readonly peer: string | undefined;
   readonly upgrades = 'messages' as const;
   private readonly request: Request;
+  private address: string | undefined;
+  private askPeer: (() => { address: string } | null) | null;
   private readonly direct: boolean;
   private readonly upgrade: Upgrader;
   readonly closed: () => boolean;
   readonly turn = 'always' as const;
 
-  constructor(request: Request, peer: string | undefined, direct: boolean, upgrade: Upgrader, closed?: () => boolean) {
+  constructor(
+    request: Request,
+    peer: string | undefined | (() => { address: string } | null),
+    direct: boolean,
+    upgrade: Upgrader,
+  ) {
     this.request = request;
     this.direct = direct;
     this.upgrade = upgrade;
-    this.closed = closed ?? (() => request.signal.aborted);
+    if (typeof peer === 'function') {
+      this.askPeer = peer;
+      this.closed = () => {
+        const at = peer();
+        this.askPeer = null;
+        this.address = at?.address;
+        return at === null;
+      };
+    } else {
+      this.askPeer = null;
+      this.address = peer;
+      this.closed = () => request.signal.aborted;
+    }
     const url = parseUrl(request.url);
     this.method = request.method;
     this.target = url.pathname + url.search;
     this.seen = request.url;
     this.urlHost = url.host;
     this.headers = [...request.headers];
-    this.peer = peer;
+  }
+
+  get peer(): string | undefined {
+    if (this.askPeer) this.closed();
+    return this.address;
   }
 
   body(): BodySource | null {
@@ -5520,6 +5555,7 @@ async function bunRuntime(b: BunLike): Promise<Runtime> {
  * TRY_TIMEOUT_MS, REQUEST_TIMEOUT_MS and BODY_IDLE_TIMEOUT_MS already bound every wait; idle connections
  * are left to the app's client to close. The body size is not capped, as on the other runtimes. */
 function listenBun(b: BunLike, handler: ProxyHandler, host: string, port: number, work: Work): Listener {
+  let upgrade: Upgrader | undefined;
   const server = b.serve({
     hostname: host,
     port,
@@ -5527,11 +5563,10 @@ function listenBun(b: BunLike, handler: ProxyHandler, host: string, port: number
     maxRequestBodySize: Number.MAX_SAFE_INTEGER,
     fetch: async (req, srv) => {
       // Bun has no address for a connection that is closed, and asking costs far less than the request's
-      // signal (`watchGoneLater`).
-      const closed = () => srv.requestIP(req) === null;
+      // signal (`watchGoneLater`); one question gives both.
       const res = await handler(
         req,
-        new FetchAppRequest(req, srv.requestIP(req)?.address, true, upgradeOn(srv), closed),
+        new FetchAppRequest(req, () => srv.requestIP(req), true, upgrade ??= upgradeOn(srv)),
       );
       return res === BUN_UPGRADED ? undefined : res; // Bun answers an upgrade itself
     },
