@@ -435,8 +435,8 @@ interface Call {
   readonly route: Route;
   readonly policies: RoutePolicies;
   /** the app's address, asked of the runtime when the headers are made (Bun: by the close check). A function,
-   * not a getter: V8 makes an object literal with an accessor slowly, and every read of it after (20 µs a
-   * request on Node, measured A/B). */
+   * not a getter: V8 builds an object literal with an accessor on a slow path that every later read of the
+   * object pays for (20 µs a request on Node, measured A/B). */
   readonly peer: () => string | undefined;
   /** when the request arrived */
   readonly started: number;
