@@ -14,10 +14,12 @@
  *
  *   npm run bench:pod                          30 s per phase (about 13 minutes)
  *   npm run bench:pod -- --seconds 10          a quicker look
- *   npm run bench:pod -- --only Deno           the rows whose name holds that text
+ *   npm run bench:pod -- --only Deno,nginx     the rows whose name holds one of those texts (commas part them)
  *   npm run bench:pod -- --memory-mib 128      another memory limit than the manifest's
  *   npm run bench:pod -- --only PROCESS --bun-env "BUN_JSC_useFTLJIT=0 PROCESS_MAX_IN_FLIGHT=64"
  *                                              the Bun rows with another environment (here: more places)
+ *   npm run bench:pod -- --only MIMALLOC --bun-env "BUN_JSC_useFTLJIT=0 MIMALLOC_PURGE_HOLES=0"
+ *                                              or other allocator settings (mimalloc reads MIMALLOC_*)
  *
  * cgroup v2 where the machine has it, else v1 (memory and cpu hierarchies); root is needed to make the
  * groups. Where none can be made it says so and exits 1. The load generator (wrk) and the upstream (nginx)
