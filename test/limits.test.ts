@@ -275,7 +275,11 @@ describe.each(ARTIFACTS)('limits under a burst of real requests (%s)', (runtime)
     expect(await second.text()).toMatch(/in flight in all \(PROCESS_MAX_IN_FLIGHT\).*REQUEST_TIMEOUT_MS \(300 ms\)/);
     expect(performance.now() - t0).toBeGreaterThanOrEqual(250);
     expect(up.seen.map((s) => s.url)).toEqual(['/holder']);
-    expect((await scrape(amb)).get('ambassador_requests_rejected_total{route="default",reason="concurrency"}')).toBe(1);
+    const m = await scrape(amb);
+    expect(m.get('ambassador_requests_rejected_total{route="default",reason="concurrency"}')).toBe(1);
+    // The route's own place, held while it waited for the process's, went back with the 503.
+    expect(m.get('ambassador_upstream_active_requests{route="default"}')).toBe(0);
+    expect(m.get('ambassador_process_queued_requests')).toBe(0);
     held[0].end('ok');
     expect((await first).status).toBe(200);
   });
