@@ -787,10 +787,9 @@ function shed(memory: MemoryGuard, call: Call): Reply {
 
 function takePlace(p: Proxy, call: Call): true | Reply | Promise<true | Reply> {
   const { concurrency } = call.policies;
-  const place = concurrency.acquire();
-  if (place === false) return overloaded(call);
-  if (place === true) return takeProcessPlace(p, call);
-  return waitForPlace(call, concurrency, place, call.route.queueTimeoutMs, () => overloaded(call)).then((r) =>
+  if (concurrency.acquire()) return takeProcessPlace(p, call);
+  if (concurrency.full) return overloaded(call);
+  return waitForPlace(call, concurrency, call.route.queueTimeoutMs, () => overloaded(call), noop).then((r) =>
     r === true ? takeProcessPlace(p, call) : r
   );
 }
@@ -799,45 +798,50 @@ function takePlace(p: Proxy, call: Call): true | Reply | Promise<true | Reply> {
  * is left of the request's REQUEST_TIMEOUT_MS (which would end it anyway). Without one, the route's place is
  * given back. */
 function takeProcessPlace(p: Proxy, call: Call): true | Reply | Promise<true | Reply> {
-  const place = p.places.acquire();
-  if (place === true) return true;
+  if (p.places.acquire()) return true;
   const giveBack = () => call.policies.concurrency.release();
-  if (place === false) return giveBack(), overloadedProcess(p, call); // the queue has no size: never so
+  if (p.places.full) return giveBack(), overloadedProcess(p, call); // the queue has no size: never so
   const { requestTimeoutMs } = call.route;
   const left = requestTimeoutMs > 0 ? Math.max(0, call.started + requestTimeoutMs - p.clock.now()) : null;
-  return waitForPlace(call, p.places, place, left, () => overloadedProcess(p, call)).then(
-    (r) => (r === true ? true : (giveBack(), r)),
-    (err) => {
-      giveBack();
-      throw err;
-    },
-  );
+  return waitForPlace(call, p.places, left, () => overloadedProcess(p, call), giveBack);
 }
 
 /** Waits in `limit`'s queue for a place, up to `timeoutMs` (null: no limit), or until the app goes away
- * (which throws). True when the place is had; else `refused()`. */
-async function waitForPlace(
+ * (which rejects). True when the place is had; else `refused()`, and `giveUp()` runs whenever it is not had.
+ * One promise and one timer a waiter: inside a pod's CPU limit a good share of requests wait here. */
+function waitForPlace(
   call: Call,
   limit: ConcurrencyLimit,
-  place: Exclude<ReturnType<ConcurrencyLimit['acquire']>, boolean>,
   timeoutMs: number | null,
   refused: () => Reply,
+  giveUp: () => void,
 ): Promise<true | Reply> {
-  const { gone } = call;
-  let offGone = noop;
-  const grantedOrGone = Promise.race([
-    place.granted.then(() => 'granted' as const),
-    new Promise<'gone'>((r) => (offGone = gone.on(() => r('gone')))),
-  ]);
-  const waited =
-    await (timeoutMs === null ? grantedOrGone : raceTimer(grantedOrGone, timeoutMs, () => 'timeout' as const));
-  offGone();
-  const granted = waited === 'granted' || !place.leave(); // leaving fails once the place was handed over
-  if (waited === 'gone') {
-    if (granted) limit.release();
-    throw gone.reason;
-  }
-  return granted ? true : refused();
+  return new Promise((resolve, reject) => {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    let offGone = noop;
+    // Each way out takes the others back at once (the grant runs inside another request's `release`), so
+    // exactly one of them settles the wait.
+    const leave = limit.wait(() => {
+      clearTimeout(timer);
+      offGone();
+      resolve(true);
+    });
+    if (timeoutMs !== null) {
+      timer = setTimeout(() => {
+        offGone();
+        leave();
+        const answer = refused();
+        giveUp();
+        resolve(answer);
+      }, timeoutMs);
+    }
+    offGone = call.gone.on((reason) => { // at once when the app has gone already
+      clearTimeout(timer);
+      leave();
+      giveUp();
+      reject(reason);
+    });
+  });
 }
 
 function overloaded(call: Call): Reply {
@@ -1881,25 +1885,27 @@ export class ConcurrencyLimit {
     return this.waiting.length;
   }
 
-  /** A place now (true), none (false), or a place in the queue: `granted` settles when a place is free;
-   * `leave` gives up the queue place (the wait timed out, or the app went away) and says false when the
-   * place had already been granted, which the caller must then release. */
-  acquire(): boolean | { granted: Promise<void>; leave(): boolean } {
+  /** A place now: true, and it is held; false when none is free. */
+  acquire(): boolean {
     if (this.max === 0 || this.active < this.max) {
       this.active++;
       return true;
     }
-    if (this.waiting.length >= this.queueSize) return false;
-    let resolve!: () => void;
-    const granted = new Promise<void>((r) => (resolve = r));
-    this.waiting.push(resolve);
-    return {
-      granted,
-      leave: () => {
-        const i = this.waiting.indexOf(resolve);
-        if (i >= 0) this.waiting.splice(i, 1);
-        return i >= 0;
-      },
+    return false;
+  }
+
+  /** No place free and no room left in the queue. */
+  get full(): boolean {
+    return this.waiting.length >= this.queueSize;
+  }
+
+  /** A place in the queue: `granted` is called when a place passes to it, from the `release` that frees it;
+   * the function returned gives up the queue place before that. */
+  wait(granted: () => void): () => void {
+    this.waiting.push(granted);
+    return () => {
+      const i = this.waiting.indexOf(granted);
+      if (i >= 0) this.waiting.splice(i, 1);
     };
   }
 

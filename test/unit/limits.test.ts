@@ -2,7 +2,6 @@
  * requests: test/limits.test.ts). */
 import { describe, expect, it } from 'vitest';
 import { ConcurrencyLimit, TokenBucket } from '../../ambassador.ts';
-import { sleep } from '../helpers.ts';
 
 describe('TokenBucket', () => {
   it('lets a burst through, then the rate, and says how long until the next token', () => {
@@ -27,31 +26,40 @@ describe('TokenBucket', () => {
 });
 
 describe('ConcurrencyLimit', () => {
-  it('admits up to the limit, queues up to the queue size, refuses the rest, and hands places on in order', async () => {
-    const l = new ConcurrencyLimit(2, 1);
+  it('admits up to the limit, queues up to the queue size, refuses the rest, and hands places on in order', () => {
+    const l = new ConcurrencyLimit(2, 2);
     expect(l.acquire()).toBe(true);
     expect(l.acquire()).toBe(true);
-    const waiter = l.acquire();
-    expect(typeof waiter).toBe('object');
     expect(l.acquire()).toBe(false);
-    let granted = false;
-    void (waiter as { granted: Promise<void> }).granted.then(() => (granted = true));
+    expect(l.full).toBe(false);
+    const granted: string[] = [];
+    l.wait(() => granted.push('first'));
+    l.wait(() => granted.push('second'));
+    expect(l.full).toBe(true);
+    expect(l.queued).toBe(2);
     l.release();
-    await sleep(0);
-    expect(granted).toBe(true);
+    expect(granted).toEqual(['first']); // at once, from the release that freed it
     expect(l.active).toBe(2); // the place passed on; it was never free
+    l.release();
+    expect(granted).toEqual(['first', 'second']);
+    l.release();
+    expect(l.active).toBe(1);
+    expect(l.acquire()).toBe(true);
   });
 
-  it('lets a waiter leave the queue, and tells it when its place had already been granted', async () => {
+  it('lets a waiter leave the queue: it is never granted, and the place goes to the next', () => {
     const l = new ConcurrencyLimit(1, 2);
     l.acquire();
-    const a = l.acquire() as { leave(): boolean };
-    expect(a.leave()).toBe(true);
-    expect(l.queued).toBe(0);
-    const b = l.acquire() as { granted: Promise<void>; leave(): boolean };
+    const granted: string[] = [];
+    const leave = l.wait(() => granted.push('a'));
+    l.wait(() => granted.push('b'));
+    leave();
+    expect(l.queued).toBe(1);
     l.release();
-    await b.granted;
-    expect(b.leave()).toBe(false);
+    expect(granted).toEqual(['b']);
+    leave(); // once more, after another was granted: nothing
+    expect(l.queued).toBe(0);
+    expect(l.active).toBe(1);
   });
 
   it('has no limit when max is 0', () => {
