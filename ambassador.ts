@@ -19,9 +19,9 @@
  *           deno task compile && UPSTREAM_URL=http://127.0.0.1:9000 ./bin/ambassador  (needs Deno's denort)
  *           npm run compile:bun && UPSTREAM_URL=http://127.0.0.1:9000 ./bin/ambassador-bun   (Bun)
  *
- * This file imports only `hono` and, on Node only and dynamically, `@hono/node-server` and Node's own
- * `node:http`, `node:https`, `node:tls`, `node:crypto`, `node:dns` and `node:fs` (Deno and Bun reach some of
- * the same built-ins), so it can be copied into another project as it is.
+ * This file imports only `hono` and, on Node only and dynamically, Node's own `node:http`, `node:https`,
+ * `node:tls`, `node:crypto`, `node:dns` and `node:fs` (Deno and Bun reach some of the same built-ins), so it
+ * can be copied into another project as it is.
  *
  * | variable                   | default    | meaning
  * |----------------------------|------------|---------
@@ -4552,7 +4552,7 @@ function unsendable(err: unknown): ClientError {
   return new ClientError(400, `the request cannot be sent: ${describeFailure(err)}`);
 }
 
-// --- Node: @hono/node-server and node:http for the app, node:http to the upstream, Node's resolver ---------
+// --- Node: node:http for the app and to the upstream, Node's resolver ------------------------------------
 
 /** The parts of Node's streams the Node path uses, so this file needs no Node types. */
 export interface NodeReadable extends AsyncIterable<Uint8Array> {
@@ -4571,8 +4571,6 @@ export interface NodeReadable extends AsyncIterable<Uint8Array> {
 export interface NodeIncoming extends AsyncIterable<Uint8Array> {
   method?: string;
   url?: string;
-  /** the target was `*` (see `listenNode`) */
-  asterisk?: boolean;
   rawHeaders: string[];
   socket: { remoteAddress?: string; destroyed: boolean; readableEnded: boolean };
   /** a WebSocket handshake Node's server handed over as an upgrade (see `listenNode`): its connection, and
@@ -4604,7 +4602,7 @@ export class NodeAppRequest implements AppRequest {
   readonly upgrades: 'bytes' | null;
   private readonly incoming: NodeIncoming;
   private readonly outgoing: NodeOutgoing;
-  /** @hono/node-server's "the handler wrote the response itself" (RESPONSE_ALREADY_SENT) */
+  /** what the handler returns once it has written the answer itself, as it always does here (`listenNode`) */
   private readonly written: Response;
 
   constructor(incoming: NodeIncoming, outgoing: NodeOutgoing, written: Response) {
@@ -4612,7 +4610,7 @@ export class NodeAppRequest implements AppRequest {
     this.outgoing = outgoing;
     this.written = written;
     this.method = incoming.method ?? '';
-    this.target = this.seen = incoming.asterisk ? '*' : incoming.url ?? '/';
+    this.target = this.seen = incoming.url ?? '/';
     this.headers = nodeHeaders(incoming.rawHeaders);
     this.peer = incoming.socket.remoteAddress;
     this.upgrades = incoming.upgrade ? 'bytes' : null;
@@ -4649,12 +4647,16 @@ export class NodeAppRequest implements AppRequest {
       reply.tunnel.bytes(socket, head);
       return this.written;
     }
-    if (!reply.node || !done) return webResponse(reply, done, idleMs, false);
-    // The upstream's body goes straight into the app's connection, no web streams between.
-    pipeNode(reply.node, this.outgoing, reply, idleMs, done);
+    // The upstream's body goes straight into the app's connection, no web streams between; an answer of the
+    // ambassador's own, or one with no body, in one piece.
+    if (reply.node) pipeNode(reply.node, this.outgoing, reply, idleMs, done ?? noop);
+    else writeNode(this.outgoing, reply, done);
     return this.written;
   }
 }
+
+/** The header that marks the answer a `NodeAppRequest` returns once it has written the real one. */
+const WRITTEN_MARK = 'x-ambassador-written';
 
 /** Node's raw header list ([name, value, name, value, ...]) as a `HeaderList`. */
 function nodeHeaders(raw: string[]): HeaderList {
@@ -4671,11 +4673,8 @@ function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, reply: Reply, idle
     body.destroy();
     return done(0, 'client went away before the response');
   }
-  const flat: string[] = [];
-  for (let i = 0; i < reply.headers.length; i++) flat.push(reply.headers[i][0], reply.headers[i][1]);
   try {
-    if (reply.statusText === '') outgoing.writeHead(reply.status, flat);
-    else outgoing.writeHead(reply.status, reply.statusText, flat);
+    writeNodeHead(outgoing, reply);
   } catch (err) {
     // Node keeps what it was given even when it refuses it, and would write it again with the answer
     // that replaces this one: nothing written, the body let go, and the handler answers instead.
@@ -4718,6 +4717,27 @@ function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, reply: Reply, idle
     outgoing.destroy();
   });
   body.pipe(outgoing);
+}
+
+/** Node: the head of `reply`, its header list as it is (order and repeats kept), and a Content-Length when
+ * `length` is given. */
+function writeNodeHead(outgoing: NodeOutgoing, reply: Reply, length?: number): void {
+  const flat: string[] = [];
+  for (let i = 0; i < reply.headers.length; i++) flat.push(reply.headers[i][0], reply.headers[i][1]);
+  if (length !== undefined) flat.push('content-length', String(length));
+  if (reply.statusText === '') outgoing.writeHead(reply.status, flat);
+  else outgoing.writeHead(reply.status, reply.statusText, flat);
+}
+
+/** Node: an answer with no body to pass on — one of the ambassador's own, whole, with its Content-Length, or
+ * one whose method or status has none — in one piece. Node's client gives every upstream body as a Node
+ * stream (`nodeSend`), so no web stream is ever answered here. */
+function writeNode(outgoing: NodeOutgoing, reply: Reply, done?: BodyDone): void {
+  if (reply.body) throw new Error('a web stream as a response body on Node');
+  const whole = reply.whole ?? null;
+  writeNodeHead(outgoing, reply, whole === null ? undefined : whole.byteLength);
+  outgoing.end(whole ?? undefined);
+  done?.(whole?.byteLength ?? 0);
 }
 
 type NodeHttp = Pick<typeof import('node:http'), 'request' | 'Agent'>;
@@ -4919,28 +4939,42 @@ export function nodeResolve(dns: Pick<typeof import('node:dns'), 'promises'>): R
   };
 }
 
-/** Node's server: @hono/node-server over node:http, each request handed to the proxy app as a `NodeAppRequest`. */
+/** Node's server: node:http, each request handed to the proxy app as a `NodeAppRequest`, which writes every
+ * answer itself into the request's `ServerResponse`. Hono routes it by a `Request` of two fields, its method
+ * and a URL of its target (the app never reads more of it): a `Request` of Node's own, or a server adapter's,
+ * costs more than the handler's whole routing. */
 async function listenNode(handler: ProxyHandler, host: string, port: number): Promise<Listener> {
-  const { createAdaptorServer } = await import('@hono/node-server');
-  const { RESPONSE_ALREADY_SENT } = await import('@hono/node-server/utils/response');
   const { createServer, ServerResponse } = await import('node:http');
-  const server = createAdaptorServer({
-    fetch: ((req: Request, env: { incoming: NodeIncoming; outgoing: NodeOutgoing }) =>
-      handler(req, new NodeAppRequest(env.incoming, env.outgoing, RESPONSE_ALREADY_SENT))) as never,
-    hostname: host,
-    // The adapter cannot make a URL of the target `*` (OPTIONS *): it reaches the handler as `/`, marked.
-    createServer: ((options: object, listener: (req: { url?: string; asterisk?: boolean }, res: unknown) => void) =>
-      createServer({
-        ...options,
-        shouldUpgradeCallback: (req) =>
-          isWebSocketUpgrade(req.method ?? '', nodeHeaders(req.rawHeaders)),
-      }, (req, res) => {
-        if (req.url === '*') {
-          Object.assign(req, { url: '/', asterisk: true });
-        }
-        listener(req, res);
-      })) as never,
-  }) as import('node:http').Server;
+  // What the handler returns once it has written the answer. Hono answers a HEAD with a copy of the GET's
+  // response, so its mark is in a header too.
+  const written = new Response(null, { headers: { [WRITTEN_MARK]: '1' } });
+  const server = createServer({
+    shouldUpgradeCallback: (req) => isWebSocketUpgrade(req.method ?? '', nodeHeaders(req.rawHeaders)),
+  }, (incoming, outgoing) => {
+    const target = incoming.url ?? '/';
+    const routed = { method: incoming.method, url: `http://ambassador${target[0] === '/' ? target : '/'}` };
+    let answer: Response | Promise<Response>;
+    try {
+      answer = handler(routed as Request, new NodeAppRequest(incoming as never, outgoing as never, written));
+    } catch (err) {
+      answer = Promise.reject(err);
+    }
+    if (answer instanceof Promise) answer.then((a) => unwritten(a, outgoing), (err) => failed(err, outgoing));
+    else unwritten(answer, outgoing);
+  });
+  // An answer the handler did not write, or a failure it did not answer: neither should come (the proxy app's
+  // `onError` answers whatever its handler throws), and the app still gets an answer or a cut connection.
+  const unwritten = (answer: Response, outgoing: InstanceType<typeof ServerResponse>) => {
+    if (answer !== written && answer.headers.get(WRITTEN_MARK) === null) {
+      failed(new Error(`an answer not written (${answer.status})`), outgoing);
+    }
+  };
+  const failed = (err: unknown, outgoing: InstanceType<typeof ServerResponse>) => {
+    console.error(`ambassador: unexpected error: ${describeFailure(err)}`);
+    if (outgoing.headersSent) return void outgoing.destroy();
+    outgoing.writeHead(500, { 'content-type': 'text/plain; charset=utf-8', connection: 'close' });
+    outgoing.end('ambassador: internal error\n');
+  };
   // Longer than the idle timeouts of common clients (Go keeps idle connections 90 s, Node's agents
   // less), so the app is not the one reusing a connection the ambassador is closing.
   server.keepAliveTimeout = 65_000;

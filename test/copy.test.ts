@@ -1,7 +1,7 @@
 /** `ambassador.ts` copied alone into an empty project, as the README's "Copy it into your project" says, on
- * each runtime: Node 24 (which runs TypeScript by stripping types), Deno and Bun. `hono` (and, for Node,
- * `@hono/node-server`) are installed from tarballs packed from this project's own node_modules, so the
- * test needs no network; everything else is the README's steps as written. */
+ * each runtime: Node 24 (which runs TypeScript by stripping types), Deno and Bun. `hono`, its one package, is
+ * installed from a tarball packed from this project's own node_modules, so the test needs no network;
+ * everything else is the README's steps as written. */
 import { execFileSync } from 'node:child_process';
 import { copyFileSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
@@ -10,17 +10,15 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BUN, DENO, NODE, ROOT, startProcess, startUpstream, stopAfterEach } from './helpers.ts';
 
 const dir = mkdtempSync(path.join(os.tmpdir(), 'ambassador-copy-'));
-let tarballs: string[] = [];
+let hono = '';
 beforeAll(() => {
   const packed = path.join(dir, 'packed');
   execFileSync('mkdir', ['-p', packed]);
-  tarballs = ['hono', '@hono/node-server'].map((name) =>
-    path.join(
-      packed,
-      execFileSync('npm', ['pack', '--silent', '--pack-destination', packed, path.join(ROOT, 'node_modules', name)], {
-        encoding: 'utf8',
-      }).trim().split('\n').pop()!,
-    )
+  hono = path.join(
+    packed,
+    execFileSync('npm', ['pack', '--silent', '--pack-destination', packed, path.join(ROOT, 'node_modules', 'hono')], {
+      encoding: 'utf8',
+    }).trim().split('\n').pop()!,
   );
 }, 120_000);
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -62,8 +60,7 @@ describe('the file copied alone into a project', () => {
 
   it.each(runs)('%s forwards a request', async (name, argv) => {
     const slug = name.split(':')[0].toLowerCase().replace(/\W+/g, '-');
-    // Node needs both packages; Deno and Bun need hono alone (the Node adapter is imported only on Node).
-    const p = project(slug, slug.startsWith('node') ? tarballs : [tarballs[0]]);
+    const p = project(slug, [hono]); // on Node too: its server is node:http's, with no adapter package
     const upstream = await startUpstream((q, res) => res.end(`upstream saw ${q.url}`));
     const amb = startProcess(['sh', '-c', `cd ${JSON.stringify(p)} && exec "$@"`, 'sh', ...argv(p)], {
       UPSTREAM_URL: upstream.url,

@@ -452,21 +452,31 @@ describe.each(ARTIFACTS)('hostile requests, as the upstream receives them (%s)',
     expect(left().filter((l) => l.status !== 499 || l.attempts !== 0)).toEqual([]);
   });
 
-  it('answers 400 to a request with two Host headers, and sends nothing upstream', async () => {
+  it('answers 400 to a request with two Host headers, or one that is not a host, and sends nothing upstream', async () => {
     const up = await startRawUpstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
-    for (
-      const text of [
-        'GET /a HTTP/1.1\r\nHost: one\r\nHost: two\r\n\r\n',
-        'GET /a HTTP/1.1\r\nHost: one, two\r\n\r\n',
-        'GET /a HTTP/1.1\r\nHost: a b\r\n\r\n',
-        'GET /a HTTP/1.1\r\nHost: shop.local:\r\n\r\n',
-      ]
-    ) {
+    const texts = [
+      'GET /a HTTP/1.1\r\nHost: one\r\nHost: two\r\n\r\n',
+      'GET /a HTTP/1.1\r\nHost: one, two\r\n\r\n',
+      'GET /a HTTP/1.1\r\nHost: a b\r\n\r\n',
+      'GET /a HTTP/1.1\r\nHost: shop.local:\r\n\r\n',
+    ];
+    for (const text of texts) {
       const r = await exchange(amb.port, text);
       expect(r.status, text).toBe(400);
+      // Deno's server refuses two Host fields itself (an empty 400) before the handler sees the request.
+      if (runtimeOf(runtime) === 'deno' && text.includes('Host: two')) continue;
+      // Otherwise the ambassador's own answer, saying why, with an id the log has too; and the connection
+      // closed behind it, so nothing after such a head is read as a request.
+      expect(r.raw, text).toMatch(/\r\nx-request-id: [\w-]+\r\n/i);
+      expect(r.raw, text).toMatch(
+        /\r\n\r\nambassador: (more than one Host header|a Host header that is not a host)\n$/,
+      );
+      expect(r.raw, text).toMatch(/\r\nconnection: close\r\n/i);
     }
     expect(up.requests).toEqual([]);
+    const ours = runtimeOf(runtime) === 'deno' ? texts.length - 1 : texts.length;
+    await waitFor('each of its own in the log', () => amb.logs().filter((l) => l.status === 400).length === ours);
   });
 
   it('refuses methods in lower case (fetch-style clients would rewrite them) with a 400, and they never count against the upstream', async () => {
