@@ -3471,7 +3471,9 @@ export function logEvents(log: Logger, minLevel: LogLevel): Events {
     requestDone(r) {
       const warn = r.status >= 500 || r.rejected !== undefined;
       if (!warn && !info) return;
-      log(warn ? 'warn' : 'info', 'request', {
+      // The fields a line has only sometimes are added after, not spread in: an object of one shape, made
+      // without copying, is the one JSON.stringify writes fastest.
+      const fields: Record<string, unknown> = {
         id: r.id,
         route: r.route,
         method: r.method,
@@ -3483,10 +3485,11 @@ export function logEvents(log: Logger, minLevel: LogLevel): Events {
         upstream_ms: r.upstreamMs === null ? null : round(r.upstreamMs),
         bytes_in: r.bytesIn,
         bytes_out: r.bytesOut,
-        ...(r.rejected ? { rejected: r.rejected } : {}),
-        ...(r.error ? { error: r.error } : {}),
-        ...(r.closedBy ? { closed_by: r.closedBy } : {}),
-      });
+      };
+      if (r.rejected) fields.rejected = r.rejected;
+      if (r.error) fields.error = r.error;
+      if (r.closedBy) fields.closed_by = r.closedBy;
+      log(warn ? 'warn' : 'info', 'request', fields);
     },
     endpointChanged(e) {
       const fields = {
