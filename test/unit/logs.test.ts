@@ -1,6 +1,6 @@
 /** The text log format, for people: values that could pass for more fields are quoted. */
 import { describe, expect, it } from 'vitest';
-import { batchedLines, createLogger } from '../../ambassador.ts';
+import { batchedLines, createLogger, logEvents, type RequestRecord } from '../../ambassador.ts';
 
 describe('text log lines', () => {
   it('quote any value that could pass for more fields, so a field can never be forged', () => {
@@ -43,6 +43,52 @@ describe('JSON log lines', () => {
     expect(lines[0]).toBe(JSON.stringify({ time: first.time, level: 'info', msg: 'request "quoted"\n', ...fields }));
     expect(lines[1]).toBe(JSON.stringify({ time: JSON.parse(lines[1]).time, level: 'notice', msg: 'listening' }));
     expect(Date.parse(first.time)).toBeGreaterThan(Date.now() - 5000);
+  });
+});
+
+describe('the access line of a request', () => {
+  const record: RequestRecord = {
+    id: 'r1',
+    route: 'default',
+    endpoint: '10.0.0.7:8080',
+    method: 'GET',
+    path: '/a',
+    status: 200,
+    attempts: 1,
+    durationMs: 1.23456,
+    upstreamMs: 0.5,
+    bytesIn: 0,
+    bytesOut: 29,
+  };
+  const line = (r: RequestRecord) => {
+    const lines: string[] = [];
+    logEvents(createLogger('json', 'info', (l) => lines.push(l)), 'info').requestDone(r);
+    expect(lines).toHaveLength(1);
+    return JSON.parse(lines[0]);
+  };
+
+  it('has its fields in one order, and the ones a request has only sometimes after the rest', () => {
+    const always = [
+      'time',
+      'level',
+      'msg',
+      'id',
+      'route',
+      'method',
+      'path',
+      'status',
+      'attempts',
+      'endpoint',
+      'duration_ms',
+      'upstream_ms',
+      'bytes_in',
+      'bytes_out',
+    ];
+    expect(Object.keys(line(record))).toEqual(always);
+    const failed = line({ ...record, status: 503, rejected: 'concurrency', error: 'no place', closedBy: 'app' });
+    expect(Object.keys(failed)).toEqual([...always, 'rejected', 'error', 'closed_by']);
+    expect(failed).toMatchObject({ level: 'warn', rejected: 'concurrency', error: 'no place', closed_by: 'app' });
+    expect(Object.keys(line({ ...record, error: 'client went away' }))).toEqual([...always, 'error']);
   });
 });
 
