@@ -4462,6 +4462,8 @@ interface Listener {
 interface Work {
   uploadsRead(): Promise<void>;
   inFlight(): number;
+  /** A failure no part of the proxy app answered, said in the log (the app still gets a 500 or a cut connection). */
+  failed(error: string): void;
 }
 
 /** During a drain, a connection is closed once it has carried no request this long: a request sent just
@@ -4946,7 +4948,7 @@ export function nodeResolve(dns: Pick<typeof import('node:dns'), 'promises'>): R
  * answer itself into the request's `ServerResponse`. Hono routes it by a `Request` of two fields, its method
  * and a URL of its target (the app never reads more of it): a `Request` of Node's own, or a server adapter's,
  * costs more than the handler's whole routing. */
-async function listenNode(handler: ProxyHandler, host: string, port: number): Promise<Listener> {
+async function listenNode(handler: ProxyHandler, host: string, port: number, work: Work): Promise<Listener> {
   const { createServer, ServerResponse } = await import('node:http');
   // What the handler returns once it has written the answer. Hono answers a HEAD with a copy of the GET's
   // response, so its mark is in a header too.
@@ -4973,7 +4975,7 @@ async function listenNode(handler: ProxyHandler, host: string, port: number): Pr
     }
   };
   const failed = (err: unknown, outgoing: InstanceType<typeof ServerResponse>) => {
-    console.error(`ambassador: unexpected error: ${describeFailure(err)}`);
+    work.failed(describeFailure(err));
     if (outgoing.headersSent) return void outgoing.destroy();
     outgoing.writeHead(500, { 'content-type': 'text/plain; charset=utf-8', connection: 'close' });
     outgoing.end('ambassador: internal error\n');
@@ -5132,7 +5134,7 @@ export async function nodeRuntime(): Promise<Runtime> {
     tlsLimits: null,
     send,
     upgrade: send, // its agents let go of a connection a 101 took over
-    listen: (handler, host, port) => listenNode(handler, host, port),
+    listen: (handler, host, port, work) => listenNode(handler, host, port, work),
   };
 }
 
@@ -5876,7 +5878,11 @@ export async function main(): Promise<void> {
       return exit(2);
     }
   };
-  const work: Work = { uploadsRead: amb.uploadsRead, inFlight: () => amb.inFlight.size };
+  const work: Work = {
+    uploadsRead: amb.uploadsRead,
+    inFlight: () => amb.inFlight.size,
+    failed: (error) => log('error', `unexpected error: ${error}`),
+  };
   const proxy = await listenOn(
     ['HOST', 'PORT'],
     config.host,

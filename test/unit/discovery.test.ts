@@ -24,6 +24,7 @@ async function ambassadorWith(resolve: Resolve, env: Record<string, string>) {
   const listener = await runtime.listen(amb.proxy.fetch, '127.0.0.1', 0, {
     uploadsRead: amb.uploadsRead,
     inFlight: () => amb.inFlight.size,
+    failed: (error) => lines.push({ level: 'error', msg: `unexpected error: ${error}` }),
   });
   onStop(async () => {
     listener.cutOff();
