@@ -169,6 +169,25 @@ export const runtimeOf = (
   artifact: Artifact,
 ): 'node' | 'deno' | 'bun' => (artifact === 'sea' ? 'node' : artifact === 'bun-bin' ? 'bun' : artifact);
 
+/** The fields every request's access line has, in their order (`rejected`, `error` and `closed_by` follow them, in that
+ * order, on a line whose request has them). */
+export const ACCESS_LINE_KEYS = [
+  'time',
+  'level',
+  'msg',
+  'id',
+  'route',
+  'method',
+  'path',
+  'status',
+  'attempts',
+  'endpoint',
+  'duration_ms',
+  'upstream_ms',
+  'bytes_in',
+  'bytes_out',
+];
+
 export type Program = 'ambassador' | 'order-service' | 'inventory-service';
 
 export function command(artifact: Artifact, file: Program = 'ambassador'): string[] {

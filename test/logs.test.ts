@@ -2,6 +2,7 @@
  * request and no secrets (the text format: test/unit/logs.test.ts). */
 import { describe, expect, it } from 'vitest';
 import {
+  ACCESS_LINE_KEYS,
   type AmbassadorProc,
   ARTIFACTS,
   memoryOf,
@@ -29,22 +30,7 @@ describe.each(ARTIFACTS)('logs (%s)', (runtime) => {
     })).text();
     const line = await amb.waitForLine((l) => l.includes('"msg":"request"'));
     const entry = JSON.parse(line);
-    expect(Object.keys(entry)).toEqual([
-      'time',
-      'level',
-      'msg',
-      'id',
-      'route',
-      'method',
-      'path',
-      'status',
-      'attempts',
-      'endpoint',
-      'duration_ms',
-      'upstream_ms',
-      'bytes_in',
-      'bytes_out',
-    ]);
+    expect(Object.keys(entry)).toEqual(ACCESS_LINE_KEYS);
     expect(entry).toMatchObject({
       level: 'info',
       id: 'rid-1',

@@ -1,6 +1,7 @@
 /** The text log format, for people: values that could pass for more fields are quoted. */
 import { describe, expect, it } from 'vitest';
 import { batchedLines, createLogger, logEvents, type RequestRecord } from '../../ambassador.ts';
+import { ACCESS_LINE_KEYS } from '../helpers.ts';
 
 describe('text log lines', () => {
   it('quote any value that could pass for more fields, so a field can never be forged', () => {
@@ -68,22 +69,7 @@ describe('the access line of a request', () => {
   };
 
   it('has its fields in one order, and the ones a request has only sometimes after the rest', () => {
-    const always = [
-      'time',
-      'level',
-      'msg',
-      'id',
-      'route',
-      'method',
-      'path',
-      'status',
-      'attempts',
-      'endpoint',
-      'duration_ms',
-      'upstream_ms',
-      'bytes_in',
-      'bytes_out',
-    ];
+    const always = ACCESS_LINE_KEYS;
     expect(Object.keys(line(record))).toEqual(always);
     const failed = line({ ...record, status: 503, rejected: 'concurrency', error: 'no place', closedBy: 'app' });
     expect(Object.keys(failed)).toEqual([...always, 'rejected', 'error', 'closed_by']);
