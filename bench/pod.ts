@@ -440,6 +440,7 @@ function chooseImage(rounds: Array<Array<[Row, Result | undefined]>>, limits: Li
   )?.[1];
   const firsts = ranked.map((round) => round[0]?.[0].image ?? null);
   const agreed = firsts.every((image) => image !== null && image === firsts[0]) ? firsts[0] : null;
+  const noneRan = firsts.every((image) => image === null);
   const rows = ranked.map((round, i) =>
     `\n  round ${i + 1}: ${
       round.map(([row, r]) => `${row.image} ${(100 * score(r)).toFixed(0)}%`).join(', ') ||
@@ -448,10 +449,11 @@ function chooseImage(rounds: Array<Array<[Row, Result | undefined]>>, limits: Li
   );
   console.log(
     `\nThe image for k8s/ (${limits.cpuMillis}m, ${limits.memoryBytes / 1024 ** 2} MiB), by the weaker target: ${
-      agreed ?? `no image ranks first in every round (${firsts.map((f) => f ?? 'none').join(', ')})`
+      agreed ??
+        (noneRan ? 'none' : `no image ranks first in every round (${firsts.map((f) => f ?? 'none').join(', ')})`)
     }${rows.join('')}\nk8s/ runs ambassador:${latest} (k8s/kustomization.yaml)${
       agreed && agreed !== `ambassador:${latest}` ? ' — NOT the one these rounds chose' : ''
-    }${agreed === null ? ': the rounds do not agree on another, so there is nothing to change it to' : ''}`,
+    }${agreed === null && !noneRan ? ': the rounds do not agree on another, so there is nothing to change it to' : ''}`,
   );
   return agreed;
 }
