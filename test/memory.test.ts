@@ -106,16 +106,19 @@ describe.skipIf(unavailable !== undefined)(
           let broken = 0; // ended in an error, as a body the ambassador could not finish must
           // An answer of the ambassador's own, whole: a 504 once TRY_TIMEOUT_MS (5 s, as long as the client
           // waits) passes without the upstream's headers under the CPU limit, or a 503 near the memory limit.
-          let answered = 0;
+          const answered = new Map<number, number>(); // by status
           const one = () =>
             new Promise<void>((resolve) => {
               const req = http.get({ host: '127.0.0.1', port, path: '/big', agent, timeout: 5000 }, (res) => {
                 let bytes = 0;
                 res.on('data', (c: Buffer) => ((bytes += c.length), progress()));
-                res.on(
-                  'end',
-                  () => (res.statusCode !== 200 ? answered++ : bytes === body.length ? done++ : short++, resolve()),
-                );
+                res.on('end', () => {
+                  const status = res.statusCode!;
+                  if (status !== 200) answered.set(status, (answered.get(status) ?? 0) + 1);
+                  else if (bytes === body.length) done++;
+                  else short++;
+                  resolve();
+                });
                 res.on('error', () => (req.destroyed && timedOut ? late++ : broken++, resolve()));
               });
               let timedOut = false;
@@ -151,11 +154,11 @@ describe.skipIf(unavailable !== undefined)(
           const oomKills = group.oomKills();
           const peakMiB = group.peakBytes() / 1024 ** 2;
           console.log(
-            `memory: ${
-              argv[argv.length - 1]
-            }: ${done} bodies of 1 MiB in ${SECONDS} s (${late} later than 5 s, ${answered} answered by the ambassador itself, ${broken} broken, ${short} short), peak ${
-              peakMiB.toFixed(0)
-            } of ${l.memoryBytes / 1024 ** 2} MiB, OOM kills ${oomKills}, no byte to any client for ${
+            `memory: ${argv[argv.length - 1]}: ${done} bodies of 1 MiB in ${SECONDS} s (${late} later than 5 s, ${
+              [...answered].map(([status, n]) => `${n} × ${status}`).join(', ') || 'none'
+            } answered by the ambassador itself, ${broken} broken, ${short} short), peak ${peakMiB.toFixed(0)} of ${
+              l.memoryBytes / 1024 ** 2
+            } MiB, OOM kills ${oomKills}, no byte to any client for ${
               (quietest / 1000).toFixed(2)
             } s at most, then ${after}${ejected ? ` after ${ejected} s on an open circuit` : ''}`,
           );
