@@ -28,13 +28,14 @@ import {
   root,
   runBenchmark,
   startNginxUpstream,
+  textArg,
   waitFor,
   writeFigures,
 } from './common.ts';
 
 const WINDOWS = arg('--windows', 20);
 const SECONDS = arg('--seconds', 3);
-const LOG_LEVEL = process.argv.includes('--log-level') ? process.argv[process.argv.indexOf('--log-level') + 1] : 'warn';
+const LOG_LEVEL = textArg('--log-level', 'warn');
 const builds = process.argv.slice(2).filter((a, i, all) => !a.startsWith('--') && !all[i - 1]?.startsWith('--'));
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'ambassador-ab-'));
 

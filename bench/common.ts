@@ -13,10 +13,15 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 export const root = path.resolve(here, path.basename(path.dirname(here)) === 'dist' ? '../..' : '..');
 
 /** A numeric command-line option: `--seconds 10`. */
-export const arg = (name: string, fallback: number) => {
+export const arg = (name: string, fallback: number) => Number(textArg(name, String(fallback)));
+
+/** A command-line option's text: `--log-level info`. */
+export function textArg(name: string, fallback: string): string;
+export function textArg(name: string): string | undefined;
+export function textArg(name: string, fallback?: string): string | undefined {
   const i = process.argv.indexOf(name);
-  return i >= 0 ? Number(process.argv[i + 1]) : fallback;
-};
+  return i >= 0 ? process.argv[i + 1] : fallback;
+}
 
 /** undefined when `file` (from the repository root) exists, else how to make it: a row's `available`. */
 export const built = (file: string, how: string) => (existsSync(path.join(root, file)) ? undefined : how);

@@ -52,6 +52,7 @@ import {
   root,
   runBenchmark,
   startNginxUpstream,
+  textArg,
   threadSeconds,
   waitFor,
   writeFigures,
@@ -65,16 +66,13 @@ const WARMUP = arg('--warmup', 5);
 const IMAGE_ROUNDS = arg('--image-rounds', 2);
 /** Another memory limit than the manifest's, to find what an artifact holds: `--memory-mib 128`. */
 const MEMORY_MIB = arg('--memory-mib', 0);
-const ONLY = process.argv.includes('--only') ? process.argv[process.argv.indexOf('--only') + 1] : undefined;
+const ONLY = textArg('--only');
 /** Other V8 flags for the Node image's rows, to choose the image's: `--node-flags "--max-semi-space-size=2"`. */
-const NODE_FLAGS = process.argv.includes('--node-flags')
-  ? process.argv[process.argv.indexOf('--node-flags') + 1].split(/\s+/).filter(Boolean)
-  : IMAGE_NODE_FLAGS;
+const NODE_FLAGS = textArg('--node-flags')?.split(/\s+/).filter(Boolean) ?? IMAGE_NODE_FLAGS;
 /** Environment for the Bun ambassador rows, to try the JavaScriptCore options an image could set:
  * `--bun-env "BUN_JSC_useFTLJIT=0"`. */
 const BUN_ENV: Record<string, string> = Object.fromEntries(
-  (process.argv.includes('--bun-env') ? process.argv[process.argv.indexOf('--bun-env') + 1].split(/\s+/) : [])
-    .filter(Boolean).map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]),
+  (textArg('--bun-env')?.split(/\s+/) ?? []).filter(Boolean).map((kv) => kv.split(/=(.*)/s).slice(0, 2)),
 );
 const envText = (env: Record<string, string>) => Object.entries(env).map(([k, v]) => `${k}=${v}`).join(' ');
 const BUN_NOTE = Object.keys(BUN_ENV).length > 0 ? `, ${envText(BUN_ENV)}` : '';

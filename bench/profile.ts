@@ -32,6 +32,7 @@ import {
   root,
   runBenchmark,
   startNginxUpstream,
+  textArg,
   waitFor,
   writeFigures,
   wrk,
@@ -40,7 +41,7 @@ import {
 const ROUNDS = arg('--rounds', 3);
 const SECONDS = arg('--seconds', 5);
 const TOP = arg('--top', 25);
-const LOG_LEVEL = process.argv.includes('--log-level') ? process.argv[process.argv.indexOf('--log-level') + 1] : 'warn';
+const LOG_LEVEL = textArg('--log-level', 'warn');
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'ambassador-profile-'));
 process.on('exit', () => rmSync(tmp, { recursive: true, force: true }));
 
