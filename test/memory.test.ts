@@ -105,7 +105,8 @@ describe.skipIf(unavailable !== undefined)(
           let late = 0; // no progress for 5 s under the CPU limit: the client gave up
           let broken = 0; // ended in an error, as a body the ambassador could not finish must
           // An answer of the ambassador's own, whole: a 504 once TRY_TIMEOUT_MS (5 s, as long as the client
-          // waits) passes without the upstream's headers under the CPU limit, or a 503 near the memory limit.
+          // waits) passes without the upstream's headers under the CPU limit, a 503 near the memory limit, or
+          // a 503 while the breaker keeps the upstream out after five such timeouts in a row.
           const answered = new Map<number, number>(); // by status
           const one = () =>
             new Promise<void>((resolve) => {
