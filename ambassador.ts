@@ -40,6 +40,7 @@
  * | RETRY_BODIES_MAX_BYTES     | 8388608    | all bodies kept for replay at once; past it a body is sent once
  * | MEMORY_SHED_PERCENT        | 90         | past this share of the memory limit, new requests get 503; 0 = never
  * | MEMORY_LIMIT_BYTES         | 0          | that limit; 0 = the cgroup's, read at start (none: never shed)
+ * | CPU_LIMIT_MILLICORES       | 0          | the CPU limit (100 = 100m); 0 = the cgroup's, read at start
  * | TRY_TIMEOUT_MS *           | 5000       | one attempt's limit until response headers; 0 = none
  * | REQUEST_TIMEOUT_MS *       | 15000      | the request's limit until response headers, retries included; 0 = none
  * | BREAKER_FAILURES *         | 5          | failures in a row (5xx, refused, reset, timeout) that eject; 0 = none
@@ -51,8 +52,9 @@
  * | QUEUE_TIMEOUT_MS *         | 1000       | the longest a request waits in that queue before its 503
  * | PROCESS_MAX_IN_FLIGHT      | (derived)  | requests in flight in all routes together (to the answer's head, and to
  * |                            |            | the end of a body over 64 KiB); more wait, up to REQUEST_TIMEOUT_MS, then
- * |                            |            | 503. Unset: one per 4 MiB of the memory limit (32 at 128 MiB), none
- * |                            |            | without a limit; 0 = no limit
+ * |                            |            | 503. Unset: one per 4 MiB of the memory limit (32 at 128 MiB) or one per
+ * |                            |            | 3 ms of CPU a second (33 at 100m), the fewer, at least 4; none without
+ * |                            |            | either limit; 0 = no limit
  * | RATE_LIMIT_PER_SEC *       | 0          | requests per second to a route's upstream (token bucket); 0 = none
  * | RATE_LIMIT_BURST *         | 0          | tokens saved up for a burst; 0 = one second's worth
  * | RATE_LIMIT_WAIT_MS *       | 0          | wait up to this long for a token instead of answering 429 at once
@@ -194,7 +196,9 @@ export interface Config {
   readonly memoryShedPercent: number;
   /** MEMORY_LIMIT_BYTES: that limit, when it is not the cgroup's; 0: the cgroup's (`Runtime.memory`) */
   readonly memoryLimitBytes: number;
-  /** PROCESS_MAX_IN_FLIGHT: requests in flight in all (0: no limit); null: from the memory limit
+  /** CPU_LIMIT_MILLICORES: the CPU limit, when it is not the cgroup's; 0: the cgroup's (`Runtime.cpu`) */
+  readonly cpuLimitMillicores: number;
+  /** PROCESS_MAX_IN_FLIGHT: requests in flight in all (0: no limit); null: from the memory and CPU limits
    * (`processPlaces`) */
   readonly processMaxInFlight: number | null;
   readonly logFormat: LogFormat;
@@ -861,14 +865,22 @@ function overloadedProcess(p: Proxy, call: Call): Reply {
 }
 
 /** The most requests in flight in all (PROCESS_MAX_IN_FLIGHT) — from admission to the answer's head, and on to
- * the end of a body longer than 64 KiB by its Content-Length: as set, or, unset, one per 4 MiB of the memory
- * limit the process runs under — what a stream may hold at its peak on Bun, whose fetch reads a response
- * ahead of its reader (on Node and Deno about half that) — and at least 4; no limit without a memory limit.
- * Past it, more requests in flight only add memory: inside 100m CPU and 128 MiB, 64 connections of 1 MiB
- * bodies held Bun's group at its limit until it stalled on its own code's pages, and 32 at a time did not. */
-export function processPlaces(configured: number | null, limitBytes: number | null): number {
+ * the end of a body longer than 64 KiB by its Content-Length: as set, or, unset, the fewer of what the
+ * memory and the CPU limits the process runs under allow, and at least 4; no limit without either.
+ * - Memory: one place per 4 MiB — what a stream may hold at its peak on Bun, whose fetch reads a response
+ *   ahead of its reader (on Node and Deno about half that). Inside 100m CPU and 128 MiB, 64 connections of
+ *   1 MiB bodies held Bun's group at its limit until it stalled on its own code's pages, and 32 at a time
+ *   did not.
+ * - CPU: one place per 3 ms of CPU the limit gives a second (33 at 100m, 6 at 20m) — about what a body of
+ *   1 MiB costs a runtime here inside such a limit, so a body that has its place is through in about a
+ *   second. With more, every body in flight shares the CPU with all the others, each takes longer than its
+ *   app waits, and at a fifth of 100m the apps got almost nothing until the load stopped. */
+export function processPlaces(configured: number | null, limitBytes: number | null, cpuCores: number | null): number {
   if (configured !== null) return configured;
-  return limitBytes === null ? 0 : Math.max(4, Math.floor(limitBytes / (4 * 1024 * 1024)));
+  const byMemory = limitBytes === null ? Infinity : Math.floor(limitBytes / (4 * 1024 * 1024));
+  const byCpu = cpuCores === null ? Infinity : Math.floor((cpuCores * 1000) / 3);
+  const places = Math.min(byMemory, byCpu);
+  return places === Infinity ? 0 : Math.max(4, places);
 }
 
 // --- Forward ----------------------------------------------------------------------------------------------
@@ -1299,6 +1311,9 @@ export function createAmbassador(
     /** the memory the process runs under, and what counts against it (`Runtime.memory`): new requests get
      * 503 near the limit */
     memory?: { limitBytes: number | null; used(): number };
+    /** the CPU limit it runs under, in cores (`Runtime.cpu`): with the memory limit, it sizes the places for
+     * requests in flight (`processPlaces`) */
+    cpuCores?: number | null;
   } = {},
 ): Ambassador {
   const log = options.log ?? createLogger(config.logFormat, config.logLevel);
@@ -1319,7 +1334,7 @@ export function createAmbassador(
     uploads: new Uploads(),
     memory: new MemoryGuard(options.memory?.limitBytes ?? null, config.memoryShedPercent),
     places: new ConcurrencyLimit(
-      processPlaces(config.processMaxInFlight, options.memory?.limitBytes ?? null),
+      processPlaces(config.processMaxInFlight, options.memory?.limitBytes ?? null, options.cpuCores ?? null),
       Infinity,
     ),
     tunnels: new Set(),
@@ -1355,7 +1370,12 @@ export function createAmbassador(
     replayBytes: () => p.replayMemory.held,
     usage: runtime.usage,
     memory: () => ({ limitBytes: p.memory.limitBytes, shedding: p.memory.shedding }),
-    places: () => ({ max: p.places.max, active: p.places.active, queued: p.places.queued }),
+    places: () => ({
+      max: p.places.max,
+      active: p.places.active,
+      queued: p.places.queued,
+      cpuCores: options.cpuCores ?? null,
+    }),
   };
   // What counts against the limit is main's to say: the group's anonymous memory, or the resident size.
   if (options.memory) {
@@ -3583,8 +3603,9 @@ export interface Gauges {
   usage?(): { rssBytes: number; cpuSeconds: number };
   /** the memory limit the process runs under (null: none found), and whether it sheds new requests now */
   memory?(): { limitBytes: number | null; shedding: boolean };
-  /** PROCESS_MAX_IN_FLIGHT (0: none), and the places held and waited for now */
-  places?(): { max: number; active: number; queued: number };
+  /** PROCESS_MAX_IN_FLIGHT (0: none), and the places held and waited for now; and the CPU limit that helped
+   * size them (null: none found) */
+  places?(): { max: number; active: number; queued: number; cpuCores: number | null };
   /** log lines dropped since start, stdout not taking them (`batchedLines`) */
   logLinesDropped?(): number;
 }
@@ -3817,11 +3838,19 @@ export class Metrics {
       );
     }
     const places = this.gauges.places?.();
+    if (places && places.cpuCores !== null) {
+      single(
+        'ambassador_cpu_limit_cores',
+        'gauge',
+        "The CPU limit the process runs under, in cores (its cgroup's, or CPU_LIMIT_MILLICORES).",
+        places.cpuCores,
+      );
+    }
     if (places && places.max > 0) {
       single(
         'ambassador_process_max_in_flight',
         'gauge',
-        'Requests in flight in all at most (PROCESS_MAX_IN_FLIGHT, or one per 4 MiB of the memory limit).',
+        'Requests in flight in all at most (PROCESS_MAX_IN_FLIGHT, or from the memory and CPU limits).',
         places.max,
       );
       single(
@@ -4097,6 +4126,7 @@ export function loadConfig(env: Record<string, string | undefined>, readFile?: R
     replayMemoryBytes: int('RETRY_BODIES_MAX_BYTES', 8 * 1024 * 1024, 0),
     memoryShedPercent: int('MEMORY_SHED_PERCENT', 90, 0, 100),
     memoryLimitBytes: int('MEMORY_LIMIT_BYTES', 0, 0),
+    cpuLimitMillicores: int('CPU_LIMIT_MILLICORES', 0, 0),
     processMaxInFlight: read('PROCESS_MAX_IN_FLIGHT') === undefined ? null : int('PROCESS_MAX_IN_FLIGHT', 0, 0),
     logFormat: oneOf<LogFormat>('LOG_FORMAT', 'json', ['json', 'text']),
     logLevel: oneOf<LogLevel>('LOG_LEVEL', 'info', ['debug', 'info', 'warn', 'error']),
@@ -4424,6 +4454,8 @@ interface Runtime {
   writeOutAtExit?(text: string): void;
   /** the cgroup memory the process runs under (`cgroupMemory`), or null */
   memory(): CgroupMemory | null;
+  /** the cgroup CPU limit the process runs under, in cores (`cgroupCpu`), or null */
+  cpu(): number | null;
   /** serves the proxy app on host:port, each request handed over as an `AppRequest` */
   listen(handler: ProxyHandler, host: string, port: number, work: Work): Promise<Listener>;
   onSignal(signal: string, f: () => void): void;
@@ -4504,15 +4536,13 @@ export interface CgroupMemory {
   used(): number;
 }
 
-/** The cgroup memory the process runs under (v2: `memory.max` and `anon` in `memory.stat`; v1:
- * `memory.limit_in_bytes` and `total_rss`), found by the path `/proc/self/cgroup` gives under `root`,
- * or else at `root` itself, where a container sees its own group (Deno may not read /proc/self without
- * --allow-all, so there only a container's is found); null where no limit is set or none can be read. Every
- * runtime reads it with its own `readFile`. */
-export function cgroupMemory(readFile: ReadFile, root = '/sys/fs/cgroup'): CgroupMemory | null {
-  const v2 = (dir: string) => ({ dir, limit: 'memory.max', anon: 'anon' });
-  const v1 = (dir: string) => ({ dir, limit: 'memory.limit_in_bytes', anon: 'total_rss' });
-  const groups: Array<ReturnType<typeof v2>> = [];
+/** The directories where the cgroup the process runs in keeps a controller's files, most likely first: the
+ * path `/proc/self/cgroup` gives under `root` (v2's one hierarchy, or v1's for `controller`, mounted under
+ * the name of the controllers it shares a hierarchy with, e.g. `cpu,cpuacct`), then `root` itself, where a
+ * container sees its own group (Deno may not read /proc/self without --allow-all, so there only a
+ * container's is found). */
+function cgroupDirs(readFile: ReadFile, root: string, controller: string): Array<{ dir: string; v2: boolean }> {
+  const dirs: Array<{ dir: string; v2: boolean }> = [];
   let lines = '';
   try {
     lines = readFile('/proc/self/cgroup');
@@ -4524,29 +4554,58 @@ export function cgroupMemory(readFile: ReadFile, root = '/sys/fs/cgroup'): Cgrou
     if (first < 0 || second < 0) continue;
     const controllers = line.slice(first + 1, second);
     const path = line.slice(second + 1).replace(/\/$/, '');
-    if (controllers === '') groups.push(v2(`${root}${path}`));
-    else if (controllers.split(',').includes('memory')) groups.push(v1(`${root}/memory${path}`));
+    if (controllers === '') dirs.push({ dir: `${root}${path}`, v2: true });
+    else if (controllers.split(',').includes(controller)) {
+      dirs.push({ dir: `${root}/${controllers}${path}`, v2: false });
+    }
   }
-  groups.push(v2(root), v1(`${root}/memory`));
-  for (const group of groups) {
+  dirs.push({ dir: root, v2: true }, { dir: `${root}/${controller}`, v2: false });
+  return dirs;
+}
+
+/** The cgroup memory the process runs under (v2: `memory.max` and `anon` in `memory.stat`; v1:
+ * `memory.limit_in_bytes` and `total_rss`), in the first of `cgroupDirs` that has it; null where no limit
+ * is set or none can be read. Every runtime reads it with its own `readFile`. */
+export function cgroupMemory(readFile: ReadFile, root = '/sys/fs/cgroup'): CgroupMemory | null {
+  for (const { dir, v2 } of cgroupDirs(readFile, root, 'memory')) {
     let text: string;
     try {
-      text = readFile(`${group.dir}/${group.limit}`).trim();
+      text = readFile(`${dir}/${v2 ? 'memory.max' : 'memory.limit_in_bytes'}`).trim();
     } catch {
       continue;
     }
     // `max` (v2), or v1's "no limit", a number near 2^63.
     const limitBytes = Number(text);
     if (text === 'max' || !Number.isSafeInteger(limitBytes) || limitBytes <= 0) return null;
-    const anon = new RegExp(`^${group.anon} (\\d+)$`, 'm');
+    const name = v2 ? 'anon' : 'total_rss';
+    const anon = new RegExp(`^${name} (\\d+)$`, 'm');
     return {
       limitBytes,
       used: () => {
-        const found = anon.exec(readFile(`${group.dir}/memory.stat`));
-        if (!found) throw new Error(`no ${group.anon} in ${group.dir}/memory.stat`);
+        const found = anon.exec(readFile(`${dir}/memory.stat`));
+        if (!found) throw new Error(`no ${name} in ${dir}/memory.stat`);
         return Number(found[1]);
       },
     };
+  }
+  return null;
+}
+
+/** The CPU limit of the cgroup the process runs under, in cores (a Kubernetes limit of 100m is 0.1): v2's
+ * `cpu.max` (quota and period), v1's `cpu.cfs_quota_us` over `cpu.cfs_period_us`, in the first of
+ * `cgroupDirs` that has them; null where no limit is set or none can be read. */
+export function cgroupCpu(readFile: ReadFile, root = '/sys/fs/cgroup'): number | null {
+  for (const { dir, v2 } of cgroupDirs(readFile, root, 'cpu')) {
+    let quota: string, period: string;
+    try {
+      [quota, period] = v2
+        ? readFile(`${dir}/cpu.max`).trim().split(/\s+/)
+        : [readFile(`${dir}/cpu.cfs_quota_us`).trim(), readFile(`${dir}/cpu.cfs_period_us`).trim()];
+    } catch {
+      continue;
+    }
+    const cores = Number(quota) / Number(period); // `max` (v2) or -1 (v1): no limit
+    return Number.isFinite(cores) && cores > 0 ? cores : null;
   }
   return null;
 }
@@ -5105,7 +5164,7 @@ function nodeWriteOut(): Runtime['writeOut'] {
 async function nodeBuiltins(): Promise<
   Pick<
     Runtime,
-    'readFile' | 'checkTls' | 'resolve' | 'usage' | 'env' | 'writeOut' | 'memory' | 'onSignal' | 'exit'
+    'readFile' | 'checkTls' | 'resolve' | 'usage' | 'env' | 'writeOut' | 'memory' | 'cpu' | 'onSignal' | 'exit'
   >
 > {
   const readFile = await nodeReadFile();
@@ -5118,6 +5177,7 @@ async function nodeBuiltins(): Promise<
     // A plain write to stdout, without console.log's formatting of what it is given.
     writeOut: nodeWriteOut(),
     memory: () => cgroupMemory(readFile),
+    cpu: () => cgroupCpu(readFile),
     onSignal: (signal, f) => void process.on(signal, f),
     exit: (code) => process.exit(code),
   };
@@ -5387,6 +5447,7 @@ function denoRuntime(d: DenoLike): Runtime {
       for (let from = 0; from < bytes.length;) from += d.stdout.writeSync(bytes.subarray(from));
     },
     memory: () => cgroupMemory((path) => d.readTextFileSync(path)),
+    cpu: () => cgroupCpu((path) => d.readTextFileSync(path)),
     listen: (handler, host, port, work) => Promise.resolve(listenDeno(d, handler, host, port, work)),
     onSignal: (signal, f) => d.addSignalListener(signal, f),
     exit: (code) => d.exit(code),
@@ -5862,7 +5923,8 @@ export async function main(): Promise<void> {
   const group = runtime.memory();
   const memoryLimit = config.memoryLimitBytes || group?.limitBytes || null;
   const used = group ? () => group.used() : () => runtime.usage().rssBytes;
-  const amb = createAmbassador(config, runtime, { log, memory: { limitBytes: memoryLimit, used } });
+  const cpuCores = config.cpuLimitMillicores / 1000 || runtime.cpu();
+  const amb = createAmbassador(config, runtime, { log, memory: { limitBytes: memoryLimit, used }, cpuCores });
 
   // Where the ambassador cannot listen is a configuration error too: it names the variables (exit 2).
   const listenOn = async (names: [string, string], host: string, port: number, listen: () => Promise<Listener>) => {
@@ -5928,6 +5990,7 @@ export async function main(): Promise<void> {
     port: proxy.port,
     admin_port: admin.port,
     memory_limit_bytes: memoryLimit,
+    cpu_limit_cores: cpuCores,
     process_max_in_flight: amb.metrics.gauges.places?.().max,
     routes: config.routes.map((r) => ({ ...r, upstreams: r.upstreams.map((u) => u.href) })),
     config: { ...config, routes: undefined },

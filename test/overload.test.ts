@@ -19,9 +19,9 @@ import {
 const limits: Limits = { cpuMillis: 1000, memoryBytes: 512 * 1024 ** 2 };
 const unavailable = await cannotMakeGroups(limits);
 
-/** Starts the ambassador inside a cgroup of its own with `limits`. */
-async function inGroup(artifact: (typeof ARTIFACTS)[number], env: Record<string, string>) {
-  const group = makeGroup(`ambassador-overload-${process.pid}-${Math.round(Math.random() * 1e6)}`, limits);
+/** Starts the ambassador inside a cgroup of its own with `limits` (or `own`). */
+async function inGroup(artifact: (typeof ARTIFACTS)[number], env: Record<string, string>, own = limits) {
+  const group = makeGroup(`ambassador-overload-${process.pid}-${Math.round(Math.random() * 1e6)}`, own);
   onStop(() => group.remove());
   const join = group.procs.map((f) => `echo $$ > ${f}`).join('; ');
   return startAmbassador(artifact, env, ['sh', '-c', `${join}; exec "$@"`, 'sh']);
@@ -47,6 +47,28 @@ describe.skipIf(unavailable !== undefined).each(ARTIFACTS)(
       const places = found === null ? 0 : found / (4 * 1024 ** 2);
       expect(amb.logs().find((l) => l.msg === 'listening')?.process_max_in_flight).toBe(places);
       expect(metrics.get('ambassador_process_max_in_flight')).toBe(places || undefined);
+      // The group's CPU limit, a whole core, is read too; it allows more places than the memory does.
+      const cores = runtimeOf(artifact) === 'deno' ? null : limits.cpuMillis / 1000;
+      expect(amb.logs().find((l) => l.msg === 'listening')?.cpu_limit_cores).toBe(cores);
+      expect(metrics.get('ambassador_cpu_limit_cores')).toBe(cores ?? undefined);
+    });
+
+    it("sizes the places by the group's CPU limit where that allows fewer than its memory limit", async () => {
+      const upstream = await startUpstream();
+      const amb = await inGroup(artifact, { UPSTREAM_URL: upstream.url }, { ...limits, cpuMillis: 150 });
+      expect((await fetch(`${amb.url}/ok`)).status).toBe(200);
+      // 150m: one place per 3 ms of CPU a second is 50, fewer than the memory's 128 (Deno finds neither).
+      const places = runtimeOf(artifact) === 'deno' ? 0 : 50;
+      expect(amb.logs().find((l) => l.msg === 'listening')?.process_max_in_flight).toBe(places);
+      expect((await scrape(amb)).get('ambassador_process_max_in_flight')).toBe(places || undefined);
+    });
+
+    it("takes CPU_LIMIT_MILLICORES over the cgroup's limit", async () => {
+      const upstream = await startUpstream();
+      const amb = await inGroup(artifact, { UPSTREAM_URL: upstream.url, CPU_LIMIT_MILLICORES: '20' });
+      const metrics = await scrape(amb);
+      expect(metrics.get('ambassador_cpu_limit_cores')).toBe(0.02);
+      expect(metrics.get('ambassador_process_max_in_flight')).toBe(6);
     });
 
     it('past that share, answers new requests 503 with Retry-After, never reaching the upstream, and says so', async () => {

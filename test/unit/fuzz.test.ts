@@ -42,6 +42,7 @@ const NAMES = [
   'RATE_LIMIT_BURST',
   'RATE_LIMIT_WAIT_MS',
   'DNS_REFRESH_MS',
+  'CPU_LIMIT_MILLICORES',
 ];
 const HOP = [
   'connection',
@@ -98,6 +99,7 @@ const BAD: Record<string, string[]> = {
   LOG_FORMAT: ['yaml'],
   LOG_LEVEL: ['verbose'],
   DRAIN_TIMEOUT_MS: ['soon'],
+  CPU_LIMIT_MILLICORES: ['-100', '0.5', '100m'],
 };
 const mutations = fc.uniqueArray(fc.constantFrom(...Object.keys(BAD)), { maxLength: 3 })
   .chain((names) => fc.tuple(fc.constant(names), fc.tuple(...names.map((n) => fc.constantFrom(...BAD[n])))));

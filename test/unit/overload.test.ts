@@ -1,9 +1,9 @@
 /** The memory limit the process runs under, read from its cgroup as each runtime's readFile sees it (a
  * table of files stands in for /proc and /sys), and the guard that sheds new requests near it. */
 import { describe, expect, it } from 'vitest';
-import { cgroupMemory, MemoryGuard, processPlaces } from '../../ambassador.ts';
+import { cgroupCpu, cgroupMemory, MemoryGuard, processPlaces } from '../../ambassador.ts';
 
-/** The limit, as `cgroupMemory` finds it. */
+/** The limits, as `cgroupMemory` and `cgroupCpu` find them. */
 const cgroupMemoryLimit = (readFile: (path: string) => string) => cgroupMemory(readFile)?.limitBytes ?? null;
 
 /** A readFile over a table of files; any other path is missing, as a real one would be. */
@@ -95,18 +95,68 @@ describe('MemoryGuard', () => {
   });
 });
 
-describe('processPlaces (PROCESS_MAX_IN_FLIGHT)', () => {
-  it('is one per 4 MiB of the memory limit when unset, at least 4, and none without a limit', () => {
-    expect(processPlaces(null, 128 * 1024 ** 2)).toBe(32);
-    expect(processPlaces(null, 64 * 1024 ** 2)).toBe(16);
-    expect(processPlaces(null, 1024 ** 3 + 3 * 1024 ** 2)).toBe(256);
-    expect(processPlaces(null, 8 * 1024 ** 2)).toBe(4);
-    expect(processPlaces(null, null)).toBe(0);
+describe('cgroupCpu', () => {
+  it('reads cgroup v2 cpu.max (quota and period) as a container and as a host sees it, and "max" for none', () => {
+    expect(cgroupCpu(files({ '/proc/self/cgroup': '0::/\n', '/sys/fs/cgroup/cpu.max': '10000 100000\n' }))).toBe(0.1);
+    expect(cgroupCpu(files({
+      '/proc/self/cgroup': '0::/kubepods/pod-1/ambassador\n',
+      '/sys/fs/cgroup/kubepods/pod-1/ambassador/cpu.max': '50000 100000',
+    }))).toBe(0.5);
+    expect(cgroupCpu(files({ '/proc/self/cgroup': '0::/\n', '/sys/fs/cgroup/cpu.max': 'max 100000\n' }))).toBeNull();
   });
 
-  it('is what it is set to, 0 (no limit) included, whatever the memory limit', () => {
-    expect(processPlaces(5, 128 * 1024 ** 2)).toBe(5);
-    expect(processPlaces(0, 128 * 1024 ** 2)).toBe(0);
-    expect(processPlaces(100, null)).toBe(100);
+  it("reads cgroup v1's quota over its period, in the hierarchy named by the controllers it shares, -1 for none", () => {
+    const groups = '12:pids:/x\n4:memory:/ambassador-test\n3:cpu,cpuacct:/ambassador-test\n1:name=systemd:/\n';
+    const v1 = (quota: string) =>
+      files({
+        '/proc/self/cgroup': groups,
+        '/sys/fs/cgroup/cpu,cpuacct/ambassador-test/cpu.cfs_quota_us': quota,
+        '/sys/fs/cgroup/cpu,cpuacct/ambassador-test/cpu.cfs_period_us': '100000\n',
+      });
+    expect(cgroupCpu(v1('20000\n'))).toBe(0.2);
+    expect(cgroupCpu(v1('-1\n'))).toBeNull();
+    // A hierarchy of its own, as on this kind of host: /sys/fs/cgroup/cpu.
+    expect(cgroupCpu(files({
+      '/proc/self/cgroup': '2:cpuacct:/\n1:cpu:/g\n',
+      '/sys/fs/cgroup/cpu/g/cpu.cfs_quota_us': '150000',
+      '/sys/fs/cgroup/cpu/g/cpu.cfs_period_us': '100000',
+    }))).toBe(1.5);
+  });
+
+  it("reads a container's own group at the root when /proc/self cannot be read, and is null where nothing is", () => {
+    expect(cgroupCpu(files({ '/sys/fs/cgroup/cpu.max': '25000 50000' }))).toBe(0.5);
+    expect(cgroupCpu(files({
+      '/sys/fs/cgroup/cpu/cpu.cfs_quota_us': '10000',
+      '/sys/fs/cgroup/cpu/cpu.cfs_period_us': '100000',
+    }))).toBe(0.1);
+    expect(cgroupCpu(files({}))).toBeNull();
+    expect(cgroupCpu(files({ '/proc/self/cgroup': '9:pids:/\n1:name=systemd:/\n' }))).toBeNull();
+    expect(cgroupCpu(files({ '/proc/self/cgroup': '0::/lost\n' }))).toBeNull();
+  });
+});
+
+describe('processPlaces (PROCESS_MAX_IN_FLIGHT)', () => {
+  it('is one per 4 MiB of the memory limit when unset, at least 4, and none without a limit', () => {
+    expect(processPlaces(null, 128 * 1024 ** 2, null)).toBe(32);
+    expect(processPlaces(null, 64 * 1024 ** 2, null)).toBe(16);
+    expect(processPlaces(null, 1024 ** 3 + 3 * 1024 ** 2, null)).toBe(256);
+    expect(processPlaces(null, 8 * 1024 ** 2, null)).toBe(4);
+    expect(processPlaces(null, null, null)).toBe(0);
+  });
+
+  it('is one per 3 ms of CPU a second of the CPU limit, the fewer of the two when both are set', () => {
+    expect(processPlaces(null, null, 0.1)).toBe(33);
+    expect(processPlaces(null, null, 0.02)).toBe(6);
+    expect(processPlaces(null, null, 0.005)).toBe(4); // at least 4
+    expect(processPlaces(null, null, 2)).toBe(666);
+    expect(processPlaces(null, 128 * 1024 ** 2, 0.1)).toBe(32); // the manifests' limits: the memory's
+    expect(processPlaces(null, 128 * 1024 ** 2, 0.05)).toBe(16); // half the CPU: the CPU's
+    expect(processPlaces(null, 512 * 1024 ** 2, 1)).toBe(128);
+  });
+
+  it('is what it is set to, 0 (no limit) included, whatever the limits', () => {
+    expect(processPlaces(5, 128 * 1024 ** 2, 0.1)).toBe(5);
+    expect(processPlaces(0, 128 * 1024 ** 2, 0.02)).toBe(0);
+    expect(processPlaces(100, null, null)).toBe(100);
   });
 });
