@@ -55,6 +55,8 @@
  * |                            |            | 503. Unset: one per 4 MiB of the memory limit (32 at 128 MiB) or one per
  * |                            |            | 3 ms of CPU a second (33 at 100m), the fewer, at least 4; none without
  * |                            |            | either limit; 0 = no limit
+ * | QUEUE_NEWEST_FIRST_MS      | 1000       | once the longest waiter for a place (either queue) has waited this long,
+ * |                            |            | the newest goes first; 0 = always first come, first served
  * | RATE_LIMIT_PER_SEC *       | 0          | requests per second to a route's upstream (token bucket); 0 = none
  * | RATE_LIMIT_BURST *         | 0          | tokens saved up for a burst; 0 = one second's worth
  * | RATE_LIMIT_WAIT_MS *       | 0          | wait up to this long for a token instead of answering 429 at once
@@ -201,6 +203,9 @@ export interface Config {
   /** PROCESS_MAX_IN_FLIGHT: requests in flight in all (0: no limit); null: from the memory and CPU limits
    * (`processPlaces`) */
   readonly processMaxInFlight: number | null;
+  /** QUEUE_NEWEST_FIRST_MS: once a queue's longest waiter has waited this long, the newest goes first; 0:
+   * always in order */
+  readonly queueNewestFirstMs: number;
   readonly logFormat: LogFormat;
   readonly logLevel: LogLevel;
   readonly routesFile: string | null;
@@ -1336,6 +1341,8 @@ export function createAmbassador(
     places: new ConcurrencyLimit(
       processPlaces(config.processMaxInFlight, options.memory?.limitBytes ?? null, options.cpuCores ?? null),
       Infinity,
+      config.queueNewestFirstMs,
+      () => clock.now(),
     ),
     tunnels: new Set(),
     draining: false,
@@ -1459,7 +1466,12 @@ function routePolicies(
     routes.set(route.name, {
       route,
       budget: new RetryBudget(route.retryBudgetPercent, route.retryBudgetMinPerSec),
-      concurrency: new ConcurrencyLimit(route.maxInFlight, route.queueSize),
+      concurrency: new ConcurrencyLimit(
+        route.maxInFlight,
+        route.queueSize,
+        config.queueNewestFirstMs,
+        () => clock.now(),
+      ),
       bucket: route.rateLimitPerSec > 0
         ? new TokenBucket(route.rateLimitPerSec, route.rateLimitBurst, clock.now())
         : null,
@@ -1886,19 +1898,24 @@ export class TokenBucket {
   }
 }
 
-/** At most `max` requests in flight to an upstream (0: no limit); the next `queueSize` wait in order for a
- * free place, the rest are refused at once. A slow dependency then costs the app a quick 503, not a pile
- * of requests that all time out together. */
+/** At most `max` requests in flight to an upstream (0: no limit); the next `queueSize` wait for a free
+ * place (in order, until the queue stands: `release`), the rest are refused at once. A slow dependency then
+ * costs the app a quick 503, not a pile of requests that all time out together. */
 export class ConcurrencyLimit {
   active = 0;
-  private readonly waiting: Array<() => void> = [];
+  private readonly waiting: Array<{ granted: () => void; since: number }> = [];
 
   readonly max: number;
   private readonly queueSize: number;
+  /** once the longest waiter has waited this long, the newest goes first; 0: always in order */
+  private readonly newestFirstMs: number;
+  private readonly now: () => number;
 
-  constructor(max: number, queueSize: number) {
+  constructor(max: number, queueSize: number, newestFirstMs = 0, now: () => number = () => performance.now()) {
     this.max = max;
     this.queueSize = queueSize;
+    this.newestFirstMs = newestFirstMs;
+    this.now = now;
   }
 
   get queued(): number {
@@ -1922,17 +1939,25 @@ export class ConcurrencyLimit {
   /** A place in the queue: `granted` is called when a place passes to it, from the `release` that frees it;
    * the function returned gives up the queue place before that. */
   wait(granted: () => void): () => void {
-    this.waiting.push(granted);
+    const waiter = { granted, since: this.newestFirstMs > 0 ? this.now() : 0 };
+    this.waiting.push(waiter);
     return () => {
-      const i = this.waiting.indexOf(granted);
+      const i = this.waiting.indexOf(waiter);
       if (i >= 0) this.waiting.splice(i, 1);
     };
   }
 
+  /** The place passes straight to a waiter: the first in line, or, once the first has waited
+   * `newestFirstMs`, the last (the queue stands: whoever has waited longest is likeliest to have been given
+   * up on by its app, and the newest has the most of its app's patience left). */
   release(): void {
-    const next = this.waiting.shift();
-    if (next) next(); // the place passes straight to the next in line
-    else this.active--;
+    const w = this.waiting;
+    if (w.length === 0) {
+      this.active--;
+      return;
+    }
+    const next = this.newestFirstMs > 0 && this.now() - w[0].since >= this.newestFirstMs ? w.pop()! : w.shift()!;
+    next.granted();
   }
 }
 
@@ -4128,6 +4153,7 @@ export function loadConfig(env: Record<string, string | undefined>, readFile?: R
     memoryLimitBytes: int('MEMORY_LIMIT_BYTES', 0, 0),
     cpuLimitMillicores: int('CPU_LIMIT_MILLICORES', 0, 0),
     processMaxInFlight: read('PROCESS_MAX_IN_FLIGHT') === undefined ? null : int('PROCESS_MAX_IN_FLIGHT', 0, 0),
+    queueNewestFirstMs: int('QUEUE_NEWEST_FIRST_MS', 1000, 0, MAX_TIMER_MS),
     logFormat: oneOf<LogFormat>('LOG_FORMAT', 'json', ['json', 'text']),
     logLevel: oneOf<LogLevel>('LOG_LEVEL', 'info', ['debug', 'info', 'warn', 'error']),
     routesFile,

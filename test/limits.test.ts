@@ -140,6 +140,7 @@ describe.each(ARTIFACTS)('limits under a burst of real requests (%s)', (runtime)
       MAX_IN_FLIGHT: '1',
       QUEUE_SIZE: '3',
       QUEUE_TIMEOUT_MS: '20000',
+      QUEUE_NEWEST_FIRST_MS: '0', // however long this machine takes between the steps
     });
     const queued = () => scrape(amb).then((m) => m.get('ambassador_upstream_queued_requests{route="default"}'));
     const answers = [fetch(`${amb.url}/holder`)];
@@ -160,6 +161,39 @@ describe.each(ARTIFACTS)('limits under a burst of real requests (%s)', (runtime)
       '/third',
     ]);
     expect(up.seen.map((s) => s.url)).toEqual(['/holder', '/first', '/second', '/third']);
+  });
+
+  it.each([
+    ["the route's queue (MAX_IN_FLIGHT)", { MAX_IN_FLIGHT: '1', QUEUE_SIZE: '10', QUEUE_TIMEOUT_MS: '20000' }],
+    ["the process's queue (PROCESS_MAX_IN_FLIGHT)", { PROCESS_MAX_IN_FLIGHT: '1' }],
+  ])('once %s has stood QUEUE_NEWEST_FIRST_MS, gives the next place to the newest', async (_name, limit) => {
+    const release: Array<() => void> = [];
+    const up = await startUpstream((req, res) => void release.push(() => res.end(req.url)));
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, QUEUE_NEWEST_FIRST_MS: '400', ...limit });
+    const metric = 'PROCESS_MAX_IN_FLIGHT' in limit
+      ? 'ambassador_process_queued_requests'
+      : 'ambassador_upstream_queued_requests{route="default"}';
+    const queued = () => scrape(amb).then((m) => m.get(metric));
+    const answers = [fetch(`${amb.url}/holder`)];
+    await waitFor('the holder at the upstream', () => up.seen.length === 1);
+    for (const name of ['old', 'older-than-400-ms']) {
+      answers.push(fetch(`${amb.url}/${name}`));
+      await waitFor(`${name} in the queue`, async () => (await queued()) === answers.length - 1);
+    }
+    await sleep(500); // the first in line has waited past QUEUE_NEWEST_FIRST_MS: the queue stands
+    answers.push(fetch(`${amb.url}/newest`));
+    await waitFor('newest in the queue', async () => (await queued()) === 3);
+    release[0]();
+    await waitFor('the next at the upstream', () => up.seen.length === 2);
+    expect(up.seen[1].url).toBe('/newest');
+    release[1]();
+    await waitFor('the one after at the upstream', () => up.seen.length === 3);
+    expect(up.seen[2].url).toBe('/older-than-400-ms'); // still standing: the newest of those left
+    release[2]();
+    await waitFor('the last at the upstream', () => up.seen.length === 4);
+    release[3]();
+    expect(await Promise.all(answers.map(async (a) => (await a).status))).toEqual([200, 200, 200, 200]);
+    expect(up.seen.map((s) => s.url)).toEqual(['/holder', '/newest', '/older-than-400-ms', '/old']);
   });
 
   it('holds a place from admission to the end of the response body, not to its headers', async () => {

@@ -150,6 +150,7 @@ describe('loadConfig: values that would fail late, or never match', () => {
       'DRAIN_TIMEOUT_MS',
       'DRAIN_GRACE_MS',
       'BODY_IDLE_TIMEOUT_MS',
+      'QUEUE_NEWEST_FIRST_MS',
     ];
     const over = Object.fromEntries(times.map((t) => [t, '2147483648']));
     const err = (() => {

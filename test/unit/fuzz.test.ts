@@ -43,6 +43,7 @@ const NAMES = [
   'RATE_LIMIT_WAIT_MS',
   'DNS_REFRESH_MS',
   'CPU_LIMIT_MILLICORES',
+  'QUEUE_NEWEST_FIRST_MS',
 ];
 const HOP = [
   'connection',
@@ -100,6 +101,7 @@ const BAD: Record<string, string[]> = {
   LOG_LEVEL: ['verbose'],
   DRAIN_TIMEOUT_MS: ['soon'],
   CPU_LIMIT_MILLICORES: ['-100', '0.5', '100m'],
+  QUEUE_NEWEST_FIRST_MS: ['-1', '1s'],
 };
 const mutations = fc.uniqueArray(fc.constantFrom(...Object.keys(BAD)), { maxLength: 3 })
   .chain((names) => fc.tuple(fc.constant(names), fc.tuple(...names.map((n) => fc.constantFrom(...BAD[n])))));

@@ -62,6 +62,49 @@ describe('ConcurrencyLimit', () => {
     expect(l.active).toBe(1);
   });
 
+  it('turns to newest first once the longest waiter has waited QUEUE_NEWEST_FIRST_MS, and back once it has not', () => {
+    let now = 0;
+    const l = new ConcurrencyLimit(1, 10, 1000, () => now);
+    l.acquire();
+    const granted: string[] = [];
+    for (const name of ['a', 'b', 'c']) {
+      l.wait(() => granted.push(name));
+      now += 100;
+    }
+    l.release(); // a has waited 300 ms: in order
+    expect(granted).toEqual(['a']);
+    now = 1100; // b has waited 1000 ms: the queue stands, the newest goes first
+    const leaveD = l.wait(() => granted.push('d'));
+    l.wait(() => granted.push('e'));
+    l.release();
+    expect(granted).toEqual(['a', 'e']);
+    leaveD(); // a waiter that leaves is never granted, whichever end it is served from
+    l.release();
+    expect(granted).toEqual(['a', 'e', 'c']);
+    l.release();
+    expect(granted).toEqual(['a', 'e', 'c', 'b']);
+    // The queue is empty again: the next waiters are served in order until one of them has waited long.
+    now = 5000;
+    l.wait(() => granted.push('f'));
+    l.wait(() => granted.push('g'));
+    now = 5999;
+    l.release();
+    expect(granted.slice(4)).toEqual(['f']);
+    expect(l.queued).toBe(1);
+    expect(l.active).toBe(1);
+  });
+
+  it('is always first come, first served with QUEUE_NEWEST_FIRST_MS=0', () => {
+    let now = 0;
+    const l = new ConcurrencyLimit(1, 10, 0, () => now);
+    l.acquire();
+    const granted: number[] = [];
+    for (let i = 0; i < 4; i++) l.wait(() => granted.push(i));
+    now = 1e9;
+    for (let i = 0; i < 4; i++) l.release();
+    expect(granted).toEqual([0, 1, 2, 3]);
+  });
+
   it('has no limit when max is 0', () => {
     const l = new ConcurrencyLimit(0, 0);
     for (let i = 0; i < 1000; i++) expect(l.acquire()).toBe(true);
