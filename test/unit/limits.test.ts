@@ -25,8 +25,11 @@ describe('TokenBucket', () => {
   });
 });
 
+/** One turn of the event loop: the places a `release` passed on are told by then. */
+const turn = () => new Promise<void>((resolve) => setImmediate(resolve));
+
 describe('ConcurrencyLimit', () => {
-  it('admits up to the limit, queues up to the queue size, refuses the rest, and hands places on in order', () => {
+  it('admits up to the limit, queues up to the queue size, refuses the rest, and hands places on in order', async () => {
     const l = new ConcurrencyLimit(2, 2);
     expect(l.acquire()).toBe(true);
     expect(l.acquire()).toBe(true);
@@ -38,17 +41,35 @@ describe('ConcurrencyLimit', () => {
     expect(l.full).toBe(true);
     expect(l.queued).toBe(2);
     l.release();
-    expect(granted).toEqual(['first']); // at once, from the release that freed it
     expect(l.active).toBe(2); // the place passed on; it was never free
+    expect(l.acquire()).toBe(false); // nor is it for a newcomer while the waiter is still to be told
+    expect(l.queued).toBe(1);
+    await turn();
+    expect(granted).toEqual(['first']);
     l.release();
+    await turn();
     expect(granted).toEqual(['first', 'second']);
     l.release();
     expect(l.active).toBe(1);
     expect(l.acquire()).toBe(true);
   });
 
-  it('lets a waiter leave the queue: it is never granted, and the place goes to the next', () => {
-    const l = new ConcurrencyLimit(1, 2);
+  it('tells the waiters whose places came free in one turn together, at its end, in the order they were chosen', async () => {
+    const l = new ConcurrencyLimit(3, 10);
+    for (let i = 0; i < 3; i++) l.acquire();
+    const granted: string[] = [];
+    for (const name of ['a', 'b', 'c']) l.wait(() => granted.push(name));
+    l.release();
+    l.release();
+    expect(granted).toEqual([]); // not from inside the release: the answer being handled goes on first
+    await turn();
+    expect(granted).toEqual(['a', 'b']);
+    expect(l.active).toBe(3);
+    expect(l.queued).toBe(1);
+  });
+
+  it('lets a waiter leave the queue: it is never granted, and the place goes to the next', async () => {
+    const l = new ConcurrencyLimit(1, 3);
     l.acquire();
     const granted: string[] = [];
     const leave = l.wait(() => granted.push('a'));
@@ -56,45 +77,66 @@ describe('ConcurrencyLimit', () => {
     leave();
     expect(l.queued).toBe(1);
     l.release();
+    await turn();
     expect(granted).toEqual(['b']);
     leave(); // once more, after another was granted: nothing
     expect(l.queued).toBe(0);
     expect(l.active).toBe(1);
+    // A waiter that leaves after its place passed to it, before it was told: the place passes on.
+    const leaveC = l.wait(() => granted.push('c'));
+    l.wait(() => granted.push('d'));
+    l.release();
+    leaveC();
+    await turn();
+    expect(granted).toEqual(['b', 'd']);
+    expect(l.active).toBe(1);
+    // And with no one left to take it, it is free.
+    const leaveE = l.wait(() => granted.push('e'));
+    l.release();
+    leaveE();
+    await turn();
+    expect(granted).toEqual(['b', 'd']);
+    expect(l.active).toBe(0);
+    expect(l.acquire()).toBe(true);
   });
 
-  it('turns to newest first once the longest waiter has waited QUEUE_NEWEST_FIRST_MS, and back once it has not', () => {
+  it('turns to newest first once the longest waiter has waited QUEUE_NEWEST_FIRST_MS, and back once it has not', async () => {
     let now = 0;
     const l = new ConcurrencyLimit(1, 10, 1000, () => now);
     l.acquire();
     const granted: string[] = [];
+    const release = async () => {
+      l.release();
+      await turn();
+    };
     for (const name of ['a', 'b', 'c']) {
       l.wait(() => granted.push(name));
       now += 100;
     }
-    l.release(); // a has waited 300 ms: in order
+    await release(); // a has waited 300 ms: in order
     expect(granted).toEqual(['a']);
     now = 1100; // b has waited 1000 ms: the queue stands, the newest goes first
     const leaveD = l.wait(() => granted.push('d'));
     l.wait(() => granted.push('e'));
-    l.release();
+    await release();
     expect(granted).toEqual(['a', 'e']);
     leaveD(); // a waiter that leaves is never granted, whichever end it is served from
-    l.release();
+    await release();
     expect(granted).toEqual(['a', 'e', 'c']);
-    l.release();
+    await release();
     expect(granted).toEqual(['a', 'e', 'c', 'b']);
     // The queue is empty again: the next waiters are served in order until one of them has waited long.
     now = 5000;
     l.wait(() => granted.push('f'));
     l.wait(() => granted.push('g'));
     now = 5999;
-    l.release();
+    await release();
     expect(granted.slice(4)).toEqual(['f']);
     expect(l.queued).toBe(1);
     expect(l.active).toBe(1);
   });
 
-  it('is always first come, first served with QUEUE_NEWEST_FIRST_MS=0', () => {
+  it('is always first come, first served with QUEUE_NEWEST_FIRST_MS=0', async () => {
     let now = 0;
     const l = new ConcurrencyLimit(1, 10, 0, () => now);
     l.acquire();
@@ -102,6 +144,7 @@ describe('ConcurrencyLimit', () => {
     for (let i = 0; i < 4; i++) l.wait(() => granted.push(i));
     now = 1e9;
     for (let i = 0; i < 4; i++) l.release();
+    await turn();
     expect(granted).toEqual([0, 1, 2, 3]);
   });
 
