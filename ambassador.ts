@@ -1898,12 +1898,17 @@ export class TokenBucket {
   }
 }
 
+/** A request waiting for a place: told by `granted`, since when (for `newestFirstMs`). */
+type Waiter = { granted: () => void; since: number };
+
 /** At most `max` requests in flight to an upstream (0: no limit); the next `queueSize` wait for a free
  * place (in order, until the queue stands: `release`), the rest are refused at once. A slow dependency then
  * costs the app a quick 503, not a pile of requests that all time out together. */
 export class ConcurrencyLimit {
   active = 0;
-  private readonly waiting: Array<{ granted: () => void; since: number }> = [];
+  private readonly waiting: Waiter[] = [];
+  /** Places passed on and not yet told (`release`). */
+  private handing: Waiter[] = [];
 
   readonly max: number;
   private readonly queueSize: number;
@@ -1939,7 +1944,7 @@ export class ConcurrencyLimit {
   /** A place in the queue: `granted` is called once a place has passed to it (`release`); the function
    * returned gives up the queue place before that, and a place that had passed to it already passes on. */
   wait(granted: () => void): () => void {
-    const waiter = { granted, since: this.newestFirstMs > 0 ? this.now() : 0 };
+    const waiter: Waiter = { granted, since: this.newestFirstMs > 0 ? this.now() : 0 };
     this.waiting.push(waiter);
     return () => {
       const i = this.waiting.indexOf(waiter);
@@ -1969,8 +1974,6 @@ export class ConcurrencyLimit {
     if (this.handing.push(next) === 1) setImmediate(this.hand);
   }
 
-  /** Places passed on and not yet told (`release`). */
-  private handing: Array<{ granted: () => void; since: number }> = [];
   private readonly hand = () => {
     const handing = this.handing;
     this.handing = [];
