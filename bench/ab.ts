@@ -9,20 +9,31 @@
  *   npm run bench:ab -- /tmp/before.mjs dist/ambassador.mjs          20 windows of 3 s, LOG_LEVEL=warn
  *   npm run bench:ab -- /tmp/before.mjs dist/ambassador.mjs --windows 10 --seconds 2 --log-level info
  *   npm run bench:ab -- dist/ambassador.mjs dist/ambassador.mjs       the same build twice: the noise floor
+ *   npm run bench:ab -- --pod bin/ambassador-bun /tmp/after-bun       each in a group of its own with the pod's limits
  *
  * A file ending in .mjs or .js runs on the project's Node 24, one ending in .ts on Bun (`bun FILE`), anything else
  * as an executable (a compiled binary). wrk and nginx from Debian. Prints each window and the medians, and writes
  * dist/bench-ab.json.
+ *
+ * `--pod` judges a change where the pod's figures are made: each build runs in a cgroup of its own with the CPU
+ * and memory limits of the ambassador container in k8s/ (as `npm run bench:pod` makes them), under 64 connections
+ * (the pod benchmark's), at the manifests' log level unless `--log-level` says otherwise, with the images' settings:
+ * a bundle with the Node image's V8 flags, and every build with the Bun image's environment (only Bun reads it). The
+ * two groups each take a tenth of CPU 1, so they do not compete; the machine's moods still reach both alike. Root is
+ * needed to make the groups.
  */
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { mkdtempSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { cannotMakeGroups, type Group, makeGroup, podLimits, podLogLevel } from './cgroup.ts';
 import {
   ambassadorEnv,
   arg,
   cpuSeconds,
   freePort,
+  IMAGE_BUN_ENV,
+  IMAGE_NODE_FLAGS,
   NODE,
   pinned,
   root,
@@ -33,29 +44,34 @@ import {
   writeFigures,
 } from './common.ts';
 
+const POD = process.argv.includes('--pod');
 const WINDOWS = arg('--windows', 20);
 const SECONDS = arg('--seconds', 3);
-const LOG_LEVEL = textArg('--log-level', 'warn');
-const builds = process.argv.slice(2).filter((a, i, all) => !a.startsWith('--') && !all[i - 1]?.startsWith('--'));
+const LOG_LEVEL = textArg('--log-level', POD ? podLogLevel() : 'warn');
+const CONNECTIONS = POD ? 64 : 32;
+const builds = process.argv.slice(2).filter((a, i, all) =>
+  !a.startsWith('--') && !(all[i - 1]?.startsWith('--') && all[i - 1] !== '--pod')
+);
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'ambassador-ab-'));
 
 interface Build {
   name: string;
   child: ChildProcess;
+  group?: Group;
   url: string;
   us: number[];
   rps: number[];
 }
 
 function argvOf(file: string): string[] {
-  if (/\.(mjs|js)$/.test(file)) return [NODE, file];
+  if (/\.(mjs|js)$/.test(file)) return POD ? [NODE, ...IMAGE_NODE_FLAGS, file] : [NODE, file];
   if (file.endsWith('.ts')) return [path.join(root, 'node_modules', '.bin', 'bun'), file];
   return [file];
 }
 
-/** Requests wrk completed against `url` in `seconds` (one thread, 32 connections, on CPU 0). */
+/** Requests wrk completed against `url` in `seconds` (one thread, CONNECTIONS connections, on CPU 0). */
 function load(url: string, seconds: number): Promise<number> {
-  const argv = pinned(0, ['wrk', '-t1', '-c32', `-d${seconds}s`, url]);
+  const argv = pinned(0, ['wrk', '-t1', `-c${CONNECTIONS}`, `-d${seconds}s`, url]);
   return new Promise((resolve, reject) =>
     execFile(argv[0], argv.slice(1), (err, out) => {
       if (err) return reject(err);
@@ -71,20 +87,40 @@ async function main(): Promise<void> {
     console.error('bench:ab: give two builds, e.g. npm run bench:ab -- /tmp/before.mjs dist/ambassador.mjs');
     process.exit(1);
   }
+  const limits = POD ? podLimits() : undefined;
+  if (limits) {
+    const why = await cannotMakeGroups(limits);
+    if (why) {
+      console.error(`bench:ab: --pod needs cgroups, and none can be made here: ${why}`);
+      process.exit(1);
+    }
+  }
   const upstream = await startNginxUpstream(tmp);
   const running: Build[] = [];
   for (const [i, file] of builds.entries()) {
     const port = await freePort();
     const argv = pinned(1, argvOf(path.resolve(file)));
-    const child = spawn(argv[0], argv.slice(1), {
-      env: { PATH: process.env.PATH ?? '', ...ambassadorEnv(upstream.url, port, await freePort()), LOG_LEVEL },
-      stdio: ['ignore', 'ignore', 'inherit'],
-    });
+    const env = {
+      PATH: process.env.PATH ?? '',
+      ...ambassadorEnv(upstream.url, port, await freePort()),
+      LOG_LEVEL,
+      ...(POD ? IMAGE_BUN_ENV : {}),
+    };
+    // In a group, a shell joins it and then becomes the build, so everything the build starts stays in it.
+    const group = limits ? makeGroup(`ambassador-ab-${process.pid}-${i}`, limits) : undefined;
+    const join = group?.procs.map((f) => `echo $$ > ${f}`).join('; ');
+    const child = join
+      ? spawn('sh', ['-c', `${join}; exec "$@"`, 'sh', ...argv], { env, stdio: ['ignore', 'ignore', 'inherit'] })
+      : spawn(argv[0], argv.slice(1), { env, stdio: ['ignore', 'ignore', 'inherit'] });
     process.once('exit', () => child.kill('SIGTERM'));
-    running.push({ name: `${'AB'[i]} ${file}`, child, url: `http://127.0.0.1:${port}/small`, us: [], rps: [] });
+    running.push({ name: `${'AB'[i]} ${file}`, child, group, url: `http://127.0.0.1:${port}/small`, us: [], rps: [] });
   }
   for (const b of running) await waitFor(b.url, 30_000);
-  console.log(`bench:ab: ${WINDOWS} windows of ${SECONDS} s, both on CPU 1 at once, LOG_LEVEL=${LOG_LEVEL}`);
+  console.log(
+    `bench:ab: ${WINDOWS} windows of ${SECONDS} s, both on CPU 1 at once, ${CONNECTIONS} connections each, ` +
+      `LOG_LEVEL=${LOG_LEVEL}` +
+      (limits ? `, each in a group of ${limits.cpuMillis}m and ${limits.memoryBytes / 1024 ** 2} MiB` : ''),
+  );
   await Promise.all(running.map((b) => load(b.url, 2))); // warm-up
   const ratios: number[] = [];
   for (let w = 1; w <= WINDOWS; w++) {
@@ -103,6 +139,7 @@ async function main(): Promise<void> {
     );
   }
   for (const b of running) b.child.kill('SIGTERM');
+  for (const b of running) await b.group?.remove();
   upstream.stop();
   for (const b of running) {
     console.log(
@@ -118,6 +155,8 @@ async function main(): Promise<void> {
     windows: WINDOWS,
     seconds: SECONDS,
     logLevel: LOG_LEVEL,
+    connections: CONNECTIONS,
+    pod: limits ?? null,
     builds: running.map((b) => ({ file: b.name.slice(2), us: b.us, rps: b.rps })),
     ratios,
   });
