@@ -297,8 +297,8 @@ class TimeoutError extends Error {
   override name = 'TimeoutError';
 }
 
-/** The app's request is at fault, not the upstream: a request body that stalls (408), a request our own
- * client refuses to send (400). Answered with `status`; never retried, never held against an endpoint. */
+/** The app's request is at fault, not the upstream: a request body that stalls (408) or breaks its framing
+ * (400), a request our own client refuses to send (400). Answered with `status`; never retried, never held against an endpoint. */
 class ClientError extends Error {
   override name = 'ClientError';
   readonly status: number;
@@ -585,9 +585,11 @@ async function handle(p: Proxy, req: AppRequest): Promise<Response> {
       return req.respond(closing(textReply(err.status, `ambassador: ${err.message}\n`, id)));
     }
     if (gone.aborted) {
+      // 499 is the log's word for an app that went away, never a status to send: an app still there to read an
+      // answer (one that half-closed its connection mid-body, which Deno's server keeps open) gets a 400.
       record.status = 499;
       finish(0, `client went away: ${describeFailure(err)}`);
-      return req.respond({ status: 499, statusText: '', headers: [], body: null });
+      return req.respond(closing(textReply(400, 'ambassador: the request broke off before its end\n', id)));
     }
     // Anything else is an answer the runtime would not write: the app gets a 502, the process lives on.
     p.log('error', `unexpected error: ${describeFailure(err)}`, { id, route: route.name });
@@ -5305,7 +5307,8 @@ export class FetchAppRequest implements AppRequest {
     const reader = this.request.body?.getReader();
     if (!reader) return null;
     const cancel = (reason: unknown) => reader.cancel(reason).catch(noop);
-    return { next: () => reader.read(), cancel, giveUp: cancel };
+    const read = () => reader.read().catch(malformedBody);
+    return { next: read, cancel, giveUp: cancel };
   }
 
   /** The request's signal, whose listener is removed when the response is done: Deno aborts
@@ -5321,6 +5324,17 @@ export class FetchAppRequest implements AppRequest {
     }
     return webResponse(reply, done, idleMs, this.direct, () => this.request.signal.aborted);
   }
+}
+
+/** A request body that breaks its own framing (a chunk size that is not hex, a chunk without its CRLF) is the
+ * app's request at fault, a 400, not the app gone. Node's and Bun's servers answer it themselves and close;
+ * Deno's hands it to the handler as a read that fails with this message, and leaves the connection open for
+ * the answer. */
+function malformedBody(err: unknown): never {
+  if (/invalid HTTP\/1 request/.test(String((err as Error | undefined)?.message))) {
+    throw new ClientError(400, `a malformed request body (${(err as Error).message})`);
+  }
+  throw err;
 }
 
 /** `f` once the request's signal aborts: the app went away. A signal looked at after it aborted says so. */

@@ -409,6 +409,49 @@ describe.each(ARTIFACTS)('hostile requests, as the upstream receives them (%s)',
     expect((await scrape(amb)).get('ambassador_requests_in_flight')).toBe(0);
   });
 
+  it('answers a request body that breaks its framing, or is cut short by a half-close, with 400 or nothing — never a status kept for the log — and sends none of it upstream', async () => {
+    const up = await startRawUpstream();
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
+    /** The head and the start of a body, then, 200 ms later, the rest or a half-close; what came back by the
+     * time the connection closed, and whether it closed within 3 s. */
+    const cutShort = (start: string, then: string | null) =>
+      new Promise<{ raw: string; closed: boolean }>((resolve) => {
+        const s = net.connect({ port: amb.port, host: '127.0.0.1', allowHalfOpen: true });
+        let raw = '';
+        const bound = setTimeout(() => (s.destroy(), resolve({ raw, closed: false })), 3000);
+        s.on('data', (d) => (raw += d.toString('latin1')));
+        s.on('error', () => {});
+        // Half-open on this side, so that the half-close is the app's own: the server's close ends it here.
+        s.on('end', () => s.destroy());
+        s.on('close', () => (clearTimeout(bound), resolve({ raw, closed: true })));
+        s.write(start);
+        setTimeout(() => (then === null ? s.end() : s.write(then)), 200);
+      });
+    const chunked = 'POST /malformed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n';
+    const cases: Array<[string, string, string | null]> = [
+      ['a chunk size that is not hex', chunked, 'zz\r\nabc\r\n0\r\n\r\n'],
+      ['a chunk without its CRLF', chunked, '3\r\nabcXY0\r\n\r\n'],
+      ['a body cut short by a half-close', 'POST /half HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc', null],
+    ];
+    for (const [name, start, then] of cases) {
+      const { raw, closed } = await cutShort(start, then);
+      expect(closed, `${name}: the connection is closed`).toBe(true);
+      // A broken framing is the app's 400 on every runtime (Node's and Bun's servers answer it themselves, Deno's
+      // hands it to the ambassador); a half-closed app gets a 400 where it can still read one (Node, Deno).
+      expect(then === null ? [0, 400] : [400], `${name}: ${raw.slice(0, 60)}`).toContain(statusOf(raw));
+    }
+    await amb.settled();
+    expect(up.requests).toEqual([]);
+    // Where the ambassador saw the broken framing itself (Deno), its line says so; where the server answered and
+    // closed before it could (Node, Bun), the request is an app gone.
+    const lines = amb.logs().filter((l) => l.msg === 'request');
+    expect(lines.filter((l) => l.path === '/malformed').map((l) => l.status)).toEqual(
+      runtimeOf(runtime) === 'deno' ? [400, 400] : [499, 499],
+    );
+    expect(lines.find((l) => l.path === '/half')?.status).toBe(499);
+    expect((await exchange(amb.port, 'GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')).status).toBe(200);
+  });
+
   it('never forwards a request whose app closed or reset its connection before the ambassador read it, and still forwards the ones still waiting', async () => {
     const up = await startRawUpstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, LOG_LEVEL: 'info' });
