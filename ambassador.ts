@@ -696,6 +696,8 @@ export function earlyAnswer(req: AppRequest, host: string | null, path: string |
   // RFC 9112 §3.2: a request with more than one Host, or one that is not a host, gets 400. Routing reads
   // one and the upstream might read another.
   if (hosts > 1) return refused(400, 'more than one Host header');
+  // HTTP/1.0 may leave it out (§3.2), but Deno's and Bun's servers refuse such a request: so does Node's.
+  if (hosts === 0) return refused(400, 'no Host header');
   if (host !== null && !HOST_HEADER.test(host)) return refused(400, 'a Host header that is not a host');
   // An absolute-form target (`GET http://other-host/ HTTP/1.1`) asks for a forward proxy: the target as sent
   // says so, or else the authority of the URL the server made differs from the Host header.
