@@ -2542,9 +2542,13 @@ function trackBody(
     return new ReadableStream({
       type: 'direct',
       async pull(c: Direct) {
-        for (let chunk = await next(); chunk !== null; chunk = await next()) {
-          await c.write(chunk);
-          await c.flush();
+        try {
+          for (let chunk = await next(); chunk !== null; chunk = await next()) {
+            await c.write(chunk);
+            await c.flush();
+          }
+        } catch {
+          throw CUT_OFF;
         }
         c.close();
       },
@@ -2557,13 +2561,20 @@ function trackBody(
         const chunk = await next();
         if (chunk === null) c.close();
         else c.enqueue(chunk);
-      } catch (err) {
-        c.error(err);
+      } catch {
+        c.error(CUT_OFF);
       }
     },
     cancel,
   }, { highWaterMark: 0 });
 }
+
+/** What a response body the server is writing fails with when it must be cut off (its upstream broke or
+ * stalled, its app went away): no reason at all. The app sees the body cut off either way, and why is in the
+ * request's log line already (`bodyReader` tells `done`). Bun's server prints any other reason to stderr,
+ * with the code around it, and Deno's hands it to `onError`: a dump on stderr each time a broken upstream
+ * breaks a body. */
+const CUT_OFF = null;
 
 /** The longest response body, by its Content-Length, that Deno and Bun read whole before they answer. */
 const WHOLE_BODY_MAX = 64 * 1024;
@@ -5449,6 +5460,7 @@ interface DenoLike {
     signal: AbortSignal;
     onListen?: (addr: unknown) => void;
     handler: (req: Request, info: { remoteAddr: { hostname: string } }) => Response | Promise<Response>;
+    onError?: (err: unknown) => Response;
   }): { addr: { port: number }; shutdown(): Promise<void>; finished: Promise<void> };
   addSignalListener(signal: string, handler: () => void): void;
   env: { toObject(): Record<string, string> };
@@ -5562,6 +5574,12 @@ function listenDeno(d: DenoLike, handler: ProxyHandler, host: string, port: numb
     signal: abort.signal,
     onListen: () => {},
     handler: (req, info) => handler(req, new FetchAppRequest(req, info.remoteAddr.hostname, false, upgrade)),
+    // A body cut off on purpose (`CUT_OFF`) is in its request's log line already. Anything else is a failure
+    // the proxy app did not answer (its `onError` answers what its handler throws).
+    onError: (err) => {
+      if (err !== CUT_OFF) work.failed(describeFailure(err));
+      return new Response('ambassador: internal error\n', { status: 500, headers: { connection: 'close' } });
+    },
   });
   let closing = false;
   return {

@@ -192,15 +192,23 @@ describe.each(ARTIFACTS)('streaming (%s)', (runtime) => {
     await amb.waitForLine((l) => l.includes('"msg":"request"') && l.includes('/stream'));
   });
 
-  it('breaks the response when the upstream dies mid-body, never a short body that looks complete', async () => {
-    upstream = await startUpstream((_q, res) => {
-      res.writeHead(200, { 'content-length': '100000' });
+  it('breaks the response when the upstream dies mid-body, never a short body that looks complete, and tells it once, in the log', async () => {
+    upstream = await startUpstream((q, res) => {
+      // A body passed on as it comes, and one short enough to be read whole first.
+      res.writeHead(200, { 'content-length': q.url === '/cut-long' ? '100000' : '2000' });
       res.write('x'.repeat(1000));
       setTimeout(() => res.socket?.destroy(), 50);
     });
     amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
-    const res = await fetch(`${amb.url}/cut`);
-    await expect(res.text()).rejects.toThrow();
+    for (const path of ['/cut-long', '/cut-short']) {
+      const res = await fetch(`${amb.url}${path}`);
+      await expect(res.text(), path).rejects.toThrow();
+    }
+    await amb.settled();
+    const broken = amb.logs().filter((l) => l.msg === 'request' && /upstream body failed/.test(String(l.error)));
+    expect(broken.map((l) => l.path).sort()).toEqual(['/cut-long', '/cut-short']);
+    // Nothing else: no runtime's own dump of the failure on stderr (Bun's prints the code around it, every time).
+    expect(amb.stderr).toEqual([]);
   });
 
   it('cuts off an upload the upstream never reads after BODY_IDLE_TIMEOUT_MS, answers 504 within REQUEST_TIMEOUT_MS, and frees its place', async () => {
