@@ -328,6 +328,9 @@ export interface AppRequest {
   readonly headers: HeaderList;
   /** the app's address */
   readonly peer: string | undefined;
+  /** the HTTP version its request line gave, where the server hands it over (Node's); Deno's and Bun's
+   * servers answer any but 1.0 and 1.1 themselves */
+  readonly version?: string;
   /** how this server carries a WebSocket: its connection as bytes (Node), or messages its own WebSocket
    * reads and writes (Deno, Bun); null: it cannot, and the request goes on as a plain one */
   readonly upgrades: 'bytes' | 'messages' | null;
@@ -671,6 +674,10 @@ export function earlyAnswer(req: AppRequest, host: string | null, path: string |
     return refused(400, `method ${JSON.stringify(method)} is not forwarded: method names are case-sensitive`);
   }
   if (REFUSED_METHODS.has(method)) return { status: 405, reason: `method ${method} is not forwarded`, allow: true };
+  // HTTP/2 never comes as an HTTP/1 request line (RFC 9113 §3.4); Node's parser takes `HTTP/2.0` in one.
+  if (req.version !== undefined && req.version !== '1.1' && req.version !== '1.0') {
+    return refused(505, `HTTP/${req.version} is not spoken here: HTTP/1.1 or 1.0 only`);
+  }
   // OPTIONS * asks about the server itself (RFC 9110 §9.3.7): the ambassador answers for itself.
   if (target === '*') {
     return method === 'OPTIONS'
@@ -4696,6 +4703,7 @@ export interface NodeReadable extends AsyncIterable<Uint8Array> {
 export interface NodeIncoming extends AsyncIterable<Uint8Array> {
   method?: string;
   url?: string;
+  httpVersion?: string;
   rawHeaders: string[];
   socket: { remoteAddress?: string; destroyed: boolean; readableEnded: boolean };
   /** a WebSocket handshake Node's server handed over as an upgrade (see `listenNode`): its connection, and
@@ -4724,6 +4732,7 @@ export class NodeAppRequest implements AppRequest {
   readonly urlHost = undefined;
   readonly headers: HeaderList;
   readonly peer: string | undefined;
+  readonly version: string | undefined;
   readonly upgrades: 'bytes' | null;
   private readonly incoming: NodeIncoming;
   private readonly outgoing: NodeOutgoing;
@@ -4738,6 +4747,7 @@ export class NodeAppRequest implements AppRequest {
     this.target = this.seen = incoming.url ?? '/';
     this.headers = nodeHeaders(incoming.rawHeaders);
     this.peer = incoming.socket.remoteAddress;
+    this.version = incoming.httpVersion;
     this.upgrades = incoming.upgrade ? 'bytes' : null;
   }
 

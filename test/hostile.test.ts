@@ -65,6 +65,8 @@ describe.each(ARTIFACTS)('hostile input (%s)', (runtime) => {
     ['no Host header', 'GET /a HTTP/1.1\r\n\r\n'],
     // HTTP/1.0 may leave Host out (RFC 9112 §3.2), but Deno's and Bun's servers refuse it: so does every runtime.
     ['no Host header in HTTP/1.0', 'GET /a HTTP/1.0\r\n\r\n'],
+    // HTTP/2 never comes as an HTTP/1 request line; Node's parser takes one, and the request went on as HTTP/1.1.
+    ['a request line that says HTTP/2.0', 'GET /a HTTP/2.0\r\nHost: x\r\n\r\n'],
   ])('%s: refused within its bound, and not a byte of it smuggled upstream', async (name, text) => {
     const raw = await startRawUpstream();
     const own = await startAmbassador(runtime, { UPSTREAM_URL: raw.url });
@@ -72,7 +74,9 @@ describe.each(ARTIFACTS)('hostile input (%s)', (runtime) => {
       // A hang is a failure: `exchange` rejects when neither an answer nor a close comes in 3 s.
       const r = await exchange(own.port, text, 3000);
       const tooLarge = name.startsWith('headers over') || name.startsWith('a URL over');
-      expect(r.status, r.raw.slice(0, 80)).toBe(tooLarge && runtimeOf(runtime) !== 'deno' ? 431 : 400);
+      // Node's server (the ambassador's answer) and Bun's say 505 to another HTTP version; Deno's says 400.
+      const version = name.includes('HTTP/2.0') && runtimeOf(runtime) !== 'deno';
+      expect(r.status, r.raw.slice(0, 80)).toBe(tooLarge && runtimeOf(runtime) !== 'deno' ? 431 : version ? 505 : 400);
       await sleep(100);
       // Whatever the upstream received, byte for byte, holds no request the app did not send as one.
       expect(raw.received.join('')).not.toContain('smuggled');
