@@ -247,6 +247,38 @@ describe.each(ARTIFACTS)('headers as the wire carries them (%s)', (runtime) => {
     }
   });
 
+  // Bun's server closes a connection the moment a request comes in behind one whose answer is still pending,
+  // with no answer to either: its uWS core refuses pipelining behind an async handler, and a proxy's handler
+  // always is one. Nothing the handler does can keep the connection.
+  const noPipelining = runtimeOf(runtime) === 'bun'
+    ? "Bun's server closes a connection that pipelines a request behind one still being answered (oven-sh/bun#38128)"
+    : undefined;
+  it.skipIf(noPipelining !== undefined)(
+    skippedBecause(
+      'answers requests an app pipelines on one connection, in order, each forwarded as it came',
+      noPipelining,
+    ),
+    async () => {
+      const up = await startUpstream((_q, res, seen) =>
+        res.end(JSON.stringify({ method: seen.method, url: seen.url, body: seen.body.toString() }))
+      );
+      const amb = await startAmbassador(runtime, { UPSTREAM_URL: `${up.url}/base` });
+      const raw = await rawRequest(
+        amb.port,
+        'GET /one HTTP/1.1\r\nHost: x\r\n\r\n' +
+          'POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello' +
+          'GET /three HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n',
+        5000,
+      );
+      expect((raw.match(/HTTP\/1\.1 200 /g) ?? []).length, raw.slice(0, 200)).toBe(3);
+      expect([...raw.matchAll(/\{"method":"(\w+)","url":"([^"]+)","body":"(\w*)"\}/g)].map((m) => m.slice(1))).toEqual([
+        ['GET', '/base/one', ''],
+        ['POST', '/base/two', 'hello'],
+        ['GET', '/base/three', ''],
+      ]);
+    },
+  );
+
   it('passes requests one after another over one upstream connection, short bodies and long', async () => {
     const long = 'l'.repeat(256 * 1024);
     const up = await startRawUpstream((req, socket) => {
