@@ -298,7 +298,8 @@ class TimeoutError extends Error {
 }
 
 /** The app's request is at fault, not the upstream: a request body that stalls (408) or breaks its framing
- * (400), a request our own client refuses to send (400). Answered with `status`; never retried, never held against an endpoint. */
+ * (400), a request our own client refuses to send (400). Answered with `status`; never retried, never held
+ * against an endpoint. */
 class ClientError extends Error {
   override name = 'ClientError';
   readonly status: number;
