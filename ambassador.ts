@@ -130,6 +130,9 @@ export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
 /** `notice` is for the lifecycle (start-up, drain stages): written whatever LOG_LEVEL says. */
 type LineLevel = LogLevel | 'notice';
 export type LogFormat = 'json' | 'text';
+/** How Linux schedules the process's threads: `normal` (SCHED_OTHER), or `batch` (SCHED_BATCH: a thread that wakes
+ * never preempts the one running on its CPU, and waits for that one's time slice to end). */
+export type SchedPolicy = 'normal' | 'batch';
 
 /** The longest a timer can wait: setTimeout takes a signed 32-bit count of ms, and fires at once past it
  * (Node says TimeoutOverflowWarning; the others say nothing). Every time setting is held to it. */
@@ -208,6 +211,8 @@ export interface Config {
   readonly queueNewestFirstMs: number;
   readonly logFormat: LogFormat;
   readonly logLevel: LogLevel;
+  /** SCHED_POLICY: `batch` runs the process's threads under Linux's SCHED_BATCH (`Runtime.scheduleBatch`) */
+  readonly schedPolicy: SchedPolicy;
   readonly routesFile: string | null;
   /** most specific first: routes with a host before those without, then longer prefixes first */
   readonly routes: readonly Route[];
@@ -4199,6 +4204,7 @@ export function loadConfig(env: Record<string, string | undefined>, readFile?: R
     queueNewestFirstMs: int('QUEUE_NEWEST_FIRST_MS', 1000, 0, MAX_TIMER_MS),
     logFormat: oneOf<LogFormat>('LOG_FORMAT', 'json', ['json', 'text']),
     logLevel: oneOf<LogLevel>('LOG_LEVEL', 'info', ['debug', 'info', 'warn', 'error']),
+    schedPolicy: oneOf<SchedPolicy>('SCHED_POLICY', 'normal', ['normal', 'batch']),
     routesFile,
     // Most specific first, so the order of the file never hides a route behind a shorter prefix.
     routes: Object.freeze(
@@ -4451,15 +4457,22 @@ function tlsPlace(config: Config, route: Route, key: keyof TlsFiles): Place {
     : { file: config.routesFile, field: `${route.source}.tls.${key}` };
 }
 
-/** What the configuration asks of the runtime, checked at start: its upstream client can do what each
- * route's TLS settings say (`Runtime.tlsLimits`), and its TLS stack takes each route's files together (a
- * key that is not its certificate's stops the process here, naming the files, instead of failing every
- * connection later). */
+/** What the configuration asks of the runtime, checked at start: it can set the scheduling policy SCHED_POLICY
+ * asks for, its upstream client can do what each route's TLS settings say (`Runtime.tlsLimits`), and its TLS
+ * stack takes each route's files together (a key that is not its certificate's stops the process here, naming
+ * the files, instead of failing every connection later). */
 export function checkRuntime(
   config: Config,
-  runtime: Pick<Runtime, 'name' | 'readFile' | 'checkTls' | 'tlsLimits'>,
+  runtime: Pick<Runtime, 'name' | 'readFile' | 'checkTls' | 'tlsLimits' | 'scheduleBatch'>,
 ): void {
   const problems = new Problems();
+  if (config.schedPolicy === 'batch' && !runtime.scheduleBatch) {
+    problems.add(
+      { variable: 'SCHED_POLICY' },
+      'batch',
+      `normal on ${runtime.name}, which has no way to set a thread's scheduling policy (batch is for Bun)`,
+    );
+  }
   const limits = runtime.tlsLimits;
   for (const r of config.routes) {
     if (!r.tls) continue;
@@ -4525,6 +4538,9 @@ interface Runtime {
   memory(): CgroupMemory | null;
   /** the cgroup CPU limit the process runs under, in cores (`cgroupCpu`), or null */
   cpu(): number | null;
+  /** puts every thread of the process under SCHED_BATCH, and with them every thread they start later; throws
+   * why not. Absent where the runtime has no way to ask the system (Node, Deno). */
+  scheduleBatch?(): void;
   /** serves the proxy app on host:port, each request handed over as an `AppRequest` */
   listen(handler: ProxyHandler, host: string, port: number, work: Work): Promise<Listener>;
   onSignal(signal: string, f: () => void): void;
@@ -5710,6 +5726,13 @@ interface BunLike {
       idleTimeout: number;
     };
   }): BunServer;
+  /** Bun's foreign function interface (`bun:ffi`, also here), for the one system call `scheduleBatchOnBun` makes */
+  FFI?: {
+    dlopen(
+      library: string,
+      symbols: { sched_setscheduler: { args: ['i32', 'i32', 'ptr']; returns: 'i32' } },
+    ): { symbols: { sched_setscheduler(tid: number, policy: number, param: Int32Array): number }; close(): void };
+  };
 }
 /** An app's WebSocket on Bun's server; `data`: what the tunnel gave it at the upgrade. */
 interface BunWebSocket {
@@ -5732,6 +5755,7 @@ interface BunServer {
 
 async function bunRuntime(b: BunLike): Promise<Runtime> {
   const checkServerIdentity = subjectAltNameOnly(await import('node:tls'));
+  const { readdirSync } = await import('node:fs');
   return {
     ...await nodeBuiltins(),
     name: 'bun',
@@ -5742,9 +5766,43 @@ async function bunRuntime(b: BunLike): Promise<Runtime> {
     }),
     tlsByAddress: true,
     tlsLimits: { runtime: 'Bun', client: 'fetch', serverName: true },
+    scheduleBatch: () => scheduleBatchOnBun(b, readdirSync),
     listen: (handler, host, port, work) => Promise.resolve(listenBun(b, handler, host, port, work)),
   };
 }
+
+/** SCHED_BATCH for every thread of the process (`/proc/self/task`), through libc's `sched_setscheduler` and Bun's
+ * FFI; choosing it needs no privilege. A thread takes its policy from the thread that starts it, so the ones
+ * started later are batch threads too: among them Bun's HTTP client thread, where its fetch reads the upstream's
+ * answers. On a CPU that thread shares with the main thread (a pod's tenth of a core, a busy node) its every
+ * wake-up preempted the main thread mid-request, about once a request; as a batch thread it waits for the main
+ * thread's slice to end and then reads every answer that came meanwhile (README, Performance). */
+function scheduleBatchOnBun(b: BunLike, readdir: (path: string) => string[]): void {
+  if (!b.FFI) throw new Error('this Bun has no FFI');
+  let libc: ReturnType<NonNullable<BunLike['FFI']>['dlopen']> | undefined;
+  const failures: string[] = [];
+  for (const name of ['libc.so.6', 'libc.musl-x86_64.so.1', 'libc.musl-aarch64.so.1']) {
+    try {
+      libc = b.FFI.dlopen(name, { sched_setscheduler: { args: ['i32', 'i32', 'ptr'], returns: 'i32' } });
+      break;
+    } catch (err) {
+      failures.push(describeFailure(err));
+    }
+  }
+  if (!libc) throw new Error(`no C library to ask: ${failures.join('; ')}`);
+  try {
+    const priority = new Int32Array(1); // struct sched_param: 0, the only priority SCHED_BATCH has
+    const refused = readdir('/proc/self/task').filter((tid) =>
+      libc.symbols.sched_setscheduler(Number(tid), SCHED_BATCH, priority) !== 0
+    );
+    // A thread that ended meanwhile refuses too; the main thread (the process's own id) is what must not.
+    if (refused.includes(String(process.pid))) throw new Error('sched_setscheduler refused the main thread');
+  } finally {
+    libc.close();
+  }
+}
+
+const SCHED_BATCH = 3; // <sched.h>
 
 /** Bun's server stops accepting and closes idle connections itself (`stop`), at once: the drain lets it go
  * on accepting for DRAIN_IDLE_MS first (`settleMs`). A connection holding half a request head is not idle
@@ -5996,6 +6054,7 @@ export async function main(): Promise<void> {
   try {
     config = loadConfig(runtime.env(), runtime.readFile);
     checkRuntime(config, runtime);
+    if (config.schedPolicy === 'batch') scheduleBatch(runtime);
   } catch (err) {
     console.error(`ambassador: ${err instanceof Error ? err.message : String(err)}`);
     return runtime.exit(2);
@@ -6086,6 +6145,22 @@ export async function main(): Promise<void> {
     routes: config.routes.map((r) => ({ ...r, upstreams: r.upstreams.map((u) => u.href) })),
     config: { ...config, routes: undefined },
   });
+}
+
+/** SCHED_POLICY=batch, set before the first request, so the threads the runtime starts later (Bun's HTTP client
+ * thread, at the first fetch) are batch threads too. A system that will not is a configuration error. */
+function scheduleBatch(runtime: Runtime): void {
+  try {
+    runtime.scheduleBatch!();
+  } catch (err) {
+    const problems = new Problems();
+    problems.add(
+      { variable: 'SCHED_POLICY' },
+      'batch',
+      `normal, since this system would not run the process's threads under SCHED_BATCH (${describeFailure(err)})`,
+    );
+    problems.check();
+  }
 }
 
 /** How late a 100 ms timer fires tells how busy the event loop is: a proxy that lags adds that to every

@@ -1,11 +1,35 @@
 /** Configuration: bad values stop the process before it listens, with exit
  * code 2 and one message naming every bad variable, its value and what was expected (the parsing itself: test/unit/config.test.ts). */
+import { readdirSync, readFileSync } from 'node:fs';
 import net from 'node:net';
 import { describe, expect, it } from 'vitest';
 
-import { ARTIFACTS, command, startProcess } from './helpers.ts';
+import {
+  ARTIFACTS,
+  command,
+  runtimeOf,
+  startAmbassador,
+  startProcess,
+  startUpstream,
+  stopAfterEach,
+} from './helpers.ts';
+
+/** Each thread of a process by its name, with its scheduling policy as /proc tells it (0 SCHED_OTHER, 3 SCHED_BATCH). */
+function policies(pid: number): Array<[string, number]> {
+  return readdirSync(`/proc/${pid}/task`).flatMap((tid) => {
+    try {
+      const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // from the third field, the state, on
+      return [[readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim(), Number(fields[38])]];
+    } catch {
+      return []; // a thread that ended meanwhile
+    }
+  });
+}
 
 describe.each(ARTIFACTS)('bad configuration stops the process (%s)', (runtime) => {
+  stopAfterEach();
+
   it('exits 2 naming HOST and PORT when it cannot listen there (an address not of this machine, a port taken)', async () => {
     const blocker = net.createServer();
     await new Promise<void>((r) => blocker.listen(0, '127.0.0.1', r));
@@ -62,4 +86,46 @@ describe.each(ARTIFACTS)('bad configuration stops the process (%s)', (runtime) =
     expect(err).toContain('LOG_FORMAT="yaml"');
     expect(p.lines.join('\n')).not.toContain('listening');
   });
+
+  it(
+    runtimeOf(runtime) === 'bun'
+      ? 'SCHED_POLICY=batch runs every thread under SCHED_BATCH, the HTTP client thread that fetch starts later included'
+      : 'exits 2 naming SCHED_POLICY=batch, which this runtime cannot set',
+    async () => {
+      if (runtimeOf(runtime) !== 'bun') {
+        const p = startProcess(command(runtime), {
+          UPSTREAM_URL: 'http://127.0.0.1:9',
+          PORT: '0',
+          ADMIN_PORT: '0',
+          SCHED_POLICY: 'batch',
+        });
+        // A process that takes the setting starts listening instead: it is ended, and the test fails.
+        const { code } = await Promise.race([
+          p.exited,
+          new Promise<{ code: number | null }>((r) => setTimeout(() => r({ code: null }), 20_000)),
+        ]);
+        p.kill('SIGKILL');
+        expect(code).toBe(2);
+        expect(p.stderr.join('\n')).toContain(
+          `SCHED_POLICY="batch": expected normal on ${
+            runtimeOf(runtime)
+          }, which has no way to set a thread's scheduling policy`,
+        );
+        return;
+      }
+      const upstream = await startUpstream();
+      for (const [policy, expected] of [[undefined, 0], ['batch', 3]] as const) {
+        const amb = await startAmbassador(runtime, {
+          UPSTREAM_URL: upstream.url,
+          ...(policy && { SCHED_POLICY: policy }),
+        });
+        const res = await fetch(`${amb.url}/x`);
+        expect(await res.text()).toBe('ok');
+        const threads = policies(amb.pid);
+        expect(threads.map(([name]) => name), 'the thread Bun fetches on').toContain('HTTP Client');
+        expect(threads.filter(([, p]) => p !== expected), `SCHED_POLICY=${policy}`).toEqual([]);
+        await amb.stop();
+      }
+    },
+  );
 });

@@ -4,7 +4,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { ConfigError, loadConfig } from '../../ambassador.ts';
+import { checkRuntime, ConfigError, loadConfig } from '../../ambassador.ts';
 
 const read = (file: string) => readFileSync(file, 'utf8');
 /** The files this file's tests write, in one folder removed when they are done. */
@@ -105,6 +105,20 @@ describe('loadConfig', () => {
 
   it('refuses credentials in UPSTREAM_URL, which would end up in logs', () => {
     expect(() => loadConfig({ UPSTREAM_URL: 'http://user:secret@host' })).toThrow(/UPSTREAM_URL=.*no credentials/);
+  });
+
+  it('takes SCHED_POLICY normal (the default) or batch, and a runtime that cannot set it refuses batch', () => {
+    expect(loadConfig({ UPSTREAM_URL: 'http://h' }).schedPolicy).toBe('normal');
+    expect(loadConfig({ UPSTREAM_URL: 'http://h', SCHED_POLICY: 'Batch' }).schedPolicy).toBe('batch');
+    expect(() => loadConfig({ UPSTREAM_URL: 'http://h', SCHED_POLICY: 'idle' }))
+      .toThrow('SCHED_POLICY="idle": expected one of normal, batch');
+    const runtime = { name: 'node' as const, readFile: () => '', checkTls: () => {}, tlsLimits: null };
+    const batch = loadConfig({ UPSTREAM_URL: 'http://h', SCHED_POLICY: 'batch' });
+    expect(() => checkRuntime(batch, runtime)).toThrow(
+      `SCHED_POLICY="batch": expected normal on node, which has no way to set a thread's scheduling policy`,
+    );
+    expect(() => checkRuntime(batch, { ...runtime, name: 'bun', scheduleBatch: () => {} })).not.toThrow();
+    expect(() => checkRuntime(loadConfig({ UPSTREAM_URL: 'http://h' }), runtime)).not.toThrow();
   });
 
   it('refuses a backoff cap below its base', () => {

@@ -44,6 +44,7 @@ const NAMES = [
   'DNS_REFRESH_MS',
   'CPU_LIMIT_MILLICORES',
   'QUEUE_NEWEST_FIRST_MS',
+  'SCHED_POLICY',
 ];
 const HOP = [
   'connection',
@@ -78,6 +79,7 @@ const validEnv = fc.record({
   RATE_LIMIT_PER_SEC: fc.integer({ min: 0, max: 1000 }).map(String),
   LOG_FORMAT: fc.constantFrom('json', 'text', 'JSON'),
   LOG_LEVEL: fc.constantFrom('debug', 'info', 'warn', 'error'),
+  SCHED_POLICY: fc.constantFrom('normal', 'batch', 'BATCH'),
 }, { requiredKeys: ['UPSTREAM_URL'] }).map((e): Record<string, string> => ({
   ...e,
   // The caps at least their bases, as the rules require.
@@ -102,6 +104,7 @@ const BAD: Record<string, string[]> = {
   DRAIN_TIMEOUT_MS: ['soon'],
   CPU_LIMIT_MILLICORES: ['-100', '0.5', '100m'],
   QUEUE_NEWEST_FIRST_MS: ['-1', '1s'],
+  SCHED_POLICY: ['idle', 'fifo', 'batch,normal'],
 };
 const mutations = fc.uniqueArray(fc.constantFrom(...Object.keys(BAD)), { maxLength: 3 })
   .chain((names) => fc.tuple(fc.constant(names), fc.tuple(...names.map((n) => fc.constantFrom(...BAD[n])))));
