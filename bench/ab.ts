@@ -18,12 +18,12 @@
  * `--pod` judges a change where the pod's figures are made: each build runs in a cgroup of its own with the CPU
  * and memory limits of the ambassador container in k8s/ (as `npm run bench:pod` makes them), under 64 connections
  * (the pod benchmark's), at the manifests' log level unless `--log-level` says otherwise, with the images' settings:
- * a bundle with the Node image's V8 flags, and every build with the Bun image's environment (only Bun reads it). The
+ * a bundle with the Node image's V8 flags, and a Bun build (a .ts file, a compiled binary) with the Bun image's. The
  * two groups each take a tenth of CPU 1, so they do not compete; the machine's moods still reach both alike. Root is
  * needed to make the groups.
  */
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { cannotMakeGroups, type Group, makeGroup, podLimits, podLogLevel } from './cgroup.ts';
@@ -69,6 +69,10 @@ function argvOf(file: string): string[] {
   return [file];
 }
 
+/** Whether a build runs on Bun: a .ts file, or a binary `bun build --compile` made (Bun names its repository in it). */
+const onBun = (file: string) =>
+  file.endsWith('.ts') || (!/\.(mjs|js)$/.test(file) && readFileSync(file).includes('oven-sh/bun'));
+
 /** Requests wrk completed against `url` in `seconds` (one thread, CONNECTIONS connections, on CPU 0). */
 function load(url: string, seconds: number): Promise<number> {
   const argv = pinned(0, ['wrk', '-t1', `-c${CONNECTIONS}`, `-d${seconds}s`, url]);
@@ -104,7 +108,7 @@ async function main(): Promise<void> {
       PATH: process.env.PATH ?? '',
       ...ambassadorEnv(upstream.url, port, await freePort()),
       LOG_LEVEL,
-      ...(POD ? IMAGE_BUN_ENV : {}),
+      ...(POD && onBun(file) ? IMAGE_BUN_ENV : {}),
     };
     // In a group, a shell joins it and then becomes the build, so everything the build starts stays in it.
     const group = limits ? makeGroup(`ambassador-ab-${process.pid}-${i}`, limits) : undefined;

@@ -53,12 +53,13 @@ export const IMAGE_NODE_FLAGS =
 /** The NODE_OPTIONS the ambassador-sea image sets (the same flags, less those NODE_OPTIONS does not take). */
 export const IMAGE_SEA_OPTIONS = /NODE_OPTIONS='([^']*)'/.exec(CONTAINERFILE)?.[1] ?? '';
 
-/** The JavaScriptCore options the ambassador-bun image sets (its `BUN_JSC_…` environment, Containerfile), so the
- * benchmarks measure what the image runs: read from that stage only, its comments left out. */
+/** The settings the ambassador-bun image chose in the pod benchmark (its `BUN_JSC_…` JavaScriptCore options and its
+ * SCHED_POLICY, Containerfile), so the benchmarks measure what the image runs: read from that stage only, its
+ * comments left out. */
 export const IMAGE_BUN_ENV: Record<string, string> = Object.fromEntries(
   Array.from(
     (/AS ambassador-bun\n([\s\S]*?)(?=\nFROM |$)/.exec(CONTAINERFILE)?.[1] ?? '').replace(/^\s*#.*$/gm, '')
-      .matchAll(/\b(BUN_JSC_\w+)=(\S+)/g),
+      .matchAll(/\b(BUN_JSC_\w+|SCHED_POLICY)=(\S+)/g),
     (m) => [m[1], m[2]],
   ),
 );

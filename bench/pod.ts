@@ -69,8 +69,8 @@ const MEMORY_MIB = arg('--memory-mib', 0);
 const ONLY = textArg('--only');
 /** Other V8 flags for the Node image's rows, to choose the image's: `--node-flags "--max-semi-space-size=2"`. */
 const NODE_FLAGS = textArg('--node-flags')?.split(/\s+/).filter(Boolean) ?? IMAGE_NODE_FLAGS;
-/** Environment for the Bun ambassador rows, to try the JavaScriptCore options an image could set:
- * `--bun-env "BUN_JSC_useFTLJIT=0"`. */
+/** Environment for the Bun ambassador rows, to try the settings an image could have (JavaScriptCore options,
+ * SCHED_POLICY): `--bun-env "BUN_JSC_useFTLJIT=0"`. */
 const BUN_ENV: Record<string, string> = Object.fromEntries(
   (textArg('--bun-env')?.split(/\s+/) ?? []).filter(Boolean).map((kv) => kv.split(/=(.*)/s).slice(0, 2)),
 );
@@ -178,7 +178,7 @@ const rows: Row[] = [
     command: ambassador([path.join(root, 'bin/ambassador-bun')], BUN_NOTE ? BUN_ENV : IMAGE_BUN_ENV),
   },
   {
-    name: 'ambassador, Bun compiled binary, no JavaScriptCore options',
+    name: "ambassador, Bun compiled binary, none of the image's settings",
     available: built('bin/ambassador-bun', 'run npm run compile:bun'),
     command: ambassador([path.join(root, 'bin/ambassador-bun')]),
   },

@@ -7,7 +7,7 @@
  *
  * plays another of the images `npm run images` builds as the sidecar (by default the kustomization's). */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { stringify } from 'yaml';
@@ -141,7 +141,7 @@ describe.skipIf(why !== undefined)(skippedBecause("podman kube play: the article
     }
   });
 
-  it('the Bun sidecar runs with the JavaScriptCore options its image sets', (ctx) => {
+  it('the Bun sidecar runs with the JavaScriptCore options and the scheduling policy its image sets', (ctx) => {
     const image = podman('inspect', '--format', '{{.ImageName}}', 'order-service-pod-0-ambassador');
     if (!image.endsWith('ambassador:bun')) ctx.skip(`the sidecar is ${image}, not the Bun image`);
     const envOf = podman(
@@ -152,6 +152,17 @@ describe.skipIf(why !== undefined)(skippedBecause("podman kube play: the article
     );
     expect(Object.keys(IMAGE_BUN_ENV).length).toBeGreaterThan(0);
     for (const [k, v] of Object.entries(IMAGE_BUN_ENV)) expect(envOf.split('\n')).toContain(`${k}=${v}`);
+    // SCHED_POLICY=batch taken as the non-root user under the container's seccomp profile: every thread, the HTTP
+    // client thread that the chain's requests started included, is SCHED_BATCH (3), as this host's /proc tells.
+    const pid = podman('inspect', '--format', '{{.State.Pid}}', 'order-service-pod-0-ambassador');
+    const threads = readdirSync(`/proc/${pid}/task`).map((tid) => {
+      const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+      return `${readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim()}:${
+        stat.slice(stat.lastIndexOf(')') + 2).split(' ')[38]
+      }`;
+    });
+    expect(threads).toContain('HTTP Client:3');
+    expect(threads.filter((t) => !t.endsWith(':3'))).toEqual([]);
   });
 
   it('inventory taken down: the order fails fast with the reason, the ambassador logs each retry', async () => {

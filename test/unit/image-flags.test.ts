@@ -23,7 +23,7 @@ describe('the images’ V8 flags', () => {
     expect(IMAGE_DENO_V8_FLAGS.split(',')).toEqual(IMAGE_NODE_FLAGS);
   });
 
-  it('the Bun image’s JavaScriptCore options are read from its Containerfile stage', () => {
-    expect(IMAGE_BUN_ENV).toEqual({ BUN_JSC_useFTLJIT: '0' });
+  it('the Bun image’s JavaScriptCore options and scheduling policy are read from its Containerfile stage', () => {
+    expect(IMAGE_BUN_ENV).toEqual({ BUN_JSC_useFTLJIT: '0', SCHED_POLICY: 'batch' });
   });
 });
