@@ -1,6 +1,5 @@
 /** Configuration: bad values stop the process before it listens, with exit
  * code 2 and one message naming every bad variable, its value and what was expected (the parsing itself: test/unit/config.test.ts). */
-import { readdirSync, readFileSync } from 'node:fs';
 import net from 'node:net';
 import { describe, expect, it } from 'vitest';
 
@@ -12,20 +11,8 @@ import {
   startProcess,
   startUpstream,
   stopAfterEach,
+  threadPolicies,
 } from './helpers.ts';
-
-/** Each thread of a process by its name, with its scheduling policy as /proc tells it (0 SCHED_OTHER, 3 SCHED_BATCH). */
-function policies(pid: number): Array<[string, number]> {
-  return readdirSync(`/proc/${pid}/task`).flatMap((tid) => {
-    try {
-      const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
-      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // from the third field, the state, on
-      return [[readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim(), Number(fields[38])]];
-    } catch {
-      return []; // a thread that ended meanwhile
-    }
-  });
-}
 
 describe.each(ARTIFACTS)('bad configuration stops the process (%s)', (runtime) => {
   stopAfterEach();
@@ -121,7 +108,7 @@ describe.each(ARTIFACTS)('bad configuration stops the process (%s)', (runtime) =
         });
         const res = await fetch(`${amb.url}/x`);
         expect(await res.text()).toBe('ok');
-        const threads = policies(amb.pid);
+        const threads = threadPolicies(amb.pid);
         expect(threads.map(([name]) => name), 'the thread Bun fetches on').toContain('HTTP Client');
         expect(threads.filter(([, p]) => p !== expected), `SCHED_POLICY=${policy}`).toEqual([]);
         await amb.stop();

@@ -1,7 +1,7 @@
 /** Real servers and real processes for the tests: an upstream that records what it received, the
  * ambassador started as a child process (any artifact: `ARTIFACTS`), and a port nothing listens on. */
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import http from 'node:http';
 import net from 'node:net';
@@ -565,4 +565,18 @@ export function openConnections(port: number): { established: number; closeWait:
     }
   }
   return out;
+}
+
+/** Each thread of a process by its name, with its scheduling policy as this host's /proc tells it (0 SCHED_OTHER,
+ * 3 SCHED_BATCH); a thread that ends meanwhile is left out. */
+export function threadPolicies(pid: number | string): Array<[string, number]> {
+  return readdirSync(`/proc/${pid}/task`).flatMap((tid): Array<[string, number]> => {
+    try {
+      const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // from the third field, the state, on
+      return [[readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim(), Number(fields[38])]];
+    } catch {
+      return [];
+    }
+  });
 }

@@ -7,14 +7,14 @@
  *
  * plays another of the images `npm run images` builds as the sidecar (by default the kustomization's). */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { stringify } from 'yaml';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { IMAGE_BUN_ENV } from '../bench/common.ts';
 import { privatePodmanEnv, removePodmanFolder } from '../scripts/podman.ts';
-import { ROOT, skippedBecause, sleep } from './helpers.ts';
+import { ROOT, skippedBecause, sleep, threadPolicies } from './helpers.ts';
 import { type K8sObject, kustomization, objects, resolveImage } from './manifests.ts';
 
 const dir = mkdtempSync(path.join(os.tmpdir(), 'ambassador-kube-'));
@@ -155,12 +155,7 @@ describe.skipIf(why !== undefined)(skippedBecause("podman kube play: the article
     // SCHED_POLICY=batch taken as the non-root user under the container's seccomp profile: every thread, the HTTP
     // client thread that the chain's requests started included, is SCHED_BATCH (3), as this host's /proc tells.
     const pid = podman('inspect', '--format', '{{.State.Pid}}', 'order-service-pod-0-ambassador');
-    const threads = readdirSync(`/proc/${pid}/task`).map((tid) => {
-      const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
-      return `${readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim()}:${
-        stat.slice(stat.lastIndexOf(')') + 2).split(' ')[38]
-      }`;
-    });
+    const threads = threadPolicies(pid).map(([name, policy]) => `${name}:${policy}`);
     expect(threads).toContain('HTTP Client:3');
     expect(threads.filter((t) => !t.endsWith(':3'))).toEqual([]);
   });
