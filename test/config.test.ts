@@ -1,5 +1,6 @@
 /** Configuration: bad values stop the process before it listens, with exit
  * code 2 and one message naming every bad variable, its value and what was expected (the parsing itself: test/unit/config.test.ts). */
+import { spawnSync } from 'node:child_process';
 import net from 'node:net';
 import { describe, expect, it } from 'vitest';
 
@@ -7,12 +8,19 @@ import {
   ARTIFACTS,
   command,
   runtimeOf,
+  skippedBecause,
   startAmbassador,
   startProcess,
   startUpstream,
   stopAfterEach,
   threadPolicies,
 } from './helpers.ts';
+
+/** Why a refused SCHED_BATCH cannot be staged here: it takes root (to drop CAP_SYS_NICE) and util-linux's tools. */
+const refusalUntestable = process.getuid?.() !== 0
+  ? 'not root: dropping CAP_SYS_NICE from the bounding set needs it'
+  : ['prlimit', 'setpriv', 'chrt'].find((tool) => spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0)
+    ?.replace(/.*/, (tool) => `${tool} (util-linux) is not installed`);
 
 describe.each(ARTIFACTS)('bad configuration stops the process (%s)', (runtime) => {
   stopAfterEach();
@@ -115,4 +123,31 @@ describe.each(ARTIFACTS)('bad configuration stops the process (%s)', (runtime) =
       }
     },
   );
+
+  if (runtimeOf(runtime) === 'bun') {
+    it.skipIf(refusalUntestable)(
+      skippedBecause('exits 2 naming SCHED_POLICY=batch when the system refuses it, and why', refusalUntestable),
+      async () => {
+        // Started under SCHED_IDLE without CAP_SYS_NICE and with RLIMIT_NICE 0, a process may not leave SCHED_IDLE.
+        const p = startProcess(
+          [
+            ...['prlimit', '--nice=0', 'setpriv', '--bounding-set', '-sys_nice', '--inh-caps', '-sys_nice'],
+            ...['chrt', '--idle', '0', ...command(runtime)],
+          ],
+          { UPSTREAM_URL: 'http://127.0.0.1:9', PORT: '0', ADMIN_PORT: '0', SCHED_POLICY: 'batch' },
+        );
+        const { code } = await Promise.race([
+          p.exited,
+          new Promise<{ code: number | null }>((r) => setTimeout(() => r({ code: null }), 20_000)),
+        ]);
+        p.kill('SIGKILL');
+        expect(code).toBe(2);
+        expect(p.stderr.join('\n')).toContain(
+          `SCHED_POLICY="batch": expected normal, since this system would not run the process's threads under ` +
+            'SCHED_BATCH (sched_setscheduler refused the main thread)',
+        );
+        expect(p.lines.join('\n')).not.toContain('listening');
+      },
+    );
+  }
 });
