@@ -10,6 +10,7 @@
  *   npm run bench:ab -- /tmp/before.mjs dist/ambassador.mjs --windows 10 --seconds 2 --log-level info
  *   npm run bench:ab -- dist/ambassador.mjs dist/ambassador.mjs       the same build twice: the noise floor
  *   npm run bench:ab -- --pod bin/ambassador-bun /tmp/after-bun       each in a group of its own with the pod's limits
+ *   npm run bench:ab -- --pod bin/ambassador-bun bin/ambassador-bun --env-a "SCHED_POLICY=normal"   a setting, not a file
  *
  * A file ending in .mjs or .js runs on the project's Node 24, one ending in .ts on Bun (`bun FILE`), anything else
  * as an executable (a compiled binary). wrk and nginx from Debian. Prints each window and the medians, and writes
@@ -49,6 +50,10 @@ const WINDOWS = arg('--windows', 20);
 const SECONDS = arg('--seconds', 3);
 const LOG_LEVEL = textArg('--log-level', POD ? podLogLevel() : 'warn');
 const CONNECTIONS = POD ? 64 : 32;
+/** More environment for one build, to compare a setting rather than a file: `--env-a "SCHED_POLICY=normal"`. */
+const envArg = (name: string): Record<string, string> =>
+  Object.fromEntries((textArg(name)?.split(/\s+/) ?? []).filter(Boolean).map((kv) => kv.split(/=(.*)/s).slice(0, 2)));
+const EXTRA_ENV = [envArg('--env-a'), envArg('--env-b')];
 const builds = process.argv.slice(2).filter((a, i, all) =>
   !a.startsWith('--') && !(all[i - 1]?.startsWith('--') && all[i - 1] !== '--pod')
 );
@@ -109,6 +114,7 @@ async function main(): Promise<void> {
       ...ambassadorEnv(upstream.url, port, await freePort()),
       LOG_LEVEL,
       ...(POD && onBun(file) ? IMAGE_BUN_ENV : {}),
+      ...EXTRA_ENV[i],
     };
     // In a group, a shell joins it and then becomes the build, so everything the build starts stays in it.
     const group = limits ? makeGroup(`ambassador-ab-${process.pid}-${i}`, limits) : undefined;
@@ -117,7 +123,15 @@ async function main(): Promise<void> {
       ? spawn('sh', ['-c', `${join}; exec "$@"`, 'sh', ...argv], { env, stdio: ['ignore', 'ignore', 'inherit'] })
       : spawn(argv[0], argv.slice(1), { env, stdio: ['ignore', 'ignore', 'inherit'] });
     process.once('exit', () => child.kill('SIGTERM'));
-    running.push({ name: `${'AB'[i]} ${file}`, child, group, url: `http://127.0.0.1:${port}/small`, us: [], rps: [] });
+    const extra = Object.entries(EXTRA_ENV[i]).map(([k, v]) => ` ${k}=${v}`).join('');
+    running.push({
+      name: `${'AB'[i]} ${file}${extra}`,
+      child,
+      group,
+      url: `http://127.0.0.1:${port}/small`,
+      us: [],
+      rps: [],
+    });
   }
   for (const b of running) await waitFor(b.url, 30_000);
   console.log(
