@@ -7,6 +7,7 @@ import { describe, expect, it } from 'vitest';
 import {
   ARTIFACTS,
   command,
+  type Proc,
   runtimeOf,
   skippedBecause,
   startAmbassador,
@@ -21,6 +22,17 @@ const refusalUntestable = process.getuid?.() !== 0
   ? 'not root: dropping CAP_SYS_NICE from the bounding set needs it'
   : ['prlimit', 'setpriv', 'chrt'].find((tool) => spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0)
     ?.replace(/.*/, (tool) => `${tool} (util-linux) is not installed`);
+
+/** The exit code of a process that should stop at start; one that takes the setting and starts listening instead
+ * is ended after 20 s, and its code is null. */
+async function exitCode(p: Proc): Promise<number | null> {
+  const { code } = await Promise.race([
+    p.exited,
+    new Promise<{ code: number | null }>((r) => setTimeout(() => r({ code: null }), 20_000)),
+  ]);
+  p.kill('SIGKILL');
+  return code;
+}
 
 describe.each(ARTIFACTS)('bad configuration stops the process (%s)', (runtime) => {
   stopAfterEach();
@@ -54,12 +66,7 @@ describe.each(ARTIFACTS)('bad configuration stops the process (%s)', (runtime) =
         ADMIN_PORT: '0',
         [name]: '2147483648',
       });
-      // A process that takes the value starts listening instead: it is ended, and the test fails.
-      const { code } = await Promise.race([
-        p.exited,
-        new Promise<{ code: number | null }>((r) => setTimeout(() => r({ code: null }), 20_000)),
-      ]);
-      p.kill('SIGKILL');
+      const code = await exitCode(p);
       expect(code, name).toBe(2);
       expect(p.stderr.join('\n')).toContain(`${name}="2147483648": expected a whole number from 0 to 2147483647`);
     }
@@ -94,12 +101,7 @@ describe.each(ARTIFACTS)('bad configuration stops the process (%s)', (runtime) =
           ADMIN_PORT: '0',
           SCHED_POLICY: 'batch',
         });
-        // A process that takes the setting starts listening instead: it is ended, and the test fails.
-        const { code } = await Promise.race([
-          p.exited,
-          new Promise<{ code: number | null }>((r) => setTimeout(() => r({ code: null }), 20_000)),
-        ]);
-        p.kill('SIGKILL');
+        const code = await exitCode(p);
         expect(code).toBe(2);
         expect(p.stderr.join('\n')).toContain(
           `SCHED_POLICY="batch": expected normal on ${
@@ -136,11 +138,7 @@ describe.each(ARTIFACTS)('bad configuration stops the process (%s)', (runtime) =
           ],
           { UPSTREAM_URL: 'http://127.0.0.1:9', PORT: '0', ADMIN_PORT: '0', SCHED_POLICY: 'batch' },
         );
-        const { code } = await Promise.race([
-          p.exited,
-          new Promise<{ code: number | null }>((r) => setTimeout(() => r({ code: null }), 20_000)),
-        ]);
-        p.kill('SIGKILL');
+        const code = await exitCode(p);
         expect(code).toBe(2);
         expect(p.stderr.join('\n')).toContain(
           `SCHED_POLICY="batch": expected normal, since this system would not run the process's threads under ` +
