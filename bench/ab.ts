@@ -32,6 +32,7 @@ import {
   ambassadorEnv,
   arg,
   cpuSeconds,
+  envArg,
   freePort,
   IMAGE_BUN_ENV,
   IMAGE_NODE_FLAGS,
@@ -51,8 +52,6 @@ const SECONDS = arg('--seconds', 3);
 const LOG_LEVEL = textArg('--log-level', POD ? podLogLevel() : 'warn');
 const CONNECTIONS = POD ? 64 : 32;
 /** More environment for one build, to compare a setting rather than a file: `--env-a "SCHED_POLICY=normal"`. */
-const envArg = (name: string): Record<string, string> =>
-  Object.fromEntries((textArg(name)?.split(/\s+/) ?? []).filter(Boolean).map((kv) => kv.split(/=(.*)/s).slice(0, 2)));
 const EXTRA_ENV = [envArg('--env-a'), envArg('--env-b')];
 const builds = process.argv.slice(2).filter((a, i, all) =>
   !a.startsWith('--') && !(all[i - 1]?.startsWith('--') && all[i - 1] !== '--pod')

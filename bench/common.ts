@@ -23,6 +23,10 @@ export function textArg(name: string, fallback?: string): string | undefined {
   return i >= 0 ? process.argv[i + 1] : fallback;
 }
 
+/** A command-line option of environment variables, none when it is absent: `--bun-env "A=1 B=2"`. */
+export const envArg = (name: string): Record<string, string> =>
+  Object.fromEntries((textArg(name)?.split(/\s+/) ?? []).filter(Boolean).map((kv) => kv.split(/=(.*)/s).slice(0, 2)));
+
 /** undefined when `file` (from the repository root) exists, else how to make it: a row's `available`. */
 export const built = (file: string, how: string) => (existsSync(path.join(root, file)) ? undefined : how);
 

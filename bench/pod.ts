@@ -38,6 +38,7 @@ import {
   arg,
   built,
   cpuSeconds,
+  envArg,
   freePort,
   goReference,
   has,
@@ -71,9 +72,7 @@ const ONLY = textArg('--only');
 const NODE_FLAGS = textArg('--node-flags')?.split(/\s+/).filter(Boolean) ?? IMAGE_NODE_FLAGS;
 /** Environment for the Bun ambassador rows, to try the settings an image could have (JavaScriptCore options,
  * SCHED_POLICY): `--bun-env "BUN_JSC_useFTLJIT=0"`. */
-const BUN_ENV: Record<string, string> = Object.fromEntries(
-  (textArg('--bun-env')?.split(/\s+/) ?? []).filter(Boolean).map((kv) => kv.split(/=(.*)/s).slice(0, 2)),
-);
+const BUN_ENV = envArg('--bun-env');
 const envText = (env: Record<string, string>) => Object.entries(env).map(([k, v]) => `${k}=${v}`).join(' ');
 const BUN_NOTE = Object.keys(BUN_ENV).length > 0 ? `, ${envText(BUN_ENV)}` : '';
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'ambassador-pod-'));
