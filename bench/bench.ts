@@ -261,7 +261,7 @@ const rows: Row[] = [
     built('bin/ambassador-bun', 'run npm run compile:bun'),
     BARE_BUN,
   ),
-  // The JavaScriptCore options the ambassador-bun image sets (Containerfile).
+  // The settings the ambassador-bun image sets (its JavaScriptCore options and SCHED_POLICY, Containerfile).
   ambassadorRow(
     'ambassador (bun compiled, image env)',
     [path.join(root, 'bin/ambassador-bun')],
