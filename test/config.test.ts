@@ -1,9 +1,9 @@
 /** Configuration: bad values stop the process before it listens, with exit
  * code 2 and one message naming every bad variable, its value and what was expected (the parsing itself: test/unit/config.test.ts). */
-import { spawnSync } from 'node:child_process';
 import net from 'node:net';
 import { describe, expect, it } from 'vitest';
 
+import { has } from '../bench/common.ts';
 import {
   ARTIFACTS,
   command,
@@ -18,10 +18,10 @@ import {
 } from './helpers.ts';
 
 /** Why a refused SCHED_BATCH cannot be staged here: it takes root (to drop CAP_SYS_NICE) and util-linux's tools. */
+const missingTool = ['prlimit', 'setpriv', 'chrt'].find((tool) => !has(tool));
 const refusalUntestable = process.getuid?.() !== 0
   ? 'not root: dropping CAP_SYS_NICE from the bounding set needs it'
-  : ['prlimit', 'setpriv', 'chrt'].find((tool) => spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0)
-    ?.replace(/.*/, (tool) => `${tool} (util-linux) is not installed`);
+  : missingTool && `${missingTool} (util-linux) is not installed`;
 
 /** The exit code of a process that should stop at start; one that takes the setting and starts listening instead
  * is ended after 20 s, and its code is null. */
