@@ -134,8 +134,13 @@ export function memory(pid: number): { rss: number; peak: number } {
 }
 
 /** utime + stime from a `/proc/.../stat` line, in seconds (ticks of 1/100 s); the name in brackets may hold `) `. */
+/** The fields of a `/proc/PID/stat` line after the command's name (which may hold spaces): state first. */
+function statFields(stat: string): string[] {
+  return stat.slice(stat.lastIndexOf(') ') + 2).split(' ');
+}
+
 function statCpuSeconds(stat: string): number {
-  const fields = stat.slice(stat.lastIndexOf(') ') + 2).split(' ');
+  const fields = statFields(stat);
   return (Number(fields[11]) + Number(fields[12])) / 100;
 }
 
@@ -171,8 +176,7 @@ export function threadSeconds(pid: number): Map<string, number> {
 export function minorFaults(pid: number): number {
   return tree(pid).reduce((sum, p) => {
     try {
-      const stat = readFileSync(`/proc/${p}/stat`, 'utf8');
-      return sum + Number(stat.slice(stat.lastIndexOf(') ') + 2).split(' ')[7]);
+      return sum + Number(statFields(readFileSync(`/proc/${p}/stat`, 'utf8'))[7]);
     } catch {
       return sum;
     }
