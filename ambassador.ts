@@ -2585,11 +2585,13 @@ function trackBody(
 }
 
 /** Gives a chunk's memory back now, when the chunk is the whole of its buffer (nothing else can see it):
- * detaching the buffer frees it. Bun's fetch hands each piece of a body to JavaScript in a buffer of its
- * own, up to a few hundred KiB, which otherwise waits for the next collection; meanwhile the allocator hands
- * out fresh pages and, in a process throttled to a tenth of a core, gives the freed ones back to the system
- * before it can use them again, so every body costs page faults. Freed now, the next piece reuses them. Only
- * for a chunk the server has written or copied already. */
+ * detaching the buffer frees it. Only for a chunk the server has written or copied already. Both clients
+ * hand each piece of a body to JavaScript in a buffer of its own, which otherwise waits for the next garbage
+ * collection. Bun's are up to a few hundred KiB: meanwhile its allocator hands out fresh pages and, in a
+ * process throttled to a tenth of a core, gives the freed ones back to the system before it can use them
+ * again, so every body costs page faults. Node's are 64 KiB, counted by V8 as memory outside its heap, whose
+ * growth sets off full collections. Freed now, the next piece reuses the memory. Where `transfer` is missing
+ * (Node 20), nothing is done. */
 function release(chunk: Uint8Array): void {
   const buffer = chunk.buffer as ArrayBuffer & { transfer?(length: number): ArrayBuffer };
   if (chunk.byteOffset === 0 && chunk.byteLength === buffer.byteLength) buffer.transfer?.(0);
@@ -4723,12 +4725,12 @@ export interface NodeReadable extends AsyncIterable<Uint8Array> {
   readonly readableFlowing?: boolean | null;
   /** what has been read from the connection and not yet taken, as one piece; null: nothing */
   read(): Uint8Array | null;
-  pipe(to: NodeOutgoing): void;
+  pause(): void;
   resume(): void;
   destroy(err?: Error): void;
   on(event: 'data', f: (chunk: Uint8Array) => void): void;
   on(event: 'error', f: (err: Error) => void): void;
-  on(event: 'close', f: () => void): void;
+  on(event: 'end' | 'close', f: () => void): void;
 }
 export interface NodeIncoming extends AsyncIterable<Uint8Array> {
   method?: string;
@@ -4744,12 +4746,14 @@ export interface NodeOutgoing {
   writeHead(status: number, statusText: string, headers: string[]): void;
   writeHead(status: number, headers: string[]): void;
   statusMessage: string;
+  /** false: the connection is full, wait for 'drain'; `written` runs once the chunk has gone to the kernel */
+  write(chunk: Uint8Array, written: (err?: Error | null) => void): boolean;
   end(chunk?: Uint8Array): void;
   destroy(): void;
   readonly writableFinished: boolean;
   readonly writableNeedDrain: boolean;
   readonly destroyed: boolean;
-  on(event: 'finish' | 'close', f: () => void): void;
+  on(event: 'finish' | 'close' | 'drain', f: () => void): void;
   once(event: 'close', f: () => void): void;
 }
 
@@ -4830,9 +4834,11 @@ function nodeHeaders(raw: string[]): HeaderList {
   return headers;
 }
 
-/** Node: writes the response head, then pipes the upstream body into the app's connection with Node's own
- * backpressure, counting bytes. An upstream failure mid-body destroys the app's connection (the app sees
- * a broken response, never a short one that looks whole); the app going away destroys the upstream's. */
+/** Node: writes the response head, then passes the upstream body into the app's connection with Node's own
+ * backpressure (the upstream's body paused while the app's connection is full), counting bytes. Each chunk's
+ * memory is given back once the kernel has it (`release`). An upstream failure mid-body destroys the app's
+ * connection (the app sees a broken response, never a short one that looks whole); the app going away
+ * destroys the upstream's. */
 function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, reply: Reply, idleMs: number, done: BodyDone): void {
   if (outgoing.destroyed) { // the app left while the headers were on their way
     body.destroy();
@@ -4875,13 +4881,15 @@ function pipeNode(body: NodeReadable, outgoing: NodeOutgoing, reply: Reply, idle
   body.on('data', (chunk) => {
     bytes += chunk.byteLength;
     idle?.refresh();
+    if (!outgoing.write(chunk, (err) => err || release(chunk))) body.pause();
   });
+  outgoing.on('drain', () => body.resume());
+  body.on('end', () => outgoing.end());
   body.on('close', () => clearTimeout(idle));
   body.on('error', (err) => {
     end(`upstream body failed: ${describeFailure(err)}`);
     outgoing.destroy();
   });
-  body.pipe(outgoing);
 }
 
 /** Node: the head of `reply`, its header list as it is (order and repeats kept), and a Content-Length when
