@@ -4758,7 +4758,7 @@ export interface NodeOutgoing {
 }
 
 /** A request as Node's server read it: the target as sent, the raw header list (no `Headers` object is
- * built), and the app's connection, into which an upstream's Node body is piped straight (`pipeNode`). */
+ * built), and the app's connection, into which an upstream's Node body is passed straight (`pipeNode`). */
 export class NodeAppRequest implements AppRequest {
   readonly method: string;
   readonly target: string;
