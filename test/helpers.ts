@@ -254,8 +254,14 @@ export function startProcess(argv: string[], env: Record<string, string>, option
   };
   child.stdout!.on('data', feed(lines));
   child.stderr!.on('data', feed(stderr));
+  // 'exit' can come before the last of stdout has been read: `exited` waits for the pipes to close too (all
+  // the process wrote is in `lines`), up to a second, for a child of the process that may hold them open.
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
-    child.on('exit', (code, signal) => resolve({ code, signal }));
+    child.on('exit', (code, signal) => {
+      const done = () => resolve({ code, signal });
+      child.on('close', done);
+      setTimeout(done, 1000).unref();
+    });
   });
   return {
     child,
