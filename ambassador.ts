@@ -3479,6 +3479,10 @@ export function createLogger(
  * it writes; a path is logged as it came, percent-encoded): past it, a line is dropped and counted. */
 const LOG_BACKLOG_BYTES = 1024 * 1024;
 
+/** How long the exit waits for a log write still out where the runtime's exit would drop it (Deno): the lines
+ * that tell why the process ends (a drain cut short, a second signal) must not be the ones lost. */
+const EXIT_LOG_WAIT_MS = 500;
+
 /** Log lines written together, in order. A routine line (info, debug: the access line of a request that went
  * well) waits for the end of the turn of the event loop (`setImmediate`), so a busy proxy writes the access
  * lines of every request finished in a turn at once, not one write a request. An urgent one (warn and
@@ -3491,21 +3495,25 @@ const LOG_BACKLOG_BYTES = 1024 * 1024;
  * line past it is dropped, counted in `dropped` (`ambassador_log_lines_dropped_total`) and told of by
  * `onDropped` once stdout takes lines again — never held without bound, which would grow the process to its
  * memory limit, nor waited for, which would stop the proxy. Lines a write failed to deliver (stdout closed by
- * its reader) count as dropped too. `flush` writes what is waiting at once, whatever is out (with
- * `writeOutAtExit` where the runtime's exit would drop a write still out); main calls it before every exit. */
+ * its reader) count as dropped too. `flush`, which main awaits before every exit, writes what is waiting at
+ * once, whatever is out; where the runtime's exit would drop a write still out (`writeOutAtExit`: Deno, whose
+ * exit can end the process before an asynchronous write to a pipe is done), it first waits for that write, up
+ * to EXIT_LOG_WAIT_MS, starting no other, then writes the rest through `writeOutAtExit`, which blocks. */
 export function batchedLines(
   writeOut: (text: string, written: (failed?: boolean) => void) => void,
   onDropped: (lines: number) => void = noop,
   writeOutAtExit?: (text: string) => void,
-): { write(line: string, urgent?: boolean): void; flush(): void; readonly dropped: number } {
+): { write(line: string, urgent?: boolean): void; flush(): Promise<void>; readonly dropped: number } {
   let pending: string[] = [];
   let waiting = 0; // text pending or out
   let out = 0; // text of the writes out now (0: none)
   let soon = false; // a flush at the end of this run of code is on its way
   let dropped = 0;
   let untold = 0; // dropped since the last time it was told
+  let exiting: (() => void) | undefined; // the exit waits for the write out: called once none is
   const send = (force: boolean) => {
     soon = false;
+    if (out === 0 && exiting) return exiting();
     if (pending.length === 0 || (out > 0 && !force)) return;
     const text = pending.length === 1 ? pending[0] : pending.join('\n');
     const lines = pending.length;
@@ -3534,8 +3542,14 @@ export function batchedLines(
       if (urgent && !soon) (soon = true), queueMicrotask(flushSoon);
       else if (first) later(flushSoon);
     },
-    flush: () => {
+    flush: async () => {
       if (!writeOutAtExit) return send(true);
+      if (out > 0) {
+        await new Promise<void>((resolve) => {
+          exiting = resolve;
+          setTimeout(resolve, EXIT_LOG_WAIT_MS);
+        });
+      }
       if (pending.length > 0) writeOutAtExit(pending.join('\n'));
       pending = [];
     },
@@ -6086,8 +6100,8 @@ export async function main(): Promise<void> {
     runtime.writeOutAtExit,
   );
   const log = createLogger(config.logFormat, config.logLevel, lines.write);
-  const exit = (code: number): never => {
-    lines.flush();
+  const exit = async (code: number): Promise<never> => {
+    await lines.flush();
     return runtime.exit(code);
   };
   // The group's anonymous memory counts against the limit; without a group, the process's resident size.
@@ -6108,7 +6122,7 @@ export async function main(): Promise<void> {
         `an address of this machine and a port free on it (${describeFailure(err)})`,
       );
       console.error(`ambassador: ${new ConfigError(problems.list).message}`);
-      return exit(2);
+      return await exit(2);
     }
   };
   const work: Work = {
@@ -6133,7 +6147,7 @@ export async function main(): Promise<void> {
     // Only a second signal forces the exit: a drain begun by POST /shutdown goes on when SIGTERM follows.
     if (signalled) {
       log('warn', `second ${signal}: exiting now`, { in_flight: amb.inFlight.size });
-      return exit(1);
+      return void exit(1);
     }
     signalled = true;
     if (amb.draining) log('notice', `${signal}: a drain is already under way; a second signal exits at once`);
@@ -6205,7 +6219,7 @@ async function drain(
   proxy: Listener,
   admin: Listener,
   log: Logger,
-  exit: (code: number) => never,
+  exit: (code: number) => Promise<never>,
 ) {
   amb.startDrain();
   log('notice', `${signal}: drain started, /readyz now answers 503`, {
@@ -6231,7 +6245,7 @@ async function drain(
   // The admin answers being written (the 202 to POST /shutdown among them) go out first, briefly.
   await raceTimer(admin.close(), 1000, noop);
   log('notice', 'drain complete, exiting', { exit_code: 0 });
-  exit(0);
+  await exit(0);
 }
 
 /** Whether this file is the program, not a module a test imports. */

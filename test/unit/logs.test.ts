@@ -166,16 +166,47 @@ describe('batched log lines', () => {
     expect(told).toHaveLength(1);
   });
 
-  it('writes what waits at exit through the exit writer, even with a write out', async () => {
+  it('at exit, waits for the write out, then writes what waits through the exit writer', async () => {
     const writes: string[] = [];
+    const acks: Array<() => void> = [];
     const atExit: string[] = [];
-    const out = batchedLines((text) => writes.push(text), undefined, (text) => atExit.push(text));
+    const out = batchedLines(
+      (text, written) => (writes.push(text), acks.push(written)),
+      undefined,
+      (text) => atExit.push(text),
+    );
     const turn = () => new Promise((r) => setImmediate(r));
     out.write('one');
     await turn();
     out.write('two');
-    out.write('three');
-    out.flush();
+    out.write('three', true);
+    let flushed = false;
+    const flushing = out.flush().then(() => (flushed = true));
+    await turn();
+    // 'one' is still out (an exit now could drop it): nothing more is written, by either writer.
+    expect({ writes, atExit, flushed }).toEqual({ writes: ['one'], atExit: [], flushed: false });
+    acks.shift()!();
+    await flushing;
     expect({ writes, atExit }).toEqual({ writes: ['one'], atExit: ['two\nthree'] });
+  });
+
+  it('at exit, waits for a write out no longer than half a second', async () => {
+    const atExit: string[] = [];
+    const out = batchedLines(() => {}, undefined, (text) => atExit.push(text)); // stdout never takes it
+    out.write('one');
+    await new Promise((r) => setImmediate(r));
+    out.write('two');
+    const t0 = performance.now();
+    await out.flush();
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(450);
+    expect(atExit).toEqual(['two']);
+  });
+
+  it('at exit, writes at once what waits when no write is out', async () => {
+    const atExit: string[] = [];
+    const out = batchedLines(() => {}, undefined, (text) => atExit.push(text));
+    out.write('one');
+    void out.flush();
+    expect(atExit).toEqual(['one']);
   });
 });
