@@ -2481,9 +2481,17 @@ function concat(chunks: Uint8Array[], size: number): Uint8Array {
 
 /** Reads a response body chunk by chunk, counting bytes and telling `done` once how it ended; an upstream
  * that sends nothing for `idleMs` (if > 0) is cut off. `next` gives the next chunk, null at the end, or
- * rejects: the upstream failed, or stalled. `cancel`: the app went away. */
-function bodyReader(body: ReadableStream<Uint8Array>, idleMs: number, done: BodyDone) {
-  const reader = body.getReader();
+ * rejects: the upstream failed, or stalled. `cancel`: the app went away.
+ *
+ * With `scratchBytes`, a body that is a byte stream (Deno's fetch) is read into one buffer of that size, the
+ * same for every read, and each chunk `next` gives lives only until the next call: the caller copies it out.
+ * Otherwise Deno reads each piece into a fresh 64 KiB buffer, which V8 counts as memory outside its heap
+ * until a garbage collection, and under load their sum set off a dozen full collections a second. */
+function bodyReader(body: ReadableStream<Uint8Array>, idleMs: number, done: BodyDone, scratchBytes = 0) {
+  const into = scratchBytes > 0 ? byobReader(body) : undefined;
+  const plain = into ? undefined : body.getReader();
+  const reader = (into ?? plain)!;
+  let scratch: Uint8Array<ArrayBuffer> | undefined = into && new Uint8Array(scratchBytes);
   let bytes = 0;
   // One timer for the whole body, not one raced against every read: it looks at the read waiting now, and
   // sets itself again for what is left of that read's `idleMs`. Time no read waits (the app reading slowly)
@@ -2514,9 +2522,11 @@ function bodyReader(body: ReadableStream<Uint8Array>, idleMs: number, done: Body
           waitingSince = performance.now();
           timer ??= setTimeout(watch, idleMs);
         }
-        const chunk = await reader.read();
+        const chunk: ReadableStreamReadResult<Uint8Array> = into ? await into.read(scratch!) : await plain!.read();
         waitingSince = 0;
         if (stalled) throw stalled;
+        // The scratch buffer comes back with the chunk (a read takes it, a new one in its place), for the next.
+        if (into && chunk.value) scratch = new Uint8Array(chunk.value.buffer as ArrayBuffer);
         if (chunk.done) return end(), null;
         bytes += chunk.value.byteLength;
         return chunk.value;
@@ -2530,6 +2540,15 @@ function bodyReader(body: ReadableStream<Uint8Array>, idleMs: number, done: Body
       return reader.cancel(reason);
     },
   };
+}
+
+/** A reader that reads into the buffer it is given, where the body is a byte stream. */
+function byobReader(body: ReadableStream<Uint8Array>): ReadableStreamBYOBReader | undefined {
+  try {
+    return body.getReader({ mode: 'byob' });
+  } catch {
+    return undefined; // not a byte stream
+  }
 }
 
 /** Passes a response body through chunk by chunk, read by `bodyReader`. An upstream error mid-body errors
@@ -2648,14 +2667,20 @@ async function wholeResponse(
   direct: boolean,
   appGone: () => boolean,
 ): Promise<Response> {
+  // On Deno the reads go into one scratch buffer a byte longer than the body says (the read that finds the end
+  // needs room for one), each chunk copied out as it comes.
+  const scratch = direct ? 0 : declaredLength(reply) + 1;
   const { next } = bodyReader(body, idleMs, (bytes, error) => {
     done(bytes, error !== undefined && appGone() ? 'client went away during the response body' : error);
-  });
+  }, scratch);
   const init = { status: reply.status, statusText: reply.statusText, headers: reply.headers };
   const chunks: Uint8Array[] = [];
   let size = 0;
   try {
-    for (let chunk = await next(); chunk !== null; chunk = await next()) chunks.push(chunk), size += chunk.byteLength;
+    for (let chunk = await next(); chunk !== null; chunk = await next()) {
+      chunks.push(scratch ? chunk.slice() : chunk);
+      size += chunk.byteLength;
+    }
   } catch (err) {
     // Passed on as a streamed body that breaks, on each server. The break waits a turn of the event loop,
     // so the bytes before it are out (Bun's server holds writes until the turn ends, and drops them if the
