@@ -2558,12 +2558,14 @@ function byobReader(body: ReadableStream<Uint8Array>): ReadableStreamBYOBReader 
  * `direct` (Bun): one of Bun's "direct" streams, whose chunks go straight to the app's connection instead
  * of through a stream queue (the queue cost Bun half its throughput). Each chunk is flushed as it comes, and
  * the write is awaited, so a slow app slows the reading. Once written, a chunk's memory is given back at once
- * (`release`) rather than at the next garbage collection. */
+ * (`release`) rather than at the next garbage collection. `ownBuffers` (a fetch body's, on Deno): each chunk
+ * is in a buffer made for it, given back once the server has taken it. */
 function trackBody(
   body: ReadableStream<Uint8Array>,
   idleMs: number,
   done: BodyDone,
   direct = false,
+  ownBuffers = false,
 ): ReadableStream<Uint8Array> {
   const { next, cancel } = bodyReader(body, idleMs, done);
   if (direct) {
@@ -2589,12 +2591,18 @@ function trackBody(
       cancel,
     } as unknown as UnderlyingDefaultSource<Uint8Array>);
   }
+  // The server asks for a chunk only once it has taken the one before (nothing is queued ahead of it): that one
+  // is given back then, where each chunk's buffer was made for it. Deno's server holds the memory of a chunk it
+  // has taken until it is written (a chunk changed after it was taken goes out changed), so detaching it drops
+  // only V8's count of it, whose growth would set off full collections.
+  let taken: Uint8Array | undefined;
   return new ReadableStream<Uint8Array>({
     async pull(c) {
+      if (taken) release(taken, true), taken = undefined;
       try {
         const chunk = await next();
         if (chunk === null) c.close();
-        else c.enqueue(chunk);
+        else c.enqueue(chunk), taken = ownBuffers && chunk.byteOffset === 0 ? chunk : undefined;
       } catch {
         c.error(CUT_OFF);
       }
@@ -2603,17 +2611,19 @@ function trackBody(
   }, { highWaterMark: 0 });
 }
 
-/** Gives a chunk's memory back now, when the chunk is the whole of its buffer (nothing else can see it):
- * detaching the buffer frees it. Only for a chunk the server has written or copied already. Both clients
- * hand each piece of a body to JavaScript in a buffer of its own, which otherwise waits for the next garbage
- * collection. Bun's are up to a few hundred KiB: meanwhile its allocator hands out fresh pages and, in a
- * process throttled to a tenth of a core, gives the freed ones back to the system before it can use them
- * again, so every body costs page faults. Node's are 64 KiB, counted by V8 as memory outside its heap, whose
- * growth sets off full collections. Freed now, the next piece reuses the memory. Where `transfer` is missing
- * (Node 20), nothing is done. */
-function release(chunk: Uint8Array): void {
+/** Gives a chunk's memory back now, when the chunk is the whole of its buffer (nothing else can see it), or,
+ * with `wholeBuffer`, when the caller knows the buffer was made for this chunk alone (Deno's fetch reads each
+ * piece into a fresh 64 KiB buffer, the chunk at its start): detaching the buffer frees it, or leaves it to
+ * the server where the server still holds it. Only for a chunk the server has written or taken already. The
+ * clients hand each piece of a body to JavaScript in a buffer of its own, which otherwise waits for the next
+ * garbage collection. Bun's are up to a few hundred KiB: meanwhile its allocator hands out fresh pages and, in
+ * a process throttled to a tenth of a core, gives the freed ones back to the system before it can use them
+ * again, so every body costs page faults. Node's and Deno's are 64 KiB, counted by V8 as memory outside its
+ * heap, whose growth sets off full collections. Freed now, the next piece reuses the memory. Where `transfer`
+ * is missing (Node 20), nothing is done. */
+function release(chunk: Uint8Array, wholeBuffer = false): void {
   const buffer = chunk.buffer as ArrayBuffer & { transfer?(length: number): ArrayBuffer };
-  if (chunk.byteOffset === 0 && chunk.byteLength === buffer.byteLength) buffer.transfer?.(0);
+  if (wholeBuffer || (chunk.byteOffset === 0 && chunk.byteLength === buffer.byteLength)) buffer.transfer?.(0);
 }
 
 /** What a response body the server is writing fails with when it must be cut off (its upstream broke or
@@ -2645,7 +2655,7 @@ function webResponse(
   if (done && reply.body && declaredLength(reply) <= WHOLE_BODY_MAX) {
     return wholeResponse(reply, reply.body, done, idleMs, direct, appGone);
   }
-  return new Response(body && done ? trackBody(body, idleMs, done, direct) : body, {
+  return new Response(body && done ? trackBody(body, idleMs, done, direct, !reply.node) : body, {
     status: reply.status,
     statusText: reply.statusText,
     headers: reply.headers,
