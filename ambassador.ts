@@ -2486,7 +2486,7 @@ function concat(chunks: Uint8Array[], size: number): Uint8Array {
  * With `scratchBytes`, a body that is a byte stream (Deno's fetch) is read into one buffer of that size, the
  * same for every read, and each chunk `next` gives lives only until the next call: the caller copies it out.
  * Otherwise Deno reads each piece into a fresh 64 KiB buffer, which V8 counts as memory outside its heap
- * until a garbage collection, and under load their sum set off a dozen full collections a second. */
+ * until a garbage collection, and under load their sum set off eight full collections a second. */
 function bodyReader(body: ReadableStream<Uint8Array>, idleMs: number, done: BodyDone, scratchBytes = 0) {
   const into = scratchBytes > 0 ? byobReader(body) : undefined;
   const plain = into ? undefined : body.getReader();
