@@ -47,6 +47,23 @@ describe.each(ARTIFACTS)('logs (%s)', (runtime) => {
     expect(amb.lines.join('\n')).not.toContain('secret-in-query');
   });
 
+  it('counts every byte of the answer in bytes_out, a short body read whole or one streamed', async () => {
+    upstream = await startUpstream((q, res) => {
+      if (q.url === '/short') return res.end('hello'); // with its Content-Length: read whole (Deno and Bun)
+      res.writeHead(200); // chunked: passed on as it comes
+      res.write('he');
+      setTimeout(() => res.end('llo!'), 20);
+    });
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url });
+    for (const [path, bytes] of [['/short', 5], ['/streamed', 6]] as const) {
+      const res = await fetch(`${amb.url}${path}`);
+      expect(res.headers.get('content-length')).toBe(path === '/short' ? '5' : null);
+      expect((await res.text()).length).toBe(bytes);
+      const line = await amb.waitForLine((l) => l.includes('"msg":"request"') && l.includes(`"path":"${path}"`));
+      expect(JSON.parse(line).bytes_out).toBe(bytes);
+    }
+  });
+
   it('never writes credentials or cookies to the log or the admin port', async () => {
     upstream = await startUpstream((_q, res) => {
       res.writeHead(502);
