@@ -4725,8 +4725,7 @@ export interface CgroupMemory {
 /** The directories where the cgroup the process runs in keeps a controller's files, most likely first: the
  * path `/proc/self/cgroup` gives under `root` (v2's one hierarchy, or v1's for `controller`, mounted under
  * the name of the controllers it shares a hierarchy with, e.g. `cpu,cpuacct`), then `root` itself, where a
- * container sees its own group (Deno may not read /proc/self without --allow-all, so there only a
- * container's is found). */
+ * container sees its own group. (Deno reads neither without --allow-all: `cgroupRefused`.) */
 function cgroupDirs(readFile: ReadFile, root: string, controller: string): Array<{ dir: string; v2: boolean }> {
   const dirs: Array<{ dir: string; v2: boolean }> = [];
   let lines = '';
@@ -4747,6 +4746,20 @@ function cgroupDirs(readFile: ReadFile, root: string, controller: string): Array
   }
   dirs.push({ dir: root, v2: true }, { dir: `${root}/${controller}`, v2: false });
   return dirs;
+}
+
+/** Why the process may not read the cgroup it runs in, where its runtime refuses: Deno 2 lets no program read
+ * under /proc/self or /sys without --allow-all, whatever --allow-read says (denoland/deno#27564), so under
+ * Deno the ambassador finds neither limit by itself, in a container or out of one. Undefined where the file
+ * could be read, or is simply not there (no cgroups): then a limit not found is a limit not set. */
+export function cgroupRefused(readFile: ReadFile): string | undefined {
+  try {
+    readFile('/proc/self/cgroup');
+  } catch (err) {
+    const name = (err as { name?: unknown }).name;
+    if (name === 'NotCapable' || name === 'PermissionDenied') return describeFailure(err);
+  }
+  return undefined;
 }
 
 /** The cgroup memory the process runs under (v2: `memory.max` and `anon` in `memory.stat`; v1:
@@ -6186,6 +6199,14 @@ export async function main(): Promise<void> {
   const memoryLimit = config.memoryLimitBytes || group?.limitBytes || null;
   const used = group ? () => group.used() : () => runtime.usage().rssBytes;
   const cpuCores = config.cpuLimitMillicores / 1000 || runtime.cpu();
+  // A limit the runtime would not let it read is not a limit that is not there: told, with what gives it.
+  const unread = [memoryLimit === null && 'MEMORY_LIMIT_BYTES', cpuCores === null && 'CPU_LIMIT_MILLICORES'];
+  const refused = unread.some(Boolean) ? cgroupRefused(runtime.readFile) : undefined;
+  if (refused) {
+    log('warn', `the cgroup's limits could not be read (${refused}): set ${unread.filter(Boolean).join(' and ')}`, {
+      unread: unread.filter(Boolean),
+    });
+  }
   const amb = createAmbassador(config, runtime, { log, memory: { limitBytes: memoryLimit, used }, cpuCores });
 
   // Where the ambassador cannot listen is a configuration error too: it names the variables (exit 2).

@@ -68,6 +68,8 @@ const WARMUP = arg('--warmup', 5);
 const IMAGE_ROUNDS = arg('--image-rounds', 2);
 /** Another memory limit than the manifest's, to find what an artifact holds: `--memory-mib 128`. */
 const MEMORY_MIB = arg('--memory-mib', 0);
+/** The group's limits: the manifests', or `--memory-mib`. */
+const LIMITS: Limits = { ...podLimits(), ...(MEMORY_MIB ? { memoryBytes: MEMORY_MIB * 1024 ** 2 } : {}) };
 const ONLY = textArg('--only');
 /** Other V8 flags for the Node image's rows, to choose the image's: `--node-flags "--max-semi-space-size=2"`. */
 const NODE_FLAGS = textArg('--node-flags')?.split(/\s+/).filter(Boolean) ?? IMAGE_NODE_FLAGS;
@@ -192,7 +194,8 @@ const rows: Row[] = [
     image: 'ambassador:deno',
     available: built('node_modules/.bin/deno', 'npm package deno missing'),
     // The image is the deno-compiled binary, which cannot be built offline: the same file, run with the flags
-    // it is compiled with.
+    // it is compiled with. Deno may not read its cgroup (README, Limits), so it is given the group's limits as a
+    // pod gives them to a Deno sidecar, from its own (the downward API).
     command: ambassador([
       deno,
       'run',
@@ -202,7 +205,7 @@ const rows: Row[] = [
       '--allow-env',
       '--allow-read',
       path.join(root, 'ambassador.ts'),
-    ]),
+    ], { MEMORY_LIMIT_BYTES: String(LIMITS.memoryBytes), CPU_LIMIT_MILLICORES: String(LIMITS.cpuMillis) }),
   },
 ];
 
@@ -327,7 +330,7 @@ function summary(r: Result): string {
 }
 
 async function main(): Promise<void> {
-  const limits = { ...podLimits(), ...(MEMORY_MIB ? { memoryBytes: MEMORY_MIB * 1024 ** 2 } : {}) };
+  const limits = LIMITS;
   const why = await cannotMakeGroups(limits);
   if (why) {
     console.error(`\n*** bench:pod: cannot make a cgroup with the pod's limits here (${why}): nothing measured. ***\n`);

@@ -37,9 +37,12 @@ describe.skipIf(unavailable !== undefined).each(ARTIFACTS)(
       const amb = await inGroup(artifact, { UPSTREAM_URL: upstream.url });
       expect((await fetch(`${amb.url}/ok`)).status).toBe(200);
       const metrics = await scrape(amb);
-      // Deno may not read /proc/self without --allow-all: it finds a container's own group at the root of
-      // /sys/fs/cgroup, and outside a container (here) no limit; MEMORY_LIMIT_BYTES gives it one.
-      const found = runtimeOf(artifact) === 'deno' ? null : limits.memoryBytes;
+      // Deno 2 may read neither /proc/self nor /sys without --allow-all (denoland/deno#27564), in a container or
+      // out of one: it finds no limit, and says so at start, naming the variables that give them.
+      const deno = runtimeOf(artifact) === 'deno';
+      const found = deno ? null : limits.memoryBytes;
+      const told = amb.logs().filter((l) => l.level === 'warn' && /cgroup's limits could not be read/.test(String(l.msg)));
+      expect(told.map((l) => l.unread)).toEqual(deno ? [['MEMORY_LIMIT_BYTES', 'CPU_LIMIT_MILLICORES']] : []);
       expect(metrics.get('ambassador_memory_limit_bytes')).toBe(found ?? undefined);
       expect(metrics.get('ambassador_memory_shedding')).toBe(0);
       expect(amb.logs().find((l) => l.msg === 'listening')?.memory_limit_bytes).toBe(found);
@@ -48,7 +51,7 @@ describe.skipIf(unavailable !== undefined).each(ARTIFACTS)(
       expect(amb.logs().find((l) => l.msg === 'listening')?.process_max_in_flight).toBe(places);
       expect(metrics.get('ambassador_process_max_in_flight')).toBe(places || undefined);
       // The group's CPU limit, a whole core, is read too; it allows more places than the memory does.
-      const cores = runtimeOf(artifact) === 'deno' ? null : limits.cpuMillis / 1000;
+      const cores = deno ? null : limits.cpuMillis / 1000;
       expect(amb.logs().find((l) => l.msg === 'listening')?.cpu_limit_cores).toBe(cores);
       expect(metrics.get('ambassador_cpu_limit_cores')).toBe(cores ?? undefined);
     });
@@ -69,6 +72,9 @@ describe.skipIf(unavailable !== undefined).each(ARTIFACTS)(
       const metrics = await scrape(amb);
       expect(metrics.get('ambassador_cpu_limit_cores')).toBe(0.02);
       expect(metrics.get('ambassador_process_max_in_flight')).toBe(6);
+      // Deno, given the CPU limit, still says what it could not read: the memory limit.
+      const told = amb.logs().filter((l) => l.level === 'warn' && /cgroup's limits could not be read/.test(String(l.msg)));
+      expect(told.map((l) => l.unread)).toEqual(runtimeOf(artifact) === 'deno' ? [['MEMORY_LIMIT_BYTES']] : []);
     });
 
     it('past that share, answers new requests 503 with Retry-After, never reaching the upstream, and says so', async () => {

@@ -1,7 +1,7 @@
 /** The memory limit the process runs under, read from its cgroup as each runtime's readFile sees it (a
  * table of files stands in for /proc and /sys), and the guard that sheds new requests near it. */
 import { describe, expect, it } from 'vitest';
-import { cgroupCpu, cgroupMemory, MemoryGuard, processPlaces } from '../../ambassador.ts';
+import { cgroupCpu, cgroupMemory, cgroupRefused, MemoryGuard, processPlaces } from '../../ambassador.ts';
 
 /** The limits, as `cgroupMemory` and `cgroupCpu` find them. */
 const cgroupMemoryLimit = (readFile: (path: string) => string) => cgroupMemory(readFile)?.limitBytes ?? null;
@@ -70,6 +70,18 @@ describe('cgroupMemory', () => {
     expect(cgroupMemoryLimit(files({}))).toBeNull();
     expect(cgroupMemoryLimit(files({ '/proc/self/cgroup': '9:pids:/\n1:name=systemd:/\n' }))).toBeNull();
     expect(cgroupMemoryLimit(files({ '/proc/self/cgroup': '0::/lost\n' }))).toBeNull();
+  });
+});
+
+describe('cgroupRefused', () => {
+  it('tells a runtime that refuses the read (Deno without --allow-all) from a system without cgroups', () => {
+    const refusing = (name: string) => () => {
+      throw Object.assign(new Error('Requires all access to "/proc/self/cgroup"'), { name });
+    };
+    expect(cgroupRefused(refusing('NotCapable'))).toBe('Requires all access to "/proc/self/cgroup"');
+    expect(cgroupRefused(refusing('PermissionDenied'))).toMatch(/Requires all access/);
+    expect(cgroupRefused(files({}))).toBeUndefined(); // no /proc: nothing refused, nothing to tell
+    expect(cgroupRefused(files({ '/proc/self/cgroup': '0::/\n' }))).toBeUndefined();
   });
 });
 
