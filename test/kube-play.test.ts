@@ -127,6 +127,27 @@ describe.skipIf(why !== undefined)(skippedBecause("podman kube play: the article
     expect(client('http://order-service-pod-0:9901/readyz')).toBe('200 ready');
   });
 
+  it("the sidecar knows the container's limits, told by the manifest whatever its runtime may read", () => {
+    const logs = podman('logs', 'order-service-pod-0-ambassador').split('\n').filter((l) => l.startsWith('{'));
+    const lines = logs.map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(lines.find((l) => l.msg === 'listening')).toMatchObject({
+      memory_limit_bytes: 128 * 1024 ** 2,
+      cpu_limit_cores: 0.1,
+      process_max_in_flight: 32,
+    });
+    expect(lines.filter((l) => String(l.msg).includes('limits could not be read'))).toEqual([]);
+    // Told, not only found: what a Deno sidecar would have to go by.
+    const envOf = podman(
+      'inspect',
+      '--format',
+      '{{range .Config.Env}}{{println .}}{{end}}',
+      'order-service-pod-0-ambassador',
+    );
+    expect(envOf.split('\n')).toEqual(
+      expect.arrayContaining([`MEMORY_LIMIT_BYTES=${128 * 1024 ** 2}`, 'CPU_LIMIT_MILLICORES=100']),
+    );
+  });
+
   it('every container runs as the non-root user on a read-only root filesystem', () => {
     for (
       const name of [

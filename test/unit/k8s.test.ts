@@ -15,7 +15,7 @@ type Container = {
   name: string;
   image: string;
   restartPolicy?: string;
-  env?: Array<{ name: string; value: string }>;
+  env?: Array<{ name: string; value: string; valueFrom?: { resourceFieldRef?: Record<string, string> } }>;
   securityContext?: any;
   resources?: any;
   startupProbe?: any;
@@ -76,6 +76,13 @@ describe('Kubernetes manifests', () => {
   it("keeps the ambassador within the article's CPU (100m) and the memory its image starts in (128Mi)", () => {
     const sidecar = containersOf(order).find((c) => c.name === 'ambassador')!;
     expect(sidecar.resources.limits).toEqual({ cpu: '100m', memory: '128Mi' });
+  });
+
+  it('tells the ambassador its own limits, in the units it reads them in (bytes, millicores)', () => {
+    const sidecar = containersOf(order).find((c) => c.name === 'ambassador')!;
+    const from = (name: string) => sidecar.env!.find((e) => e.name === name)?.valueFrom?.resourceFieldRef;
+    expect(from('MEMORY_LIMIT_BYTES')).toEqual({ resource: 'limits.memory' });
+    expect(from('CPU_LIMIT_MILLICORES')).toEqual({ resource: 'limits.cpu', divisor: '1m' });
   });
 
   it('gives the drain time to finish inside the grace period', () => {
