@@ -782,7 +782,7 @@ function sameAuthority(urlHost: string, host: string | null): boolean {
 function admit(p: Proxy, call: Call): true | Reply | Promise<true | Reply> {
   const { route, policies, gone, record } = call;
   if (gone.aborted) throw gone.reason;
-  if (p.memory.shedding) return shed(p.memory, call);
+  if (p.memory.shedding && p.places.active > 0) return shed(p.memory, call);
   if (policies.bucket) {
     const token = policies.bucket.take(p.clock.now(), route.rateLimitWaitMs);
     if (!token.ok) {
@@ -800,8 +800,12 @@ function admit(p: Proxy, call: Call): true | Reply | Promise<true | Reply> {
   return takePlace(p, call);
 }
 
-/** Near the memory limit: no new stream is taken on, so the process never grows into the limit the kernel
- * kills it at (Envoy's overload manager does the same). The app is told to come back in a second. */
+/** Near the memory limit: no new stream is taken on while others are in flight, so the process never grows
+ * into the limit the kernel kills it at (Envoy's overload manager does the same). The app is told to come back
+ * in a second. With none in flight (`admit`: no request holds a place), there is no growth to stop — what is in
+ * use then is what the runtime's allocator kept after a burst, or its own code, counted where the group cannot
+ * be read, and waiting gives none of it back — so the one request is taken on: a process whose memory stays up
+ * serves one request at a time, rather than answer 503 for ever while its liveness probe says all is well. */
 function shed(memory: MemoryGuard, call: Call): Reply {
   const mib = (bytes: number) => Math.round(bytes / 1024 ** 2);
   call.record.rejected = 'memory';
