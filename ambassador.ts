@@ -6204,12 +6204,13 @@ export async function main(): Promise<void> {
   const used = group ? () => group.used() : () => runtime.usage().rssBytes;
   const cpuCores = config.cpuLimitMillicores / 1000 || runtime.cpu();
   // A limit the runtime would not let it read is not a limit that is not there: told, with what gives it.
-  const unread = [memoryLimit === null && 'MEMORY_LIMIT_BYTES', cpuCores === null && 'CPU_LIMIT_MILLICORES'];
-  const refused = unread.some(Boolean) ? cgroupRefused(runtime.readFile) : undefined;
+  const unread = [
+    ...(memoryLimit === null ? ['MEMORY_LIMIT_BYTES'] : []),
+    ...(cpuCores === null ? ['CPU_LIMIT_MILLICORES'] : []),
+  ];
+  const refused = unread.length > 0 ? cgroupRefused(runtime.readFile) : undefined;
   if (refused) {
-    log('warn', `the cgroup's limits could not be read (${refused}): set ${unread.filter(Boolean).join(' and ')}`, {
-      unread: unread.filter(Boolean),
-    });
+    log('warn', `the cgroup's limits could not be read (${refused}): set ${unread.join(' and ')}`, { unread });
   }
   const amb = createAmbassador(config, runtime, { log, memory: { limitBytes: memoryLimit, used }, cpuCores });
 
