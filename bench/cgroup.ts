@@ -63,6 +63,9 @@ export interface Group {
   /** the sum of its live processes' own peaks (VmHWM: what each had resident at most, its mapped code with it) */
   peakRssBytes(): number;
   oomKills(): number;
+  /** its memory now, from memory.stat: anonymous (heaps, buffers) and mapped file pages (the code its processes
+   * run, which the kernel takes back first when the group is full), in bytes */
+  memoryNow(): { anonBytes: number; mappedBytes: number };
   /** ends every process left in the group (nginx's workers outlive their master), then removes it */
   remove(): Promise<void>;
 }
@@ -83,6 +86,13 @@ async function emptyAndRemove(procs: string, dirs: string[]): Promise<void> {
 }
 
 const read = (file: string) => readFileSync(file, 'utf8').trim();
+
+/** Two fields of a memory.stat file, in bytes (NaN where missing). */
+function statOf(file: string, anon: string, mapped: string): { anonBytes: number; mappedBytes: number } {
+  const text = read(file);
+  const field = (name: string) => Number(new RegExp(`^${name} (\\d+)$`, 'm').exec(text)?.[1] ?? NaN);
+  return { anonBytes: field(anon), mappedBytes: field(mapped) };
+}
 
 /** The peak resident size of the processes listed in a cgroup.procs file, summed; NaN when none is left. */
 function peakRss(procs: string): number {
@@ -110,6 +120,7 @@ export function makeGroup(name: string, limits: Limits): Group {
       peakBytes: () => (existsSync(`${dir}/memory.peak`) ? Number(read(`${dir}/memory.peak`)) : NaN),
       peakRssBytes: () => peakRss(`${dir}/cgroup.procs`),
       oomKills: () => Number(/oom_kill (\d+)/.exec(read(`${dir}/memory.events`))?.[1] ?? 0),
+      memoryNow: () => statOf(`${dir}/memory.stat`, 'anon', 'file_mapped'),
       remove: () => emptyAndRemove(`${dir}/cgroup.procs`, [dir]),
     };
   }
@@ -129,6 +140,7 @@ export function makeGroup(name: string, limits: Limits): Group {
     peakBytes: () => Number(read(`${mem}/memory.max_usage_in_bytes`)),
     peakRssBytes: () => peakRss(`${mem}/cgroup.procs`),
     oomKills: () => Number(/oom_kill (\d+)/.exec(read(`${mem}/memory.oom_control`))?.[1] ?? 0),
+    memoryNow: () => statOf(`${mem}/memory.stat`, 'total_rss', 'total_mapped_file'),
     remove: () => emptyAndRemove(`${mem}/cgroup.procs`, [mem, cpu]),
   };
 }

@@ -6,9 +6,9 @@
  * Per artifact, started cold in a fresh group (its executable a copy out of the page cache, so the code it
  * reads counts against the group, as on a container's first start): a warm-up, then 64 keep-alive
  * connections with the small body, then 64 with 1 MiB bodies; it prints req/s, p50/p99, errors (non-2xx,
- * and answers later than 2 s), the CPU it spent a request (each phase also in windows of 10 s, and the small
- * phase thread by thread), whether the kernel OOM-killed it, its own peak resident size and the group's peak
- * (the page cache it read included).
+ * and answers later than 2 s), the CPU it spent a request (each phase also in windows of 10 s, with the group's
+ * anonymous and mapped memory as each window ended, and the small phase thread by thread), whether the kernel
+ * OOM-killed it, its own peak resident size and the group's peak (the page cache it read included).
  * nginx and the article's Go ambassador, in the same limits, are the reference rows, and a bare node:http
  * proxy with the Node image's flags the baseline of the Node rows. The rows of the images run again after the
  * rest (`--image-rounds`, 2 unless told), and the image for k8s/ is named only when every round ranks it first:
@@ -32,7 +32,16 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, realpathSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { cannotMakeGroups, coldCopy, evict, type Limits, makeGroup, podLimits, podLogLevel } from './cgroup.ts';
+import {
+  cannotMakeGroups,
+  coldCopy,
+  evict,
+  type Group,
+  type Limits,
+  makeGroup,
+  podLimits,
+  podLogLevel,
+} from './cgroup.ts';
 import {
   ambassadorEnv,
   arg,
@@ -212,7 +221,9 @@ const rows: Row[] = [
 /** One phase's load, and how it went in windows of 10 s: req/s and the CPU the artifact spent a request. */
 interface Phase extends Load {
   cpuUsPerRequest: number;
-  windows: Array<{ rps: number; errors: number; cpuUsPerRequest: number }>;
+  /** each window's req/s, errors and CPU a request, and the group's memory as it ended (`Group.memoryNow`, MiB):
+   * a window that answered nothing with the mapped pages gone is the runtime's code taken back */
+  windows: Array<{ rps: number; errors: number; cpuUsPerRequest: number; anonMiB: number; mappedMiB: number }>;
   /** CPU µs a request by thread (`threadSeconds`), over the whole phase */
   threads: Record<string, number>;
   /** minor page faults a request (`minorFaults`), over the whole phase */
@@ -236,7 +247,7 @@ const figure = (x: number) => (Number.isFinite(x) ? x.toFixed(0) : '—');
 
 /** 64 connections for SECONDS, in windows of 10 s, each with the CPU the artifact spent (kernel's count): at a
  * tenth of a core a JIT runtime is still compiling its hot path well into the phase, and the windows show it. */
-function phase(url: string, pid: number): Phase {
+function phase(url: string, pid: number, group: Group): Phase {
   const windows: Phase['windows'] = [];
   const loads: Load[] = [];
   let cpu = 0;
@@ -248,7 +259,14 @@ function phase(url: string, pid: number): Phase {
     const spent = cpuSeconds(pid) - before;
     cpu += spent;
     loads.push(load);
-    windows.push({ rps: load.rps, errors: load.errors, cpuUsPerRequest: perRequest(spent, load.total) });
+    const memory = group.memoryNow();
+    windows.push({
+      rps: load.rps,
+      errors: load.errors,
+      cpuUsPerRequest: perRequest(spent, load.total),
+      anonMiB: memory.anonBytes / 1024 ** 2,
+      mappedMiB: memory.mappedBytes / 1024 ** 2,
+    });
   }
   const total = loads.reduce((sum, l) => sum + l.total, 0);
   const faults = minorFaults(pid) - faultsBefore;
@@ -302,8 +320,8 @@ async function runRow(row: Row, upstream: string, limits: Limits): Promise<Resul
   try {
     await waitFor(ready, 30_000);
     wrk(`${url}/small`, 64, WARMUP, 2);
-    result.small = phase(`${url}/small`, child.pid!);
-    if (!exited) result.big = phase(`${url}/1mib`, child.pid!);
+    result.small = phase(`${url}/small`, child.pid!, group);
+    if (!exited) result.big = phase(`${url}/1mib`, child.pid!, group);
   } catch (err) {
     result.note = (err as Error).message.split('\n')[0];
   } finally {
@@ -321,7 +339,9 @@ function summary(r: Result): string {
   const line = (l?: Phase) =>
     l
       ? `${l.rps.toFixed(0)} req/s, ${l.errors} errors (by 10 s: ${
-        l.windows.map((w) => `${w.rps.toFixed(0)} at ${figure(w.cpuUsPerRequest)} µs`).join(', ')
+        l.windows.map((w) =>
+          `${w.rps.toFixed(0)} at ${figure(w.cpuUsPerRequest)} µs, ${figure(w.anonMiB)}+${figure(w.mappedMiB)} MiB`
+        ).join('; ')
       })`
       : '—';
   return `small ${line(r.small)}; 1 MiB ${line(r.big)}; ${r.oomKilled ? 'OOM-KILLED' : 'alive'}; peak ${
