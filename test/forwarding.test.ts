@@ -247,6 +247,32 @@ describe.each(ARTIFACTS)('headers as the wire carries them (%s)', (runtime) => {
     }
   });
 
+  // Deno's and Bun's servers take no reason phrase from a Response: they write the standard one for the status.
+  it("keeps the upstream's reason phrase on Node, for a short body had at once, one in pieces, a long one and a HEAD", async () => {
+    const up = await startRawUpstream((req, socket) => {
+      const body = req.target === '/long' ? 'l'.repeat(64 * 1024 + 1) : 'short';
+      const head = `HTTP/1.1 404 Nothing Here Today\r\nContent-Length: ${body.length}\r\n\r\n`;
+      if (req.method === 'HEAD') return void socket.write(head);
+      if (req.target !== '/pieces') return void socket.write(head + body);
+      socket.write(head + body.slice(0, 2));
+      setTimeout(() => socket.write(body.slice(2)), 30);
+    });
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
+    for (const [method, path] of [['GET', '/at-once'], ['GET', '/pieces'], ['GET', '/long'], ['HEAD', '/head']]) {
+      const raw = await rawRequest(
+        amb.port,
+        `${method} ${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`,
+        3000,
+      );
+      const phrase = runtimeOf(runtime) === 'node' ? 'Nothing Here Today' : 'Not Found';
+      expect(raw.slice(0, raw.indexOf('\r\n')), `${method} ${path}`).toBe(`HTTP/1.1 404 ${phrase}`);
+      const body = raw.slice(raw.indexOf('\r\n\r\n') + 4);
+      expect(method === 'HEAD' ? body === '' : body.includes(path === '/long' ? 'l'.repeat(1000) : 'short'), path).toBe(
+        true,
+      );
+    }
+  });
+
   // Bun's server closes a connection the moment a request comes in behind one whose answer is still pending,
   // with no answer to either: its uWS core refuses pipelining behind an async handler, and a proxy's handler
   // always is one. Nothing the handler does can keep the connection.

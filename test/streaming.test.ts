@@ -351,6 +351,34 @@ describe.each(ARTIFACTS)('streaming (%s)', (runtime) => {
     expect(body.endsWith('0\r\n\r\n')).toBe(false);
   });
 
+  it('closes the upstream connection of a short body it cut off for stalling, and of one its app left', async () => {
+    // Short enough to be read whole first; half of it comes at once, the rest never. Each cut must reach the
+    // upstream as its connection closed, not leave it open waiting for bytes no one will read.
+    const closedAfter = new Map<string, number>();
+    upstream = await startUpstream((q, res) => {
+      const t0 = performance.now();
+      res.writeHead(200, { 'content-length': '2000' });
+      res.write('x'.repeat(1000));
+      res.on('close', () => closedAfter.set(q.url!, performance.now() - t0));
+    });
+    amb = await startAmbassador(runtime, { UPSTREAM_URL: upstream.url, BODY_IDLE_TIMEOUT_MS: '500' });
+    const res = await fetch(`${amb.url}/stalled`);
+    await expect(res.text()).rejects.toThrow();
+    const socket = net.connect(amb.port, '127.0.0.1');
+    socket.on('error', () => {});
+    socket.write('GET /left HTTP/1.1\r\nHost: x\r\n\r\n');
+    await new Promise((r) => setTimeout(r, 200)); // the body has stalled, well before the idle cut
+    socket.destroy();
+    const deadline = Date.now() + 3000;
+    while (closedAfter.size < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    expect({ stalled: closedAfter.has('/stalled'), left: closedAfter.has('/left') }).toEqual({
+      stalled: true,
+      left: true,
+    });
+    expect(closedAfter.get('/stalled')).toBeGreaterThanOrEqual(450);
+    expect(closedAfter.get('/left')).toBeLessThan(450);
+  });
+
   it('lets an app read a download slowly: backpressure is no stall, and BODY_IDLE_TIMEOUT_MS does not cut it off', async () => {
     const size = 32 * MiB;
     upstream = await startUpstream((_q, res) => {
