@@ -369,14 +369,15 @@ export interface BodySource {
 export type BodyDone = (bytes: number, error?: string) => void;
 
 /** One answer, from the upstream or the ambassador's own: a web body (fetch), a Node stream (`nodeSend`), or
- * the whole of a short text (`textReply`). */
+ * a whole body had at once (`textReply`, `arrivedWhole`). */
 export interface Reply {
   status: number;
   statusText: string;
   headers: HeaderList;
   body: ReadableStream<Uint8Array> | null;
   node?: NodeReadable;
-  /** an answer of the ambassador's own: its whole body (`textReply`) */
+  /** the whole body, had at once: an answer of the ambassador's own (`textReply`), or on Bun a short body
+   * that came with its head (`arrivedWhole`) */
   whole?: Uint8Array<ArrayBuffer>;
   /** the upstream switched to WebSocket (a 101 to the app's `Upgrade: websocket`): its connection */
   upgraded?: UpstreamTunnel;
@@ -1217,6 +1218,7 @@ export function appReply(res: Reply, method: string, id: string): Reply {
     headers: res.status === 204 ? headers.filter(([name]) => name !== 'content-length') : headers,
     body: noBody ? null : res.body,
     node: noBody ? undefined : res.node,
+    whole: noBody ? undefined : res.whole,
   };
 }
 
@@ -2490,19 +2492,10 @@ function concat(chunks: Uint8Array[], size: number): Uint8Array {
  * With `scratchBytes`, a body that is a byte stream (Deno's fetch) is read into one buffer of that size, the
  * same for every read, and each chunk `next` gives lives only until the next call: the caller copies it out.
  * Otherwise Deno reads each piece into a fresh 64 KiB buffer, which V8 counts as memory outside its heap
- * until a garbage collection, and under load their sum set off eight full collections a second.
- *
- * `begun`: the body's reader and its first read, where the caller asked for it already. */
-function bodyReader(
-  body: ReadableStream<Uint8Array>,
-  idleMs: number,
-  done: BodyDone,
-  scratchBytes = 0,
-  begun?: BegunRead,
-) {
+ * until a garbage collection, and under load their sum set off eight full collections a second. */
+function bodyReader(body: ReadableStream<Uint8Array>, idleMs: number, done: BodyDone, scratchBytes = 0) {
   const into = scratchBytes > 0 ? byobReader(body) : undefined;
-  const plain = into ? undefined : begun?.reader ?? body.getReader();
-  let first = begun?.read;
+  const plain = into ? undefined : body.getReader();
   const reader = (into ?? plain)!;
   let scratch: Uint8Array<ArrayBuffer> | undefined = into && new Uint8Array(scratchBytes);
   let bytes = 0;
@@ -2535,8 +2528,7 @@ function bodyReader(
           waitingSince = performance.now();
           timer ??= setTimeout(watch, idleMs);
         }
-        const read = into ? into.read(scratch!) : first ?? plain!.read();
-        first = undefined;
+        const read = into ? into.read(scratch!) : plain!.read();
         const chunk: ReadableStreamReadResult<Uint8Array> = await read;
         waitingSince = 0;
         if (stalled) throw stalled;
@@ -2556,12 +2548,6 @@ function bodyReader(
     },
   };
 }
-
-/** A body's reader and its first read, asked for already (`wholeResponse`): `bodyReader` goes on from there. */
-type BegunRead = {
-  reader: ReadableStreamDefaultReader<Uint8Array>;
-  read: Promise<ReadableStreamReadResult<Uint8Array>>;
-};
 
 /** A reader that reads into the buffer it is given, where the body is a byte stream. */
 function byobReader(body: ReadableStream<Uint8Array>): ReadableStreamBYOBReader | undefined {
@@ -2669,7 +2655,7 @@ function webResponse(
 ): Response | Promise<Response> {
   if (reply.whole) {
     done?.(reply.whole.byteLength);
-    return new Response(reply.whole, { status: reply.status, headers: reply.headers });
+    return new Response(reply.whole, { status: reply.status, statusText: reply.statusText, headers: reply.headers });
   }
   const body = bodyOf(reply);
   if (done && body === null) done(0);
@@ -2700,28 +2686,12 @@ async function wholeResponse(
 ): Promise<Response> {
   const init = { status: reply.status, statusText: reply.statusText, headers: reply.headers };
   const length = declaredLength(reply);
-  // On Bun a short body has mostly come with its head: the first read has settled already and holds all of it.
-  // `peek` tells so without waiting a turn, and the answer is made at once, with no idle timer and no read of the
-  // end (about a twentieth of Bun's CPU a small request, measured A/B). Otherwise the reading goes on from there.
-  let begun: BegunRead | undefined;
-  if (peek) {
-    const reader = body.getReader();
-    const read = reader.read();
-    if (peek.status(read) === 'fulfilled') {
-      const now = peek(read) as ReadableStreamReadResult<Uint8Array>;
-      if (!now.done && now.value.byteLength === length) {
-        done(length);
-        return new Response(now.value as Uint8Array<ArrayBuffer>, init);
-      }
-    }
-    begun = { reader, read };
-  }
   // On Deno the reads go into one scratch buffer a byte longer than the body says (the read that finds the end
   // needs room for one), each chunk copied out as it comes.
   const scratch = direct ? 0 : length + 1;
   const told: BodyDone = (bytes, error) =>
     done(bytes, error !== undefined && appGone() ? 'client went away during the response body' : error);
-  const { next } = bodyReader(body, idleMs, told, scratch, begun);
+  const { next } = bodyReader(body, idleMs, told, scratch);
   const chunks: Uint8Array[] = [];
   let size = 0;
   try {
@@ -5590,15 +5560,48 @@ function signalOf(cancel: Cancel): AbortSignal {
   return abort.signal;
 }
 
-/** A fetch response as a `Reply` (Deno's and Bun's clients), held to the same head rules as Node's. */
-async function replyOf(res: Response): Promise<Reply> {
+/** A fetch response as a `Reply` (Deno's and Bun's clients), held to the same head rules as Node's. On Bun
+ * (`cancel`: the attempt's), a short body that came whole with its head is taken whole (`arrivedWhole`). */
+async function replyOf(res: Response, cancel?: Cancel): Promise<Reply> {
   const headers = [...res.headers];
   const problem = responseHeadProblem(headers);
   if (problem) {
     await res.body?.cancel();
     throw problem;
   }
-  return { status: res.status, statusText: res.statusText, headers, body: res.body };
+  const reply: Reply = { status: res.status, statusText: res.statusText, headers, body: null };
+  if (peek && cancel && declaredLength(reply) <= WHOLE_BODY_MAX) return arrivedWhole(res, reply, cancel);
+  reply.body = res.body;
+  return reply;
+}
+
+/** Bun: a short body (by its Content-Length) has mostly come with its head, and is then taken whole as it
+ * is, without a web stream, a reader or a read: those are about a twentieth of Bun's CPU a small request
+ * (measured A/B). Whether it has all come cannot be asked without taking it, so a copy of the response is
+ * taken (`clone`, which shares a body that has come and splits one still coming), and `peek` says whether
+ * that settled at once. If not, the body is read from the original as any short body is (`wholeResponse`:
+ * the idle rule for each silence, the bytes before a break), and the copy reads on beside it; cancelling the
+ * original then cancels the fetch, or the copy would hold the upstream's connection open. */
+function arrivedWhole(res: Response, reply: Reply, cancel: Cancel): Reply {
+  const copy = res.clone().bytes();
+  if (peek!.status(copy) === 'fulfilled') {
+    reply.whole = peek!(copy) as Uint8Array<ArrayBuffer>;
+    return reply;
+  }
+  copy.catch(noop); // its failure is the original's too, told there
+  const reader = res.body!.getReader();
+  reply.body = new ReadableStream<Uint8Array>({
+    pull: async (c) => {
+      const read = await reader.read();
+      if (read.done) c.close();
+      else c.enqueue(read.value);
+    },
+    cancel: (reason) => {
+      cancel.abort(reason);
+      return reader.cancel(reason);
+    },
+  }, { highWaterMark: 0 });
+  return reply;
 }
 
 // --- Deno: Deno.serve, fetch to the upstream (node:http for an upload with a length), Deno's resolver --
@@ -5850,7 +5853,7 @@ interface BunLike {
       idleTimeout: number;
     };
   }): BunServer;
-  /** a promise's value without waiting a turn, once `status` says it has settled (`wholeResponse`) */
+  /** a promise's value without waiting a turn, once `status` says it has settled (`arrivedWhole`) */
   peek: {
     <T>(promise: Promise<T>): T | Promise<T>;
     status(promise: Promise<unknown>): 'pending' | 'fulfilled' | 'rejected';
@@ -6035,7 +6038,7 @@ function bunSend(checkServerIdentity: CheckServerIdentity): Send {
       if (err instanceof TypeError && (err as { code?: string }).code === undefined) throw unsendable(err);
       throw bunFailure(err);
     }
-    return replyOf(res);
+    return replyOf(res, init.cancel);
   };
 }
 
