@@ -5576,12 +5576,13 @@ async function replyOf(res: Response, cancel?: Cancel): Promise<Reply> {
 }
 
 /** Bun: a short body (by its Content-Length) has mostly come with its head, and is then taken whole as it
- * is, without a web stream, a reader or a read: those are about a twentieth of Bun's CPU a small request
- * (measured A/B). Whether it has all come cannot be asked without taking it, so a copy of the response is
- * taken (`clone`, which shares a body that has come and splits one still coming), and `peek` says whether
- * that settled at once. If not, the body is read from the original as any short body is (`wholeResponse`:
- * the idle rule for each silence, the bytes before a break), and the copy reads on beside it; cancelling the
- * original then cancels the fetch, or the copy would hold the upstream's connection open. */
+ * is, without a web stream, a reader or a read: those were 4 % of Bun's CPU a small request on a core of its
+ * own, and 11 % inside the pod's limits (measured A/B). Whether it has all come cannot be asked without
+ * taking it, so a copy of the response is taken (`clone`, which shares a body that has come and splits one
+ * still coming), and `peek` says whether that settled at once. If not, the body is read from the original
+ * as any short body is (`wholeResponse`: the idle rule for each silence, the bytes before a break), and the
+ * copy reads on beside it; cancelling the original then cancels the fetch, or the copy would hold the
+ * upstream's connection open. */
 function arrivedWhole(res: Response, reply: Reply, cancel: Cancel): Reply {
   const copy = res.clone().bytes();
   if (peek!.status(copy) === 'fulfilled') {
