@@ -1,13 +1,21 @@
 /**
- * Where the ambassador's own CPU goes on Node, as a sum that adds up: the bare `node:http` proxy
- * (bench/bare-node.ts) and the Node bundle each forward the small body under the same load, with V8's
- * sampling profiler on, and every sample of the main thread is put in one row — the ambassador's own code,
- * Hono, the server adapter, each part of Node's own JavaScript, the garbage collector, the native calls that
- * write to sockets — in µs per request. The bundle's rows less the bare proxy's are the ambassador's own
- * work, row by row, and they sum to the whole difference by construction; the CPU time the kernel counts
- * for each process in the same run (all its threads, the kernel's share too) is printed beside them.
+ * Where the ambassador's own CPU goes, as a sum that adds up, on Node or on Bun: the runtime's bare proxy and
+ * the ambassador each forward the small body under the same load with the runtime's sampling profiler on, and
+ * every sample of the main thread is put in one row — the ambassador's own code, Hono, the server adapter, each
+ * part of the runtime's own code, the garbage collector, the native calls — in µs per request. The
+ * ambassador's rows less the bare proxy's are the ambassador's own work, row by row, and they sum to the whole
+ * difference by construction.
  *
- *   npm run bench:profile                      3 rounds of 5 s each (about a minute)
+ * On Node (the default) the bare proxy is the bare `node:http` one (bench/bare-node.ts) against the Node bundle,
+ * V8's profiler timing each sample; the CPU time the kernel counts for each process in the same run (all its
+ * threads, the kernel's share too) is printed beside the sum. On Bun (`--runtime bun`) it is the naive Hono +
+ * fetch app (bench/hono-bun.ts) against `bun ambassador.ts`, and JavaScriptCore's profiler, whose samples are
+ * not timed while a thread waits for the CPU, gives shares: the kernel's count of the main thread's CPU a
+ * request is split by them, and every other thread (Bun's HTTP client thread, where its fetch runs, the JIT and
+ * the collector's helpers) is a row of its own by the kernel's count, so the rows sum to all the process's CPU.
+ *
+ *   npm run bench:profile                      Node, 3 rounds of 5 s each (about a minute)
+ *   npm run bench:profile -- --runtime bun     Bun
  *   npm run bench:profile -- --rounds 1 --seconds 3
  *   npm run bench:profile -- --top 40         the 40 functions grown most (25 unless told)
  *   npm run bench:profile -- --log-level info  the ambassador at another LOG_LEVEL than npm run bench's warn
@@ -15,7 +23,7 @@
  * The profiler slows both a little (the figures are higher than npm run bench's); the rows are for seeing
  * what to cut, the ratio for judging a cut. wrk and nginx from Debian, pinned as in npm run bench (load and
  * upstream on CPU 0, the proxy on CPU 1); LOG_LEVEL=warn, as npm run bench runs it. Prints a table and
- * writes dist/bench-profile.json.
+ * writes dist/bench-profile.json (dist/bench-profile-bun.json on Bun).
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -33,6 +41,7 @@ import {
   runBenchmark,
   startNginxUpstream,
   textArg,
+  threadSeconds,
   waitFor,
   writeFigures,
   wrk,
@@ -42,13 +51,18 @@ const ROUNDS = arg('--rounds', 3);
 const SECONDS = arg('--seconds', 5);
 const TOP = arg('--top', 25);
 const LOG_LEVEL = textArg('--log-level', 'warn');
+const RUNTIME = textArg('--runtime', 'node');
+const BUN = path.join(root, 'node_modules', '.bin', 'bun');
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'ambassador-profile-'));
 process.on('exit', () => rmSync(tmp, { recursive: true, force: true }));
 
+interface Frame {
+  functionName: string;
+  url: string;
+  lineNumber: number;
+}
 interface CpuProfile {
-  nodes: Array<
-    { id: number; callFrame: { functionName: string; url: string; lineNumber: number }; children?: number[] }
-  >;
+  nodes: Array<{ id: number; callFrame: Frame; children?: number[] }>;
   samples: number[];
   timeDeltas: number[];
 }
@@ -63,11 +77,8 @@ function bundleModules(file: string): Array<{ from: number; module: string }> {
   return out;
 }
 
-/** The row a sample of a function at `url`:`line` (0-based) goes in. */
-function rowOf(
-  frame: { functionName: string; url: string; lineNumber: number },
-  modules: Array<{ from: number; module: string }>,
-): string {
+/** The row a sample of a function at `url`:`line` (0-based) goes in, on Node. */
+function nodeRowOf(frame: Frame, modules: Array<{ from: number; module: string }>): string {
   const { functionName: f, url, lineNumber } = frame;
   if (url.endsWith('ambassador.mjs')) {
     let module = 'ambassador.ts';
@@ -95,12 +106,49 @@ function rowOf(
   return "Node's other JavaScript";
 }
 
+/** Bun's native functions, by the row they go in: the calls a proxy's path makes into the runtime. */
+const BUN_NATIVE_ROWS: Record<string, string> = {
+  fetch: "Bun's fetch call (the request handed to its client thread)",
+  Response: 'Response and body objects (native)',
+  clone: 'Response and body objects (native)',
+  bytes: 'Response and body objects (native)',
+  next: 'header lists iterated (native)',
+  entries: 'header lists iterated (native)',
+  forEach: 'header lists iterated (native)',
+  performIteration: 'header lists iterated (native)',
+  requestIP: "the app's address (requestIP)",
+  setTimeout: 'timers and the clock (native)',
+  clearTimeout: 'timers and the clock (native)',
+  setImmediate: 'timers and the clock (native)',
+  now: 'timers and the clock (native)',
+  AbortController: 'abort signals (native)',
+  abort: 'abort signals (native)',
+  URL: 'URLs parsed (native)',
+  asyncFunctionDrive: 'promise turns (native)',
+  performPromiseThen: 'promise turns (native)',
+  Promise: 'promise turns (native)',
+};
+
+/** The row a sample goes in, on Bun. JavaScriptCore names no function for time outside JavaScript: Bun's server,
+ * its event loop and the system calls they make. */
+function bunRowOf(frame: Frame): string {
+  const { functionName: f, url } = frame;
+  if (url.endsWith('/ambassador.ts')) return "the ambassador's own code (ambassador.ts)";
+  if (url.endsWith('/hono-bun.ts')) return "the naive app's own code";
+  if (url.includes('/node_modules/hono/')) return 'Hono (routing, Context)';
+  if (url !== '') return "Bun's own JavaScript (node:, internal:)";
+  if (f === '') return "outside JavaScript (Bun's server, its event loop, the kernel)";
+  return BUN_NATIVE_ROWS[f] ?? 'other native calls';
+}
+
 /** µs per request in each row, and in each function (its own samples, by name, file and line), from the
- * profiles written under `dir`. */
+ * profiles written under `dir`: each sample's time (Node), or its share of `mainUs`, the main thread's CPU a
+ * request as the kernel counted it (Bun). */
 function rows(
   dir: string,
   requests: number,
-  modules: Array<{ from: number; module: string }>,
+  rowOf: (frame: Frame) => string,
+  mainUs?: number,
 ): { rows: Map<string, number>; functions: Map<string, number> } {
   const out = new Map<string, number>();
   const functions = new Map<string, number>();
@@ -109,8 +157,8 @@ function rows(
     const byId = new Map(p.nodes.map((n) => [n.id, n]));
     p.samples.forEach((id, i) => {
       const frame = byId.get(id)!.callFrame;
-      const us = (p.timeDeltas[i] ?? 0) / requests;
-      const row = rowOf(frame, modules);
+      const us = mainUs === undefined ? (p.timeDeltas[i] ?? 0) / requests : mainUs / p.samples.length;
+      const row = rowOf(frame);
       out.set(row, (out.get(row) ?? 0) + us);
       const where = frame.url ? ` ${path.basename(frame.url)}:${frame.lineNumber + 1}` : '';
       const name = `${frame.functionName || '(anonymous)'}${where}`;
@@ -120,28 +168,66 @@ function rows(
   return { rows: out, functions };
 }
 
-/** One profiled run of `script` on CPU 1: the rows, and the CPU time per request the kernel counted. */
-async function profiled(script: string, upstream: string, label: string) {
-  const dir = path.join(tmp, `${label}-${Math.random().toString(36).slice(2)}`);
+/** The threads other than the main one, by the row they go in (Bun's names for them). */
+function threadRow(name: string): string {
+  if (name === 'HTTP Client') return "Bun's HTTP client thread (its fetch's sockets)";
+  if (/^JIT|JSCWarmUp/.test(name)) return 'JavaScriptCore compiling (JIT threads)';
+  if (/ollector|Heap Helper|GC/i.test(name)) return 'the garbage collector (its threads)';
+  if (name === 'mi-scavenger') return "the allocator's scavenger (mimalloc)";
+  if (name === 'thread') return "the profiler's sampling thread (there only while profiling)";
+  return 'other threads';
+}
+
+/** The two programs profiled, each as argv given its profile's folder and a script that makes SIGTERM an exit
+ * (so that the profiler writes its profile). */
+interface Subject {
+  key: 'bare' | 'amb';
+  argv(dir: string, onTerm: string): string[];
+}
+
+function subjects(): Subject[] {
+  if (RUNTIME === 'bun') {
+    const bun = (script: string) => (dir: string, onTerm: string) =>
+      pinned(1, [BUN, '--preload', onTerm, '--cpu-prof', '--cpu-prof-interval=100', `--cpu-prof-dir=${dir}`, script]);
+    return [
+      { key: 'bare', argv: bun(path.join(root, 'bench/hono-bun.ts')) },
+      { key: 'amb', argv: bun(path.join(root, 'ambassador.ts')) },
+    ];
+  }
+  const node = (script: string) => (dir: string, onTerm: string) =>
+    pinned(1, [NODE, '--import', onTerm, '--cpu-prof', `--cpu-prof-dir=${dir}`, script]);
+  return [
+    { key: 'bare', argv: node(path.join(root, 'dist/bench/bare-node.mjs')) },
+    { key: 'amb', argv: node(path.join(root, 'dist/ambassador.mjs')) },
+  ];
+}
+
+/** One profiled run on CPU 1: its load, the CPU time a request the kernel counted (all threads, and by thread),
+ * and the folder its profile is in. */
+async function profiled(subject: Subject, upstream: string) {
+  const dir = path.join(tmp, `${subject.key}-${Math.random().toString(36).slice(2)}`);
   const [port, admin] = [await freePort(), await freePort()];
-  // SIGTERM ends the bare proxy too with an exit, so that V8 writes its profile.
   const onTerm = path.join(tmp, 'exit-on-term.mjs');
   writeFileSync(onTerm, "process.on('SIGTERM', () => process.exit(0));\n");
-  const child: ChildProcess = spawn(
-    pinned(1, [NODE])[0],
-    [...pinned(1, [NODE]).slice(1), '--import', onTerm, '--cpu-prof', `--cpu-prof-dir=${dir}`, script],
-    { env: { PATH: process.env.PATH ?? '', ...ambassadorEnv(upstream, port, admin), LOG_LEVEL }, stdio: 'ignore' },
-  );
+  const [command, ...args] = subject.argv(dir, onTerm);
+  const child: ChildProcess = spawn(command, args, {
+    env: { PATH: process.env.PATH ?? '', ...ambassadorEnv(upstream, port, admin), LOG_LEVEL },
+    stdio: 'ignore',
+  });
   const url = `http://127.0.0.1:${port}/small`;
   await waitFor(url);
   wrk(url, 64, 1); // warm
-  const cpu0 = cpuSeconds(child.pid!);
+  const [cpu0, threads0] = [cpuSeconds(child.pid!), threadSeconds(child.pid!)];
   const load = wrk(url, 64, SECONDS);
-  const cpuUs = ((cpuSeconds(child.pid!) - cpu0) * 1e6) / load.total;
+  const [cpu1, threads1] = [cpuSeconds(child.pid!), threadSeconds(child.pid!)];
+  const cpuUs = ((cpu1 - cpu0) * 1e6) / load.total;
+  const threadUs = new Map(
+    [...threads1].map(([name, s]) => [name, ((s - (threads0.get(name) ?? 0)) * 1e6) / load.total]),
+  );
   const exited = new Promise((r) => child.once('exit', r));
   child.kill('SIGTERM');
   await exited;
-  return { load, cpuUs, dir };
+  return { load, cpuUs, threadUs, dir };
 }
 
 async function main(): Promise<void> {
@@ -149,25 +235,32 @@ async function main(): Promise<void> {
     console.error('\n*** bench:profile needs wrk and nginx (Debian packages wrk, nginx): nothing measured. ***\n');
     process.exit(1);
   }
-  const bundle = path.join(root, 'dist/ambassador.mjs');
-  const bare = path.join(root, 'dist/bench/bare-node.mjs');
-  const modules = bundleModules(bundle);
+  if (RUNTIME !== 'node' && RUNTIME !== 'bun') {
+    console.error(`\n*** bench:profile: --runtime is node or bun, not ${RUNTIME}. ***\n`);
+    process.exit(1);
+  }
+  const onBun = RUNTIME === 'bun';
+  const modules = bundleModules(path.join(root, 'dist/ambassador.mjs'));
+  const rowOf = onBun ? bunRowOf : (frame: Frame) => nodeRowOf(frame, modules);
   const { url: upstream, stop: stopUpstream } = await startNginxUpstream(tmp);
   console.log(
-    `bench:profile: Node ${NODE}, ${ROUNDS} round(s) of ${SECONDS} s, 64 connections, the small body, LOG_LEVEL=${LOG_LEVEL}`,
+    `bench:profile: ${onBun ? `Bun ${BUN}` : `Node ${NODE}`}, ${ROUNDS} round(s) of ${SECONDS} s, 64 connections, ` +
+      `the small body, LOG_LEVEL=${LOG_LEVEL}`,
   );
 
   const sum = { bare: new Map<string, number>(), amb: new Map<string, number>() };
   const functions = { bare: new Map<string, number>(), amb: new Map<string, number>() };
   const totals = { bare: { rps: 0, cpuUs: 0 }, amb: { rps: 0, cpuUs: 0 } };
+  const add = (m: Map<string, number>, key: string, us: number) => m.set(key, (m.get(key) ?? 0) + us / ROUNDS);
   for (let round = 0; round < ROUNDS; round++) {
-    for (const [key, script] of [['bare', bare], ['amb', bundle]] as const) {
-      const run = await profiled(script, upstream, key);
-      const found = rows(run.dir, run.load.total, modules);
-      for (const [row, us] of found.rows) sum[key].set(row, (sum[key].get(row) ?? 0) + us / ROUNDS);
-      for (const [name, us] of found.functions) {
-        functions[key].set(name, (functions[key].get(name) ?? 0) + us / ROUNDS);
-      }
+    for (const subject of subjects()) {
+      const { key } = subject;
+      const run = await profiled(subject, upstream);
+      // On Bun the main thread's samples share out its CPU, and every other thread is a row by its own count.
+      const found = rows(run.dir, run.load.total, rowOf, onBun ? run.threadUs.get('main') ?? 0 : undefined);
+      for (const [row, us] of found.rows) add(sum[key], row, us);
+      for (const [name, us] of found.functions) add(functions[key], name, us);
+      if (onBun) { for (const [name, us] of run.threadUs) if (name !== 'main') add(sum[key], threadRow(name), us); }
       totals[key].rps += run.load.rps / ROUNDS;
       totals[key].cpuUs += run.cpuUs / ROUNDS;
       console.log(
@@ -183,7 +276,8 @@ async function main(): Promise<void> {
     .sort((a, b) => (sum.amb.get(b) ?? 0) - (sum.bare.get(b) ?? 0) - ((sum.amb.get(a) ?? 0) - (sum.bare.get(a) ?? 0)));
   const f = (x: number) => x.toFixed(1);
   const busy = (m: Map<string, number>) => [...m].filter(([k]) => k !== 'idle').reduce((n, [, v]) => n + v, 0);
-  console.log("\n| where (main thread, sampled) | bare proxy µs/req | ambassador µs/req | the ambassador's own |");
+  const where = onBun ? 'main thread by its samples, then the other threads' : 'main thread, sampled';
+  console.log(`\n| where (${where}) | bare proxy µs/req | ambassador µs/req | the ambassador's own |`);
   console.log('|---|---|---|---|');
   for (const name of names.filter((n) => n !== 'idle')) {
     const [a, b] = [sum.amb.get(name) ?? 0, sum.bare.get(name) ?? 0];
@@ -210,7 +304,8 @@ async function main(): Promise<void> {
       totals.amb.rps.toFixed(0)
     } (${(totals.amb.rps / totals.bare.rps).toFixed(2)}×)`,
   );
-  writeFigures('bench:profile', 'bench-profile.json', {
+  writeFigures('bench:profile', onBun ? 'bench-profile-bun.json' : 'bench-profile.json', {
+    runtime: RUNTIME,
     rounds: ROUNDS,
     seconds: SECONDS,
     rows: Object.fromEntries(names.map((n) => [n, { bare: sum.bare.get(n) ?? 0, ambassador: sum.amb.get(n) ?? 0 }])),
