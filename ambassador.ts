@@ -670,6 +670,7 @@ const ALLOW = 'GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS';
 /** A Host header: a name or an address, and a port (RFC 9110 §7.2, RFC 3986 §3.2.2). */
 const HOST_HEADER = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(:\d{1,5})?$/;
 const VISIBLE_ASCII = /^[\x21-\x7e]*$/;
+const FIELD_CONTROL = /[\x00-\x08\x0a-\x1f\x7f]/;
 
 /** Requests the ambassador answers itself rather than forward: it only ever talks to its upstreams, and
  * sends on only requests every runtime can carry exactly as they came. `path` is the normalized path, null
@@ -698,6 +699,9 @@ export function earlyAnswer(req: AppRequest, host: string | null, path: string |
   for (let i = 0; i < headers.length; i++) {
     const name = headers[i][0], value = headers[i][1];
     bytes += name.length + value.length + 4;
+    // RFC 9110 §5.5: a field value carries no control character but tab. Node's and Deno's servers refuse one;
+    // Bun's lets DEL through, which would reach the upstream.
+    if (FIELD_CONTROL.test(value)) return refused(400, 'a header field value with a control character');
     if (name === 'host') hosts++;
     else if (name === 'transfer-encoding') {
       codings ||= body || !isChunked(value);

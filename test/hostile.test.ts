@@ -528,6 +528,25 @@ describe.each(ARTIFACTS)('hostile requests, as the upstream receives them (%s)',
     await waitFor('each of its own in the log', () => amb.logs().filter((l) => l.status === 400).length === ours);
   });
 
+  it('answers 400 to a header value carrying a control character, DEL included, and sends nothing upstream', async () => {
+    const up = await startRawUpstream();
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
+    // RFC 9110 §5.5: a field value is visible ASCII, spaces, tabs and obs-text. Node's and Deno's servers refuse
+    // the other control bytes, DEL among them; Bun's lets DEL through, so the ambassador holds it to the same rule.
+    for (const byte of [0x7f, 0x01, 0x08, 0x0b, 0x1b, 0x1f]) {
+      const text = `GET /ctl HTTP/1.1\r\nHost: x\r\nX-Note: a${String.fromCharCode(byte)}b\r\n\r\n`;
+      const r = await exchange(amb.port, text);
+      expect(r.status, `byte ${byte.toString(16)}`).toBe(400);
+    }
+    // The bytes a field value may carry pass as they came, obs-text (Latin-1, raw UTF-8) included.
+    const kept = 'GET /kept HTTP/1.1\r\nHost: x\r\nX-Note: tab\there caf\xc3\xa9 \xe9 ~\r\nConnection: close\r\n\r\n';
+    expect((await exchange(amb.port, Buffer.from(kept, 'latin1'))).status).toBe(200); // byte for byte
+    expect(up.requests.map((q) => q.target)).toEqual(['/kept']);
+    expect(up.requests[0].headers.find(([name]) => name.toLowerCase() === 'x-note')?.[1]).toBe(
+      'tab\there caf\xc3\xa9 \xe9 ~',
+    );
+  });
+
   it('refuses methods in lower case (fetch-style clients would rewrite them) with a 400, and they never count against the upstream', async () => {
     const up = await startRawUpstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, BREAKER_FAILURES: '2' });
