@@ -5198,9 +5198,34 @@ async function listenNode(handler: ProxyHandler, host: string, port: number, wor
   // What the handler returns once it has written the answer. Hono answers a HEAD with a copy of the GET's
   // response, so its mark is in a header too.
   const written = new Response(null, { headers: { [WRITTEN_MARK]: '1' } });
+  // Each connection's requests in progress (the one being answered, and those pipelined behind it, waiting),
+  // and since when it has had none: the drain closes a connection only once it has been idle DRAIN_IDLE_MS.
+  type Tracked = { destroy(): void; once(event: 'close', f: () => void): void };
+  const sockets = new Map<Tracked, { busy: number; idleSince: number; waiting: Array<() => void> }>();
+  type Incoming = Parameters<Parameters<typeof createServer>[1] & {}>[0];
+  type Outgoing = Parameters<Parameters<typeof createServer>[1] & {}>[1];
+  // A connection's requests are taken one at a time, as nginx and Deno's server take them: Node's parser hands
+  // on a request pipelined behind one still being answered, and forwarded side by side the second could reach
+  // the upstream first (a GET overtaking the POST whose effect it reads). It waits for the answer before it;
+  // if the app has gone meanwhile, it is never forwarded.
   const server = createServer({
     shouldUpgradeCallback: (req) => isWebSocketUpgrade(req.method ?? '', nodeHeaders(req.rawHeaders)),
   }, (incoming, outgoing) => {
+    const state = sockets.get(incoming.socket as unknown as Tracked);
+    if (!state) return serve(incoming, outgoing);
+    state.busy++;
+    outgoing.once('close', () => {
+      state.busy--;
+      state.idleSince = performance.now();
+      state.waiting.shift()?.();
+    });
+    if (state.busy === 1) return serve(incoming, outgoing);
+    state.waiting.push(() => {
+      if (incoming.socket?.destroyed) outgoing.destroy();
+      else serve(incoming, outgoing);
+    });
+  });
+  const serve = (incoming: Incoming, outgoing: Outgoing) => {
     const target = incoming.url ?? '/';
     const routed = { method: incoming.method, url: `http://ambassador${target[0] === '/' ? target : '/'}` };
     let answer: Response | Promise<Response>;
@@ -5211,7 +5236,7 @@ async function listenNode(handler: ProxyHandler, host: string, port: number, wor
     }
     if (answer instanceof Promise) answer.then((a) => unwritten(a, outgoing), (err) => failed(err, outgoing));
     else unwritten(answer, outgoing);
-  });
+  };
   // An answer the handler did not write, or a failure it did not answer: neither should come (the proxy app's
   // `onError` answers whatever its handler throws), and the app still gets an answer or a cut connection.
   const unwritten = (answer: Response, outgoing: InstanceType<typeof ServerResponse>) => {
@@ -5249,22 +5274,9 @@ async function listenNode(handler: ProxyHandler, host: string, port: number, wor
   server.on('connect', (_req: unknown, socket: { end(data: string): void }) => {
     socket.end('HTTP/1.1 405 Method Not Allowed\r\nconnection: close\r\ncontent-length: 0\r\n\r\n');
   });
-  // Each connection's requests in progress, and since when it has had none: the drain closes a connection
-  // only once it has been idle DRAIN_IDLE_MS.
-  type Tracked = { destroy(): void; once(event: 'close', f: () => void): void };
-  const sockets = new Map<Tracked, { busy: number; idleSince: number }>();
   server.on('connection', (socket: Tracked) => {
-    sockets.set(socket, { busy: 0, idleSince: performance.now() });
+    sockets.set(socket, { busy: 0, idleSince: performance.now(), waiting: [] });
     socket.once('close', () => sockets.delete(socket));
-  });
-  server.on('request', (req: { socket: unknown }, res: { once(event: 'close', f: () => void): void }) => {
-    const state = sockets.get(req.socket as Tracked);
-    if (!state) return;
-    state.busy++;
-    res.once('close', () => {
-      state.busy--;
-      state.idleSince = performance.now();
-    });
   });
   const { Server: NetServer } = await import('node:net');
   return {
