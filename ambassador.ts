@@ -2659,7 +2659,11 @@ function webResponse(
 ): Response | Promise<Response> {
   if (reply.whole) {
     done?.(reply.whole.byteLength);
-    return new Response(reply.whole, { status: reply.status, statusText: reply.statusText, headers: reply.headers });
+    return bytesResponse(
+      reply.whole,
+      { status: reply.status, statusText: reply.statusText, headers: reply.headers },
+      direct,
+    );
   }
   const body = bodyOf(reply);
   if (done && body === null) done(0);
@@ -2717,7 +2721,22 @@ async function wholeResponse(
     }, { highWaterMark: 0 });
     return new Response(trackBody(broken, 0, noop, direct), init);
   }
-  return new Response((chunks.length === 1 ? chunks[0] : concat(chunks, size)) as Uint8Array<ArrayBuffer>, init);
+  return bytesResponse(chunks.length === 1 ? chunks[0] : concat(chunks, size), init, direct);
+}
+
+/** The answer for a body had whole, with the upstream's head. Bun's server (`direct`) gives a body of bytes that
+ * has no type `Content-Type: application/octet-stream`, which the upstream never said; such a body goes as a
+ * stream of one chunk, which it writes as it is, with its length and no type. */
+function bytesResponse(
+  bytes: Uint8Array,
+  init: { status: number; statusText: string; headers: HeaderList },
+  direct: boolean,
+): Response {
+  const body = bytes as Uint8Array<ArrayBuffer>;
+  if (!direct || body.byteLength === 0 || headerValue(init.headers, 'content-type') !== null) {
+    return new Response(body, init);
+  }
+  return new Response(new ReadableStream({ start: (c) => (c.enqueue(body), c.close()) }), init);
 }
 
 /** Bun's `peek`: a promise's value, read at once when it has settled (`status`); none on Node and Deno. */

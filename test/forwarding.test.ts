@@ -247,6 +247,28 @@ describe.each(ARTIFACTS)('headers as the wire carries them (%s)', (runtime) => {
     }
   });
 
+  it('adds no Content-Type the upstream did not send, to a short body or a long one, and keeps the one it did', async () => {
+    const long = 'l'.repeat(100_000);
+    const up = await startRawUpstream((req, socket) => {
+      const body = req.target === '/long' ? long : 'ab';
+      const type = req.target === '/typed' ? 'Content-Type: text/csv\r\n' : '';
+      socket.write(`HTTP/1.1 200 OK\r\n${type}Content-Length: ${body.length}\r\n\r\n${body}`);
+    });
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
+    for (const path of ['/short', '/long', '/typed']) {
+      // Bun's server gives a body of bytes without a type `application/octet-stream`, which would tell the
+      // app's client something the upstream never said.
+      const raw = await rawRequest(amb.port, `GET ${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`, 3000);
+      const head = raw.slice(0, raw.indexOf('\r\n\r\n')).toLowerCase();
+      if (path === '/typed') expect(head, path).toContain('\r\ncontent-type: text/csv');
+      else expect(head, path).not.toContain('content-type');
+      if (path !== '/long') {
+        expect(head, path).toContain('\r\ncontent-length: 2');
+        expect(raw.endsWith('\r\n\r\nab'), path).toBe(true);
+      }
+    }
+  });
+
   // Deno's and Bun's servers take no reason phrase from a Response: they write the standard one for the status.
   it("keeps the upstream's reason phrase on Node, for a short body had at once, one in pieces, a long one and a HEAD", async () => {
     const up = await startRawUpstream((req, socket) => {
