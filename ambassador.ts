@@ -4679,6 +4679,8 @@ interface Work {
   inFlight(): number;
   /** A failure no part of the proxy app answered, said in the log (the app still gets a 500 or a cut connection). */
   failed(error: string): void;
+  /** What the server refused outright, said in the log. */
+  warn(message: string): void;
 }
 
 /** During a drain, a connection is closed once it has carried no request this long: a request sent just
@@ -5212,6 +5214,12 @@ export function nodeResolve(dns: Pick<typeof import('node:dns'), 'promises'>): R
  * answer itself into the request's `ServerResponse`. Hono routes it by a `Request` of two fields, its method
  * and a URL of its target (the app never reads more of it): a `Request` of Node's own, or a server adapter's,
  * costs more than the handler's whole routing. */
+/** Requests pipelined on one connection that may wait their turn (`listenNode`). Node's parser reads every
+ * request the socket holds at once, and each holds some KiB until it is answered: 20,000 in one write (600 KB)
+ * took the process past 300 MiB. Past this many the connection is closed, and the app sends again what was not
+ * answered, as after any close (RFC 9112 §9.3.2); no client that pipelines goes near it. */
+const PIPELINE_MAX_WAITING = 256;
+
 async function listenNode(handler: ProxyHandler, host: string, port: number, work: Work): Promise<Listener> {
   const { createServer, ServerResponse } = await import('node:http');
   // What the handler returns once it has written the answer. Hono answers a HEAD with a copy of the GET's
@@ -5239,10 +5247,17 @@ async function listenNode(handler: ProxyHandler, host: string, port: number, wor
       state.waiting.shift()?.();
     });
     if (state.busy === 1) return serve(incoming, outgoing);
-    state.waiting.push(() => {
+    const waiting = state.waiting.push(() => {
       if (incoming.socket?.destroyed) outgoing.destroy();
       else serve(incoming, outgoing);
     });
+    if (waiting > PIPELINE_MAX_WAITING) {
+      state.waiting.length = 0;
+      incoming.socket?.destroy();
+      work.warn(
+        `an app pipelined more than ${PIPELINE_MAX_WAITING} requests on one connection: closed, the rest unanswered`,
+      );
+    }
   });
   const serve = (incoming: Incoming, outgoing: Outgoing) => {
     const target = incoming.url ?? '/';
@@ -6271,6 +6286,7 @@ export async function main(): Promise<void> {
     uploadsRead: amb.uploadsRead,
     inFlight: () => amb.inFlight.size,
     failed: (error) => log('error', `unexpected error: ${error}`),
+    warn: (message) => log('warn', message),
   };
   const proxy = await listenOn(
     ['HOST', 'PORT'],

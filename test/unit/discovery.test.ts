@@ -25,6 +25,7 @@ async function ambassadorWith(resolve: Resolve, env: Record<string, string>) {
     uploadsRead: amb.uploadsRead,
     inFlight: () => amb.inFlight.size,
     failed: (error) => lines.push({ level: 'error', msg: `unexpected error: ${error}` }),
+    warn: (message) => lines.push({ level: 'warn', msg: message }),
   });
   onStop(async () => {
     listener.cutOff();

@@ -14,6 +14,7 @@ async function listening(handler: Handler) {
     uploadsRead: () => Promise.resolve(),
     inFlight: () => 0,
     failed: (error) => failures.push(error),
+    warn: (message) => failures.push(message),
   });
   onStop(async () => {
     listener.cutOff();
