@@ -5210,16 +5210,16 @@ export function nodeResolve(dns: Pick<typeof import('node:dns'), 'promises'>): R
   };
 }
 
-/** Node's server: node:http, each request handed to the proxy app as a `NodeAppRequest`, which writes every
- * answer itself into the request's `ServerResponse`. Hono routes it by a `Request` of two fields, its method
- * and a URL of its target (the app never reads more of it): a `Request` of Node's own, or a server adapter's,
- * costs more than the handler's whole routing. */
 /** Requests pipelined on one connection that may wait their turn (`listenNode`). Node's parser reads every
  * request the socket holds at once, and each holds some KiB until it is answered: 20,000 in one write (600 KB)
  * took the process past 300 MiB. Past this many the connection is closed, and the app sends again what was not
  * answered, as after any close (RFC 9112 §9.3.2); no client that pipelines goes near it. */
 const PIPELINE_MAX_WAITING = 256;
 
+/** Node's server: node:http, each request handed to the proxy app as a `NodeAppRequest`, which writes every
+ * answer itself into the request's `ServerResponse`. Hono routes it by a `Request` of two fields, its method
+ * and a URL of its target (the app never reads more of it): a `Request` of Node's own, or a server adapter's,
+ * costs more than the handler's whole routing. */
 async function listenNode(handler: ProxyHandler, host: string, port: number, work: Work): Promise<Listener> {
   const { createServer, ServerResponse } = await import('node:http');
   // What the handler returns once it has written the answer. Hono answers a HEAD with a copy of the GET's
