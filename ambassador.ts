@@ -5778,7 +5778,10 @@ function listenDeno(d: DenoLike, handler: ProxyHandler, host: string, port: numb
     port,
     signal: abort.signal,
     onListen: () => {},
-    handler: (req, info) => handler(req, new FetchAppRequest(req, info.remoteAddr.hostname, false, upgrade)),
+    handler: (req, info) => {
+      const res = handler(req, new FetchAppRequest(req, info.remoteAddr.hostname, false, upgrade));
+      return req.method === 'HEAD' ? Promise.resolve(res).then((r) => headAnswer(r, false)) : res;
+    },
     // A body cut off on purpose (`CUT_OFF`) is in its request's log line already. Anything else is a failure
     // the proxy app did not answer (its `onError` answers what its handler throws).
     onError: (err) => {
@@ -6007,7 +6010,8 @@ function listenBun(b: BunLike, handler: ProxyHandler, host: string, port: number
         req,
         new FetchAppRequest(req, () => srv.requestIP(req), true, upgrade ??= upgradeOn(srv)),
       );
-      return res === BUN_UPGRADED ? undefined : res; // Bun answers an upgrade itself
+      if (res === BUN_UPGRADED) return undefined; // Bun answers an upgrade itself
+      return req.method === 'HEAD' ? headAnswer(res, true) : res;
     },
     // What the app's WebSocket says goes to its tunnel. No compression (the upstream is offered none);
     // Bun's own idle cut is off: BODY_IDLE_TIMEOUT_MS is the tunnel's idle rule.
@@ -6038,6 +6042,20 @@ function listenBun(b: BunLike, handler: ProxyHandler, host: string, port: number
       }),
     cutOff: () => void server.stop(true),
   };
+}
+
+/** The answer to a HEAD as Deno's and Bun's servers are to write it. Hono answers a HEAD with its GET's
+ * head and no body, and for an answer with no body both servers write `Content-Length: 0`: where the
+ * upstream gave no length (its GET's body comes chunked, or runs to its close), the app would be told that
+ * body is empty. Deno's server writes neither a length nor chunking for an empty stream, as Node's does
+ * for such a HEAD; Bun's writes a `Transfer-Encoding: chunked` it is given, the way it sends that GET's
+ * body, and no body. */
+function headAnswer(res: Response, direct: boolean): Response {
+  if (res.headers.has('content-length') || res.status < 200 || NULL_BODY_STATUS.has(res.status)) return res;
+  if (!direct) return new Response(new ReadableStream({ start: (c) => c.close() }), res);
+  const headers = new Headers(res.headers);
+  headers.set('transfer-encoding', 'chunked');
+  return new Response(null, { status: res.status, statusText: res.statusText, headers });
 }
 
 /** What the handler answers once Bun's server has taken the app's handshake (`upgradeOn`). */

@@ -269,6 +269,31 @@ describe.each(ARTIFACTS)('headers as the wire carries them (%s)', (runtime) => {
     }
   });
 
+  it('answers a HEAD with the length its upstream gave, and with none where it gave none, never a length of 0', async () => {
+    const up = await startRawUpstream((req, socket) => {
+      if (req.target === '/get') return socket.write('HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok');
+      const framing = req.target === '/length'
+        ? 'Content-Length: 1234\r\n'
+        : req.target === '/chunked' || req.target === '/missing'
+        ? 'Transfer-Encoding: chunked\r\n'
+        : '';
+      const status = req.target === '/missing' ? '404 Not Found' : '200 OK';
+      socket.write(`HTTP/1.1 ${status}\r\nETag: "v1"\r\n${framing}\r\n`);
+      if (req.target === '/unframed') socket.end(); // a length the upstream never knew: its body ran to its close
+    });
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
+    for (const path of ['/length', '/chunked', '/unframed', '/missing']) {
+      // A GET after the HEAD's answer, on the same connection: that answer must leave its framing intact.
+      const [head, second] = await headThenGet(amb.port, path);
+      const lower = head.toLowerCase();
+      expect(lower, path).toMatch(path === '/missing' ? /^http\/1\.1 404 / : /^http\/1\.1 200 /);
+      expect(lower, path).toContain('\r\netag: "v1"');
+      if (path === '/length') expect(lower, path).toContain('\r\ncontent-length: 1234');
+      else expect(lower, path).not.toContain('content-length');
+      expect(second, path).toMatch(/^HTTP\/1\.1 200 [^]*\r\n\r\nok$/);
+    }
+  });
+
   // Deno's and Bun's servers take no reason phrase from a Response: they write the standard one for the status.
   it("keeps the upstream's reason phrase on Node, for a short body had at once, one in pieces, a long one and a HEAD", async () => {
     const up = await startRawUpstream((req, socket) => {
@@ -529,3 +554,26 @@ describe.each(['node', 'sea'] as const)("Node's upstream pool (%s)", (runtime) =
     }
   });
 });
+
+/** A HEAD, then, once its answer's head has come, a GET on the same connection: the two answers as they came. */
+function headThenGet(port: number, path: string): Promise<[string, string]> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(port, '127.0.0.1');
+    let out = '';
+    let headAt = -1;
+    const timer = setTimeout(() => socket.destroy(), 3000);
+    socket.on('data', (d) => {
+      out += d.toString('latin1');
+      if (headAt < 0 && out.includes('\r\n\r\n')) {
+        headAt = out.indexOf('\r\n\r\n');
+        setTimeout(() => socket.write('GET /get HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'), 100);
+      }
+    });
+    socket.on('error', reject);
+    socket.on('close', () => {
+      clearTimeout(timer);
+      resolve(headAt < 0 ? [out, ''] : [out.slice(0, headAt), out.slice(headAt + 4)]);
+    });
+    socket.write(`HEAD ${path} HTTP/1.1\r\nHost: x\r\n\r\n`);
+  });
+}
