@@ -5014,6 +5014,10 @@ function writeNode(outgoing: NodeOutgoing, reply: Reply, done?: BodyDone): void 
 type NodeHttp = Pick<typeof import('node:http'), 'request' | 'Agent'>;
 type NodeAgent = InstanceType<NodeHttp['Agent']>;
 
+/** The methods Node's client sends without a body when it is given none; with any other, it writes an empty
+ * chunked one unless told a length. */
+const NO_DEFAULT_BODY = new Set(['GET', 'HEAD', 'DELETE', 'OPTIONS', 'TRACE', 'CONNECT']);
+
 /** Node's upstream client: `node:http` with a keep-alive pool. It sends the headers exactly as listed
  * (order, repeats, an app's Content-Length on a streamed upload) and adds none of its own. Node 20's fetch
  * holds on to every chunk of a streamed request body (a 1 GiB upload took 1.1 GiB of memory), is several
@@ -5060,6 +5064,9 @@ export function nodeSend(
         if (!whole || name !== 'content-length') headers.push(name, init.headers[i][1]);
       }
       if (whole) headers.push('content-length', String((init.body as Uint8Array).byteLength));
+      // No body: Node's client, given its head as a list, would send a POST, PUT, PATCH or unknown method one
+      // anyway, chunked and empty, which an upstream that wants a length refuses (411).
+      else if (init.body === null && !NO_DEFAULT_BODY.has(init.method)) headers.push('content-length', '0');
       // A streamed body waits for the upstream's 100 Continue (RFC 9110 §10.1.1), as curl's large uploads do:
       // an upstream that turns it down on its head alone (413, 401) is heard before a byte of it is sent. One
       // that ignores Expect gets the body after CONTINUE_WAIT_MS.

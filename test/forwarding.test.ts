@@ -478,6 +478,24 @@ describe.each(ARTIFACTS)('headers as the wire carries them (%s)', (runtime) => {
     expect(got.headers.find(([k]) => k.toLowerCase() === 'content-length')?.[1]).toBe(String(size));
     expect(names).not.toContain('transfer-encoding');
   });
+
+  it('sends a request that has no body upstream with none, whatever its method: never an empty chunked body', async () => {
+    const up = await startRawUpstream();
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
+    const methods = ['POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS', 'PROPFIND'];
+    for (const method of methods) {
+      // No Content-Length and no Transfer-Encoding: a body of no bytes (RFC 9112 §6.3).
+      const raw = await rawRequest(amb.port, `${method} /none HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`, 3000);
+      expect(raw, method).toMatch(/^HTTP\/1\.1 200 /);
+    }
+    expect(up.requests.map((r) => r.method)).toEqual(methods);
+    for (const req of up.requests) {
+      // A length of 0 (what a client sends for a POST with nothing in it) or none; never `chunked` and its `0`.
+      expect(req.head.toLowerCase(), req.method).not.toContain('transfer-encoding');
+      expect(req.headers.find(([k]) => k.toLowerCase() === 'content-length')?.[1] ?? '0', req.method).toBe('0');
+    }
+    expect(up.received.join('')).not.toMatch(/\r\n\r\n0\r\n/);
+  });
 });
 
 /** The fetch standard's "bad ports" (X11's 6000, IRC's 6665–6669, 10080…) are ports Deno's fetch will not
