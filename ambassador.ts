@@ -716,7 +716,10 @@ export function earlyAnswer(req: AppRequest, host: string | null, path: string |
   if (hosts > 1) return refused(400, 'more than one Host header');
   // HTTP/1.0 may leave it out (§3.2), but Deno's and Bun's servers refuse such a request: so does Node's.
   if (hosts === 0) return refused(400, 'no Host header');
-  if (host !== null && !HOST_HEADER.test(host)) return refused(400, 'a Host header that is not a host');
+  // A port past 65535 names none: URL parsers refuse it (Deno's and Bun's servers too), Node's lets it by.
+  if (host !== null && (!HOST_HEADER.test(host) || Number(host.slice(host.lastIndexOf(':') + 1)) > 65535)) {
+    return refused(400, 'a Host header that is not a host');
+  }
   // An absolute-form target (`GET http://other-host/ HTTP/1.1`) asks for a forward proxy: the target as sent
   // says so, or else the authority of the URL the server made differs from the Host header.
   const absolute = req.urlHost === undefined ? !target.startsWith('/') : !sameAuthority(req.urlHost, host);

@@ -501,7 +501,7 @@ describe.each(ARTIFACTS)('hostile requests, as the upstream receives them (%s)',
     expect(left().filter((l) => l.status !== 499 || l.attempts !== 0)).toEqual([]);
   });
 
-  it('answers 400 to a request with two Host headers, or one that is not a host, and sends nothing upstream', async () => {
+  it('answers 400 to a request with two Host headers, or one that is not a host (a port past 65535 too), and sends nothing upstream', async () => {
     const up = await startRawUpstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
     const texts = [
@@ -509,6 +509,9 @@ describe.each(ARTIFACTS)('hostile requests, as the upstream receives them (%s)',
       'GET /a HTTP/1.1\r\nHost: one, two\r\n\r\n',
       'GET /a HTTP/1.1\r\nHost: a b\r\n\r\n',
       'GET /a HTTP/1.1\r\nHost: shop.local:\r\n\r\n',
+      // A port past 65535 names no port: no URL parser takes it, and an upstream that reads Host would not.
+      'GET /a HTTP/1.1\r\nHost: shop.local:99999\r\n\r\n',
+      'GET /a HTTP/1.1\r\nHost: [::1]:65536\r\n\r\n',
     ];
     for (const text of texts) {
       const r = await exchange(amb.port, text);
