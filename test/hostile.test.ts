@@ -141,7 +141,8 @@ describe.each(ARTIFACTS)('hostile input (%s)', (runtime) => {
 });
 
 /** One exchange on its own connection: a whole answer (its body complete by Content-Length or chunked
- * framing), or the connection closed, within `boundMs` — a hang fails the test. */
+ * framing; an answer to a HEAD has none, whatever its head says), or the connection closed, within `boundMs` —
+ * a hang fails the test. */
 async function exchange(
   port: number,
   text: string | Buffer,
@@ -161,7 +162,10 @@ async function exchange(
       if (!status || head < 0) return;
       const length = Number(/\r\ncontent-length: (\d+)/i.exec(raw.slice(0, head))?.[1] ?? -1);
       const chunked = /\r\ntransfer-encoding: chunked/i.test(raw.slice(0, head));
-      if ((length >= 0 && raw.length >= head + 4 + length) || (chunked && raw.endsWith('0\r\n\r\n'))) {
+      const bodiless = String(text).startsWith('HEAD ');
+      if (
+        bodiless || (length >= 0 && raw.length >= head + 4 + length) || (chunked && raw.endsWith('0\r\n\r\n'))
+      ) {
         clearTimeout(timer);
         socket.destroy();
         resolve({ status, raw, closed: false });
