@@ -11,9 +11,10 @@
  *   npm run bench:ab -- dist/ambassador.mjs dist/ambassador.mjs       the same build twice: the noise floor
  *   npm run bench:ab -- --pod bin/ambassador-bun /tmp/after-bun       each in a group of its own with the pod's limits
  *   npm run bench:ab -- --pod bin/ambassador-bun bin/ambassador-bun --env-a "SCHED_POLICY=normal"   a setting, not a file
+ *   npm run bench:ab -- --deno /tmp/before.ts ambassador.ts           two .ts files on Deno rather than on Bun
  *
- * A file ending in .mjs or .js runs on the project's Node 24, one ending in .ts on Bun (`bun FILE`), anything else
- * as an executable (a compiled binary). wrk and nginx from Debian. Prints each window and the medians, and writes
+ * A file ending in .mjs or .js runs on the project's Node 24, one ending in .ts on Bun (`bun FILE`; on Deno with
+ * `--deno`), anything else as an executable (a compiled binary). wrk and nginx from Debian. Prints each window and the medians, and writes
  * dist/bench-ab.json.
  *
  * `--pod` judges a change where the pod's figures are made: each build runs in a cgroup of its own with the CPU
@@ -47,6 +48,8 @@ import {
 } from './common.ts';
 
 const POD = process.argv.includes('--pod');
+/** .ts builds run on Deno (`deno run`, as `npm run bench` runs it) rather than on Bun. */
+const DENO = process.argv.includes('--deno');
 const WINDOWS = arg('--windows', 20);
 const SECONDS = arg('--seconds', 3);
 const LOG_LEVEL = textArg('--log-level', POD ? podLogLevel() : 'warn');
@@ -54,7 +57,7 @@ const CONNECTIONS = POD ? 64 : 32;
 /** More environment for one build, to compare a setting rather than a file: `--env-a "SCHED_POLICY=normal"`. */
 const EXTRA_ENV = [envArg('--env-a'), envArg('--env-b')];
 const builds = process.argv.slice(2).filter((a, i, all) =>
-  !a.startsWith('--') && !(all[i - 1]?.startsWith('--') && all[i - 1] !== '--pod')
+  !a.startsWith('--') && !(all[i - 1]?.startsWith('--') && all[i - 1] !== '--pod' && all[i - 1] !== '--deno')
 );
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'ambassador-ab-'));
 
@@ -69,13 +72,24 @@ interface Build {
 
 function argvOf(file: string): string[] {
   if (/\.(mjs|js)$/.test(file)) return POD ? [NODE, ...IMAGE_NODE_FLAGS, file] : [NODE, file];
+  if (file.endsWith('.ts') && DENO) {
+    return [
+      path.join(root, 'node_modules', '.bin', 'deno'),
+      'run',
+      '--quiet',
+      '--allow-net',
+      '--allow-env',
+      '--allow-read',
+      file,
+    ];
+  }
   if (file.endsWith('.ts')) return [path.join(root, 'node_modules', '.bin', 'bun'), file];
   return [file];
 }
 
 /** Whether a build runs on Bun: a .ts file, or a binary `bun build --compile` made (Bun names its repository in it). */
 const onBun = (file: string) =>
-  file.endsWith('.ts') || (!/\.(mjs|js)$/.test(file) && readFileSync(file).includes('oven-sh/bun'));
+  (file.endsWith('.ts') && !DENO) || (!/\.(mjs|js)$/.test(file) && readFileSync(file).includes('oven-sh/bun'));
 
 /** Requests wrk completed against `url` in `seconds` (one thread, CONNECTIONS connections, on CPU 0). */
 function load(url: string, seconds: number): Promise<number> {
