@@ -15,6 +15,7 @@ import {
   appReply,
   Breaker,
   Cancel,
+  clearTimer,
   ConcurrencyLimit,
   createLogger,
   earlyAnswer,
@@ -34,8 +35,11 @@ import {
   type Reply,
   type RequestRecord,
   RetryBudget,
+  setTimer,
   updateEwma,
 } from '../ambassador.ts';
+
+const noop = () => {};
 
 declare const process: { argv: string[]; versions: Record<string, string | undefined> };
 
@@ -145,8 +149,7 @@ const stages: Array<[string, () => unknown]> = [
     const gone = new Cancel();
     const attempt = new Cancel();
     const off = gone.on((reason) => attempt.abort(reason));
-    const timer = setTimeout(() => {}, 5000);
-    clearTimeout(timer);
+    clearTimer(setTimer(noop, 5000));
     off();
   }],
   ['the request record, in flight', () => {
