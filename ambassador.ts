@@ -5557,7 +5557,7 @@ export class FetchAppRequest implements AppRequest {
     this.target = url.pathname + url.search;
     this.seen = request.url;
     this.urlHost = url.host;
-    this.headers = [...request.headers];
+    this.headers = headerList(request.headers);
   }
 
   get peer(): string | undefined {
@@ -5688,10 +5688,19 @@ function signalOf(cancel: Cancel): AbortSignal {
   return abort.signal;
 }
 
+/** A Headers' fields as a list, in the order and combination its iteration gives (each Set-Cookie apart). By
+ * `forEach`, not by spreading it: Deno's iterator took 4.6 µs for six fields where its `forEach` takes 0.6,
+ * twice a request (Bun: 0.44 either way). */
+function headerList(headers: Headers): HeaderList {
+  const list: HeaderList = [];
+  headers.forEach((value, name) => list.push([name, value]));
+  return list;
+}
+
 /** A fetch response as a `Reply` (Deno's and Bun's clients), held to the same head rules as Node's. On Bun
  * (`cancel`: the attempt's), a short body that came whole with its head is taken whole (`arrivedWhole`). */
 async function replyOf(res: Response, cancel?: Cancel): Promise<Reply> {
-  const headers = [...res.headers];
+  const headers = headerList(res.headers);
   const problem = responseHeadProblem(headers);
   if (problem) {
     await res.body?.cancel();
@@ -6275,7 +6284,7 @@ async function listenAdmin(handler: AdminHandler, host: string, port: number): P
       return refuse(socket, 400, 'a request the admin endpoints cannot read');
     }
     const body = method === 'HEAD' ? new Uint8Array(0) : new Uint8Array(await res.arrayBuffer());
-    answer(socket, res.status, [...res.headers], body);
+    answer(socket, res.status, headerList(res.headers), body);
   };
   const server = net.createServer((socket) => {
     if (sockets.size >= ADMIN_MAX_CONNECTIONS) {
