@@ -668,9 +668,10 @@ const refused = (status: number, reason: string): EarlyAnswer => ({ status, reas
 
 const ALLOW = 'GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS';
 /** A Host header: a name or an address, and a port (RFC 9110 §7.2, RFC 3986 §3.2.2). */
-const HOST_HEADER = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(:\d{1,5})?$/;
+// A port past 65535 names none: URL parsers refuse it (Deno's and Bun's servers too), Node's lets it by.
+const HOST_HEADER =
+  /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(:(\d{1,4}|[0-5]\d{4}|6[0-4]\d{3}|65[0-4]\d\d|655[0-2]\d|6553[0-5]))?$/;
 const VISIBLE_ASCII = /^[\x21-\x7e]*$/;
-const FIELD_CONTROL = /[\x00-\x08\x0a-\x1f\x7f]/;
 
 /** Requests the ambassador answers itself rather than forward: it only ever talks to its upstreams, and
  * sends on only requests every runtime can carry exactly as they came. `path` is the normalized path, null
@@ -699,9 +700,10 @@ export function earlyAnswer(req: AppRequest, host: string | null, path: string |
   for (let i = 0; i < headers.length; i++) {
     const name = headers[i][0], value = headers[i][1];
     bytes += name.length + value.length + 4;
-    // RFC 9110 §5.5: a field value carries no control character but tab. Node's and Deno's servers refuse one;
-    // Bun's lets DEL through, which would reach the upstream.
-    if (FIELD_CONTROL.test(value)) return refused(400, 'a header field value with a control character');
+    // RFC 9110 §5.5: a field value carries no control character but tab. Every server refuses the others
+    // (hostile.test.ts holds each runtime to it), but Bun's lets DEL through, which would reach the upstream.
+    // One character looked for (65 ns a request on Node) rather than a class by regex (270).
+    if (value.includes('\x7f')) return refused(400, 'a header field value with a control character');
     if (name === 'host') hosts++;
     else if (name === 'transfer-encoding') {
       codings ||= body || !isChunked(value);
@@ -716,10 +718,7 @@ export function earlyAnswer(req: AppRequest, host: string | null, path: string |
   if (hosts > 1) return refused(400, 'more than one Host header');
   // HTTP/1.0 may leave it out (§3.2), but Deno's and Bun's servers refuse such a request: so does Node's.
   if (hosts === 0) return refused(400, 'no Host header');
-  // A port past 65535 names none: URL parsers refuse it (Deno's and Bun's servers too), Node's lets it by.
-  if (host !== null && (!HOST_HEADER.test(host) || Number(host.slice(host.lastIndexOf(':') + 1)) > 65535)) {
-    return refused(400, 'a Host header that is not a host');
-  }
+  if (host !== null && !HOST_HEADER.test(host)) return refused(400, 'a Host header that is not a host');
   // An absolute-form target (`GET http://other-host/ HTTP/1.1`) asks for a forward proxy: the target as sent
   // says so, or else the authority of the URL the server made differs from the Host header.
   const absolute = req.urlHost === undefined ? !target.startsWith('/') : !sameAuthority(req.urlHost, host);

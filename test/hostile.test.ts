@@ -572,8 +572,10 @@ describe.each(ARTIFACTS)('hostile requests, as the upstream receives them (%s)',
     const up = await startRawUpstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
     // RFC 9110 §5.5: a field value is visible ASCII, spaces, tabs and obs-text. Node's and Deno's servers refuse
-    // the other control bytes, DEL among them; Bun's lets DEL through, so the ambassador holds it to the same rule.
-    for (const byte of [0x7f, 0x01, 0x08, 0x0b, 0x1b, 0x1f]) {
+    // the other control bytes, DEL among them; Bun's lets DEL through, so the ambassador looks for that one. Every
+    // control byte is sent, so a runtime that one day lets another through is caught here.
+    const controls = [...Array.from({ length: 32 }, (_, i) => i).filter((b) => b !== 0x09), 0x7f];
+    for (const byte of controls) {
       const text = `GET /ctl HTTP/1.1\r\nHost: x\r\nX-Note: a${String.fromCharCode(byte)}b\r\n\r\n`;
       const r = await exchange(amb.port, text);
       expect(r.status, `byte ${byte.toString(16)}`).toBe(400);
