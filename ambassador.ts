@@ -1287,7 +1287,7 @@ const timerLists = new Map<number, TimerList>();
  * against the same file with those timers off). Here setting one adds it to the end of its length's list
  * and clearing one unlinks it; the runtime timer of a list is set for its first, and when it fires it runs
  * every one due and is set again for what is left. A list's runtime timer set for one since cleared fires
- * early, finds nothing due, and waits again. */
+ * early, finds nothing due, and waits again; a list left empty is let go at once. */
 export function setTimer(run: () => void, ms: number): Timer {
   const length = Math.min(Math.max(Math.ceil(ms), 0), MAX_TIMER_MS);
   let list = timerLists.get(length);
@@ -1310,6 +1310,13 @@ export function clearTimer(timer: Timer | undefined): void {
   if (timer.next) timer.next.prev = timer.prev;
   else list.last = timer.prev;
   timer.prev = timer.next = null;
+  // An empty list goes, runtime timer and all: a wait for what is left of a request's time has a length of its
+  // own, and lists left armed for each would pile up by the thousand under load.
+  if (list.first === null) {
+    clearTimeout(list.armed);
+    list.armed = undefined;
+    if (timerLists.get(list.ms) === list) timerLists.delete(list.ms);
+  }
 }
 
 /** A list's runtime timer: runs the timers due (a millisecond early is due, as a runtime timer may fire
