@@ -667,8 +667,8 @@ type EarlyAnswer = { status: number; reason: string; allow?: boolean; close?: bo
 const refused = (status: number, reason: string): EarlyAnswer => ({ status, reason, close: true });
 
 const ALLOW = 'GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS';
-/** A Host header: a name or an address, and a port (RFC 9110 §7.2, RFC 3986 §3.2.2). */
-// A port past 65535 names none: URL parsers refuse it (Deno's and Bun's servers too), Node's lets it by.
+/** A Host header: a name or an address, and a port up to 65535 (RFC 9110 §7.2, RFC 3986 §3.2.2). A port past
+ * it names none: URL parsers refuse it (Deno's and Bun's servers too), where Node's lets it by. */
 const HOST_HEADER =
   /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(:(\d{1,4}|[0-5]\d{4}|6[0-4]\d{3}|65[0-4]\d\d|655[0-2]\d|6553[0-5]))?$/;
 const VISIBLE_ASCII = /^[\x21-\x7e]*$/;
@@ -1331,8 +1331,11 @@ function fireTimers(list: TimerList): void {
       run();
     }
   } finally {
-    if (list.first) list.armed = setTimeout(() => fireTimers(list), Math.max(1, list.first.at - now + 1));
-    else if (timerLists.get(list.ms) === list) timerLists.delete(list.ms);
+    // (A timer one of them set may have set the runtime timer for itself, later than the first now is.)
+    if (list.first) {
+      clearTimeout(list.armed);
+      list.armed = setTimeout(() => fireTimers(list), Math.max(1, list.first.at - now + 1));
+    } else if (timerLists.get(list.ms) === list) timerLists.delete(list.ms);
   }
 }
 
