@@ -1287,7 +1287,7 @@ const timerLists = new Map<number, TimerList>();
  * against the same file with those timers off). Here setting one adds it to the end of its length's list
  * and clearing one unlinks it; the runtime timer of a list is set for its first, and when it fires it runs
  * every one due and is set again for what is left. A list's runtime timer set for one since cleared fires
- * early, finds nothing due, and waits again; a list left empty is let go at once. */
+ * early, finds nothing due, and waits again (`TIMER_LISTS_KEPT` for what becomes of an empty one). */
 export function setTimer(run: () => void, ms: number): Timer {
   const length = Math.min(Math.max(Math.ceil(ms), 0), MAX_TIMER_MS);
   let list = timerLists.get(length);
@@ -1310,17 +1310,24 @@ export function clearTimer(timer: Timer | undefined): void {
   if (timer.next) timer.next.prev = timer.prev;
   else list.last = timer.prev;
   timer.prev = timer.next = null;
-  // An empty list goes, runtime timer and all: a wait for what is left of a request's time has a length of its
-  // own, and lists left armed for each would pile up by the thousand under load.
-  if (list.first === null) {
-    clearTimeout(list.armed);
-    list.armed = undefined;
-    if (timerLists.get(list.ms) === list) timerLists.delete(list.ms);
-  }
+  if (list.first === null && timerLists.size > TIMER_LISTS_KEPT) dropList(list);
+}
+
+/** How many lists are kept, runtime timer and all, once empty: the lengths a route's settings give are a
+ * handful, and a list kept for the next timer of its length saves setting and clearing a runtime timer each
+ * time (left set, it fires once, finds nothing, and waits for none). Past them, as when each wait for what is
+ * left of a request's time has a length of its own, an empty list goes at once, runtime timer and all, or
+ * runtime timers would pile up by the thousand under load. */
+const TIMER_LISTS_KEPT = 32;
+
+function dropList(list: TimerList): void {
+  clearTimeout(list.armed);
+  list.armed = undefined;
+  if (timerLists.get(list.ms) === list) timerLists.delete(list.ms);
 }
 
 /** A list's runtime timer: runs the timers due (a millisecond early is due, as a runtime timer may fire
- * that early by the finer clock), then waits for the next, or lets the list go when it is empty. */
+ * that early by the finer clock), then waits for the next, if there is one. */
 function fireTimers(list: TimerList): void {
   list.armed = undefined;
   const now = performance.now() + 1;
@@ -1335,7 +1342,7 @@ function fireTimers(list: TimerList): void {
     if (list.first) {
       clearTimeout(list.armed);
       list.armed = setTimeout(() => fireTimers(list), Math.max(1, list.first.at - now + 1));
-    } else if (timerLists.get(list.ms) === list) timerLists.delete(list.ms);
+    } else if (timerLists.size > TIMER_LISTS_KEPT) dropList(list);
   }
 }
 
