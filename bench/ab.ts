@@ -11,7 +11,7 @@
  *   npm run bench:ab -- dist/ambassador.mjs dist/ambassador.mjs       the same build twice: the noise floor
  *   npm run bench:ab -- --pod bin/ambassador-bun /tmp/after-bun       each in a group of its own with the pod's limits
  *   npm run bench:ab -- --pod bin/ambassador-bun bin/ambassador-bun --env-a "SCHED_POLICY=normal"   a setting, not a file
- *   npm run bench:ab -- --deno /tmp/before.ts ambassador.ts           two .ts files on Deno rather than on Bun
+ *   npm run bench:ab -- --deno before.ts ambassador.ts     two .ts files on Deno, not Bun (in the checkout, where hono resolves)
  *
  * A file ending in .mjs or .js runs on the project's Node 24, one ending in .ts on Bun (`bun FILE`; on Deno with
  * `--deno`), anything else as an executable (a compiled binary). wrk and nginx from Debian. Prints each window and the medians, and writes
