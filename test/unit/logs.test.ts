@@ -116,7 +116,8 @@ describe('batched log lines', () => {
     await turn();
     expect(writes).toHaveLength(3);
     for (let i = 0; i < 1000; i++) out.write(String(i));
-    await new Promise((r) => setTimeout(r, 0));
+    // The end of this turn (a timer of 0 ms could run first: the loop visits timers before immediates).
+    await turn();
     expect(writes).toHaveLength(4);
     expect(writes[3].split('\n')).toEqual(Array.from({ length: 1000 }, (_, i) => String(i)));
   });
