@@ -122,6 +122,19 @@ const ambassador =
     env: { ...ambassadorEnv(upstream, port, admin), LOG_LEVEL, ...extraEnv },
   });
 
+/** A row of a few lines of Bun (`file`, run from source) that take UPSTREAM_URL and PORT. */
+function bunBaseline(name: string, file: string): Row {
+  return {
+    name,
+    available: built('node_modules/.bin/bun', 'npm package bun missing'),
+    command: (upstream, port) => ({
+      argv: [bunRuntime, path.join(root, file)],
+      env: { UPSTREAM_URL: upstream, PORT: String(port) },
+      ready: `http://127.0.0.1:${port}/small`,
+    }),
+  };
+}
+
 const go = goReference();
 const rows: Row[] = [
   {
@@ -173,15 +186,11 @@ const rows: Row[] = [
       NODE_OPTIONS: NODE_FLAGS === IMAGE_NODE_FLAGS ? IMAGE_SEA_OPTIONS : NODE_FLAGS.join(' '),
     }),
   },
-  {
-    name: 'naive Hono + fetch on Bun (baseline)',
-    available: built('node_modules/.bin/bun', 'npm package bun missing'),
-    command: (upstream, port) => ({
-      argv: [bunRuntime, path.join(root, 'bench/hono-bun.ts')],
-      env: { UPSTREAM_URL: upstream, PORT: String(port) },
-      ready: `http://127.0.0.1:${port}/small`,
-    }),
-  },
+  bunBaseline('naive Hono + fetch on Bun (baseline)', 'bench/hono-bun.ts'),
+  // What an upstream client other than Bun's fetch could give, before any rule.
+  bunBaseline('Bun.serve + an HTTP/1.1 client of its own over Bun.connect, no rules', 'bench/socket-client-bun.ts'),
+  // Bytes carried and nothing else: below this no proxy on Bun can go.
+  bunBaseline("a byte relay on Bun's sockets, no HTTP (the floor)", 'bench/relay-bun.ts'),
   {
     name: `ambassador, Bun compiled binary${BUN_NOTE || `, the image's ${envText(IMAGE_BUN_ENV)} (ambassador:bun)`}`,
     image: BUN_NOTE ? undefined : 'ambassador:bun',
