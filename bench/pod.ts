@@ -9,8 +9,10 @@
  * and answers later than 2 s), the CPU it spent a request (each phase also in windows of 10 s, with the group's
  * anonymous and mapped memory as each window ended, and the small phase thread by thread), whether the kernel
  * OOM-killed it, its own peak resident size and the group's peak (the page cache it read included).
- * nginx and the article's Go ambassador, in the same limits, are the reference rows, and a bare node:http
- * proxy with the Node image's flags the baseline of the Node rows. The rows of the images run again after the
+ * nginx and the article's Go ambassador, in the same limits, are the reference rows, a bare node:http
+ * proxy with the Node image's flags the baseline of the Node rows, and three of Bun those of the Bun rows: the naive
+ * Hono + fetch app, Bun's server with an HTTP/1.1 client of its own (bench/socket-client-bun.ts), and a byte relay
+ * with no HTTP, the floor under any proxy on Bun (bench/relay-bun.ts). The rows of the images run again after the
  * rest (`--image-rounds`, 2 unless told), and the image for k8s/ is named only when every round ranks it first:
  * at a tenth of a core one run's weaker phase moves by more than the images differ.
  *
