@@ -697,6 +697,7 @@ export function earlyAnswer(req: AppRequest, host: string | null, path: string |
   let bytes = method.length + target.length + 12; // the request line
   let body = false;
   let codings = false;
+  let framed = false; // a Transfer-Encoding
   for (let i = 0; i < headers.length; i++) {
     const name = headers[i][0], value = headers[i][1];
     bytes += name.length + value.length + 4;
@@ -707,7 +708,7 @@ export function earlyAnswer(req: AppRequest, host: string | null, path: string |
     if (name === 'host') hosts++;
     else if (name === 'transfer-encoding') {
       codings ||= body || !isChunked(value);
-      body = true;
+      body = framed = true;
     } else if (name === 'content-length' && value !== '0') body = true;
   }
   // The same limits on every runtime (Node's parser already holds the size): 431, before anything is read.
@@ -736,6 +737,9 @@ export function earlyAnswer(req: AppRequest, host: string | null, path: string |
     );
   }
   if (path === null) return refused(400, 'a path whose dot segments hide behind encoded slashes or backslashes');
+  // RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing (a 1.0 recipient reads no
+  // chunking). Deno's and Bun's servers refuse one; Node's read it as chunked: refused there too.
+  if (framed && req.version === '1.0') return refused(400, 'an HTTP/1.0 request with Transfer-Encoding');
   // RFC 9112 §6.1: a transfer coding the ambassador cannot apply is 501; only chunked framing is passed on.
   if (codings) return refused(501, 'transfer codings other than chunked are not forwarded');
   // A GET or HEAD body has no meaning (RFC 9110 §9.3.1) and not every client can send one: such a request

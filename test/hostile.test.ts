@@ -347,6 +347,22 @@ describe.each(ARTIFACTS)('hostile requests, as the upstream receives them (%s)',
     expect(up.requests).toEqual([]);
   });
 
+  it('refuses an HTTP/1.0 request with Transfer-Encoding (RFC 9112 §6.1: faulty framing) with 400, sending nothing upstream', async () => {
+    const up = await startRawUpstream();
+    const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
+    const chunked = await rawRequest(
+      amb.port,
+      'POST /a HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n',
+      3000,
+    );
+    expect(statusOf(chunked)).toBe(400);
+    expect(up.requests).toEqual([]);
+    // The same body with a length goes on.
+    const framed = await rawRequest(amb.port, 'POST /a HTTP/1.0\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello', 3000);
+    expect(statusOf(framed)).toBe(200);
+    expect(up.requests.map((q) => [q.method, q.target, q.body.toString()])).toEqual([['POST', '/a', 'hello']]);
+  });
+
   it("honours an app's Connection: close: its answer says close too, and nothing pipelined behind it is served", async () => {
     const up = await startRawUpstream();
     const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url });
