@@ -2338,6 +2338,11 @@ const unaskedUpgrade = () =>
   Object.assign(new Error('the upstream switched protocols, though no upgrade was asked for'), {
     code: 'HPE_UNEXPECTED_101',
   });
+/** A status line of an HTTP major version other than 1, on an HTTP/1 connection. */
+const badVersion = (version: string | undefined) =>
+  Object.assign(new Error(`the upstream answered in HTTP/${version}, on an HTTP/1.1 connection`), {
+    code: 'HPE_INVALID_VERSION',
+  });
 /** A final status outside 200–599: no answer the app could be given. */
 const badStatus = (status: number) =>
   Object.assign(new Error(`the upstream answered with status ${status}, which is no final HTTP status`), {
@@ -5197,6 +5202,13 @@ export function nodeSend(
         resolve({ status: 101, statusText: res.statusMessage ?? '', headers, body: null, upgraded: { socket, head } });
       });
       req.on('response', (res) => {
+        // Node's parser takes a status line of any HTTP version (`HTTP/2.0 200`), where Deno's and Bun's clients
+        // refuse a major version other than 1: an upstream that says 2 or 3 on an HTTP/1 connection is not
+        // speaking HTTP/1 (a later minor version is read as 1.1, RFC 9112 §2.3, as Bun's client reads it).
+        if (res.httpVersionMajor !== 1) {
+          res.destroy();
+          return reject(badVersion(res.httpVersion));
+        }
         const status = res.statusCode ?? 502;
         const headers: HeaderList = [];
         for (let i = 0; i < res.rawHeaders.length; i += 2) {

@@ -386,6 +386,26 @@ describe.each(ARTIFACTS)('statuses that are no final HTTP status (%s)', (runtime
   );
 });
 
+describe.each(ARTIFACTS)('status lines of another major HTTP version (%s)', (runtime) => {
+  stopAfterEach();
+
+  // (A later minor version of 1 is read as 1.1, RFC 9112 §2.3: Bun's client does, Deno's refuses it.)
+  it.each(['HTTP/2.0', 'HTTP/3.0', 'HTTP/2'])(
+    'answers 502 to an upstream whose status line says %s, and keeps serving',
+    async (version) => {
+      const up = await startRawUpstream((req, socket) => {
+        if (req.target === '/ok') return void socket.write(OK);
+        socket.write(`${version} 200 OK\r\ncontent-length: 2\r\n\r\nno`);
+      });
+      const amb = await startAmbassador(runtime, { UPSTREAM_URL: up.url, RETRY_ATTEMPTS: '1', BREAKER_FAILURES: '0' });
+      const res = await fetch(`${amb.url}/other`);
+      expect(res.status).toBe(502);
+      expect(await res.text()).toMatch(/^ambassador: upstream failed: /);
+      expect((await fetch(`${amb.url}/ok`)).status).toBe(200);
+    },
+  );
+});
+
 describe.each(ARTIFACTS)('no place, timer or in-flight entry outlives its request (%s)', (runtime) => {
   stopAfterEach();
 
